@@ -1,0 +1,15 @@
+"""hessian_core: exact-Hessian HVPs as finite differences of gradient passes on plain or FSDP2-sharded models,
+Lanczos / stochastic Lanczos quadrature, spectra and block-diagonal analysis. Pure PyTorch; never imports Ray."""
+
+from .blocks import BlockMetrics, block_diagonal_metrics, parameter_blocks
+from .eps import DEFAULT_EPS, EpsChoice, calibrate_eps, default_eps, optimal_eps, predicted_error
+from .hvp import ExactHVPUnavailable, FiniteDifferenceHVP, exact_hvp
+from .lanczos import LanczosResult, LanczosState, lanczos, lanczos_start, lanczos_step
+from .loss import accumulate_gradient, causal_lm_loss, evaluate_loss
+from .numerics import float64_rmsnorm
+from .quadrature import (Density, Extremes, RitzRule, SpectralMeasure, TraceEstimate, extreme_eigenvalues,
+                         ritz_rule, smoothed_density, trace_estimate, wasserstein1)
+from .sharding import is_sharded, reshard, shard_model, transformer_blocks
+from .vectors import ParamSpace, Vector, block_mask, probe_vector
+
+__all__ = [name for name in dir() if not name.startswith("_")]

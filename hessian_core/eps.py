@@ -1,0 +1,125 @@
+"""Choosing the finite-difference step eps (the paper's Theorem 3.1 trade-off).
+
+A central difference along a unit probe v errs by truncation ~ eps^2 |D^3 L[v,v]| / 6 and by round-off
+~ eps_mach |grad L| / eps. Minimizing the sum gives eps* = (3 eps_mach |grad L| / |D^3 L[v,v]|)^(1/3).
+|D^3 L[v,v]| / 6 is measured as |HVP(e1) - HVP(e2)| / (e1^2 - e2^2) from two steps in the truncation regime.
+In low precision the step itself can be rounded away (theta + eps v == theta): the calibration measures
+the fraction of the step the parameter dtype keeps, and says so when the HVP cannot be trusted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .hvp import FiniteDifferenceHVP
+from .vectors import axpy_
+
+DEFAULT_EPS: dict[torch.dtype, float] = {
+    torch.float64: 6e-6,
+    torch.float32: 5e-3,
+    torch.bfloat16: 0.2,
+    torch.float16: 5e-2,
+}
+# Steps for the truncation estimate start at LADDER_START * default and grow by LADDER_GROWTH until the
+# difference of the two HVPs stands SIGNAL_TO_NOISE times above the predicted round-off.
+LADDER_START = 16.0
+LADDER_GROWTH = 4.0
+LADDER_TRIES = 3
+SIGNAL_TO_NOISE = 10.0
+# Above this estimated relative error (or fraction of the step lost to rounding) the HVP is called unreliable.
+UNRELIABLE = 0.5
+
+
+@dataclass(frozen=True)
+class EpsChoice:
+    eps: float
+    source: str  # "fixed" | "auto" | "default" (auto could not measure the truncation term)
+    relative_error: float  # estimated relative error of one HVP at eps (nan when unknown)
+    grad_norm: float
+    third_derivative: float  # |D^3 L[v,v]| estimate (nan when unknown)
+    perturbation_rounding: float  # |round(theta + eps v) - theta - eps v| / |eps v|
+    reliable: bool
+    message: str
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def default_eps(dtype: torch.dtype) -> float:
+    if dtype not in DEFAULT_EPS:
+        raise ValueError(f"no default eps for dtype {dtype}; expected one of {sorted(map(str, DEFAULT_EPS))}")
+    return DEFAULT_EPS[dtype]
+
+
+def optimal_eps(*, eps_mach: float, grad_norm: float, third_derivative: float) -> float:
+    """Theorem 3.1: the eps minimizing eps^2 |D3| / 6 + eps_mach |g| / eps."""
+    return (3.0 * eps_mach * grad_norm / third_derivative) ** (1.0 / 3.0)
+
+
+def predicted_error(eps: float, *, eps_mach: float, grad_norm: float, third_derivative: float) -> float:
+    """The absolute error bound of Theorem 3.1 at eps."""
+    return eps * eps * third_derivative / 6.0 + eps_mach * grad_norm / eps
+
+
+def _distance(op: FiniteDifferenceHVP, a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
+    diff = [x.clone() for x in a]
+    axpy_(diff, -1.0, b)
+    return op.space.norm(diff)
+
+
+def calibrate_eps(op: FiniteDifferenceHVP, v: Sequence[Tensor]) -> EpsChoice:
+    """Pick eps for ``op`` along the unit probe v. Leaves ``op.eps`` as it was; costs about 1 + 4k gradients."""
+    dtype = op.space.dtype
+    eps_mach = float(torch.finfo(dtype).eps)
+    fallback = default_eps(dtype)
+    _, grad = op.gradient()
+    grad_norm = op.space.norm(grad)
+    del grad
+    saved_eps = op.eps
+    third = float("nan")
+    hv_norm = float("nan")
+    try:
+        e1 = LADDER_START * fallback
+        for _ in range(LADDER_TRIES):
+            e2 = e1 / 2.0
+            op.eps = e1
+            h1 = op.matvec(v)
+            op.eps = e2
+            h2 = op.matvec(v)
+            signal = _distance(op, h1, h2)
+            hv_norm = op.space.norm(h2)
+            noise = eps_mach * grad_norm / e2
+            if math.isfinite(signal) and signal > SIGNAL_TO_NOISE * noise:
+                third = 6.0 * signal / (e1 * e1 - e2 * e2)
+                break
+            e1 *= LADDER_GROWTH
+    finally:
+        op.eps = saved_eps
+
+    if math.isfinite(third) and third > 0 and grad_norm > 0:
+        eps = optimal_eps(eps_mach=eps_mach, grad_norm=grad_norm, third_derivative=third)
+        source = "auto"
+        abs_err = predicted_error(eps, eps_mach=eps_mach, grad_norm=grad_norm, third_derivative=third)
+        rel = abs_err / hv_norm if hv_norm > 0 else float("inf")
+    else:
+        eps, source, rel = fallback, "default", float("nan")
+    rounding = op.perturbation_rounding(v, eps)
+    total = (0.0 if math.isnan(rel) else rel) + rounding
+    reliable = math.isfinite(total) and total < UNRELIABLE
+    dtype_name = str(dtype).removeprefix("torch.")
+    if source == "default":
+        message = (f"eps={eps:.3g} ({dtype_name} default): the truncation term could not be measured above "
+                   f"round-off; relative error unknown")
+    else:
+        message = f"eps={eps:.3g} (auto, Theorem 3.1): estimated HVP relative error {rel:.2g}"
+    if rounding > 0.1:
+        message += (f"; {dtype_name} parameters round away {100 * min(rounding, 1.0):.0f}% of the step eps*v, "
+                    f"so the HVP is mostly rounding noise: use float32 (or float64) parameters")
+    elif not reliable:
+        message += f"; at {dtype_name} precision no eps gives a reliable HVP here: use float32 (or float64) parameters"
+    return EpsChoice(eps, source, rel, grad_norm, third, rounding, reliable, message)

@@ -1,0 +1,149 @@
+"""Hessian-vector product operators over plain or FSDP2-sharded parameters.
+
+``FiniteDifferenceHVP`` computes Hv from ordinary gradient passes at parameters perturbed in place, shard by
+shard, so nothing is gathered beyond FSDP's own forward/backward. ``exact_hvp`` is the double-backward
+reference for unsharded models, used by tests and by step-size calibration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .loss import accumulate_gradient, causal_lm_loss
+from .vectors import ParamSpace, Vector
+
+# (gradient coefficient, step in units of eps) and the divisor in units of eps for each scheme.
+STENCILS: dict[str, tuple[tuple[tuple[float, float], ...], float]] = {
+    "central": (((1.0, 1.0), (-1.0, -1.0)), 2.0),
+    # Richardson extrapolation of two central differences: cancels the eps^2 term, O(eps^4) error.
+    "richardson": (((-1.0, 2.0), (8.0, 1.0), (-8.0, -1.0), (1.0, -2.0)), 12.0),
+}
+
+
+class ExactHVPUnavailable(RuntimeError):
+    """The exact (double-backward) HVP cannot run for this model; the message says why."""
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Gradients are differenced in at least float32: a bfloat16 difference would lose the signal."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class FiniteDifferenceHVP:
+    """Hv ~ (grad L(theta + eps v) - grad L(theta - eps v)) / (2 eps), or the 4-point Richardson scheme.
+
+    Both passes see the same batches; the parameters are restored bit-exactly from one retained copy of the
+    local shards; the result is a list of local shards like the parameters, in ``accumulator_dtype``.
+    Entries of ``v`` may be ``None`` for parameters where v is zero (block masks).
+    """
+
+    def __init__(self, model: torch.nn.Module, batches: Sequence[Tensor], *, eps: float, scheme: str = "central",
+                 space: ParamSpace | None = None):
+        if scheme not in STENCILS:
+            raise ValueError(f"hvp scheme {scheme!r}: expected one of {sorted(STENCILS)}")
+        if not eps > 0:
+            raise ValueError(f"eps must be positive, got {eps}")
+        if model.training:
+            raise ValueError("the model must be in eval mode (dropout off) for finite-difference HVPs")
+        self.model = model
+        self.batches = list(batches)
+        self.eps = float(eps)
+        self.scheme = scheme
+        self.space = space or ParamSpace(model)
+        self.out_dtype = accumulator_dtype(self.space.dtype)
+        self._backup: Vector | None = None
+        self.calls = 0
+
+    @property
+    def gradient_passes(self) -> int:
+        return len(STENCILS[self.scheme][0])
+
+    def _save(self, params: Vector) -> Vector:
+        if self._backup is None:
+            self._backup = [t.clone() for t in params]
+        else:
+            torch._foreach_copy_(self._backup, params)
+        return self._backup
+
+    @torch.no_grad()
+    def _set_params(self, params: Vector, backup: Vector, v: Sequence[Tensor | None], step: float) -> None:
+        torch._foreach_copy_(params, backup)
+        idx = [i for i, t in enumerate(v) if t is not None]
+        if idx and step != 0.0:
+            torch._foreach_add_([params[i] for i in idx], [v[i].to(params[i].dtype) for i in idx], alpha=step)
+
+    def matvec(self, v: Sequence[Tensor | None]) -> Vector:
+        params = self.space.local_params()
+        if len(v) != len(params):
+            raise ValueError(f"vector has {len(v)} tensors, the model has {len(params)} parameters")
+        stencil, divisor = STENCILS[self.scheme]
+        with torch.no_grad():
+            backup = self._save(params)
+        out: Vector | None = None
+        try:
+            for coeff, step in stencil:
+                self._set_params(params, backup, v, step * self.eps)
+                accumulate_gradient(self.model, self.batches)
+                grads = self.space.local_grads()
+                with torch.no_grad():
+                    if out is None:
+                        out = [g.to(self.out_dtype, copy=True).mul_(coeff) for g in grads]
+                    else:
+                        torch._foreach_add_(out, [g.to(self.out_dtype) for g in grads], alpha=coeff)
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(params, backup)
+            self.model.zero_grad(set_to_none=True)
+        assert out is not None
+        torch._foreach_mul_(out, 1.0 / (divisor * self.eps))
+        self.calls += 1
+        return out
+
+    __call__ = matvec
+
+    def gradient(self) -> tuple[float, Vector]:
+        """The analysis loss (this rank's share) and a copy of the gradient's local shards."""
+        loss = accumulate_gradient(self.model, self.batches)
+        grads = [g.detach().to(self.out_dtype, copy=True) for g in self.space.local_grads()]
+        self.model.zero_grad(set_to_none=True)
+        return float(loss), grads
+
+    @torch.no_grad()
+    def perturbation_rounding(self, v: Sequence[Tensor], eps: float) -> float:
+        """|round(theta + eps v) - theta - eps v| / |eps v|: how much of the step the parameter dtype loses."""
+        params = self.space.local_params()
+        err = []
+        exact = []
+        for p, t in zip(params, v):
+            step = t.to(torch.float64) * eps
+            applied = (p + t.to(p.dtype) * eps).to(torch.float64) - p.to(torch.float64)
+            err.append(applied - step)
+            exact.append(step)
+        sums = self.space.dots([(err, err), (exact, exact)])
+        return float((sums[0] / sums[1]).sqrt()) if sums[1] > 0 else 0.0
+
+
+def exact_hvp(model: torch.nn.Module, batches: Sequence[Tensor], v: Sequence[Tensor]) -> Vector:
+    """Hv by double backward through the math SDPA kernel, for unsharded models only."""
+    space = ParamSpace(model)
+    if space.sharded:
+        raise ExactHVPUnavailable("the exact HVP needs an unsharded model (double backward through FSDP2 is not supported); "
+                                  "use the finite-difference HVP")
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if attn not in (None, "eager", "sdpa"):
+        raise ExactHVPUnavailable(f"the exact HVP cannot run with attn_implementation={attn!r} (no double backward); "
+                                  "load the model with attn_implementation='sdpa' or 'eager'")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    out = [torch.zeros_like(p, dtype=accumulator_dtype(p.dtype)) for p in space.params]
+    with sdpa_kernel(SDPBackend.MATH):
+        for batch in batches:
+            loss = causal_lm_loss(model, batch) / len(batches)
+            grads = torch.autograd.grad(loss, space.params, create_graph=True)
+            dot = sum((g * t.to(g.dtype)).sum() for g, t in zip(grads, v))
+            hv = torch.autograd.grad(dot, space.params)
+            torch._foreach_add_(out, [h.to(o.dtype) for h, o in zip(hv, out)])
+    return out
