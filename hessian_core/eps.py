@@ -72,8 +72,11 @@ def _distance(op: FiniteDifferenceHVP, a: Sequence[Tensor], b: Sequence[Tensor])
     return op.space.norm(diff)
 
 
-def calibrate_eps(op: FiniteDifferenceHVP, v: Sequence[Tensor]) -> EpsChoice:
-    """Pick eps for ``op`` along the unit probe v. Leaves ``op.eps`` as it was; costs about 1 + 4k gradients."""
+def calibrate_eps(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, eps: float | None = None) -> EpsChoice:
+    """Pick eps for ``op`` along the unit probe v, or (``eps`` given) assess that fixed step.
+
+    Leaves ``op.eps`` as it was; costs about 1 + 4k gradient passes (k <= LADDER_TRIES).
+    """
     dtype = op.space.dtype
     eps_mach = float(torch.finfo(dtype).eps)
     fallback = default_eps(dtype)
@@ -101,22 +104,28 @@ def calibrate_eps(op: FiniteDifferenceHVP, v: Sequence[Tensor]) -> EpsChoice:
     finally:
         op.eps = saved_eps
 
-    if math.isfinite(third) and third > 0 and grad_norm > 0:
-        eps = optimal_eps(eps_mach=eps_mach, grad_norm=grad_norm, third_derivative=third)
-        source = "auto"
+    measured = math.isfinite(third) and third > 0 and grad_norm > 0
+    if eps is not None:
+        source = "fixed"
+    elif measured:
+        eps, source = optimal_eps(eps_mach=eps_mach, grad_norm=grad_norm, third_derivative=third), "auto"
+    else:
+        eps, source = fallback, "default"
+    if measured:
         abs_err = predicted_error(eps, eps_mach=eps_mach, grad_norm=grad_norm, third_derivative=third)
         rel = abs_err / hv_norm if hv_norm > 0 else float("inf")
     else:
-        eps, source, rel = fallback, "default", float("nan")
+        rel = float("nan")
     rounding = op.perturbation_rounding(v, eps)
     total = (0.0 if math.isnan(rel) else rel) + rounding
     reliable = math.isfinite(total) and total < UNRELIABLE
     dtype_name = str(dtype).removeprefix("torch.")
-    if source == "default":
-        message = (f"eps={eps:.3g} ({dtype_name} default): the truncation term could not be measured above "
+    if not measured:
+        message = (f"eps={eps:.3g} ({source}): the truncation term could not be measured above "
                    f"round-off; relative error unknown")
     else:
-        message = f"eps={eps:.3g} (auto, Theorem 3.1): estimated HVP relative error {rel:.2g}"
+        label = "auto, Theorem 3.1" if source == "auto" else "fixed"
+        message = f"eps={eps:.3g} ({label}): estimated HVP relative error {rel:.2g}"
     if rounding > 0.1:
         message += (f"; {dtype_name} parameters round away {100 * min(rounding, 1.0):.0f}% of the step eps*v, "
                     f"so the HVP is mostly rounding noise: use float32 (or float64) parameters")

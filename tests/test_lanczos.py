@@ -1,0 +1,143 @@
+"""Lanczos and SLQ on explicit symmetric matrices with known spectra."""
+
+import numpy as np
+import pytest
+import torch
+
+from hessian_core import (ParamSpace, SpectralMeasure, extreme_eigenvalues, lanczos, probe_vector, ritz_rule,
+                          smoothed_density, trace_estimate, wasserstein1)
+
+
+def matrix_operator(matrix: torch.Tensor):
+    """(space, matvec) for an explicit matrix acting on one parameter of its size."""
+    holder = torch.nn.Module()
+    holder.x = torch.nn.Parameter(torch.zeros(matrix.shape[0], dtype=torch.float64))
+    space = ParamSpace(holder)
+    return space, lambda v: [matrix @ v[0].to(torch.float64)]
+
+
+def wigner(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, n, generator=g, dtype=torch.float64)
+    return (a + a.T) / np.sqrt(2 * n)
+
+
+def marchenko_pastur(n, ratio=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, int(n / ratio), generator=g, dtype=torch.float64)
+    return x @ x.T / x.shape[1]
+
+
+def diagonal(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.diag(torch.rand(n, generator=g, dtype=torch.float64) * 4 - 1)
+
+
+SPECTRA = {"diagonal": diagonal, "wigner": wigner, "marchenko_pastur": marchenko_pastur}
+
+
+@pytest.mark.parametrize("name", sorted(SPECTRA))
+def test_full_reorth_with_m_equal_n_recovers_every_eigenvalue(name):
+    n = 60
+    matrix = SPECTRA[name](n)
+    space, matvec = matrix_operator(matrix)
+    v0 = probe_vector(space, seed=1, probe_index=0, kind="gaussian", dtype=torch.float64)
+    result = lanczos(matvec, v0, space=space, steps=n, reorth="full", vector_dtype=torch.float64, tol=0.0)
+    assert result.steps == n
+    rule = ritz_rule(result.alphas, result.betas)
+    exact = np.linalg.eigvalsh(matrix.numpy())
+    assert np.max(np.abs(rule.values - exact)) <= 1e-10 * np.max(np.abs(exact))
+    assert abs(rule.weights.sum() - 1) < 1e-12
+
+
+def test_without_reorthogonalization_converged_eigenvalues_get_ghost_copies():
+    n = 200
+    eig = torch.cat([torch.tensor([12.0, 10.0]), torch.linspace(0, 1, n - 2)]).double()
+    space, matvec = matrix_operator(torch.diag(eig))
+    v0 = probe_vector(space, seed=0, probe_index=0, dtype=torch.float64)
+    copies = {}
+    for mode in ("none", "full"):
+        result = lanczos(matvec, v0, space=space, steps=120, reorth=mode, vector_dtype=torch.float64)
+        values = ritz_rule(result.alphas, result.betas).values
+        copies[mode] = int(np.sum(np.abs(values - 12.0) < 1e-6))
+    assert copies["full"] == 1
+    assert copies["none"] >= 2
+
+
+@pytest.mark.parametrize("name", sorted(SPECTRA))
+def test_slq_density_is_within_1_percent_wasserstein_of_the_spectrum(name):
+    n = 400
+    matrix = SPECTRA[name](n)
+    space, matvec = matrix_operator(matrix)
+    rules = []
+    for probe in range(6):
+        v0 = probe_vector(space, seed=2, probe_index=probe, dtype=torch.float64)
+        result = lanczos(matvec, v0, space=space, steps=60, reorth="window", window=8, vector_dtype=torch.float64)
+        rules.append(ritz_rule(result.alphas, result.betas))
+    measure = SpectralMeasure.from_rules(rules)
+    exact = np.linalg.eigvalsh(matrix.numpy())
+    distance = wasserstein1(measure.values, measure.weights, exact, np.full(n, 1.0 / n))
+    assert distance <= 0.01 * (exact[-1] - exact[0])
+    trace = trace_estimate(rules, dimension=n)
+    assert abs(trace.trace - exact.sum()) <= 4 * trace.stderr + 1e-9 * abs(exact).sum()
+    extremes = extreme_eigenvalues(rules)
+    assert abs(extremes.lambda_max - exact[-1]) <= max(extremes.lambda_max_residual, 1e-8)
+    assert abs(extremes.lambda_min - exact[0]) <= max(extremes.lambda_min_residual, 1e-8)
+
+
+def test_stops_cleanly_at_an_invariant_subspace():
+    eig = torch.tensor([3.0, 1.0, -2.0, 0.5, 7.0]).repeat_interleave(8).double()
+    space, matvec = matrix_operator(torch.diag(eig))
+    v0 = probe_vector(space, seed=0, probe_index=0, dtype=torch.float64)
+    result = lanczos(matvec, v0, space=space, steps=30, reorth="full", vector_dtype=torch.float64)
+    assert result.steps == 5 and result.stopped == "invariant subspace"
+    values = ritz_rule(result.alphas, result.betas).values
+    assert np.allclose(values, sorted([3.0, 1.0, -2.0, 0.5, 7.0]), atol=1e-10)
+
+
+@pytest.mark.parametrize("case", [
+    {"reorth": "none", "window": 0, "reductions": 2},
+    {"reorth": "window", "window": 4, "reductions": 3},
+    {"reorth": "full", "window": 0, "reductions": 3},
+])
+def test_at_most_2_plus_r_scalar_reductions_per_step_and_bounded_storage(case, monkeypatch):
+    n = 50
+    space, matvec = matrix_operator(wigner(n))
+    calls = []
+    original = space.all_reduce
+    monkeypatch.setattr(space, "all_reduce", lambda t: calls.append(t.numel()) or original(t))
+    seen = []
+    v0 = probe_vector(space, seed=0, probe_index=0, dtype=torch.float64)
+    calls.clear()
+    lanczos(matvec, v0, space=space, steps=20, reorth=case["reorth"], window=case["window"],
+            vector_dtype=torch.float64, on_step=lambda s: seen.append(len(s.basis)))
+    assert len(calls) == 20 * case["reductions"] + 1  # +1: the start vector's norm
+    limit = {"none": 2, "window": max(case["window"], 2), "full": 21}[case["reorth"]]
+    assert max(seen) <= limit
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_low_precision_vector_storage_still_finds_the_extremes(dtype):
+    n = 300
+    eig = torch.cat([torch.tensor([20.0, -5.0]), torch.linspace(0, 1, n - 2)]).double()
+    space, matvec = matrix_operator(torch.diag(eig))
+    v0 = probe_vector(space, seed=0, probe_index=0, dtype=dtype)
+    result = lanczos(matvec, v0, space=space, steps=40, reorth="window", window=8, vector_dtype=dtype)
+    values = ritz_rule(result.alphas, result.betas).values
+    tol = 0.05 if dtype == torch.bfloat16 else 1e-4
+    assert abs(values[-1] - 20.0) <= tol * 20 and abs(values[0] + 5.0) <= tol * 20
+
+
+def test_density_integrates_to_one_and_is_never_negative():
+    measure = SpectralMeasure(np.array([-1.0, 0.0, 0.1, 50.0]), np.array([0.1, 0.4, 0.4, 0.1]))
+    d = smoothed_density(measure, grid_size=4000)
+    assert np.all(d.density >= 0)
+    assert abs(np.trapezoid(d.density, d.grid) - 1) < 1e-12
+    assert d.sigma == pytest.approx(0.01 * 51)
+
+
+def test_wasserstein1_of_known_measures():
+    assert wasserstein1(np.array([0.0]), np.array([1.0]), np.array([3.0]), np.array([1.0])) == pytest.approx(3.0)
+    a = wasserstein1(np.array([0.0, 1.0]), np.array([0.5, 0.5]), np.array([0.0, 2.0]), np.array([0.5, 0.5]))
+    assert a == pytest.approx(0.5)
+    assert wasserstein1(np.array([1.0, 2.0]), np.array([1, 3.0]), np.array([2.0, 1.0]), np.array([3, 1.0])) == 0.0
