@@ -1,0 +1,149 @@
+"""One rank of an analysis group: joins the group's process group, loads and shards the model, runs probes.
+
+The class is plain Python; ``actors.group`` wraps it with ``ray.remote``. Every public method is called on
+all ranks of a group at once (they run collectives together); rank 0's return value is the group's.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from hessian_core import (FiniteDifferenceHVP, ParamSpace, block_diagonal_metrics, calibrate_eps, lanczos,
+                          parameter_blocks, probe_vector, shard_model)
+
+from .model_loading import DTYPES, ModelSpec, load_model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class Worker:
+    def __init__(self, *, rank: int, world_size: int, use_gpu: bool):
+        self.rank, self.world_size, self.use_gpu = rank, world_size, use_gpu
+        self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+        self.model = self.op = self.space = None
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        import ray
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def setup(self, *, master_addr: str, master_port: int, spec: ModelSpec, batches: torch.Tensor,
+              timeout_seconds: float) -> dict:
+        """Form the process group, build and shard the model, keep this rank's slice of every batch."""
+        started = time.perf_counter()
+        backend = "nccl" if self.use_gpu else "gloo"
+        if self.world_size > 1:
+            dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
+                                    world_size=self.world_size, timeout=datetime.timedelta(seconds=timeout_seconds))
+        model = load_model(spec).to(self.device)
+        if self.world_size > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            shard_model(model, mesh=init_device_mesh(self.device.type, (self.world_size,)))
+        per_rank = batches.shape[1] // self.world_size
+        self.batches = [b[self.rank * per_rank:(self.rank + 1) * per_rank].to(self.device) for b in batches]
+        self.model = model
+        self.space = ParamSpace(model)
+        self.dtype = DTYPES[spec.dtype]
+        return {"num_params": self.space.numel, "load_seconds": time.perf_counter() - started,
+                "peak_rss_mib": _peak_rss_mib()}
+
+    def _operator(self, eps: float, scheme: str) -> FiniteDifferenceHVP:
+        if self.op is None or self.op.eps != eps or self.op.scheme != scheme:
+            self.op = FiniteDifferenceHVP(self.model, self.batches, eps=eps, scheme=scheme, space=self.space)
+        return self.op
+
+    def _probe(self, *, seed: int, probe_id: int, vector_dtype: str):
+        return probe_vector(self.space, seed=seed, probe_index=probe_id, dtype=DTYPES[vector_dtype])
+
+    def calibrate(self, *, seed: int, scheme: str, eps: float | None) -> dict:
+        op = self._operator(1.0 if eps is None else eps, scheme)
+        calls = op.calls
+        choice = calibrate_eps(op, self._probe(seed=seed, probe_id=0, vector_dtype="float64"), eps=eps)
+        return {**choice.as_dict(), "hvp_count": op.calls - calls}
+
+    def gradient_seconds(self, *, repeats: int) -> float:
+        """Median wall time of one full gradient over this group's analysis set."""
+        op = self._operator(1.0, "central")
+        times = []
+        for _ in range(repeats + 1):  # the first is warm-up
+            self._sync()
+            t = time.perf_counter()
+            op.gradient()
+            self._sync()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times[1:])
+
+    def run_probe(self, *, probe_id: int, seed: int, eps: float, scheme: str, steps: int, reorth: str, window: int,
+                  vector_dtype: str, progress: Callable[[dict], None] | None = None) -> dict:
+        """One probe's whole Lanczos run; returns alpha, beta and per-step timings."""
+        op = self._operator(eps, scheme)
+        hvp_seconds: list[float] = []
+        step_seconds: list[float] = []
+
+        def timed_matvec(v):
+            self._sync()
+            t = time.perf_counter()
+            out = op.matvec(v)
+            self._sync()
+            hvp_seconds.append(time.perf_counter() - t)
+            return out
+
+        last = [time.perf_counter()]
+
+        def on_step(state):
+            now = time.perf_counter()
+            step_seconds.append(now - last[0])
+            last[0] = now
+            if progress is not None and self.rank == 0:
+                progress({"probe_id": probe_id, "step": state.steps_done, "steps": steps,
+                          "hvp_seconds": hvp_seconds[-1]})
+
+        v0 = self._probe(seed=seed, probe_id=probe_id, vector_dtype=vector_dtype)
+        result = lanczos(timed_matvec, v0, space=self.space, steps=steps, reorth=reorth, window=window,
+                         vector_dtype=DTYPES[vector_dtype], on_step=on_step)
+        return {"probe_id": probe_id, "alphas": result.alphas.tolist(), "betas": result.betas.tolist(),
+                "stopped": result.stopped, "hvp_seconds": hvp_seconds, "step_seconds": step_seconds}
+
+    def run_blocks(self, *, probe_id: int, seed: int, eps: float, scheme: str,
+                   progress: Callable[[dict], None] | None = None) -> dict:
+        op = self._operator(eps, scheme)
+        blocks = parameter_blocks(self.model, self.space)
+        v = probe_vector(self.space, seed=seed, probe_index=probe_id, kind="gaussian", dtype=op.out_dtype)
+
+        def on_hvp(done, total):
+            if progress is not None and self.rank == 0:
+                progress({"probe_id": probe_id, "step": done, "steps": total, "hvp_seconds": None})
+
+        m = block_diagonal_metrics(op.matvec, v, space=self.space, blocks=blocks, on_hvp=on_hvp)
+        return {"probe_id": probe_id, "blocks": m.blocks, "rel_error": m.rel_error, "cosine": m.cosine,
+                "whole_rel_error": m.whole_rel_error, "hvp_count": 1 + len(blocks)}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -1,0 +1,110 @@
+"""The ``hessian-spectrum`` command: run, plot, show. Exit status 0 success, 2 invalid input, 1 other failure."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .config import ConfigError, load_config
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own exit status is 2 as well; keep it to one line
+        self.print_usage(sys.stderr)
+        print(f"hessian-spectrum: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_INVALID)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="hessian-spectrum", description="Hessian spectra of transformer LMs with FD HVPs on FSDP2 + Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run what the config enables (SLQ density, block analysis)")
+    r.add_argument("config", help="YAML config file (see configs/)")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set lanczos.steps=40 (repeatable)")
+    r.add_argument("--fresh", action="store_true", help="replace an existing run in output_dir with another config")
+    pl = sub.add_parser("plot", help="redraw the plots of a run from its tables")
+    pl.add_argument("run_dir")
+    s = sub.add_parser("show", help="print a run's summary")
+    s.add_argument("run_dir")
+    return p
+
+
+def _read_run(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "run.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"{run_dir!r} is not a run folder (no run.json)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def format_summary(info: dict) -> str:
+    lines = [f"status: {info.get('status')}" + (f" ({info['error']})" if info.get("error") else "")]
+    if "num_params" in info:
+        lines.append(f"parameters: {info['num_params']:,}")
+    if "eps" in info:
+        lines.append(f"eps: {info['eps']:.4g}  ({info.get('eps_calibration', {}).get('message', '')})")
+    s = info.get("summary")
+    if s:
+        lines.append(f"lambda_max: {s['lambda_max']:.6g} (residual bound {s['lambda_max_residual']:.2g})")
+        lines.append(f"lambda_min: {s['lambda_min']:.6g} (residual bound {s['lambda_min_residual']:.2g})")
+        stderr = f" +- {s['trace_stderr']:.3g}" if s.get("trace_stderr") is not None else ""
+        lines.append(f"trace: {s['trace']:.6g}{stderr}  ({s['probes']} probes)")
+    b = info.get("blocks")
+    if b:
+        o = b["overall"]
+        lines.append("block-diagonal analysis (mean +- std over probes):")
+        lines.append(f"  {'block':<40} {'rel. error':>18} {'cosine':>18}")
+        for name, row in b["per_block"].items():
+            lines.append(f"  {name:<40} {row['rel_error_mean']:>9.3f} +- {row['rel_error_std']:<5.3f} "
+                         f"{row['cosine_mean']:>9.3f} +- {row['cosine_std']:<5.3f}")
+        lines.append(f"  {'overall':<40} {o['rel_error_mean']:>9.3f} +- {o['rel_error_std']:<5.3f} "
+                     f"{o['cosine_mean']:>9.3f} +- {o['cosine_std']:<5.3f}")
+        lines.append(f"  whole block-diagonal approximation: relative error {o['whole_rel_error_mean']:.3f}")
+    t = info.get("timing")
+    if t:
+        parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.items() if v is not None]
+        lines.append("timing: " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            from .driver import preflight, run
+
+            config = load_config(args.config, args.overrides)
+            prepared = preflight(config, fresh=args.fresh)
+            info = run(prepared)
+            print(format_summary(info))
+            print(f"results in {config.output_dir}")
+        elif args.command == "plot":
+            from .driver import draw_plots
+
+            _read_run(args.run_dir)
+            written = draw_plots(args.run_dir)
+            print("wrote " + (", ".join(written) if written else "nothing (no tables yet)"))
+        elif args.command == "show":
+            print(format_summary(_read_run(args.run_dir)))
+        return EXIT_OK
+    except ConfigError as e:
+        print(f"hessian-spectrum: error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        print("hessian-spectrum: interrupted", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as e:  # noqa: BLE001 - the top level reports any failure in one line plus its type
+        if os.environ.get("HESSIAN_SPECTRUM_DEBUG"):
+            raise
+        print(f"hessian-spectrum: failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+              "\n(set HESSIAN_SPECTRUM_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

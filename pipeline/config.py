@@ -1,0 +1,236 @@
+"""Typed run configuration: YAML plus ``--set key=value`` overrides, validated before Ray or a model starts.
+
+Every problem raises ConfigError with a one-line message naming the key and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Invalid input: the CLI prints it as one line and exits with status 2."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    path: str | None = None  # local folder, hub id, or builtin:demo
+    revision: str | None = None
+    init: Literal["pretrained", "random"] = "pretrained"
+    dtype: Literal["float64", "float32", "bfloat16"] = "float32"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    config: dict | None = None  # HF config kwargs for init=random without a path (must include model_type)
+    seed: int = 0  # weights for init=random
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    path: str | None = None  # local file (jsonl, json, parquet, csv, txt), folder, hub id, or builtin:demo
+    text_column: str = "text"
+    seq_len: int = 128
+    batch_size: int = 8
+    num_batches: int = 1
+    shuffle_seed: int | None = None
+
+
+@dataclass(kw_only=True)
+class ClusterConfig:
+    address: str | None = None  # null: start a local Ray; "auto" or "ray://host:port": join a cluster
+    num_workers: int = 1  # ranks per group (one FSDP2 process group)
+    num_groups: int = 1  # groups running probes in parallel
+    use_gpu: bool = False
+    max_failures: int = 2  # group rebuilds after a worker dies
+    collective_timeout_seconds: float = 120.0  # a dead peer fails the group after this, not 30 minutes
+
+
+@dataclass(kw_only=True)
+class HVPConfig:
+    eps: float | Literal["auto"] = "auto"
+    scheme: Literal["central", "richardson"] = "central"
+
+
+@dataclass(kw_only=True)
+class LanczosConfig:
+    steps: int = 30
+    probes: int = 4
+    reorth: Literal["none", "window", "full"] = "window"
+    window: int = 8
+    vector_dtype: Literal["float64", "float32", "bfloat16"] = "float32"
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class DensityConfig:
+    enabled: bool = True
+    grid_size: int = 1000
+
+
+@dataclass(kw_only=True)
+class BlocksConfig:
+    enabled: bool = False
+    probes: int = 2
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    hvp: HVPConfig = field(default_factory=HVPConfig)
+    lanczos: LanczosConfig = field(default_factory=LanczosConfig)
+    density: DensityConfig = field(default_factory=DensityConfig)
+    blocks: BlocksConfig = field(default_factory=BlocksConfig)
+    output_dir: str = "runs/latest"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+POSITIVE = ["data.seq_len", "data.batch_size", "data.num_batches", "cluster.num_workers", "cluster.num_groups",
+            "lanczos.steps", "lanczos.probes", "blocks.probes", "density.grid_size"]
+NON_NEGATIVE = ["lanczos.window", "cluster.max_failures"]
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return {type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _matches(value: Any, tp) -> tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, converted = _matches(value, arg)
+            if ok:
+                return True, converted
+        return False, value
+    if origin is Literal:
+        return value in typing.get_args(tp), value
+    if tp is type(None):
+        return value is None, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                return False, value
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return True, float(value)
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    if tp is dict:
+        return isinstance(value, dict), value
+    return False, value
+
+
+def _build(cls, data: Any, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise ConfigError(f"unknown config key {key!r}; valid keys here: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key + ".")
+            continue
+        ok, converted = _matches(value, tp)
+        if not ok:
+            raise ConfigError(f"{key}: {value!r} is not valid; expected {_type_name(tp)}")
+        kwargs[name] = converted
+    return cls(**kwargs)
+
+
+def _get(config: RunConfig, key: str) -> Any:
+    obj = config
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set_override(tree: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. lanczos.steps=40")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read YAML (or start from defaults), apply overrides, type-check and validate."""
+    tree: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} does not exist")
+        with open(path) as f:
+            try:
+                tree = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    for assignment in overrides or []:
+        _set_override(tree, assignment)
+    config = _build(RunConfig, tree, "")
+    validate(config)
+    return config
+
+
+def validate(config: RunConfig) -> None:
+    """Checks that need no files, Ray or model; data and model paths are checked by the driver's preflight."""
+    for key in POSITIVE:
+        if _get(config, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {_get(config, key)}")
+    for key in NON_NEGATIVE:
+        if _get(config, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {_get(config, key)}")
+    if config.data.seq_len < 2:
+        raise ConfigError(f"data.seq_len must be >= 2 (a next-token loss needs two tokens), got {config.data.seq_len}")
+    if config.hvp.eps != "auto" and not config.hvp.eps > 0:
+        raise ConfigError(f"hvp.eps must be a positive number or 'auto', got {config.hvp.eps}")
+    if config.data.batch_size % config.cluster.num_workers:
+        raise ConfigError(f"data.batch_size={config.data.batch_size} is not divisible by "
+                          f"cluster.num_workers={config.cluster.num_workers}: each rank needs an equal slice")
+    if config.cluster.collective_timeout_seconds <= 0:
+        raise ConfigError("cluster.collective_timeout_seconds must be > 0")
+    if config.model.init == "pretrained" and not config.model.path:
+        raise ConfigError("model.path is required when model.init is 'pretrained'")
+    if config.model.init == "random" and not config.model.path and not (config.model.config or {}).get("model_type"):
+        raise ConfigError("model.init=random needs model.path (a folder with config.json) or model.config.model_type")
+    if not config.data.path:
+        raise ConfigError("data.path is required (a local file or folder, a hub dataset id, or builtin:demo)")
+    if config.cluster.use_gpu:
+        import torch
+
+        if not torch.cuda.is_available() and config.cluster.address is None:
+            raise ConfigError("cluster.use_gpu is true but this machine has no CUDA GPU; set cluster.use_gpu=false")

@@ -1,0 +1,452 @@
+"""One analysis run: preflight checks, Ray groups, eps, SLQ and block probes in parallel, tables, plots, run.json."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from hessian_core import (SpectralMeasure, extreme_eigenvalues, ritz_rule, smoothed_density, trace_estimate)
+from hessian_core.quadrature import SIGMA_FRACTION
+
+from . import demo
+from .config import ConfigError, RunConfig
+from .data import analysis_batches, load_sequences
+from .tables import (BLOCKS_SCHEMA, DENSITY_SCHEMA, LANCZOS_SCHEMA, RITZ_SCHEMA, read_table, write_json,
+                     write_table)
+
+OUTPUT_FILES = ("run.json", "lanczos.parquet", "ritz.parquet", "density.parquet", "blocks.parquet",
+                "density.png", "blocks.png")
+BLOCK_SEED_OFFSET = 1_000_003  # block probes are Gaussian and drawn from their own seed stream
+
+
+@dataclass
+class Prepared:
+    config: RunConfig
+    model_path: str | None
+    batches: torch.Tensor  # [num_batches, batch_size, seq_len]
+
+
+def log(msg: str) -> None:
+    print(f"[hessian-spectrum] {msg}", file=sys.stderr, flush=True)
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", ".", "~")) or os.path.exists(path) or path.count("/") > 1
+
+
+def _check_output_dir(config: RunConfig, *, fresh: bool) -> None:
+    out = config.output_dir
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"output_dir {out!r} cannot be written: {e.strerror or e}") from None
+    existing = os.path.join(out, "run.json")
+    if os.path.exists(existing) and not fresh:
+        import json
+
+        try:
+            with open(existing) as f:
+                previous = json.load(f).get("config")
+        except (OSError, ValueError):
+            previous = None
+        if previous != config.to_dict():
+            raise ConfigError(f"output_dir {out!r} holds a run with a different config; use another output_dir "
+                              f"or pass --fresh to replace it")
+    if fresh:
+        for name in OUTPUT_FILES:
+            path = os.path.join(out, name)
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+def preflight(config: RunConfig, *, fresh: bool = False) -> Prepared:
+    """Everything that can be refused before Ray starts or a model is loaded: paths, data, sizes, vocab."""
+    model_path = config.model.path
+    data_path = config.data.path
+    if model_path == demo.DEMO or data_path == demo.DEMO:
+        demo_model, demo_data = demo.ensure_demo(log)
+        model_path = demo_model if model_path == demo.DEMO else model_path
+        data_path = demo_data if data_path == demo.DEMO else data_path
+    if model_path and _looks_local(model_path):
+        if not os.path.isdir(model_path):
+            raise ConfigError(f"model.path {model_path!r} does not exist (expected a local model folder or hub id)")
+        if not os.path.exists(os.path.join(model_path, "config.json")):
+            raise ConfigError(f"model.path {model_path!r} has no config.json; it is not a Hugging Face model folder")
+        from actors.model_loading import WEIGHT_FILES, has_weights
+
+        if config.model.init == "pretrained" and not has_weights(model_path):
+            raise ConfigError(f"model.path {model_path!r} has no weights ({', '.join(WEIGHT_FILES)}); "
+                              f"set model.init=random to analyse random weights")
+    data = config.data
+    if data_path != data.path:
+        from dataclasses import replace
+
+        data = replace(data, path=data_path)
+    sequences = load_sequences(data, tokenizer_path=model_path, revision=config.model.revision)
+    batches = analysis_batches(sequences, data)
+    vocab = _vocab_size(config, model_path)
+    if vocab is not None and int(batches.max()) >= vocab:
+        raise ConfigError(f"data.path {data.path!r} has token id {int(batches.max())} but the model's vocab_size is "
+                          f"{vocab}; the data was tokenized for another model")
+    _check_output_dir(config, fresh=fresh)
+    return Prepared(config, model_path, batches)
+
+
+def _vocab_size(config: RunConfig, model_path: str | None) -> int | None:
+    if model_path:
+        from transformers import AutoConfig
+
+        try:
+            return getattr(AutoConfig.from_pretrained(model_path, revision=config.model.revision), "vocab_size", None)
+        except Exception:  # a hub id unreachable offline: the ranks will report it when loading
+            return None
+    return (config.model.config or {}).get("vocab_size")
+
+
+def _connect_ray(config: RunConfig) -> None:
+    import ray
+
+    address = config.cluster.address
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        need = config.cluster.num_workers * config.cluster.num_groups
+        ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, logging_level="ERROR",
+                 configure_logging=True)
+        return
+    if address and address.startswith("ray://"):
+        host, _, port = address[len("ray://"):].partition(":")
+        try:
+            socket.create_connection((host, int(port or 10001)), timeout=10).close()
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cluster.address {address!r} is unreachable ({e}); "
+                              f"use null for a local Ray, 'auto', or ray://host:port of a running cluster") from None
+    try:
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level="ERROR")
+    except (ConnectionError, RuntimeError) as e:
+        raise ConfigError(f"cluster.address {address!r}: cannot join a Ray cluster ({str(e).splitlines()[0]})") from None
+
+
+class Progress:
+    """A tqdm bar over all HVP steps on a terminal; plain log lines otherwise."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.last_line = total, 0, 0.0
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="hvp", desc="probes", file=sys.stderr)
+
+    def update(self, info: dict) -> None:
+        self.done += 1
+        text = f"probe {info['probe_id']} step {info['step']}/{info['steps']}"
+        if info.get("hvp_seconds") is not None:
+            text += f" | last HVP {info['hvp_seconds']:.3f}s"
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+            self.bar.update(1)
+        elif time.monotonic() - self.last_line > 5 or info["step"] == info["steps"]:
+            self.last_line = time.monotonic()
+            log(f"{self.done}/{self.total} HVP steps | {text}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _versions() -> dict:
+    import ray
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "ray": ray.__version__}
+
+
+class Run:
+    """State of one invocation; tables are rewritten after every finished probe so a crash loses nothing."""
+
+    def __init__(self, prepared: Prepared):
+        self.prepared = prepared
+        self.config = prepared.config
+        self.out = self.config.output_dir
+        self.config_json = self.config.to_json()
+        self.started = time.time()
+        self.info: dict[str, Any] = {"status": "running", "config": self.config.to_dict(), "resumed": False,
+                                     "versions": _versions(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.probes: dict[int, dict] = {}
+        self.block_probes: dict[int, dict] = {}
+        self.hvp_seconds: list[float] = []
+        self.step_seconds: list[float] = []
+        self.hvp_count = 0
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.out, name)
+
+    def save_info(self) -> None:
+        self.info["timing"] = {
+            "grad_seconds": self.info.get("timing", {}).get("grad_seconds"),
+            "hvp_seconds": statistics.median(self.hvp_seconds) if self.hvp_seconds else None,
+            "lanczos_step_seconds": statistics.median(self.step_seconds) if self.step_seconds else None,
+            "hvp_count": self.hvp_count,
+            "total_seconds": time.time() - self.started,
+        }
+        write_json(self.path("run.json"), self.info)
+
+    def add_probe(self, result: dict) -> None:
+        self.probes[result["probe_id"]] = result
+        self.hvp_seconds += result["hvp_seconds"]
+        self.step_seconds += result["step_seconds"]
+        self.hvp_count += len(result["hvp_seconds"])
+        self.write_lanczos_tables()
+
+    def add_block_probe(self, result: dict) -> None:
+        self.block_probes[result["probe_id"]] = result
+        self.hvp_count += result["hvp_count"]
+        self.write_block_table()
+
+    def write_lanczos_tables(self) -> None:
+        ids = sorted(self.probes)
+        cols = {"probe_id": [], "step": [], "alpha": [], "beta": []}
+        ritz = {"probe_id": [], "value": [], "weight": [], "residual": []}
+        for pid in ids:
+            res = self.probes[pid]
+            n = len(res["alphas"])
+            cols["probe_id"] += [pid] * n
+            cols["step"] += list(range(n))
+            cols["alpha"] += res["alphas"]
+            cols["beta"] += res["betas"]
+            rule = ritz_rule(res["alphas"], res["betas"])
+            ritz["probe_id"] += [pid] * len(rule.values)
+            ritz["value"] += rule.values.tolist()
+            ritz["weight"] += rule.weights.tolist()
+            ritz["residual"] += rule.residuals.tolist()
+        write_table(self.path("lanczos.parquet"), cols, LANCZOS_SCHEMA, config_json=self.config_json)
+        write_table(self.path("ritz.parquet"), ritz, RITZ_SCHEMA, config_json=self.config_json)
+
+    def write_block_table(self) -> None:
+        cols = {"probe_id": [], "block": [], "rel_error": [], "cosine": [], "whole_rel_error": []}
+        for pid in sorted(self.block_probes):
+            res = self.block_probes[pid]
+            n = len(res["blocks"])
+            cols["probe_id"] += [pid] * n
+            cols["block"] += res["blocks"]
+            cols["rel_error"] += res["rel_error"]
+            cols["cosine"] += res["cosine"]
+            cols["whole_rel_error"] += [res["whole_rel_error"]] * n
+        write_table(self.path("blocks.parquet"), cols, BLOCKS_SCHEMA, config_json=self.config_json)
+
+    def finish(self) -> None:
+        """Summary, density table and plots from what the probes produced."""
+        if self.probes:
+            rules = [ritz_rule(p["alphas"], p["betas"]) for _, p in sorted(self.probes.items())]
+            trace = trace_estimate(rules, dimension=self.info["num_params"])
+            ext = extreme_eigenvalues(rules)
+            self.info["summary"] = {
+                "lambda_max": ext.lambda_max, "lambda_max_residual": ext.lambda_max_residual,
+                "lambda_min": ext.lambda_min, "lambda_min_residual": ext.lambda_min_residual,
+                "trace": trace.trace, "trace_stderr": None if np.isnan(trace.stderr) else trace.stderr,
+                "probes": len(rules),
+            }
+            if self.config.density.enabled:
+                measure = SpectralMeasure.from_rules(rules)
+                dens = smoothed_density(measure, grid_size=self.config.density.grid_size)
+                self.info["density"] = {"sigma": dens.sigma, "sigma_rule": f"{SIGMA_FRACTION} * (max - min Ritz value)"}
+                write_table(self.path("density.parquet"), {"value": dens.grid, "density": dens.density},
+                            DENSITY_SCHEMA, config_json=self.config_json)
+        if self.block_probes:
+            self.info["blocks"] = block_summary(read_table(self.path("blocks.parquet")).to_pandas())
+        draw_plots(self.out)
+
+
+def block_summary(df) -> dict:
+    per_block = df.groupby("block", sort=False).agg(rel_error_mean=("rel_error", "mean"),
+                                                    rel_error_std=("rel_error", "std"),
+                                                    cosine_mean=("cosine", "mean"), cosine_std=("cosine", "std"))
+    whole = df.groupby("probe_id")["whole_rel_error"].first()
+    return {"overall": {"rel_error_mean": float(df.rel_error.mean()), "rel_error_std": float(df.rel_error.std()),
+                        "cosine_mean": float(df.cosine.mean()), "cosine_std": float(df.cosine.std()),
+                        "whole_rel_error_mean": float(whole.mean())},
+            "per_block": {b: {k: float(v) for k, v in row.items()} for b, row in per_block.iterrows()}}
+
+
+def draw_plots(run_dir: str) -> list[str]:
+    """(Re)draw every plot whose table exists; returns the files written."""
+    from .plots import plot_blocks, plot_density
+
+    written = []
+    density_path = os.path.join(run_dir, "density.parquet")
+    if os.path.exists(density_path):
+        dens = read_table(density_path).to_pandas()
+        ritz = read_table(os.path.join(run_dir, "ritz.parquet")).to_pandas()
+        plot_density(os.path.join(run_dir, "density.png"), dens.value.to_numpy(), dens.density.to_numpy(),
+                     ritz.value.to_numpy(), title=f"Hessian spectral density ({ritz.probe_id.nunique()} probes)")
+        written.append("density.png")
+    blocks_path = os.path.join(run_dir, "blocks.parquet")
+    if os.path.exists(blocks_path):
+        df = read_table(blocks_path).to_pandas()
+        names = list(dict.fromkeys(df.block))
+        rel = df.pivot(index="probe_id", columns="block", values="rel_error")[names].to_numpy()
+        cos = df.pivot(index="probe_id", columns="block", values="cosine")[names].to_numpy()
+        plot_blocks(os.path.join(run_dir, "blocks.png"), names, rel, cos,
+                    title="Block-diagonal approximation: per-block error of H v")
+        written.append("blocks.png")
+    return written
+
+
+def _is_actor_death(err: BaseException) -> bool:
+    import ray.exceptions as rex
+
+    if isinstance(err, (rex.RayActorError, rex.ActorDiedError, rex.ActorUnavailableError)):
+        return True
+    # a surviving rank whose peer died fails inside a collective
+    text = str(err).lower()
+    return isinstance(err, rex.RayTaskError) and any(k in text for k in ("gloo", "nccl", "connection", "timed out"))
+
+
+def run(prepared: Prepared) -> dict:
+    """Execute a prepared run; returns run.json's content. Raises on failure after recording it."""
+    import ray
+    from ray.util.queue import Empty, Queue
+
+    from actors.group import WorkerGroup
+    from actors.model_loading import ModelSpec
+
+    config = prepared.config
+    state = Run(prepared)
+    state.save_info()
+    cl, lz = config.cluster, config.lanczos
+    spec = ModelSpec(path=prepared.model_path, revision=config.model.revision, init=config.model.init,
+                     dtype=config.model.dtype, attn_implementation=config.model.attn_implementation,
+                     config_overrides=config.model.config or {}, seed=config.model.seed)
+    groups: list[WorkerGroup] = []
+    progress_bar = None
+    try:
+        _connect_ray(config)
+        batches_ref = ray.put(prepared.batches)
+
+        def new_group(index: int) -> WorkerGroup:
+            group = WorkerGroup(index=index, num_workers=cl.num_workers, use_gpu=cl.use_gpu)
+            info = group.setup(spec=spec, batches_ref=batches_ref, timeout_seconds=cl.collective_timeout_seconds)
+            state.info["num_params"] = info["num_params"]
+            state.info.setdefault("groups", {})[str(index)] = info
+            return group
+
+        log(f"starting {cl.num_groups} group(s) x {cl.num_workers} worker(s)")
+        groups = [new_group(i) for i in range(cl.num_groups)]
+        log(f"model loaded: {state.info['num_params']:,} parameters")
+        eps_arg = None if config.hvp.eps == "auto" else float(config.hvp.eps)
+        choice = groups[0].run("calibrate", seed=lz.seed, scheme=config.hvp.scheme, eps=eps_arg)
+        state.hvp_count += choice.pop("hvp_count")
+        state.info["eps"] = choice["eps"]
+        state.info["eps_calibration"] = choice
+        log(choice["message"])
+        if not choice["reliable"]:
+            log("warning: the HVP at this eps is unreliable; results may be dominated by numerical noise")
+        grad_seconds = groups[0].run("gradient_seconds", repeats=3)
+        state.info["timing"] = {"grad_seconds": grad_seconds}
+        state.save_info()
+
+        tasks = deque([("slq", pid) for pid in range(lz.probes)])
+        if config.blocks.enabled:
+            tasks += [("blocks", pid) for pid in range(config.blocks.probes)]
+        total_steps = lz.probes * lz.steps
+        queue = Queue(actor_options={"num_cpus": 0})
+        progress_bar = Progress(total_steps + (config.blocks.probes if config.blocks.enabled else 0))
+
+        def progress(info: dict, queue=queue) -> None:
+            queue.put_nowait(info)
+
+        def submit(group: WorkerGroup, task: tuple[str, int]) -> list:
+            kind, pid = task
+            if kind == "slq":
+                return group.call("run_probe", probe_id=pid, seed=lz.seed, eps=state.info["eps"],
+                                  scheme=config.hvp.scheme, steps=lz.steps, reorth=lz.reorth, window=lz.window,
+                                  vector_dtype=lz.vector_dtype, progress=progress)
+            return group.call("run_blocks", probe_id=pid, seed=lz.seed + BLOCK_SEED_OFFSET, eps=state.info["eps"],
+                              scheme=config.hvp.scheme)
+
+        free = list(groups)
+        inflight: dict[int, tuple[WorkerGroup, tuple[str, int], list]] = {}
+        failures = 0
+        while tasks or inflight:
+            while tasks and free:
+                group, task = free.pop(0), tasks.popleft()
+                inflight[group.index] = (group, task, submit(group, task))
+            all_refs = [r for _, _, refs in inflight.values() for r in refs]
+            ray.wait(all_refs, num_returns=1, timeout=0.5)
+            while True:
+                try:
+                    progress_bar.update(queue.get_nowait())
+                except Empty:
+                    break
+            for index, (group, task, refs) in list(inflight.items()):
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+                try:
+                    for ref in ready:
+                        ray.get(ref)
+                except Exception as err:  # noqa: BLE001 - classified below
+                    del inflight[index]
+                    if not _is_actor_death(err) or failures >= cl.max_failures:
+                        raise
+                    failures += 1
+                    log(f"group {index} lost a worker during {task[0]} probe {task[1]} "
+                        f"({type(err).__name__}); rebuilding it ({failures}/{cl.max_failures})")
+                    group.shutdown()
+                    replacement = new_group(index)
+                    groups[groups.index(group)] = replacement
+                    free.append(replacement)
+                    tasks.appendleft(task)
+                    continue
+                if len(ready) == len(refs):
+                    del inflight[index]
+                    result = ray.get(refs[0])
+                    if task[0] == "slq":
+                        state.add_probe(result)
+                        log(f"probe {task[1]} done: {len(result['alphas'])} steps ({result['stopped']})")
+                    else:
+                        state.add_block_probe(result)
+                        progress_bar.update({"probe_id": task[1], "step": 1, "steps": 1, "hvp_seconds": None})
+                        log(f"block probe {task[1]} done: whole block-diagonal error {result['whole_rel_error']:.3f}")
+                    state.save_info()
+                    free.append(group)
+        state.info["worker_failures_recovered"] = failures
+        state.finish()
+        state.info["status"] = "complete"
+        state.info["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        state.save_info()
+        return state.info
+    except BaseException as err:
+        state.info["status"] = "failed"
+        state.info["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+        try:
+            if state.probes or state.block_probes:
+                state.finish()
+        finally:
+            state.save_info()
+        raise
+    finally:
+        if progress_bar is not None:
+            progress_bar.close()
+        for group in groups:
+            try:
+                group.shutdown()
+            except Exception:  # noqa: BLE001 - best effort at teardown
+                pass
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+__all__ = ["preflight", "run", "draw_plots", "block_summary", "Prepared"]
