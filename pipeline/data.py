@@ -15,26 +15,46 @@ def _load_dataset(path: str):
     import datasets
 
     datasets.disable_progress_bars()
+    if not os.path.exists(path):
+        return _load_hub(path)
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ConfigError(f"data.path {path!r} is empty")
+    try:
+        return _load_local(path)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - datasets raises many types for unreadable files
+        raise ConfigError(f"data.path {path!r} could not be read: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def _load_local(path: str):
+    import datasets
+
     if os.path.isfile(path):
         ext = os.path.splitext(path)[1].lower()
         if ext not in BUILDERS:
             raise ConfigError(f"data.path {path!r}: unsupported file type {ext!r}; use one of {', '.join(BUILDERS)}")
         return datasets.load_dataset(BUILDERS[ext], data_files=path, split="train")
-    if os.path.isdir(path):
-        files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
-                       if os.path.splitext(f)[1].lower() in BUILDERS)
-        if not files:
-            raise ConfigError(f"data.path {path!r}: the folder holds no {', '.join(BUILDERS)} files")
-        kinds = {BUILDERS[os.path.splitext(f)[1].lower()] for f in files}
-        if len(kinds) > 1:
-            raise ConfigError(f"data.path {path!r}: mixed file types {sorted(kinds)}; keep one kind per folder")
-        return datasets.load_dataset(kinds.pop(), data_files=files, split="train")
+    files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
+                   if os.path.splitext(f)[1].lower() in BUILDERS)
+    if not files:
+        raise ConfigError(f"data.path {path!r}: the folder holds no {', '.join(BUILDERS)} files")
+    kinds = {BUILDERS[os.path.splitext(f)[1].lower()] for f in files}
+    if len(kinds) > 1:
+        raise ConfigError(f"data.path {path!r}: mixed file types {sorted(kinds)}; keep one kind per folder")
+    return datasets.load_dataset(kinds.pop(), data_files=files, split="train")
+
+
+def _load_hub(path: str):
+    import datasets
+
     looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.path.splitext(path)[1] in BUILDERS
     if looks_local:
         raise ConfigError(f"data.path {path!r} does not exist (expected a local file or folder, or a hub id)")
     try:
         return datasets.load_dataset(path, split="train")
-    except Exception as e:  # hub ids fail offline with many exception types; the message is what matters
+    except Exception as e:  # noqa: BLE001 - hub ids fail offline with many exception types
         raise ConfigError(f"data.path {path!r} is neither a local file/folder nor a loadable hub dataset: "
                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 

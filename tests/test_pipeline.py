@@ -1,0 +1,124 @@
+"""End to end through Ray on a tiny float64 GPT-NeoX saved as a Hugging Face folder."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import dense_hessian, make_batches
+from pipeline.cli import main
+from pipeline.tables import CONFIG_METADATA_KEY
+from pipeline_fixtures import assets, write_config
+
+LAYOUTS = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1)}  # groups x workers
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    model, data = assets(str(tmp))
+    out = {}
+    for name, (groups, workers) in LAYOUTS.items():
+        config = write_config(str(tmp / f"{name}.yaml"), model=model, data=data, output_dir=str(tmp / name),
+                              cluster={"num_groups": groups, "num_workers": workers},
+                              blocks={"enabled": name == "1x2", "probes": 2})
+        assert main(["run", config]) == 0
+        out[name] = str(tmp / name)
+    # converged extremes: more steps and an eps near the float64 optimum
+    config = write_config(str(tmp / "long.yaml"), model=model, data=data, output_dir=str(tmp / "long"),
+                          hvp={"eps": 1e-5}, lanczos={"steps": 80, "probes": 1})
+    assert main(["run", config]) == 0
+    out["long"] = str(tmp / "long")
+    out["model"], out["data"] = model, data
+    return out
+
+
+def lanczos_table(run_dir):
+    return pq.read_table(os.path.join(run_dir, "lanczos.parquet")).to_pandas().sort_values(["probe_id", "step"])
+
+
+def test_layouts_give_the_same_alpha_beta(runs):
+    reference = lanczos_table(runs["1x1"])
+    assert reference.probe_id.nunique() == 2 and len(reference) == 60
+    for name in ("1x2", "2x1"):
+        other = lanczos_table(runs[name])
+        for col in ("alpha", "beta"):
+            a, b = other[col].to_numpy(), reference[col].to_numpy()
+            assert np.linalg.norm(a - b) / np.linalg.norm(b) <= 1e-10, (name, col)
+
+
+def test_parquet_schemas_and_config_metadata(runs):
+    import pyarrow as pa
+
+    expected = {
+        "lanczos.parquet": {"probe_id": pa.int32(), "step": pa.int32(), "alpha": pa.float64(), "beta": pa.float64()},
+        "ritz.parquet": {"probe_id": pa.int32(), "value": pa.float64(), "weight": pa.float64()},
+        "density.parquet": {"value": pa.float64(), "density": pa.float64()},
+        "blocks.parquet": {"probe_id": pa.int32(), "block": pa.string(), "rel_error": pa.float64(),
+                           "cosine": pa.float64(), "whole_rel_error": pa.float64()},
+    }
+    run_dir = runs["1x2"]
+    info = json.load(open(os.path.join(run_dir, "run.json")))
+    for name, columns in expected.items():
+        schema = pq.read_schema(os.path.join(run_dir, name))
+        for col, tp in columns.items():
+            assert schema.field(col).type == tp, (name, col)
+        assert json.loads(schema.metadata[CONFIG_METADATA_KEY]) == info["config"]
+    ritz = pq.read_table(os.path.join(run_dir, "ritz.parquet")).to_pandas()
+    assert np.allclose(ritz.groupby("probe_id").weight.sum(), 1.0, atol=1e-12)
+    density = pq.read_table(os.path.join(run_dir, "density.parquet")).to_pandas()
+    assert (density.density >= 0).all()
+    assert abs(np.trapezoid(density.density, density.value) - 1) < 1e-9
+    blocks = pq.read_table(os.path.join(run_dir, "blocks.parquet")).to_pandas()
+    assert set(blocks.block) == {"gpt_neox.embed_in", "gpt_neox.layers.0", "gpt_neox.final_layer_norm", "lm_head"}
+
+
+def test_run_json_records_status_summary_and_timing(runs):
+    info = json.load(open(os.path.join(runs["2x1"], "run.json")))
+    assert info["status"] == "complete" and info["num_params"] == 1128 and info["eps"] == 1e-3
+    assert set(info["versions"]) == {"python", "torch", "transformers", "ray"}
+    assert set(info["summary"]) >= {"lambda_max", "lambda_min", "trace", "trace_stderr"}
+    t = info["timing"]
+    assert t["grad_seconds"] > 0 and t["hvp_seconds"] > 0 and t["lanczos_step_seconds"] > 0
+    assert t["hvp_count"] >= 60 and t["total_seconds"] > 0
+
+
+def test_ritz_extremes_match_the_dense_hessian(runs):
+    from actors.model_loading import ModelSpec, load_model
+
+    model = load_model(ModelSpec(path=runs["model"], dtype="float64"))
+    batches = list(make_batches(num_batches=1, batch_size=8, seed=7)[0].reshape(2, 4, -1))
+    eigenvalues = torch.linalg.eigvalsh(dense_hessian(model, batches))
+    summary = json.load(open(os.path.join(runs["long"], "run.json")))["summary"]
+    assert abs(summary["lambda_max"] - float(eigenvalues[-1])) <= 1e-6 * abs(float(eigenvalues[-1]))
+    assert abs(summary["lambda_min"] - float(eigenvalues[0])) <= 1e-4 * abs(float(eigenvalues[0]))
+
+
+def test_plots_are_png_and_plot_show_commands_work(runs, capsys):
+    from PIL import Image
+
+    run_dir = runs["1x2"]
+    for name in ("density.png", "blocks.png"):
+        path = os.path.join(run_dir, name)
+        os.unlink(path)
+    assert main(["plot", run_dir]) == 0
+    for name in ("density.png", "blocks.png"):
+        with Image.open(os.path.join(run_dir, name)) as img:
+            assert img.format == "PNG" and img.size[0] > 300
+    assert main(["show", run_dir]) == 0
+    out = capsys.readouterr().out
+    assert "lambda_max" in out and "whole block-diagonal approximation" in out
+
+
+def test_parquet_readable_by_ray_data(runs):
+    import ray
+
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    try:
+        ds = ray.data.read_parquet(os.path.join(runs["1x1"], "lanczos.parquet"))
+        assert ds.count() == 60
+    finally:
+        ray.shutdown()
