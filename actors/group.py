@@ -39,7 +39,7 @@ class WorkerGroup:
                                timeout_seconds=timeout_seconds) for w in self.workers]
         infos = ray.get(refs)
         return {"num_params": infos[0]["num_params"], "load_seconds": max(i["load_seconds"] for i in infos),
-                "peak_rss_mib_per_rank": [i["peak_rss_mib"] for i in infos]}
+                "peak_rss_mib_per_rank": [i["peak_rss_mib"] for i in infos], "pids": [i["pid"] for i in infos]}
 
     def call(self, method: str, **kwargs) -> list[ray.ObjectRef]:
         """Start ``method`` on every rank (they run collectives together); element 0 is rank 0's result."""
@@ -48,9 +48,6 @@ class WorkerGroup:
     def run(self, method: str, **kwargs) -> Any:
         """``call`` and wait: rank 0's result, or the first rank's error."""
         return ray.get(self.call(method, **kwargs))[0]
-
-    def pids(self) -> list[int]:
-        return ray.get([w.pid.remote() for w in self.workers])
 
     def shutdown(self) -> None:
         for w in self.workers:

@@ -39,9 +39,6 @@ class Worker:
 
         return ray.util.get_node_ip_address(), free_port()
 
-    def pid(self) -> int:
-        return os.getpid()
-
     def setup(self, *, master_addr: str, master_port: int, spec: ModelSpec, batches: torch.Tensor,
               timeout_seconds: float) -> dict:
         """Form the process group, build and shard the model, keep this rank's slice of every batch."""
@@ -61,7 +58,7 @@ class Worker:
         self.space = ParamSpace(model)
         self.dtype = DTYPES[spec.dtype]
         return {"num_params": self.space.numel, "load_seconds": time.perf_counter() - started,
-                "peak_rss_mib": _peak_rss_mib()}
+                "peak_rss_mib": _peak_rss_mib(), "pid": os.getpid()}
 
     def _operator(self, eps: float, scheme: str) -> FiniteDifferenceHVP:
         if self.op is None or self.op.eps != eps or self.op.scheme != scheme:
@@ -115,8 +112,11 @@ class Worker:
                           "hvp_seconds": hvp_seconds[-1]})
 
         v0 = self._probe(seed=seed, probe_id=probe_id, vector_dtype=vector_dtype)
-        result = lanczos(timed_matvec, v0, space=self.space, steps=steps, reorth=reorth, window=window,
-                         vector_dtype=DTYPES[vector_dtype], on_step=on_step)
+        try:
+            result = lanczos(timed_matvec, v0, space=self.space, steps=steps, reorth=reorth, window=window,
+                             vector_dtype=DTYPES[vector_dtype], on_step=on_step)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"probe {probe_id}: {e}") from None
         return {"probe_id": probe_id, "alphas": result.alphas.tolist(), "betas": result.betas.tolist(),
                 "stopped": result.stopped, "hvp_seconds": hvp_seconds, "step_seconds": step_seconds}
 

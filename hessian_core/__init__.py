@@ -12,4 +12,14 @@ from .quadrature import (Density, Extremes, RitzRule, SpectralMeasure, TraceEsti
 from .sharding import is_sharded, reshard, shard_model, transformer_blocks
 from .vectors import ParamSpace, Vector, block_mask, probe_vector
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = [
+    "BlockMetrics", "block_diagonal_metrics", "parameter_blocks",
+    "DEFAULT_EPS", "EpsChoice", "calibrate_eps", "default_eps", "optimal_eps", "predicted_error",
+    "ExactHVPUnavailable", "FiniteDifferenceHVP", "exact_hvp",
+    "LanczosResult", "LanczosState", "lanczos", "lanczos_start", "lanczos_step",
+    "accumulate_gradient", "causal_lm_loss", "evaluate_loss", "float64_rmsnorm",
+    "Density", "Extremes", "RitzRule", "SpectralMeasure", "TraceEstimate", "extreme_eigenvalues", "ritz_rule",
+    "smoothed_density", "trace_estimate", "wasserstein1",
+    "is_sharded", "reshard", "shard_model", "transformer_blocks",
+    "ParamSpace", "Vector", "block_mask", "probe_vector",
+]

@@ -68,7 +68,7 @@ def predicted_error(eps: float, *, eps_mach: float, grad_norm: float, third_deri
 
 def _distance(op: FiniteDifferenceHVP, a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
     diff = [x.clone() for x in a]
-    axpy_(diff, -1.0, b)
+    axpy_(diff, b, alpha=-1.0)
     return op.space.norm(diff)
 
 

@@ -126,7 +126,7 @@ class FiniteDifferenceHVP:
         return float((sums[0] / sums[1]).sqrt()) if sums[1] > 0 else 0.0
 
 
-def exact_hvp(model: torch.nn.Module, batches: Sequence[Tensor], v: Sequence[Tensor]) -> Vector:
+def exact_hvp(model: torch.nn.Module, batches: Sequence[Tensor], *, v: Sequence[Tensor]) -> Vector:
     """Hv by double backward through the math SDPA kernel, for unsharded models only."""
     space = ParamSpace(model)
     if space.sharded:

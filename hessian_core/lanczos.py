@@ -78,15 +78,15 @@ def lanczos_step(state: LanczosState, matvec: Callable[[Vector], Vector], *, spa
     w = matvec(q)
     alpha = float(space.dots([(w, q)])[0])
     _check_finite("alpha", alpha, state.steps_done)
-    axpy_(w, -alpha, q)
+    axpy_(w, q, alpha=-alpha)
     if state.betas:
-        axpy_(w, -state.betas[-1], state.basis[-2])
+        axpy_(w, state.basis[-2], alpha=-state.betas[-1])
     if reorth != "none":
         against = state.basis if reorth == "full" else state.basis[-window:] if window > 0 else []
         if against:
             coeffs = space.dots([(w, b) for b in against])
             for c, b in zip(coeffs.tolist(), against):
-                axpy_(w, -c, b)
+                axpy_(w, b, alpha=-c)
     beta = space.norm(w)
     _check_finite("beta", beta, state.steps_done)
     state.alphas.append(alpha)

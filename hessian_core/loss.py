@@ -42,7 +42,7 @@ def accumulate_gradient(model: torch.nn.Module, batches: Sequence[Tensor]) -> Te
     return total
 
 
-def evaluate_loss(model: torch.nn.Module, batches: Sequence[Tensor], space: ParamSpace) -> float:
+def evaluate_loss(model: torch.nn.Module, batches: Sequence[Tensor], *, space: ParamSpace) -> float:
     """The global analysis loss without gradients (resharding an FSDP2 root that a bare forward leaves gathered)."""
     with torch.no_grad():
         local = sum(float(causal_lm_loss(model, b).double()) for b in batches) / len(batches)

@@ -121,10 +121,10 @@ def extreme_eigenvalues(rules: Sequence[RitzRule]) -> Extremes:
     return Extremes(float(top[0]), float(top[1]), float(bottom[0]), float(bottom[1]))
 
 
-def wasserstein1(values_a: np.ndarray, weights_a: np.ndarray, values_b: np.ndarray, weights_b: np.ndarray) -> float:
-    """W1 between two discrete measures on the line: the integral of |F_a - F_b|."""
-    va, wa = np.asarray(values_a, np.float64), np.asarray(weights_a, np.float64)
-    vb, wb = np.asarray(values_b, np.float64), np.asarray(weights_b, np.float64)
+def wasserstein1(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
+    """W1 between two discrete measures on the line, each (values, weights): the integral of |F_a - F_b|."""
+    va, wa = np.asarray(a[0], np.float64), np.asarray(a[1], np.float64)
+    vb, wb = np.asarray(b[0], np.float64), np.asarray(b[1], np.float64)
     wa, wb = wa / wa.sum(), wb / wb.sum()
     points = np.concatenate([va, vb])
     order = np.argsort(points, kind="stable")

@@ -141,7 +141,7 @@ def cast(x: Sequence[Tensor], dtype: torch.dtype) -> Vector:
     return [t if t.dtype == dtype else t.to(dtype) for t in x]
 
 
-def axpy_(y: Vector, alpha: float, x: Sequence[Tensor]) -> None:
+def axpy_(y: Vector, x: Sequence[Tensor], *, alpha: float) -> None:
     """y += alpha * x in place, casting x to y's dtype where they differ."""
     torch._foreach_add_(y, cast(x, y[0].dtype), alpha=alpha)
 

@@ -233,8 +233,8 @@ class Run:
             ritz["value"] += rule.values.tolist()
             ritz["weight"] += rule.weights.tolist()
             ritz["residual"] += rule.residuals.tolist()
-        write_table(self.path("lanczos.parquet"), cols, LANCZOS_SCHEMA, config_json=self.config_json)
-        write_table(self.path("ritz.parquet"), ritz, RITZ_SCHEMA, config_json=self.config_json)
+        write_table(self.path("lanczos.parquet"), cols, schema=LANCZOS_SCHEMA, config_json=self.config_json)
+        write_table(self.path("ritz.parquet"), ritz, schema=RITZ_SCHEMA, config_json=self.config_json)
 
     def write_block_table(self) -> None:
         cols = {"probe_id": [], "block": [], "rel_error": [], "cosine": [], "whole_rel_error": []}
@@ -246,7 +246,7 @@ class Run:
             cols["rel_error"] += res["rel_error"]
             cols["cosine"] += res["cosine"]
             cols["whole_rel_error"] += [res["whole_rel_error"]] * n
-        write_table(self.path("blocks.parquet"), cols, BLOCKS_SCHEMA, config_json=self.config_json)
+        write_table(self.path("blocks.parquet"), cols, schema=BLOCKS_SCHEMA, config_json=self.config_json)
 
     def finish(self) -> None:
         """Summary, density table and plots from what the probes produced."""
@@ -265,7 +265,7 @@ class Run:
                 dens = smoothed_density(measure, grid_size=self.config.density.grid_size)
                 self.info["density"] = {"sigma": dens.sigma, "sigma_rule": f"{SIGMA_FRACTION} * (max - min Ritz value)"}
                 write_table(self.path("density.parquet"), {"value": dens.grid, "density": dens.density},
-                            DENSITY_SCHEMA, config_json=self.config_json)
+                            schema=DENSITY_SCHEMA, config_json=self.config_json)
         if self.block_probes:
             self.info["blocks"] = block_summary(read_table(self.path("blocks.parquet")).to_pandas())
         draw_plots(self.out)
@@ -291,8 +291,8 @@ def draw_plots(run_dir: str) -> list[str]:
     if os.path.exists(density_path):
         dens = read_table(density_path).to_pandas()
         ritz = read_table(os.path.join(run_dir, "ritz.parquet")).to_pandas()
-        plot_density(os.path.join(run_dir, "density.png"), dens.value.to_numpy(), dens.density.to_numpy(),
-                     ritz.value.to_numpy(), title=f"Hessian spectral density ({ritz.probe_id.nunique()} probes)")
+        plot_density(os.path.join(run_dir, "density.png"), grid=dens.value.to_numpy(),
+                     density=dens.density.to_numpy(), ritz_values=ritz.value.to_numpy(), title=f"Hessian spectral density ({ritz.probe_id.nunique()} probes)")
         written.append("density.png")
     blocks_path = os.path.join(run_dir, "blocks.parquet")
     if os.path.exists(blocks_path):
@@ -300,7 +300,7 @@ def draw_plots(run_dir: str) -> list[str]:
         names = list(dict.fromkeys(df.block))
         rel = df.pivot(index="probe_id", columns="block", values="rel_error")[names].to_numpy()
         cos = df.pivot(index="probe_id", columns="block", values="cosine")[names].to_numpy()
-        plot_blocks(os.path.join(run_dir, "blocks.png"), names, rel, cos,
+        plot_blocks(os.path.join(run_dir, "blocks.png"), blocks=names, rel_error=rel, cosine=cos,
                     title="Block-diagonal approximation: per-block error of H v")
         written.append("blocks.png")
     return written

@@ -16,7 +16,7 @@ def _pyplot():
     return plt
 
 
-def plot_density(path: str, grid: np.ndarray, density: np.ndarray, ritz_values: np.ndarray, *, title: str) -> None:
+def plot_density(path: str, *, grid: np.ndarray, density: np.ndarray, ritz_values: np.ndarray, title: str) -> None:
     """Linear and log density panels, with the Ritz values as a rug."""
     plt = _pyplot()
     fig, (lin, log) = plt.subplots(1, 2, figsize=(11, 4))
@@ -36,7 +36,7 @@ def plot_density(path: str, grid: np.ndarray, density: np.ndarray, ritz_values: 
     plt.close(fig)
 
 
-def plot_blocks(path: str, blocks: list[str], rel_error: np.ndarray, cosine: np.ndarray, *, title: str) -> None:
+def plot_blocks(path: str, *, blocks: list[str], rel_error: np.ndarray, cosine: np.ndarray, title: str) -> None:
     """Per-block relative error and cosine (rows: probes), as mean with a +-std bar."""
     plt = _pyplot()
     x = np.arange(len(blocks))

@@ -49,7 +49,7 @@ def write_json(path: str, obj: dict) -> None:
     atomic_write(path, write)
 
 
-def write_table(path: str, columns: dict, schema: pa.Schema, *, config_json: str) -> None:
+def write_table(path: str, columns: dict, *, schema: pa.Schema, config_json: str) -> None:
     table = pa.table(columns, schema=schema.with_metadata({CONFIG_METADATA_KEY: config_json.encode()}))
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 

@@ -27,7 +27,7 @@ def test_fd_hvp_matches_dense_hessian_float64(tiny_f64, case):
 def test_exact_hvp_matches_dense_hessian(tiny_f64):
     _, model, batches, hessian = tiny_f64
     v = probe(model)
-    assert rel(flatten(exact_hvp(model, batches, v)), hessian @ flatten(v)) <= 1e-12
+    assert rel(flatten(exact_hvp(model, batches, v=v)), hessian @ flatten(v)) <= 1e-12
 
 
 def test_fd_hvp_float32_at_auto_eps(tiny_f64):
@@ -76,7 +76,7 @@ def test_exact_hvp_refuses_flash_attention_in_one_line():
     model = make_tiny_model("llama", train_steps=0)
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ExactHVPUnavailable) as info:
-        exact_hvp(model, make_batches(), probe(model))
+        exact_hvp(model, make_batches(), v=probe(model))
     assert "\n" not in str(info.value) and "flash_attention_2" in str(info.value)
 
 

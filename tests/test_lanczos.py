@@ -76,7 +76,7 @@ def test_slq_density_is_within_1_percent_wasserstein_of_the_spectrum(name):
         rules.append(ritz_rule(result.alphas, result.betas))
     measure = SpectralMeasure.from_rules(rules)
     exact = np.linalg.eigvalsh(matrix.numpy())
-    distance = wasserstein1(measure.values, measure.weights, exact, np.full(n, 1.0 / n))
+    distance = wasserstein1((measure.values, measure.weights), (exact, np.full(n, 1.0 / n)))
     assert distance <= 0.01 * (exact[-1] - exact[0])
     trace = trace_estimate(rules, dimension=n)
     assert abs(trace.trace - exact.sum()) <= 4 * trace.stderr + 1e-9 * abs(exact).sum()
@@ -137,7 +137,7 @@ def test_density_integrates_to_one_and_is_never_negative():
 
 
 def test_wasserstein1_of_known_measures():
-    assert wasserstein1(np.array([0.0]), np.array([1.0]), np.array([3.0]), np.array([1.0])) == pytest.approx(3.0)
-    a = wasserstein1(np.array([0.0, 1.0]), np.array([0.5, 0.5]), np.array([0.0, 2.0]), np.array([0.5, 0.5]))
+    assert wasserstein1((np.array([0.0]), np.array([1.0])), (np.array([3.0]), np.array([1.0]))) == pytest.approx(3.0)
+    a = wasserstein1((np.array([0.0, 1.0]), np.array([0.5, 0.5])), (np.array([0.0, 2.0]), np.array([0.5, 0.5])))
     assert a == pytest.approx(0.5)
-    assert wasserstein1(np.array([1.0, 2.0]), np.array([1, 3.0]), np.array([2.0, 1.0]), np.array([3, 1.0])) == 0.0
+    assert wasserstein1((np.array([1.0, 2.0]), np.array([1, 3.0])), (np.array([2.0, 1.0]), np.array([3, 1.0]))) == 0.0

@@ -122,3 +122,21 @@ def test_parquet_readable_by_ray_data(runs):
         assert ds.count() == 60
     finally:
         ray.shutdown()
+
+
+def test_nan_in_the_weights_fails_the_run_naming_probe_and_step(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from pipeline_fixtures import assets
+
+    model, data = assets(str(tmp_path))
+    weights = os.path.join(model, "model.safetensors")
+    tensors = load_file(weights)
+    tensors["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"][0, 0] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    config = write_config(str(tmp_path / "nan.yaml"), model=model, data=data, output_dir=str(tmp_path / "out"))
+    assert main(["run", config]) == 1
+    err = capsys.readouterr().err
+    assert "probe 0" in err and "step 0" in err and "nan" in err
+    info = json.load(open(tmp_path / "out" / "run.json"))
+    assert info["status"] == "failed" and "probe 0" in info["error"]
