@@ -128,13 +128,15 @@ class ParamSpace:
 
 def local_dot(x: Sequence[Tensor], y: Sequence[Tensor]) -> Tensor:
     """This rank's partial sum of <x, y>, accumulated in float64 per tensor (float32 products for low precision)."""
-    total = torch.zeros((), dtype=torch.float64)
+    partials = []
     for a, b in zip(x, y, strict=True):
         if a.numel() == 0:
             continue
         compute = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
-        total += torch.dot(a.reshape(-1).to(compute), b.reshape(-1).to(compute)).double().cpu()
-    return total
+        partials.append(torch.dot(a.reshape(-1).to(compute), b.reshape(-1).to(compute)).double())
+    if not partials:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack(partials).sum().cpu()  # one device sync per inner product, not one per parameter
 
 
 def cast(x: Sequence[Tensor], dtype: torch.dtype) -> Vector:
