@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import make_batches, make_tiny_model
-from hessian_core import (FiniteDifferenceHVP, ParamSpace, block_diagonal_metrics, lanczos, parameter_blocks,
+from hessian_core import (ExactHVPUnavailable, FiniteDifferenceHVP, exact_hvp, ParamSpace, block_diagonal_metrics, lanczos, parameter_blocks,
                           probe_vector, shard_model)
 
 
@@ -42,6 +42,12 @@ def run_rank(rank: int, world: int, port: int, arch: str, out_dir: str, steps: i
         model = make_tiny_model(arch)
         batches = [b[rank::world] for b in make_batches(num_batches=2, batch_size=2 * world, seed=7)]
         shard_model(model, mesh=init_device_mesh("cpu", (world,)))
-        torch.save(compute(model, batches, steps=steps), f"{out_dir}/rank{rank}.pt")
+        result = compute(model, batches, steps=steps)
+        try:
+            exact_hvp(model, batches, v=[torch.zeros_like(t) for t in ParamSpace(model).local_params()])
+            result["exact_refusal"] = None
+        except ExactHVPUnavailable as e:
+            result["exact_refusal"] = str(e)
+        torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

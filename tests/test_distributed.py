@@ -43,6 +43,8 @@ def test_two_rank_fsdp2_matches_single_process(arch, tmp_path):
         return float((a - b).norm() / b.norm())
 
     assert all(r["restored"] for r in ranks) and single["restored"]
+    for r in ranks:  # the exact HVP refuses a sharded model in one line instead of failing inside torch
+        assert r["exact_refusal"] and "unsharded" in r["exact_refusal"] and "\n" not in r["exact_refusal"]
     assert torch.equal(sharded["v"], torch.cat(single["v"]))  # the same probe whatever the sharding
     assert rel(sharded["hv"], torch.cat(single["hv"])) <= 1e-10
     for r in ranks:
