@@ -57,10 +57,6 @@ class FiniteDifferenceHVP:
         self._backup: Vector | None = None
         self.calls = 0
 
-    @property
-    def gradient_passes(self) -> int:
-        return len(STENCILS[self.scheme][0])
-
     def _save(self, params: Vector) -> Vector:
         if self._backup is None:
             self._backup = [t.clone() for t in params]
@@ -69,8 +65,10 @@ class FiniteDifferenceHVP:
         return self._backup
 
     @torch.no_grad()
-    def _set_params(self, params: Vector, backup: Vector, v: Sequence[Tensor | None], step: float) -> None:
-        torch._foreach_copy_(params, backup)
+    def _set_params(self, params: Vector, backup: Vector, v: Sequence[Tensor | None], step: float, *,
+                    at_backup: bool) -> None:
+        if not at_backup:
+            torch._foreach_copy_(params, backup)
         idx = [i for i, t in enumerate(v) if t is not None]
         if idx and step != 0.0:
             torch._foreach_add_([params[i] for i in idx], [v[i].to(params[i].dtype) for i in idx], alpha=step)
@@ -84,8 +82,8 @@ class FiniteDifferenceHVP:
             backup = self._save(params)
         out: Vector | None = None
         try:
-            for coeff, step in stencil:
-                self._set_params(params, backup, v, step * self.eps)
+            for k, (coeff, step) in enumerate(stencil):
+                self._set_params(params, backup, v, step * self.eps, at_backup=k == 0)
                 accumulate_gradient(self.model, self.batches)
                 grads = self.space.local_grads()
                 with torch.no_grad():

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import make_batches, make_tiny_model
-from hessian_core import (ExactHVPUnavailable, FiniteDifferenceHVP, exact_hvp, ParamSpace, block_diagonal_metrics, lanczos, parameter_blocks,
+from hessian_core import (ExactHVPUnavailable, FiniteDifferenceHVP, evaluate_loss, exact_hvp, ParamSpace, block_diagonal_metrics, lanczos, parameter_blocks,
                           probe_vector, shard_model)
 
 
@@ -18,6 +18,8 @@ def compute(model, batches, *, steps: int) -> dict:
     # a larger step than the accuracy optimum: both runs share its truncation error, and the summation-order
     # differences between one process and two ranks are divided by 2 eps
     op = FiniteDifferenceHVP(model, batches, eps=1e-3, space=space)
+    # a forward without backward first: FSDP2 would leave the root gathered and hide the in-place perturbation
+    loss = evaluate_loss(model, batches, space=space)
     before = [t.clone() for t in space.local_params()]
     hv = op.matvec(v)
     restored = all(torch.equal(a, b) for a, b in zip(before, space.local_params()))
@@ -27,7 +29,7 @@ def compute(model, batches, *, steps: int) -> dict:
         "shards": [(s.name, s.flat_start) for s in space.shards],
         "v": [t.detach().reshape(-1).clone() for t in v],
         "hv": [t.detach().reshape(-1).clone() for t in hv],
-        "alphas": result.alphas, "betas": result.betas, "restored": restored,
+        "loss": loss, "alphas": result.alphas, "betas": result.betas, "restored": restored,
         "blocks": (blocks.blocks, blocks.rel_error, blocks.cosine, blocks.whole_rel_error),
     }
 

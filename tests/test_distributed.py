@@ -47,6 +47,7 @@ def test_two_rank_fsdp2_matches_single_process(arch, tmp_path):
         assert r["exact_refusal"] and "unsharded" in r["exact_refusal"] and "\n" not in r["exact_refusal"]
     assert torch.equal(sharded["v"], torch.cat(single["v"]))  # the same probe whatever the sharding
     assert rel(sharded["hv"], torch.cat(single["hv"])) <= 1e-10
+    assert all(abs(r["loss"] - single["loss"]) <= 1e-12 * abs(single["loss"]) for r in ranks)
     for r in ranks:
         assert rel(r["alphas"], single["alphas"]) <= 1e-10
         assert rel(r["betas"], single["betas"]) <= 1e-10
