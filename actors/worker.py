@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from hessian_core import (FiniteDifferenceHVP, ParamSpace, block_diagonal_metrics, calibrate_eps, lanczos,
+from hessian_core import (FiniteDifferenceHVP, accumulate_gradient, ParamSpace, block_diagonal_metrics, calibrate_eps, lanczos,
                           parameter_blocks, probe_vector, shard_model)
 
 from .model_loading import DTYPES, ModelSpec, load_model
@@ -76,14 +76,14 @@ class Worker:
 
     def gradient_seconds(self, *, repeats: int) -> float:
         """Median wall time of one full gradient over this group's analysis set."""
-        op = self._operator(1.0, "central")
         times = []
         for _ in range(repeats + 1):  # the first is warm-up
             self._sync()
             t = time.perf_counter()
-            op.gradient()
+            accumulate_gradient(self.model, self.batches)
             self._sync()
             times.append(time.perf_counter() - t)
+            self.model.zero_grad(set_to_none=True)
         return statistics.median(times[1:])
 
     def run_probe(self, *, probe_id: int, seed: int, eps: float, scheme: str, steps: int, reorth: str, window: int,

@@ -11,6 +11,12 @@ from .config import ConfigError, DataConfig
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 
+def looks_local(path: str) -> bool:
+    """A path meant as a local file or folder rather than a hub id ("org/name" or "name")."""
+    return (os.path.exists(path) or path.startswith(("/", ".", "~")) or path.count("/") > 1
+            or os.path.splitext(path)[1] in BUILDERS)
+
+
 def _load_dataset(path: str):
     import datasets
 
@@ -49,8 +55,7 @@ def _load_local(path: str):
 def _load_hub(path: str):
     import datasets
 
-    looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.path.splitext(path)[1] in BUILDERS
-    if looks_local:
+    if looks_local(path):
         raise ConfigError(f"data.path {path!r} does not exist (expected a local file or folder, or a hub id)")
     try:
         return datasets.load_dataset(path, split="train")

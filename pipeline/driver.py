@@ -20,7 +20,7 @@ from hessian_core.quadrature import SIGMA_FRACTION
 
 from . import demo
 from .config import ConfigError, RunConfig
-from .data import analysis_batches, load_sequences
+from .data import analysis_batches, load_sequences, looks_local
 from .tables import (BLOCKS_SCHEMA, DENSITY_SCHEMA, LANCZOS_SCHEMA, RITZ_SCHEMA, read_table, write_json,
                      write_table)
 
@@ -38,10 +38,6 @@ class Prepared:
 
 def log(msg: str) -> None:
     print(f"[hessian-spectrum] {msg}", file=sys.stderr, flush=True)
-
-
-def _looks_local(path: str) -> bool:
-    return path.startswith(("/", ".", "~")) or os.path.exists(path) or path.count("/") > 1
 
 
 def _check_output_dir(config: RunConfig, *, fresh: bool) -> None:
@@ -81,7 +77,7 @@ def preflight(config: RunConfig, *, fresh: bool = False) -> Prepared:
         demo_model, demo_data = demo.ensure_demo(log)
         model_path = demo_model if model_path == demo.DEMO else model_path
         data_path = demo_data if data_path == demo.DEMO else data_path
-    if model_path and _looks_local(model_path):
+    if model_path and looks_local(model_path):
         if not os.path.isdir(model_path):
             raise ConfigError(f"model.path {model_path!r} does not exist (expected a local model folder or hub id)")
         if not os.path.exists(os.path.join(model_path, "config.json")):

@@ -1,19 +1,13 @@
 """FSDP2 over 2 gloo ranks gives the same probes, HVPs, Lanczos coefficients and block metrics as one process."""
 
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from actors.worker import free_port
 from conftest import make_batches, make_tiny_model
 from dist_worker import compute, run_rank
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def assemble(rank_results, name_sizes):

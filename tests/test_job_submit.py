@@ -2,16 +2,10 @@
 
 import json
 import os
-import socket
 import subprocess
 
+from actors.worker import free_port
 from pipeline_fixtures import assets, write_config
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ray_job_submit_runs_the_cli(tmp_path):
