@@ -16,7 +16,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from hessian_core import (FiniteDifferenceHVP, accumulate_gradient, ParamSpace, block_diagonal_metrics, calibrate_eps, lanczos,
+from hessian_core import (FiniteDifferenceHVP, accumulate_gradient, latest_complete_step, load_lanczos_state,
+                          save_lanczos_state, ParamSpace, block_diagonal_metrics, calibrate_eps, lanczos,
                           parameter_blocks, probe_vector, shard_model)
 
 from .model_loading import DTYPES, ModelSpec, load_model
@@ -87,8 +88,10 @@ class Worker:
         return statistics.median(times[1:])
 
     def run_probe(self, *, probe_id: int, seed: int, eps: float, scheme: str, steps: int, reorth: str, window: int,
-                  vector_dtype: str, progress: Callable[[dict], None] | None = None) -> dict:
-        """One probe's whole Lanczos run; returns alpha, beta and per-step timings."""
+                  vector_dtype: str, checkpoint_dir: str | None = None, checkpoint_every: int = 0,
+                  checkpoint_meta: dict | None = None, progress: Callable[[dict], None] | None = None) -> dict:
+        """One probe's whole Lanczos run, continued from its newest complete checkpoint when there is one
+        whose metadata matches; returns alpha, beta, per-step timings of this call and the step resumed at."""
         op = self._operator(eps, scheme)
         hvp_seconds: list[float] = []
         step_seconds: list[float] = []
@@ -107,18 +110,29 @@ class Worker:
             now = time.perf_counter()
             step_seconds.append(now - last[0])
             last[0] = now
+            if (checkpoint_dir and checkpoint_every > 0 and state.steps_done % checkpoint_every == 0
+                    and state.steps_done < steps and not state.stopped):
+                save_lanczos_state(state, folder=checkpoint_dir, rank=self.rank, group=self.space.group,
+                                   meta=meta)
             if progress is not None and self.rank == 0:
                 progress({"probe_id": probe_id, "step": state.steps_done, "steps": steps,
                           "hvp_seconds": hvp_seconds[-1]})
 
-        v0 = self._probe(seed=seed, probe_id=probe_id, vector_dtype=vector_dtype)
+        meta = {**(checkpoint_meta or {}), "probe_id": probe_id, "eps": eps, "world_size": self.world_size}
+        state, resumed_at = None, 0
+        found = latest_complete_step(checkpoint_dir) if checkpoint_dir else None
+        if found is not None and {k: found[1].get(k) for k in meta} == meta:
+            resumed_at = found[0]
+            state = load_lanczos_state(checkpoint_dir, step=resumed_at, rank=self.rank, device=self.device)
+        v0 = None if state is not None else self._probe(seed=seed, probe_id=probe_id, vector_dtype=vector_dtype)
         try:
             result = lanczos(timed_matvec, v0, space=self.space, steps=steps, reorth=reorth, window=window,
-                             vector_dtype=DTYPES[vector_dtype], on_step=on_step)
+                             vector_dtype=DTYPES[vector_dtype], state=state, on_step=on_step)
         except FloatingPointError as e:
             raise FloatingPointError(f"probe {probe_id}: {e}") from None
         return {"probe_id": probe_id, "alphas": result.alphas.tolist(), "betas": result.betas.tolist(),
-                "stopped": result.stopped, "hvp_seconds": hvp_seconds, "step_seconds": step_seconds}
+                "stopped": result.stopped, "hvp_seconds": hvp_seconds, "step_seconds": step_seconds,
+                "resumed_at_step": resumed_at}
 
     def run_blocks(self, *, probe_id: int, seed: int, eps: float, scheme: str,
                    progress: Callable[[dict], None] | None = None) -> dict:

@@ -2,6 +2,7 @@
 Lanczos / stochastic Lanczos quadrature, spectra and block-diagonal analysis. Pure PyTorch; never imports Ray."""
 
 from .blocks import BlockMetrics, block_diagonal_metrics, parameter_blocks
+from .checkpoint import latest_complete_step, load_lanczos_state, save_lanczos_state
 from .eps import DEFAULT_EPS, EpsChoice, calibrate_eps, default_eps, optimal_eps, predicted_error
 from .hvp import ExactHVPUnavailable, FiniteDifferenceHVP, exact_hvp
 from .lanczos import LanczosResult, LanczosState, lanczos, lanczos_start, lanczos_step
@@ -14,6 +15,7 @@ from .vectors import ParamSpace, Vector, block_mask, probe_vector
 
 __all__ = [
     "BlockMetrics", "block_diagonal_metrics", "parameter_blocks",
+    "latest_complete_step", "load_lanczos_state", "save_lanczos_state",
     "DEFAULT_EPS", "EpsChoice", "calibrate_eps", "default_eps", "optimal_eps", "predicted_error",
     "ExactHVPUnavailable", "FiniteDifferenceHVP", "exact_hvp",
     "LanczosResult", "LanczosState", "lanczos", "lanczos_start", "lanczos_step",

@@ -108,15 +108,19 @@ def _check_finite(name: str, value: float, step: int) -> None:
         raise FloatingPointError(f"Lanczos step {step}: {name} is {value} (non-finite HVP or loss)")
 
 
-def lanczos(matvec: Callable[[Vector], Vector], v0: Sequence[Tensor], *, space: ParamSpace, steps: int,
+def lanczos(matvec: Callable[[Vector], Vector], v0: Sequence[Tensor] | None, *, space: ParamSpace, steps: int,
             reorth: str = "window", window: int = 8, vector_dtype: torch.dtype = torch.float32, tol: float = 1e-10,
             state: LanczosState | None = None,
             on_step: Callable[[LanczosState], None] | None = None) -> LanczosResult:
-    """Run ``steps`` Lanczos steps from v0 (or continue ``state``); stops early at an invariant subspace."""
+    """Run ``steps`` Lanczos steps from v0, or continue ``state`` (then v0 may be None) up to ``steps`` in all;
+    stops early at an invariant subspace."""
     _check_options(reorth, window)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    state = state or lanczos_start(v0, space=space, vector_dtype=vector_dtype)
+    if state is None:
+        if v0 is None:
+            raise ValueError("lanczos needs a start vector v0 or a state to continue")
+        state = lanczos_start(v0, space=space, vector_dtype=vector_dtype)
     while state.steps_done < steps and not state.stopped:
         lanczos_step(state, matvec, space=space, reorth=reorth, window=window, tol=tol)
         if on_step is not None:

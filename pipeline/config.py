@@ -81,6 +81,11 @@ class BlocksConfig:
 
 
 @dataclass(kw_only=True)
+class CheckpointConfig:
+    every: int = 1  # save each probe's Lanczos state every this many steps (0: never)
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -89,6 +94,7 @@ class RunConfig:
     lanczos: LanczosConfig = field(default_factory=LanczosConfig)
     density: DensityConfig = field(default_factory=DensityConfig)
     blocks: BlocksConfig = field(default_factory=BlocksConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output_dir: str = "runs/latest"
 
     def to_dict(self) -> dict:
@@ -97,10 +103,16 @@ class RunConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
+    def digest(self) -> str:
+        """Identifies the config in checkpoints: a checkpoint is only resumed under the same config."""
+        import hashlib
+
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
 
 POSITIVE = ["data.seq_len", "data.batch_size", "data.num_batches", "cluster.num_workers", "cluster.num_groups",
             "lanczos.steps", "lanczos.probes", "blocks.probes", "density.grid_size"]
-NON_NEGATIVE = ["lanczos.window", "cluster.max_failures"]
+NON_NEGATIVE = ["lanczos.window", "cluster.max_failures", "checkpoint.every"]
 
 
 def _type_name(tp) -> str:

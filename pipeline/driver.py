@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import sys
@@ -15,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from hessian_core import (SpectralMeasure, extreme_eigenvalues, ritz_rule, smoothed_density, trace_estimate)
+from hessian_core import (SpectralMeasure, extreme_eigenvalues, latest_complete_step, ritz_rule, smoothed_density,
+                          trace_estimate)
 from hessian_core.quadrature import SIGMA_FRACTION
 
 from . import demo
@@ -26,6 +29,7 @@ from .tables import (BLOCKS_SCHEMA, DENSITY_SCHEMA, LANCZOS_SCHEMA, RITZ_SCHEMA,
 
 OUTPUT_FILES = ("run.json", "lanczos.parquet", "ritz.parquet", "density.parquet", "blocks.parquet",
                 "density.png", "blocks.png")
+CHECKPOINTS = "checkpoints"
 BLOCK_SEED_OFFSET = 1_000_003  # block probes are Gaussian and drawn from their own seed stream
 
 
@@ -50,6 +54,9 @@ def _check_output_dir(config: RunConfig, *, fresh: bool) -> None:
         os.unlink(probe)
     except OSError as e:
         raise ConfigError(f"output_dir {out!r} cannot be written: {e.strerror or e}") from None
+    for name in os.listdir(out):  # temporaries of writes that a crash interrupted
+        if name.startswith(".") and name.endswith(".tmp"):
+            os.unlink(os.path.join(out, name))
     existing = os.path.join(out, "run.json")
     if os.path.exists(existing) and not fresh:
         import json
@@ -67,6 +74,7 @@ def _check_output_dir(config: RunConfig, *, fresh: bool) -> None:
             path = os.path.join(out, name)
             if os.path.exists(path):
                 os.unlink(path)
+        shutil.rmtree(os.path.join(out, CHECKPOINTS), ignore_errors=True)
 
 
 def preflight(config: RunConfig, *, fresh: bool = False) -> Prepared:
@@ -98,6 +106,7 @@ def preflight(config: RunConfig, *, fresh: bool = False) -> Prepared:
     if vocab is not None and int(batches.max()) >= vocab:
         raise ConfigError(f"data.path {data.path!r} has token id {int(batches.max())} but the model's vocab_size is "
                           f"{vocab}; the data was tokenized for another model")
+    _check_address(config.cluster.address)
     _check_output_dir(config, fresh=fresh)
     return Prepared(config, model_path, batches)
 
@@ -113,6 +122,19 @@ def _vocab_size(config: RunConfig, model_path: str | None) -> int | None:
     return (config.model.config or {}).get("vocab_size")
 
 
+def _check_address(address: str | None) -> None:
+    """Refuse a ray://host:port or host:port nobody listens on within seconds (Ray itself retries for long)."""
+    if address is None or address == "auto":
+        return
+    target = address[len("ray://"):] if address.startswith("ray://") else address
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host or target, int(port) if host else 10001), timeout=10).close()
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cluster.address {address!r} is unreachable ({e}); use null for a local Ray, 'auto', "
+                          f"host:port of a running head node, or ray://host:port of its client server") from None
+
+
 def _connect_ray(config: RunConfig) -> None:
     import ray
 
@@ -122,13 +144,6 @@ def _connect_ray(config: RunConfig) -> None:
         ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, logging_level="ERROR",
                  configure_logging=True)
         return
-    if address and address.startswith("ray://"):
-        host, _, port = address[len("ray://"):].partition(":")
-        try:
-            socket.create_connection((host, int(port or 10001)), timeout=10).close()
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"cluster.address {address!r} is unreachable ({e}); "
-                              f"use null for a local Ray, 'auto', or ray://host:port of a running cluster") from None
     try:
         ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level="ERROR")
     except (ConnectionError, RuntimeError) as e:
@@ -187,9 +202,41 @@ class Run:
         self.hvp_seconds: list[float] = []
         self.step_seconds: list[float] = []
         self.hvp_count = 0
+        self.previous: dict = {}
+        self._load_previous()
 
     def path(self, name: str) -> str:
         return os.path.join(self.out, name)
+
+    def checkpoint_dir(self, probe_id: int) -> str:
+        return os.path.abspath(self.path(os.path.join(CHECKPOINTS, f"probe-{probe_id:05d}")))
+
+    def _load_previous(self) -> None:
+        """What an earlier invocation on this output_dir (same config, checked in preflight) finished."""
+        if os.path.exists(self.path("run.json")):
+            with open(self.path("run.json")) as f:
+                self.previous = json.load(f)
+        if os.path.exists(self.path("lanczos.parquet")):
+            df = read_table(self.path("lanczos.parquet")).to_pandas().sort_values(["probe_id", "step"])
+            for pid, rows in df.groupby("probe_id"):
+                self.probes[int(pid)] = {"probe_id": int(pid), "alphas": rows.alpha.tolist(),
+                                         "betas": rows.beta.tolist(), "hvp_seconds": [], "step_seconds": []}
+        if os.path.exists(self.path("blocks.parquet")):
+            df = read_table(self.path("blocks.parquet")).to_pandas()
+            for pid, rows in df.groupby("probe_id", sort=True):
+                self.block_probes[int(pid)] = {"probe_id": int(pid), "blocks": rows.block.tolist(),
+                                               "rel_error": rows.rel_error.tolist(), "cosine": rows.cosine.tolist(),
+                                               "whole_rel_error": float(rows.whole_rel_error.iloc[0])}
+        checkpoints = {}
+        for pid in range(self.config.lanczos.probes):
+            found = latest_complete_step(self.checkpoint_dir(pid))
+            if found is not None and pid not in self.probes:
+                checkpoints[pid] = found[0]
+        if self.probes or self.block_probes or checkpoints:
+            self.info["resumed"] = True
+            self.info["resumed_from"] = {"finished_probes": sorted(self.probes),
+                                         "finished_block_probes": sorted(self.block_probes),
+                                         "checkpoint_steps": {str(k): v for k, v in checkpoints.items()}}
 
     def save_info(self) -> None:
         self.info["timing"] = {
@@ -207,6 +254,8 @@ class Run:
         self.step_seconds += result["step_seconds"]
         self.hvp_count += len(result["hvp_seconds"])
         self.write_lanczos_tables()
+        # the probe is now final rows of the tables: its checkpoint is no longer needed
+        shutil.rmtree(self.checkpoint_dir(result["probe_id"]), ignore_errors=True)
 
     def add_block_probe(self, result: dict) -> None:
         self.block_probes[result["probe_id"]] = result
@@ -343,9 +392,14 @@ def run(prepared: Prepared) -> dict:
         log(f"starting {cl.num_groups} group(s) x {cl.num_workers} worker(s)")
         groups = [new_group(i) for i in range(cl.num_groups)]
         log(f"model loaded: {state.info['num_params']:,} parameters")
-        eps_arg = None if config.hvp.eps == "auto" else float(config.hvp.eps)
-        choice = groups[0].run("calibrate", seed=lz.seed, scheme=config.hvp.scheme, eps=eps_arg)
-        state.hvp_count += choice.pop("hvp_count")
+        if state.info["resumed"] and state.previous.get("eps_calibration"):
+            choice = state.previous["eps_calibration"]  # checkpoints were taken with this eps
+            log(f"resuming: {len(state.probes)} probe(s) finished, checkpoints at "
+                f"{state.info['resumed_from']['checkpoint_steps'] or 'none'}; eps from the earlier run")
+        else:
+            eps_arg = None if config.hvp.eps == "auto" else float(config.hvp.eps)
+            choice = groups[0].run("calibrate", seed=lz.seed, scheme=config.hvp.scheme, eps=eps_arg)
+            state.hvp_count += choice.pop("hvp_count")
         state.info["eps"] = choice["eps"]
         state.info["eps_calibration"] = choice
         log(choice["message"])
@@ -355,12 +409,13 @@ def run(prepared: Prepared) -> dict:
         state.info["timing"] = {"grad_seconds": grad_seconds}
         state.save_info()
 
-        tasks = deque([("slq", pid) for pid in range(lz.probes)])
+        tasks = deque([("slq", pid) for pid in range(lz.probes) if pid not in state.probes])
         if config.blocks.enabled:
-            tasks += [("blocks", pid) for pid in range(config.blocks.probes)]
-        total_steps = lz.probes * lz.steps
+            tasks += [("blocks", pid) for pid in range(config.blocks.probes) if pid not in state.block_probes]
+        done_steps = state.info.get("resumed_from", {}).get("checkpoint_steps", {})
+        total_steps = sum(lz.steps - done_steps.get(str(pid), 0) for kind, pid in tasks if kind == "slq")
         queue = Queue(actor_options={"num_cpus": 0})
-        progress_bar = Progress(total_steps + (config.blocks.probes if config.blocks.enabled else 0))
+        progress_bar = Progress(total_steps + sum(1 for kind, _ in tasks if kind == "blocks"))
 
         def progress(info: dict, queue=queue) -> None:
             queue.put_nowait(info)
@@ -370,7 +425,9 @@ def run(prepared: Prepared) -> dict:
             if kind == "slq":
                 return group.call("run_probe", probe_id=pid, seed=lz.seed, eps=state.info["eps"],
                                   scheme=config.hvp.scheme, steps=lz.steps, reorth=lz.reorth, window=lz.window,
-                                  vector_dtype=lz.vector_dtype, progress=progress)
+                                  vector_dtype=lz.vector_dtype, checkpoint_dir=state.checkpoint_dir(pid),
+                                  checkpoint_every=config.checkpoint.every,
+                                  checkpoint_meta={"config": config.digest()}, progress=progress)
             return group.call("run_blocks", probe_id=pid, seed=lz.seed + BLOCK_SEED_OFFSET, eps=state.info["eps"],
                               scheme=config.hvp.scheme)
 
@@ -411,7 +468,9 @@ def run(prepared: Prepared) -> dict:
                     result = ray.get(refs[0])
                     if task[0] == "slq":
                         state.add_probe(result)
-                        log(f"probe {task[1]} done: {len(result['alphas'])} steps ({result['stopped']})")
+                        resumed = (f", resumed at step {result['resumed_at_step']}" if result["resumed_at_step"]
+                                   else "")
+                        log(f"probe {task[1]} done: {len(result['alphas'])} steps ({result['stopped']}{resumed})")
                     else:
                         state.add_block_probe(result)
                         progress_bar.update({"probe_id": task[1], "step": 1, "steps": 1, "hvp_seconds": None})
@@ -419,6 +478,7 @@ def run(prepared: Prepared) -> dict:
                     state.save_info()
                     free.append(group)
         state.info["worker_failures_recovered"] = failures
+        shutil.rmtree(state.path(CHECKPOINTS), ignore_errors=True)
         state.finish()
         state.info["status"] = "complete"
         state.info["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

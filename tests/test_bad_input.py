@@ -51,6 +51,7 @@ CASES = [
     ({"data": "{unequal}"}, "unequal lengths"),
     ({"set": ["data.seq_len=16"]}, "data.seq_len"),
     ({"set": ["cluster.address=ray://127.0.0.1:1"]}, "cluster.address"),
+    ({"set": ["cluster.address=127.0.0.1:1"]}, "cluster.address"),
     ({"config": "{tmp}/missing.yaml"}, "missing.yaml"),
 ]
 
@@ -88,3 +89,15 @@ def test_cli_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as info:
         main(["frobnicate"])
     assert info.value.code == 2
+
+
+def test_auto_address_without_a_cluster_is_refused_quickly(files, tmp_path, capsys):
+    import time
+
+    config = write_config(str(tmp_path / "c.yaml"), model=files["model"], data=files["data"],
+                          output_dir=str(tmp_path / "out"), cluster={"address": "auto"})
+    started = time.monotonic()
+    assert main(["run", config]) == 2
+    assert time.monotonic() - started < 30  # the bound: fail fast instead of retrying for minutes
+    err = capsys.readouterr().err.strip()
+    assert "cluster.address" in err and len(err.splitlines()) == 1

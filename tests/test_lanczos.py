@@ -141,3 +141,27 @@ def test_wasserstein1_of_known_measures():
     a = wasserstein1((np.array([0.0, 1.0]), np.array([0.5, 0.5])), (np.array([0.0, 2.0]), np.array([0.5, 0.5])))
     assert a == pytest.approx(0.5)
     assert wasserstein1((np.array([1.0, 2.0]), np.array([1, 3.0])), (np.array([2.0, 1.0]), np.array([3, 1.0]))) == 0.0
+
+
+@pytest.mark.parametrize("case", [{"reorth": "window", "dtype": torch.float64}, {"reorth": "full", "dtype": torch.float32},
+                                  {"reorth": "none", "dtype": torch.bfloat16}])
+def test_checkpointed_and_resumed_run_equals_an_uninterrupted_one_bitwise(case, tmp_path):
+    from hessian_core import latest_complete_step, load_lanczos_state, save_lanczos_state
+
+    space, matvec = matrix_operator(wigner(80))
+    v0 = probe_vector(space, seed=0, probe_index=0, dtype=case["dtype"])
+    options = dict(space=space, reorth=case["reorth"], window=4, vector_dtype=case["dtype"])
+    whole = lanczos(matvec, v0, steps=20, **options)
+
+    def save(state):
+        if state.steps_done % 3 == 0:
+            save_lanczos_state(state, folder=str(tmp_path), rank=0, meta={"probe_id": 0})
+
+    lanczos(matvec, v0, steps=8, on_step=save, **options)  # "crashes" after step 8; last checkpoint: step 6
+    (tmp_path / "step-000099").mkdir()  # an unfinished save without its marker is ignored
+    step, meta = latest_complete_step(str(tmp_path))
+    assert step == 6 and meta == {"probe_id": 0, "step": 6}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("step-")].count("step-000003") == 0
+    state = load_lanczos_state(str(tmp_path), step=step, rank=0, device=torch.device("cpu"))
+    resumed = lanczos(matvec, None, steps=20, state=state, **options)
+    assert torch.equal(resumed.alphas, whole.alphas) and torch.equal(resumed.betas, whole.betas)

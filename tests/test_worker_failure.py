@@ -40,7 +40,7 @@ def test_run_survives_a_worker_sigkill_mid_probe(tmp_path):
     assert proc.returncode == 0, output[-3000:]
     info = json.loads(run_json.read_text())
     assert info["status"] == "complete" and info["worker_failures_recovered"] == 1, output[-3000:]
-    assert "lost a worker" in output
+    assert "lost a worker" in output and "resumed at step" in output  # continued from its checkpoint
 
     clean_cfg = write_config(str(tmp_path / "clean.yaml"), output_dir=str(tmp_path / "clean"), **common)
     assert main(["run", clean_cfg]) == 0

@@ -1,0 +1,66 @@
+"""Resuming after the driver is SIGKILLed mid-probe; refusing another config on the same output_dir."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from hessian_core import latest_complete_step
+from pipeline.cli import main
+from pipeline_fixtures import assets, write_config
+
+STEPS = 200
+
+
+def test_resume_after_driver_sigkill_gives_identical_alpha_beta_with_fewer_hvps(tmp_path, capsys):
+    model, data = assets(str(tmp_path))
+    common = dict(model=model, data=data, lanczos={"steps": STEPS, "probes": 2, "reorth": "window", "window": 4})
+    cfg = write_config(str(tmp_path / "run.yaml"), output_dir=str(tmp_path / "run"), **common)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", cfg], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    killed_at = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = latest_complete_step(str(out / "checkpoints" / "probe-00001"))
+        if (out / "lanczos.parquet").exists() and found and found[0] >= 10:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed_at = found[0]
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert killed_at is not None, "the driver finished or stalled before it could be killed mid-probe"
+    # the local Ray the killed driver started is orphaned; stop it the way a user would
+    subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+
+    interrupted = json.load(open(out / "run.json"))
+    assert interrupted["status"] == "running"  # never "complete" for an incomplete run
+    assert pq.read_table(out / "lanczos.parquet").to_pandas().probe_id.unique().tolist() == [0]
+
+    assert main(["run", cfg]) == 0
+    info = json.load(open(out / "run.json"))
+    assert info["status"] == "complete" and info["resumed"]
+    assert info["resumed_from"]["finished_probes"] == [0]
+    assert int(info["resumed_from"]["checkpoint_steps"]["1"]) >= killed_at
+    assert info["timing"]["hvp_count"] <= STEPS - killed_at  # neither probe 0 nor probe 1's first steps again
+    assert not (out / "checkpoints").exists()
+
+    clean_cfg = write_config(str(tmp_path / "clean.yaml"), output_dir=str(tmp_path / "clean"), **common)
+    assert main(["run", clean_cfg]) == 0
+    resumed = pq.read_table(out / "lanczos.parquet").to_pandas()
+    clean = pq.read_table(tmp_path / "clean" / "lanczos.parquet").to_pandas()
+    assert len(resumed) == len(clean) == 2 * STEPS
+    for col in ("alpha", "beta"):
+        assert np.array_equal(resumed[col].to_numpy(), clean[col].to_numpy()), col
+
+    # another config on this output_dir is refused, unless asked for a fresh run
+    capsys.readouterr()
+    assert main(["run", cfg, "--set", "lanczos.steps=7"]) == 2
+    assert "different config" in capsys.readouterr().err
+    assert main(["run", cfg, "--set", "lanczos.steps=7", "--set", "lanczos.probes=1", "--fresh"]) == 0
+    assert len(pq.read_table(out / "lanczos.parquet").to_pandas()) == 7
