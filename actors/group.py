@@ -16,9 +16,10 @@ RemoteWorker = ray.remote(Worker)
 
 
 class WorkerGroup:
-    def __init__(self, *, index: int, num_workers: int, use_gpu: bool, placement_timeout: float = 120.0):
+    def __init__(self, *, index: int, num_workers: int, use_gpu: bool, cpus_per_worker: int = 1,
+                 placement_timeout: float = 120.0):
         self.index, self.num_workers, self.use_gpu = index, num_workers, use_gpu
-        bundle = {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}
+        bundle = {"CPU": cpus_per_worker, "GPU": 1} if use_gpu else {"CPU": cpus_per_worker}
         self.pg = placement_group([dict(bundle) for _ in range(num_workers)], strategy="PACK")
         ready, _ = ray.wait([self.pg.ready()], timeout=placement_timeout)
         if not ready:
@@ -27,9 +28,9 @@ class WorkerGroup:
                                f"within {placement_timeout:.0f}s")
         self.workers = [
             RemoteWorker.options(
-                num_cpus=1, num_gpus=1 if use_gpu else 0, max_restarts=0,
+                num_cpus=cpus_per_worker, num_gpus=1 if use_gpu else 0, max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
-            ).remote(rank=rank, world_size=num_workers, use_gpu=use_gpu)
+            ).remote(rank=rank, world_size=num_workers, use_gpu=use_gpu, threads=cpus_per_worker)
             for rank in range(num_workers)
         ]
 

@@ -30,8 +30,9 @@ def free_port() -> int:
 
 
 class Worker:
-    def __init__(self, *, rank: int, world_size: int, use_gpu: bool):
+    def __init__(self, *, rank: int, world_size: int, use_gpu: bool, threads: int = 1):
         self.rank, self.world_size, self.use_gpu = rank, world_size, use_gpu
+        torch.set_num_threads(threads)  # the cores Ray reserved for this rank, no more (no oversubscription)
         self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
         self.model = self.op = self.space = None
 
@@ -147,6 +148,13 @@ class Worker:
         m = block_diagonal_metrics(op.matvec, v, space=self.space, blocks=blocks, on_hvp=on_hvp)
         return {"probe_id": probe_id, "blocks": m.blocks, "rel_error": m.rel_error, "cosine": m.cosine,
                 "whole_rel_error": m.whole_rel_error, "hvp_count": 1 + len(blocks)}
+
+    def benchmark(self, *, eps: float, repeats: int, window: int, vector_dtype: str) -> list[dict]:
+        """Kernel timings and peak memory on this group (see hessian_core.profiling)."""
+        from hessian_core.profiling import measure_kernels
+
+        return measure_kernels(self.model, self.batches, eps=eps, repeats=repeats, window=window,
+                               vector_dtype=DTYPES[vector_dtype])
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

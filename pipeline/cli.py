@@ -27,6 +27,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set lanczos.steps=40 (repeatable)")
     r.add_argument("--fresh", action="store_true", help="replace an existing run in output_dir with another config")
+    b = sub.add_parser("bench", help="HVP cost against a gradient and end-to-end SLQ against hessian-eigenthings")
+    b.add_argument("config")
+    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    b.add_argument("--repeats", type=int, default=5, help="timed repetitions per kernel after one warm-up")
+    b.add_argument("--output", default=None, help="folder for bench.json / bench.parquet (default: output_dir/bench)")
     pl = sub.add_parser("plot", help="redraw the plots of a run from its tables")
     pl.add_argument("run_dir")
     s = sub.add_parser("show", help="print a run's summary")
@@ -83,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
             info = run(prepared)
             print(format_summary(info))
             print(f"results in {config.output_dir}")
+        elif args.command == "bench":
+            from .bench import bench
+
+            if args.repeats < 1:
+                raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")
+            bench(load_config(args.config, args.overrides), repeats=args.repeats, out_dir=args.output)
         elif args.command == "plot":
             from .driver import draw_plots
 

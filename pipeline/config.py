@@ -48,6 +48,7 @@ class ClusterConfig:
     num_workers: int = 1  # ranks per group (one FSDP2 process group)
     num_groups: int = 1  # groups running probes in parallel
     use_gpu: bool = False
+    cpus_per_worker: int | None = None  # null: a local Ray shares this machine's cores out; on a cluster 1
     max_failures: int = 2  # group rebuilds after a worker dies
     collective_timeout_seconds: float = 120.0  # a dead peer fails the group after this, not 30 minutes
 
@@ -102,6 +103,15 @@ class RunConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+    def cpus_per_worker(self) -> int:
+        """CPU cores (and torch threads) per rank."""
+        cl = self.cluster
+        if cl.cpus_per_worker is not None:
+            return cl.cpus_per_worker
+        if cl.address is None and not os.environ.get("RAY_ADDRESS"):
+            return max(1, (os.cpu_count() or 1) // (cl.num_workers * cl.num_groups))
+        return 1
 
     def digest(self) -> str:
         """Identifies the config in checkpoints: a checkpoint is only resumed under the same config."""
@@ -233,6 +243,8 @@ def validate(config: RunConfig) -> None:
     if config.data.batch_size % config.cluster.num_workers:
         raise ConfigError(f"data.batch_size={config.data.batch_size} is not divisible by "
                           f"cluster.num_workers={config.cluster.num_workers}: each rank needs an equal slice")
+    if config.cluster.cpus_per_worker is not None and config.cluster.cpus_per_worker < 1:
+        raise ConfigError(f"cluster.cpus_per_worker must be >= 1 or null, got {config.cluster.cpus_per_worker}")
     if config.cluster.collective_timeout_seconds <= 0:
         raise ConfigError("cluster.collective_timeout_seconds must be > 0")
     if config.model.init == "pretrained" and not config.model.path:

@@ -140,7 +140,7 @@ def _connect_ray(config: RunConfig) -> None:
 
     address = config.cluster.address
     if address is None and not os.environ.get("RAY_ADDRESS"):
-        need = config.cluster.num_workers * config.cluster.num_groups
+        need = config.cluster.num_workers * config.cluster.num_groups * config.cpus_per_worker()
         ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, logging_level="ERROR",
                  configure_logging=True)
         return
@@ -383,7 +383,8 @@ def run(prepared: Prepared) -> dict:
         batches_ref = ray.put(prepared.batches)
 
         def new_group(index: int) -> WorkerGroup:
-            group = WorkerGroup(index=index, num_workers=cl.num_workers, use_gpu=cl.use_gpu)
+            group = WorkerGroup(index=index, num_workers=cl.num_workers, use_gpu=cl.use_gpu,
+                                cpus_per_worker=config.cpus_per_worker())
             info = group.setup(spec=spec, batches_ref=batches_ref, timeout_seconds=cl.collective_timeout_seconds)
             state.info["num_params"] = info["num_params"]
             state.info.setdefault("groups", {})[str(index)] = info

@@ -13,7 +13,7 @@ PRESETS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "config
 @pytest.mark.parametrize("path", PRESETS, ids=os.path.basename)
 def test_every_preset_is_a_valid_config(path):
     config = load_config(path, ["cluster.use_gpu=false"])  # the machine running tests has no GPU
-    assert config.model.path and config.data.path
+    assert config.data.path and (config.model.path or config.model.config)
 
 
 def test_overrides_are_parsed_as_yaml_and_typed():

@@ -1,0 +1,116 @@
+"""Timing and peak memory of the core's kernels on one model and analysis set (used by the benchmarks).
+
+Every figure is a median over ``repeats`` runs after one warm-up, measured on every rank together (they run
+collectives). Peak memory is the device's ``max_memory_allocated`` on GPU and the process's peak RSS on CPU
+(VmHWM, reset through /proc/self/clear_refs before each kernel), in MiB above what was resident before.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .hvp import ExactHVPUnavailable, FiniteDifferenceHVP, exact_hvp
+from .lanczos import lanczos_start, lanczos_step
+from .loss import accumulate_gradient
+from .vectors import ParamSpace, probe_vector
+
+
+class PeakMemory:
+    """Resettable peak memory of this process on ``device``, in MiB."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def _rss(self, field: str) -> float:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+        return float("nan")
+
+    def reset(self) -> float:
+        """Reset the peak; returns the current usage (the baseline)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+        except OSError:
+            pass
+        return self._rss("VmRSS")
+
+    def peak(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return self._rss("VmHWM")
+
+
+def _measure(name: str, fn: Callable[[], object], *, repeats: int, memory: PeakMemory) -> dict:
+    fn()  # warm-up (allocator, kernels, lazily built buffers)
+    times, peaks = [], []
+    for _ in range(repeats):
+        base = memory.reset()
+        start = time.perf_counter()
+        out = fn()
+        if memory.device.type == "cuda":
+            torch.cuda.synchronize(memory.device)
+        times.append(time.perf_counter() - start)
+        peaks.append(memory.peak() - base)
+        del out
+    return {"kernel": name, "seconds": statistics.median(times), "seconds_min": min(times),
+            "peak_mib": statistics.median(peaks), "repeats": repeats}
+
+
+def measure_kernels(model: torch.nn.Module, batches: Sequence[Tensor], *, eps: float, repeats: int = 5,
+                    window: int = 8, vector_dtype: torch.dtype = torch.float32) -> list[dict]:
+    """Gradient, FD HVP (central, Richardson), exact HVP where it runs, and Lanczos vector work per step."""
+    space = ParamSpace(model)
+    memory = PeakMemory(space.device)
+    v = probe_vector(space, seed=0, probe_index=0, dtype=vector_dtype)
+
+    def gradient():
+        accumulate_gradient(model, batches)
+        model.zero_grad(set_to_none=True)
+
+    rows = [_measure("gradient", gradient, repeats=repeats, memory=memory)]
+    for scheme in ("central", "richardson"):
+        op = FiniteDifferenceHVP(model, batches, eps=eps, scheme=scheme, space=space)
+        rows.append(_measure(f"fd_hvp_{scheme}", lambda op=op: op.matvec(v), repeats=repeats, memory=memory))
+    try:
+        rows.append(_measure("exact_hvp", lambda: exact_hvp(model, batches, v=v), repeats=repeats, memory=memory))
+    except ExactHVPUnavailable as e:
+        rows.append({"kernel": "exact_hvp", "seconds": float("nan"), "seconds_min": float("nan"),
+                     "peak_mib": float("nan"), "repeats": 0, "note": str(e)})
+    hv = FiniteDifferenceHVP(model, batches, eps=eps, space=space).matvec(v)
+    for reorth in ("none", "window", "full"):
+        kept = window if reorth == "window" else 2 * window if reorth == "full" else 2
+
+        def vector_work(reorth=reorth, kept=kept):
+            # a state holding `kept` vectors, and one step whose "HVP" is a copy of a real one: what is timed
+            # is the step's vector arithmetic and all-reduces
+            state = lanczos_start(v, space=space, vector_dtype=vector_dtype)
+            state.basis = [v] * kept
+            state.alphas, state.betas = [1.0] * (kept - 1), [1.0] * (kept - 1)
+            lanczos_step(state, lambda q: [t.clone() for t in hv], space=space, reorth=reorth,
+                         window=window if reorth == "window" else kept)
+            return state
+
+        label = {"none": "lanczos_vectors_none", "window": f"lanczos_vectors_window{window}",
+                 "full": f"lanczos_vectors_full{2 * window}"}[reorth]
+        rows.append(_measure(label, vector_work, repeats=repeats, memory=memory))
+    grad = rows[0]
+    for row in rows:
+        row["ratio_to_gradient"] = row["seconds"] / grad["seconds"]
+        row["peak_over_gradient_mib"] = row["peak_mib"] - grad["peak_mib"]
+    row_env = {"device": str(space.device), "dtype": str(space.dtype).removeprefix("torch."),
+               "num_params": space.numel, "local_params": space.local_numel, "pid": os.getpid()}
+    return [{**row, **row_env} for row in rows]
