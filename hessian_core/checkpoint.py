@@ -52,7 +52,7 @@ def save_lanczos_state(state: LanczosState, *, folder: str, rank: int, group=Non
     target = _step_dir(folder, step)
     os.makedirs(target, exist_ok=True)
     payload = {"alphas": list(state.alphas), "betas": list(state.betas), "stopped": state.stopped,
-               "basis": [[t.detach().cpu() for t in vec] for vec in state.basis]}
+               "basis": [t.detach().cpu().clone() for t in state.basis], "shapes": [tuple(s) for s in state.shapes]}
     _atomic_save(payload, os.path.join(target, f"rank-{rank:05d}.pt"))
     if group is not None and dist.get_world_size(group) > 1:
         dist.barrier(group=group)
@@ -81,5 +81,6 @@ def latest_complete_step(folder: str) -> tuple[int, dict] | None:
 
 def load_lanczos_state(folder: str, *, step: int, rank: int, device: torch.device) -> LanczosState:
     payload = torch.load(os.path.join(_step_dir(folder, step), f"rank-{rank:05d}.pt"), map_location="cpu")
-    basis = [[t.to(device) for t in vec] for vec in payload["basis"]]
-    return LanczosState(alphas=payload["alphas"], betas=payload["betas"], basis=basis, stopped=payload["stopped"])
+    return LanczosState.from_basis([t.to(device) for t in payload["basis"]],
+                                   shapes=[torch.Size(s) for s in payload["shapes"]], alphas=payload["alphas"],
+                                   betas=payload["betas"], stopped=payload["stopped"])

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .loss import accumulate_gradient, causal_lm_loss
-from .vectors import ParamSpace, Vector
+from .vectors import FlatVector, ParamSpace, Vector
 
 # (gradient coefficient, step in units of eps) and the divisor in units of eps for each scheme.
 STENCILS: dict[str, tuple[tuple[tuple[float, float], ...], float]] = {
@@ -80,23 +80,24 @@ class FiniteDifferenceHVP:
         stencil, divisor = STENCILS[self.scheme]
         with torch.no_grad():
             backup = self._save(params)
-        out: Vector | None = None
+        out = FlatVector(torch.empty(self.space.local_numel, dtype=self.out_dtype, device=self.space.device),
+                         [p.shape for p in params])
         try:
             for k, (coeff, step) in enumerate(stencil):
                 self._set_params(params, backup, v, step * self.eps, at_backup=k == 0)
                 accumulate_gradient(self.model, self.batches)
                 grads = self.space.local_grads()
                 with torch.no_grad():
-                    if out is None:
-                        out = [g.to(self.out_dtype, copy=True).mul_(coeff) for g in grads]
+                    if k == 0:
+                        torch._foreach_copy_(out, grads)
+                        scale_first = coeff
                     else:
-                        torch._foreach_add_(out, [g.to(self.out_dtype) for g in grads], alpha=coeff)
+                        torch._foreach_add_(out, [g.to(self.out_dtype) for g in grads], alpha=coeff / scale_first)
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(params, backup)
             self.model.zero_grad(set_to_none=True)
-        assert out is not None
-        torch._foreach_mul_(out, 1.0 / (divisor * self.eps))
+        out.flat.mul_(scale_first / (divisor * self.eps))
         self.calls += 1
         return out
 

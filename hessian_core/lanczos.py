@@ -1,8 +1,8 @@
 """The Lanczos iteration over any symmetric operator on a ParamSpace, resumable one step at a time.
 
 Vectors are stored in a chosen dtype; every scalar is float64. Per step: one matvec, one all-reduce for
-alpha, one batched all-reduce for the reorthogonalization coefficients (when enabled) and one for beta,
-so at most 3 <= 2 + r scalar all-reduces. Only the vectors reorthogonalization needs are kept: the last two
+alpha, one for all the reorthogonalization coefficients (when enabled) and one for beta, so at most
+3 <= 2 + r scalar all-reduces. Only the vectors reorthogonalization needs are kept: the last two
 for ``none``, the last ``window`` for ``window``, all of them for ``full``.
 """
 
@@ -14,23 +14,65 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .vectors import ParamSpace, Vector, axpy_, cast
+from .vectors import FlatVector, ParamSpace, Vector
 
 REORTH_MODES = ("none", "window", "full")
 
 
 @dataclass
 class LanczosState:
-    """Everything needed to take the next step (and what a checkpoint saves)."""
+    """Everything needed to take the next step (and what a checkpoint saves).
+
+    The kept Lanczos vectors are rows of one matrix ``rows`` [capacity, n_local] in the vector dtype, so the
+    reorthogonalization against all of them is one matrix-vector product and one ``addmv``. ``order`` lists
+    the rows holding vectors, oldest first; ``shapes`` turns a flat row back into per-parameter views.
+    """
 
     alphas: list[float] = field(default_factory=list)
     betas: list[float] = field(default_factory=list)
-    basis: list[Vector] = field(default_factory=list)  # most recent last; basis[-1] is the current q
+    rows: Tensor | None = None
+    order: list[int] = field(default_factory=list)
+    shapes: list[torch.Size] = field(default_factory=list)
     stopped: str | None = None  # "invariant subspace" once the Krylov space is exhausted
 
     @property
     def steps_done(self) -> int:
         return len(self.alphas)
+
+    @property
+    def basis(self) -> list[Tensor]:
+        """The kept vectors as flat views, most recent last (basis[-1] is the current q)."""
+        return [self.rows[i] for i in self.order]
+
+    @classmethod
+    def from_basis(cls, basis: Sequence[Tensor], *, shapes: Sequence[torch.Size], alphas: Sequence[float] = (),
+                   betas: Sequence[float] = (), stopped: str | None = None) -> LanczosState:
+        rows = torch.stack([b.reshape(-1) for b in basis])
+        return cls(list(alphas), list(betas), rows, list(range(len(basis))), list(shapes), stopped)
+
+    def push(self, flat: Tensor, *, scale: float = 1.0, keep: int | None) -> None:
+        """Store the next vector, evicting the oldest once ``keep`` are held (None: keep all, growing).
+
+        Rows fill from 0 upwards and are only reused by eviction, so rows 0..len(order)-1 hold the vectors."""
+        if keep is not None and len(self.order) >= keep:
+            row = self.order.pop(0)
+        elif len(self.order) < self.rows.shape[0]:
+            row = len(self.order)
+        else:
+            grown = self.rows.shape[0] * 2 if keep is None else min(self.rows.shape[0] * 2, keep)
+            bigger = self.rows.new_empty((grown, self.rows.shape[1]))
+            bigger[: self.rows.shape[0]] = self.rows
+            self.rows, row = bigger, self.rows.shape[0]
+        if flat.dtype == self.rows.dtype:
+            torch.mul(flat, scale, out=self.rows[row])
+        else:
+            self.rows[row].copy_(flat.mul_(scale))
+        self.order.append(row)
+
+    def vector(self, flat: Tensor) -> Vector:
+        """Per-parameter views of a flat vector (what the matvec takes)."""
+        sizes = [s.numel() for s in self.shapes]
+        return [t.view(s) for t, s in zip(torch.split(flat, sizes), self.shapes)]
 
 
 @dataclass(frozen=True)
@@ -64,8 +106,25 @@ def lanczos_start(v0: Sequence[Tensor], *, space: ParamSpace, vector_dtype: torc
     norm = space.norm(v0)
     if not norm > 0:
         raise ValueError("the Lanczos start vector is zero")
-    q = [t.to(vector_dtype) / norm if t.dtype != vector_dtype else t / norm for t in v0]
-    return LanczosState(basis=[q])
+    flat = torch.cat([t.reshape(-1).to(vector_dtype) for t in v0]) / norm
+    return LanczosState.from_basis([flat.to(vector_dtype)], shapes=[t.shape for t in v0])
+
+
+def _flat_dots(rows: Tensor, w: Tensor) -> Tensor:
+    """rows @ w (local partial sums), in at least float32, as float64."""
+    if rows.dtype == w.dtype:
+        return torch.mv(rows, w).double()
+    compute = torch.promote_types(torch.promote_types(rows.dtype, w.dtype), torch.float32)
+    return torch.stack([torch.dot(r.to(compute), w.to(compute)) for r in rows]).double()
+
+
+def _flat_subtract(w: Tensor, rows: Tensor, coeffs: Tensor) -> None:
+    """w -= rows^T coeffs in place."""
+    if rows.dtype == w.dtype:
+        w.addmv_(rows.t(), coeffs.to(w), alpha=-1.0)
+    else:
+        for r, c in zip(rows, coeffs.tolist()):
+            w.add_(r.to(w.dtype), alpha=-c)
 
 
 def lanczos_step(state: LanczosState, matvec: Callable[[Vector], Vector], *, space: ParamSpace,
@@ -74,20 +133,27 @@ def lanczos_step(state: LanczosState, matvec: Callable[[Vector], Vector], *, spa
     _check_options(reorth, window)
     if state.stopped:
         raise RuntimeError(f"Lanczos already stopped ({state.stopped})")
-    q = state.basis[-1]
-    w = matvec(q)
-    alpha = float(space.dots([(w, q)])[0])
+    basis = state.basis
+    q = basis[-1]
+    hq = matvec(state.vector(q))
+    w = hq.flat if isinstance(hq, FlatVector) else torch.cat([t.reshape(-1) for t in hq])
+    del hq
+    alpha = float(space.all_reduce(_flat_dots(q.unsqueeze(0), w)))
     _check_finite("alpha", alpha, state.steps_done)
-    axpy_(w, q, alpha=-alpha)
+    w.add_(q.to(w.dtype), alpha=-alpha)
     if state.betas:
-        axpy_(w, state.basis[-2], alpha=-state.betas[-1])
-    if reorth != "none":
-        against = state.basis if reorth == "full" else state.basis[-window:] if window > 0 else []
-        if against:
-            coeffs = space.dots([(w, b) for b in against])
-            for c, b in zip(coeffs.tolist(), against):
-                axpy_(w, b, alpha=-c)
-    beta = space.norm(w)
+        w.add_(basis[-2].to(w.dtype), alpha=-state.betas[-1])
+    # Reorthogonalization is a second Gram-Schmidt pass after the three-term recurrence (one pass alone,
+    # folding alpha into it, loses the eigenvalues of the tests' matrices at m = n): one mv, one addmv, one
+    # all-reduce. The kept vectors are rows 0..k-1 in some order, so all of them is a view, not a copy.
+    rows = None
+    if reorth == "full" or (reorth == "window" and window >= 2):
+        rows = state.rows[: len(state.order)]
+    elif reorth == "window" and window == 1:
+        rows = q.unsqueeze(0)
+    if rows is not None:
+        _flat_subtract(w, rows, space.all_reduce(_flat_dots(rows, w)).to(w.device))
+    beta = float(space.all_reduce(_flat_dots(w.unsqueeze(0), w)).clamp_min(0).sqrt())
     _check_finite("beta", beta, state.steps_done)
     state.alphas.append(alpha)
     state.betas.append(beta)
@@ -95,12 +161,7 @@ def lanczos_step(state: LanczosState, matvec: Callable[[Vector], Vector], *, spa
     if beta <= tol * scale or beta == 0.0:
         state.stopped = "invariant subspace"
         return
-    vector_dtype = q[0].dtype
-    next_q = cast([t / beta for t in w], vector_dtype)
-    state.basis.append(next_q)
-    keep = _kept_vectors(reorth, window)
-    if keep is not None and len(state.basis) > keep:
-        del state.basis[: len(state.basis) - keep]
+    state.push(w, scale=1.0 / beta, keep=_kept_vectors(reorth, window))
 
 
 def _check_finite(name: str, value: float, step: int) -> None:

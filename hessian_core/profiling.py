@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .hvp import ExactHVPUnavailable, FiniteDifferenceHVP, exact_hvp
-from .lanczos import lanczos_start, lanczos_step
+from .lanczos import LanczosState, lanczos_start, lanczos_step
 from .loss import accumulate_gradient
 from .vectors import ParamSpace, probe_vector
 
@@ -94,15 +94,14 @@ def measure_kernels(model: torch.nn.Module, batches: Sequence[Tensor], *, eps: f
     for reorth in ("none", "window", "full"):
         kept = window if reorth == "window" else 2 * window if reorth == "full" else 2
 
-        def vector_work(reorth=reorth, kept=kept):
-            # a state holding `kept` vectors, and one step whose "HVP" is a copy of a real one: what is timed
-            # is the step's vector arithmetic and all-reduces
-            state = lanczos_start(v, space=space, vector_dtype=vector_dtype)
-            state.basis = [v] * kept
-            state.alphas, state.betas = [1.0] * (kept - 1), [1.0] * (kept - 1)
-            lanczos_step(state, lambda q: [t.clone() for t in hv], space=space, reorth=reorth,
-                         window=window if reorth == "window" else kept)
-            return state
+        # a state already holding `kept` vectors; each timed call is one step whose "HVP" returns a stored
+        # real one, so what is timed is the step's own vector arithmetic and all-reduces
+        start = lanczos_start(v, space=space, vector_dtype=vector_dtype)
+        state = LanczosState.from_basis([start.basis[0]] * kept, shapes=start.shapes,
+                                        alphas=[1.0] * (kept - 1), betas=[1.0] * (kept - 1))
+
+        def vector_work(reorth=reorth, state=state):
+            lanczos_step(state, lambda q: hv, space=space, reorth=reorth, window=window)
 
         label = {"none": "lanczos_vectors_none", "window": f"lanczos_vectors_window{window}",
                  "full": f"lanczos_vectors_full{2 * window}"}[reorth]

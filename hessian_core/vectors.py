@@ -126,6 +126,16 @@ class ParamSpace:
         return [torch.zeros_like(p, dtype=dtype or p.dtype) for p in self.local_params()]
 
 
+class FlatVector(list):
+    """A Vector whose tensors are consecutive views of one flat buffer ``flat``: consumers that work on flat
+    vectors (Lanczos) use the buffer directly instead of copying the pieces together."""
+
+    def __init__(self, flat: Tensor, shapes: Sequence[torch.Size]):
+        sizes = [math.prod(s) for s in shapes]
+        super().__init__(t.view(s) for t, s in zip(torch.split(flat, sizes), shapes))
+        self.flat = flat
+
+
 def local_dot(x: Sequence[Tensor], y: Sequence[Tensor]) -> Tensor:
     """This rank's partial sum of <x, y>, accumulated in float64 per tensor (float32 products for low precision)."""
     partials = []

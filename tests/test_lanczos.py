@@ -98,6 +98,7 @@ def test_stops_cleanly_at_an_invariant_subspace():
 @pytest.mark.parametrize("case", [
     {"reorth": "none", "window": 0, "reductions": 2},
     {"reorth": "window", "window": 4, "reductions": 3},
+    {"reorth": "window", "window": 1, "reductions": 3},
     {"reorth": "full", "window": 0, "reductions": 3},
 ])
 def test_at_most_2_plus_r_scalar_reductions_per_step_and_bounded_storage(case, monkeypatch):
