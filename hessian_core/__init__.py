@@ -10,6 +10,7 @@ from .loss import accumulate_gradient, causal_lm_loss, evaluate_loss
 from .numerics import float64_rmsnorm
 from .quadrature import (Density, Extremes, RitzRule, SpectralMeasure, TraceEstimate, extreme_eigenvalues,
                          ritz_rule, smoothed_density, trace_estimate, wasserstein1)
+from .statistics import SpectrumStatistics, spectral_distance, spectrum_statistics
 from .sharding import is_sharded, reshard, shard_model, transformer_blocks
 from .vectors import ParamSpace, Vector, block_mask, probe_vector
 
@@ -22,6 +23,7 @@ __all__ = [
     "accumulate_gradient", "causal_lm_loss", "evaluate_loss", "float64_rmsnorm",
     "Density", "Extremes", "RitzRule", "SpectralMeasure", "TraceEstimate", "extreme_eigenvalues", "ritz_rule",
     "smoothed_density", "trace_estimate", "wasserstein1",
+    "SpectrumStatistics", "spectral_distance", "spectrum_statistics",
     "is_sharded", "reshard", "shard_model", "transformer_blocks",
     "ParamSpace", "Vector", "block_mask", "probe_vector",
 ]

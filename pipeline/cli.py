@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     b.add_argument("--repeats", type=int, default=5, help="timed repetitions per kernel after one warm-up")
     b.add_argument("--output", default=None, help="folder for bench.json / bench.parquet (default: output_dir/bench)")
+    c = sub.add_parser("compare", help="statistics of runs and their spectral distance to the first one")
+    c.add_argument("run_dirs", nargs="+")
+    c.add_argument("--output", default="compare", help="folder for compare.parquet and compare.png")
     pl = sub.add_parser("plot", help="redraw the plots of a run from its tables")
     pl.add_argument("run_dir")
     s = sub.add_parser("show", help="print a run's summary")
@@ -94,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.repeats < 1:
                 raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")
             bench(load_config(args.config, args.overrides), repeats=args.repeats, out_dir=args.output)
+        elif args.command == "compare":
+            from .compare import compare
+
+            compare(args.run_dirs, out_dir=args.output)
         elif args.command == "plot":
             from .driver import draw_plots
 

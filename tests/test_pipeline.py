@@ -140,3 +140,19 @@ def test_nan_in_the_weights_fails_the_run_naming_probe_and_step(tmp_path, capsys
     assert "probe 0" in err and "step 0" in err and "nan" in err
     info = json.load(open(tmp_path / "out" / "run.json"))
     assert info["status"] == "failed" and "probe 0" in info["error"]
+
+
+def test_compare_runs(runs, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", runs["1x1"], runs["2x1"], runs["long"], "--output", str(out)]) == 0
+    table = pq.read_table(out / "compare.parquet").to_pandas()
+    assert len(table) == 3
+    assert table.distance_to_reference[0] == 0.0
+    assert table.distance_to_reference[1] <= 1e-9  # 2x1 computed the same alpha/beta as 1x1
+    assert 0 < table.distance_to_reference[2] < 1  # 80 steps and 1 probe: another estimate of the same spectrum
+    from PIL import Image
+
+    with Image.open(out / "compare.png") as img:
+        assert img.format == "PNG"
+    assert "distance_to_reference" in capsys.readouterr().out
+    assert main(["compare", str(tmp_path / "nothing")]) == 2

@@ -1,0 +1,58 @@
+"""Spectrum statistics and the spectral distance on spectra whose answers are known."""
+
+import numpy as np
+import pytest
+import torch
+
+from hessian_core import ParamSpace, SpectralMeasure, lanczos, probe_vector, ritz_rule
+from hessian_core.statistics import spectral_distance, spectrum_statistics
+
+
+def slq_rules(eigenvalues: torch.Tensor, *, probes: int = 8, steps: int = 60, seed: int = 0):
+    holder = torch.nn.Module()
+    holder.x = torch.nn.Parameter(torch.zeros(len(eigenvalues), dtype=torch.float64))
+    space = ParamSpace(holder)
+    rules = []
+    for p in range(probes):
+        v0 = probe_vector(space, seed=seed, probe_index=p, dtype=torch.float64)
+        res = lanczos(lambda v: [eigenvalues * v[0]], v0, space=space, steps=steps, reorth="full",
+                      vector_dtype=torch.float64)
+        rules.append(ritz_rule(res.alphas, res.betas))
+    return rules
+
+
+def spiked(n=600, spikes=(6.0, 8.0, 11.0), shift=0.0):
+    g = torch.Generator().manual_seed(0)
+    bulk = torch.rand(n - len(spikes), generator=g, dtype=torch.float64) + shift
+    return torch.cat([bulk, torch.tensor(spikes, dtype=torch.float64)])
+
+
+def test_bulk_edges_outlier_count_and_mass_of_a_spiked_spectrum():
+    eig = spiked()
+    stats = spectrum_statistics(slq_rules(eig), dimension=len(eig))
+    assert stats.outlier_count == pytest.approx(3.0)
+    assert stats.outlier_mass == pytest.approx(3 / 600, rel=0.5)  # SLQ weights of 8 probes: a noisy estimate
+    assert 0.0 <= stats.bulk_lower <= 0.05 and 0.9 <= stats.bulk_upper <= 1.0
+    assert stats.lambda_max == pytest.approx(11.0, abs=1e-8)
+    assert stats.trace == pytest.approx(float(eig.sum()), rel=0.05)
+    assert stats.negative_mass == 0.0
+
+
+def test_negative_mass_of_a_shifted_spectrum():
+    eig = spiked(shift=-0.25)  # a quarter of the uniform bulk lies below zero
+    stats = spectrum_statistics(slq_rules(eig), dimension=len(eig))
+    assert stats.negative_mass == pytest.approx(0.25 * 597 / 600, abs=0.05)
+    assert stats.lambda_min == pytest.approx(float(eig.min()), abs=1e-3)
+
+
+def test_spectral_distance_is_zero_to_itself_and_grows_with_a_shift():
+    eig = spiked()
+    ref = SpectralMeasure.from_rules(slq_rules(eig))
+    assert spectral_distance(ref, ref) == pytest.approx(0.0, abs=1e-15)
+    shifted = SpectralMeasure(ref.values + 0.11, ref.weights)
+    assert spectral_distance(shifted, ref) == pytest.approx(0.11 / ref.width, rel=1e-9)
+    # another set of probes of the same matrix is closer than a different matrix
+    other_probes = SpectralMeasure.from_rules(slq_rules(eig, seed=9))
+    other_matrix = SpectralMeasure.from_rules(slq_rules(spiked(shift=0.5), seed=9))
+    assert spectral_distance(other_probes, ref) < spectral_distance(other_matrix, ref)
+    assert np.isfinite(spectral_distance(other_probes, ref))
