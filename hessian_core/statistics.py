@@ -3,13 +3,18 @@
 Definitions (mu is the probe-averaged SLQ measure: atoms theta_i with weights w_i summing to 1, P parameters):
 - lambda_max / lambda_min: the largest / smallest atom.
 - trace: P * sum_i w_i theta_i.
-- negative mass: sum of w_i over theta_i < 0 (the estimated fraction of eigenvalues that are negative).
+- negative mass: sum of w_i over theta_i < -ZERO_BAND * width (width = lambda_max - lambda_min): the estimated
+  fraction of eigenvalues that are negative by more than SLQ's resolution. A Hessian's bulk sits at zero; a
+  Gauss node inside it falls on either side of zero by chance and carries much of the mass, so the sign of
+  atoms within the band (the density's own smoothing width) is not counted as information.
 - bulk: the connected interval around the density's maximum on which the Gaussian-smoothed density
   (quadrature.smoothed_density) stays >= BULK_LEVEL times its maximum; the bulk edges are the smallest
   and largest atoms inside it (the smoothing itself would widen the interval by a few sigma).
 - outliers: the atoms outside the bulk. outlier mass = their total weight (the estimated fraction of eigenvalues
-  outside the bulk); outlier count = the mean over probes of how many Ritz values lie beyond the bulk edges
-  (each converged outlier eigenvalue appears as one Ritz value in every probe).
+  outside the bulk); outlier count = the mean over probes of how many *converged* Ritz values (residual bound
+  <= CONVERGED * width) lie beyond the bulk edges: each is an eigenvalue Lanczos has resolved, appearing once
+  in every probe. Unconverged Ritz values in a sparse tail are quadrature nodes, not eigenvalues, and are not
+  counted (they still carry outlier mass).
 - distance: the Wasserstein-1 distance between two measures divided by the reference's width
   (lambda_max - lambda_min), so 0.01 means the spectra differ by 1% of the reference's spread.
 """
@@ -24,6 +29,8 @@ import numpy as np
 from .quadrature import RitzRule, SpectralMeasure, smoothed_density, wasserstein1
 
 BULK_LEVEL = 1e-3
+CONVERGED = 1e-3
+ZERO_BAND = 0.01  # the same fraction of the width as quadrature.SIGMA_FRACTION
 
 
 @dataclass(frozen=True)
@@ -61,11 +68,12 @@ def spectrum_statistics(rules: Sequence[RitzRule], *, dimension: int, level: flo
     measure = SpectralMeasure.from_rules(rules)
     lo, hi = bulk_interval(measure, level=level)
     outside = (measure.values < lo) | (measure.values > hi)
-    count = float(np.mean([np.sum((r.values < lo) | (r.values > hi)) for r in rules]))
+    tol = CONVERGED * measure.width
+    count = float(np.mean([np.sum(((r.values < lo) | (r.values > hi)) & (r.residuals <= tol)) for r in rules]))
     return SpectrumStatistics(
         lambda_max=float(measure.values[-1]), lambda_min=float(measure.values[0]),
         trace=float(dimension * np.dot(measure.weights, measure.values)),
-        negative_mass=float(measure.weights[measure.values < 0].sum()),
+        negative_mass=float(measure.weights[measure.values < -ZERO_BAND * measure.width].sum()),
         bulk_lower=lo, bulk_upper=hi, outlier_count=count, outlier_mass=float(measure.weights[outside].sum()))
 
 

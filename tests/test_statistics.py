@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from hessian_core import ParamSpace, SpectralMeasure, lanczos, probe_vector, ritz_rule
-from hessian_core.statistics import spectral_distance, spectrum_statistics
+from hessian_core import RitzRule
+from hessian_core.statistics import ZERO_BAND, spectral_distance, spectrum_statistics
 
 
 def slq_rules(eigenvalues: torch.Tensor, *, probes: int = 8, steps: int = 60, seed: int = 0):
@@ -41,7 +42,9 @@ def test_bulk_edges_outlier_count_and_mass_of_a_spiked_spectrum():
 def test_negative_mass_of_a_shifted_spectrum():
     eig = spiked(shift=-0.25)  # a quarter of the uniform bulk lies below zero
     stats = spectrum_statistics(slq_rules(eig), dimension=len(eig))
-    assert stats.negative_mass == pytest.approx(0.25 * 597 / 600, abs=0.05)
+    band = ZERO_BAND * float(eig.max() - eig.min())
+    assert 0.1 < float((eig < -band).double().mean()) < 0.2
+    assert stats.negative_mass == pytest.approx(float((eig < -band).double().mean()), abs=0.05)
     assert stats.lambda_min == pytest.approx(float(eig.min()), abs=1e-3)
 
 
@@ -56,3 +59,23 @@ def test_spectral_distance_is_zero_to_itself_and_grows_with_a_shift():
     other_matrix = SpectralMeasure.from_rules(slq_rules(spiked(shift=0.5), seed=9))
     assert spectral_distance(other_probes, ref) < spectral_distance(other_matrix, ref)
     assert np.isfinite(spectral_distance(other_probes, ref))
+
+
+def test_negative_mass_ignores_the_sign_of_atoms_at_zero():
+    """A Gauss node in a bulk at zero lands on either side by chance: within the band it is not negative."""
+    width = 10.0
+    rule = RitzRule(np.array([-0.5 * ZERO_BAND * width, 0.0, width]), np.array([0.7, 0.2, 0.1]), np.zeros(3))
+    clearly = RitzRule(np.array([-2 * ZERO_BAND * width, 0.0, width]), np.array([0.7, 0.2, 0.1]), np.zeros(3))
+    assert spectrum_statistics([rule], dimension=100).negative_mass == 0.0
+    assert spectrum_statistics([clearly], dimension=100).negative_mass == pytest.approx(0.7)
+
+
+def test_only_converged_ritz_values_beyond_the_bulk_count_as_outliers():
+    bulk = np.linspace(0.0, 1.0, 20)
+    values = np.concatenate([bulk, [10.0, 20.0]])
+    weights = np.concatenate([np.full(20, 0.049), [0.01, 0.01]])
+    residuals = np.concatenate([np.full(20, 0.1), [1e-9, 0.5]])  # 10 converged; 20 is a quadrature node
+    stats = spectrum_statistics([RitzRule(values, weights, residuals)], dimension=1000)
+    assert stats.bulk_upper == pytest.approx(1.0)
+    assert stats.outlier_count == 1.0
+    assert stats.outlier_mass == pytest.approx(0.02)
