@@ -126,9 +126,92 @@ def calibrate_eps(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, eps: float | 
     else:
         label = "auto, Theorem 3.1" if source == "auto" else "fixed"
         message = f"eps={eps:.3g} ({label}): estimated HVP relative error {rel:.2g}"
+    low_precision = dtype in (torch.bfloat16, torch.float16)
     if rounding > 0.1:
+        remedy = "use float32 (or float64) parameters" if low_precision else "use a larger eps (or eps: auto)"
         message += (f"; {dtype_name} parameters round away {100 * min(rounding, 1.0):.0f}% of the step eps*v, "
-                    f"so the HVP is mostly rounding noise: use float32 (or float64) parameters")
+                    f"so the HVP is mostly rounding noise: {remedy}")
     elif not reliable:
-        message += f"; at {dtype_name} precision no eps gives a reliable HVP here: use float32 (or float64) parameters"
+        if source == "fixed":
+            message += "; this fixed eps gives an unreliable HVP: try eps: auto"
+        else:
+            message += (f"; at {dtype_name} precision no eps gives a reliable HVP here: "
+                        f"use float32 (or float64) parameters")
     return EpsChoice(eps, source, rel, grad_norm, third, rounding, reliable, message)
+
+
+@dataclass(frozen=True)
+class HVPErrorStudy:
+    """The FD HVP's relative error against eps along one probe (the U shape of Theorem 3.1).
+
+    ``rel_error_exact``: against the double-backward HVP (nan where it cannot run: sharded or flash models).
+    ``rel_error_stable``: against the FD HVP at ``stable_eps``, the smaller step of the adjacent pair of grid
+    steps whose HVPs agree best; this reference needs no double backward, so it exists at any scale.
+    ``predicted``: Theorem 3.1's bound eps^2 |D3|/6 + eps_mach |g|/eps over |Hv| (central scheme only).
+    """
+
+    eps: list[float]  # ascending
+    rel_error_exact: list[float]
+    rel_error_stable: list[float]
+    predicted: list[float]
+    perturbation_rounding: list[float]
+    stable_eps: float
+    auto: EpsChoice
+    auto_rel_error_exact: float
+    auto_rel_error_stable: float
+    exact_unavailable: str | None  # why there is no exact reference, or None
+
+    def as_dict(self) -> dict:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["auto"] = self.auto.as_dict()
+        return out
+
+
+def hvp_error_study(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, eps_values: Sequence[float]) -> HVPErrorStudy:
+    """Run ``op`` along the unit probe v at every eps and at the ``auto`` eps. Keeps one HVP per eps in memory
+    (local shards), so it is a diagnostic for models whose shards fit that many times; costs len(eps) + ~6 HVPs."""
+    from .hvp import ExactHVPUnavailable, exact_hvp
+
+    eps_values = sorted(float(e) for e in eps_values)
+    if len(eps_values) < 2 or eps_values[0] <= 0:
+        raise ValueError(f"need at least two positive eps values, got {eps_values}")
+    saved_eps = op.eps
+    auto = calibrate_eps(op, v)
+    try:
+        exact, reason = exact_hvp(op.model, op.batches, v=v), None
+    except ExactHVPUnavailable as e:
+        exact, reason = None, str(e)
+    results = []
+    try:
+        for eps in eps_values + [auto.eps]:
+            op.eps = eps
+            results.append(op.matvec(v))
+    finally:
+        op.eps = saved_eps
+    fd, at_auto = results[:-1], results[-1]
+
+    def rel(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
+        norm_b = op.space.norm(b)
+        return _distance(op, a, b) / norm_b if norm_b > 0 else float("nan")
+
+    agreement = [rel(fd[k], fd[k + 1]) for k in range(len(fd) - 1)]
+    finite = [k for k, a in enumerate(agreement) if math.isfinite(a) and op.space.norm(fd[k]) > 0]
+    stable = min(finite, key=lambda k: agreement[k]) if finite else len(fd) - 1
+    reference_norm = op.space.norm(exact if exact is not None else fd[stable])
+    eps_mach = float(torch.finfo(op.space.dtype).eps)
+    measured = math.isfinite(auto.third_derivative) and auto.third_derivative > 0 and op.scheme == "central"
+    nan = float("nan")
+    return HVPErrorStudy(
+        eps=eps_values,
+        rel_error_exact=[rel(h, exact) if exact is not None else nan for h in fd],
+        rel_error_stable=[rel(h, fd[stable]) for h in fd],
+        predicted=[predicted_error(e, eps_mach=eps_mach, grad_norm=auto.grad_norm,
+                                   third_derivative=auto.third_derivative) / reference_norm if measured else nan
+                   for e in eps_values],
+        perturbation_rounding=[op.perturbation_rounding(v, e) for e in eps_values],
+        stable_eps=eps_values[stable],
+        auto=auto,
+        auto_rel_error_exact=rel(at_auto, exact) if exact is not None else nan,
+        auto_rel_error_stable=rel(at_auto, fd[stable]),
+        exact_unavailable=reason,
+    )
