@@ -149,6 +149,14 @@ class Worker:
         return {"probe_id": probe_id, "blocks": m.blocks, "rel_error": m.rel_error, "cosine": m.cosine,
                 "whole_rel_error": m.whole_rel_error, "hvp_count": 1 + len(blocks)}
 
+    def hvp_errors(self, *, eps_values: list[float], seed: int, scheme: str) -> dict:
+        """The FD HVP along probe 0 at every eps, against the exact HVP and the most stable FD (hessian_core.eps)."""
+        from hessian_core.eps import hvp_error_study
+
+        op = self._operator(eps_values[0], scheme)
+        v = self._probe(seed=seed, probe_id=0, vector_dtype="float64")
+        return hvp_error_study(op, v, eps_values=eps_values).as_dict()
+
     def benchmark(self, *, eps: float, repeats: int, window: int, vector_dtype: str) -> list[dict]:
         """Kernel timings and peak memory on this group (see hessian_core.profiling)."""
         from hessian_core.profiling import measure_kernels

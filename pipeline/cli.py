@@ -1,4 +1,6 @@
-"""The ``hessian-spectrum`` command: run, plot, show. Exit status 0 success, 2 invalid input, 1 other failure."""
+"""The ``hessian-spectrum`` command: run, sweep, hvp-error, bench, compare, report, plot, show.
+
+Exit status 0 success, 2 invalid input (before anything expensive starts), 1 other failure."""
 
 from __future__ import annotations
 
@@ -32,9 +34,30 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     b.add_argument("--repeats", type=int, default=5, help="timed repetitions per kernel after one warm-up")
     b.add_argument("--output", default=None, help="folder for bench.json / bench.parquet (default: output_dir/bench)")
-    c = sub.add_parser("compare", help="statistics of runs and their spectral distance to the first one")
-    c.add_argument("run_dirs", nargs="+")
+    sw = sub.add_parser("sweep", help="runs over the Cartesian product of --grid overrides, in parallel, resumable")
+    sw.add_argument("config")
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                    help="a config key and its values, e.g. --grid hvp.eps=auto,1e-4 (repeatable: the product)")
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key for every point (repeatable)")
+    sw.add_argument("--parallel", type=int, default=None,
+                    help="points run at once, one group each (default: cluster.num_groups)")
+    sw.add_argument("--reference", default=None, help="point compared against (default: the first)")
+    sw.add_argument("--fresh", action="store_true", help="discard earlier results in output_dir")
+    he = sub.add_parser("hvp-error", help="FD HVP error against eps: exact and stable references, Theorem 3.1")
+    he.add_argument("config")
+    he.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    he.add_argument("--eps", default=None, metavar="E1,E2,...",
+                    help="steps to try (default: 6 decades, 3 per decade, around the dtype's default step)")
+    he.add_argument("--output", default=None, help="folder for the results (default: output_dir/hvp-error)")
+    c = sub.add_parser("compare", help="statistics of runs (or a sweep's points) and their spectral distance")
+    c.add_argument("run_dirs", nargs="+", help="run folders, or a sweep folder for all its finished points")
     c.add_argument("--output", default="compare", help="folder for compare.parquet and compare.png")
+    c.add_argument("--reference", default=None, help="run (path or folder name) to measure distances to "
+                                                     "(default: the first)")
+    rp = sub.add_parser("report", help="one self-contained report.html for a run, sweep, comparison or hvp-error")
+    rp.add_argument("folder")
+    rp.add_argument("--output", default=None, help="file to write (default: FOLDER/report.html)")
     pl = sub.add_parser("plot", help="redraw the plots of a run from its tables")
     pl.add_argument("run_dir")
     s = sub.add_parser("show", help="print a run's summary")
@@ -97,10 +120,23 @@ def main(argv: list[str] | None = None) -> int:
             if args.repeats < 1:
                 raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")
             bench(load_config(args.config, args.overrides), repeats=args.repeats, out_dir=args.output)
+        elif args.command == "sweep":
+            from .sweep import sweep
+
+            sweep(args.config, args.overrides, args.grid, parallel=args.parallel, fresh=args.fresh,
+                  reference=args.reference)
+        elif args.command == "hvp-error":
+            from .hvp_error import hvp_error
+
+            hvp_error(load_config(args.config, args.overrides), eps_text=args.eps, out_dir=args.output)
         elif args.command == "compare":
             from .compare import compare
 
-            compare(args.run_dirs, out_dir=args.output)
+            compare(args.run_dirs, out_dir=args.output, reference=args.reference)
+        elif args.command == "report":
+            from .report import write_report
+
+            print(f"wrote {write_report(args.folder, output=args.output)}")
         elif args.command == "plot":
             from .driver import draw_plots
 

@@ -17,6 +17,7 @@ from hessian_core import RitzRule, SpectralMeasure, smoothed_density
 from hessian_core.statistics import spectral_distance, spectrum_statistics
 
 from .config import ConfigError
+from .plots import exclusive
 from .tables import atomic_write
 
 
@@ -33,16 +34,46 @@ def load_rules(run_dir: str) -> tuple[list[RitzRule], dict]:
     return rules, info
 
 
-def compare(run_dirs: list[str], *, out_dir: str) -> list[dict]:
+def expand_run_dirs(paths: list[str]) -> list[str]:
+    """Run folders as given, with a sweep folder replaced by its finished points in grid order."""
+    out = []
+    for path in paths:
+        sweep_file = os.path.join(path, "sweep.json")
+        if os.path.exists(sweep_file) and not os.path.exists(os.path.join(path, "run.json")):
+            with open(sweep_file) as f:
+                names = json.load(f)["points"]
+            found = [os.path.join(path, n) for n in names if os.path.exists(os.path.join(path, n, "ritz.parquet"))]
+            if not found:
+                raise ConfigError(f"sweep folder {path!r} has no finished points yet")
+            out += found
+        else:
+            out.append(path)
+    return out
+
+
+def _pick_reference(run_dirs: list[str], reference: str | None) -> list[str]:
+    """Move the reference run to the front; it may be named by path or by folder name."""
+    if reference is None:
+        return run_dirs
+    for i, d in enumerate(run_dirs):
+        if os.path.normpath(d) == os.path.normpath(reference) or os.path.basename(os.path.normpath(d)) == reference:
+            return [run_dirs[i]] + run_dirs[:i] + run_dirs[i + 1:]
+    names = ", ".join(os.path.basename(os.path.normpath(d)) for d in run_dirs)
+    raise ConfigError(f"--reference {reference!r} is not one of the compared runs ({names})")
+
+
+def compare(run_dirs: list[str], *, out_dir: str, reference: str | None = None) -> list[dict]:
+    """Statistics of each run and its distance to the reference (default: the first run)."""
     if not run_dirs:
         raise ConfigError("compare needs at least one run folder")
+    run_dirs = _pick_reference(expand_run_dirs(run_dirs), reference)
     loaded = [load_rules(d) for d in run_dirs]
-    reference = SpectralMeasure.from_rules(loaded[0][0])
+    reference_measure = SpectralMeasure.from_rules(loaded[0][0])
     rows = []
     for run_dir, (rules, info) in zip(run_dirs, loaded):
         stats = spectrum_statistics(rules, dimension=info["num_params"])
         rows.append({"run": run_dir, **stats.as_dict(),
-                     "distance_to_reference": spectral_distance(SpectralMeasure.from_rules(rules), reference),
+                     "distance_to_reference": spectral_distance(SpectralMeasure.from_rules(rules), reference_measure),
                      "probes": len(rules), "eps": info.get("eps")})
     os.makedirs(out_dir, exist_ok=True)
     table = pa.Table.from_pylist(rows).replace_schema_metadata(
@@ -53,6 +84,7 @@ def compare(run_dirs: list[str], *, out_dir: str) -> list[dict]:
     return rows
 
 
+@exclusive
 def _plot(path: str, names: list[str], rules_per_run: list[list[RitzRule]]) -> None:
     from .plots import _pyplot
 
@@ -79,8 +111,9 @@ def _plot(path: str, names: list[str], rules_per_run: list[list[RitzRule]]) -> N
 def format_compare(rows: list[dict]) -> str:
     cols = ["lambda_max", "lambda_min", "trace", "negative_mass", "bulk_upper", "outlier_count", "outlier_mass",
             "distance_to_reference"]
-    lines = [f"{'run':<28}" + "".join(f"{c:>14}" for c in cols)]
+    widths = [max(12, len(c) + 2) for c in cols]
+    lines = [f"{'run':<28}" + "".join(f"{c:>{w}}" for c, w in zip(cols, widths))]
     for r in rows:
         name = os.path.basename(os.path.normpath(r["run"]))[:27]
-        lines.append(f"{name:<28}" + "".join(f"{r[c]:>14.5g}" for c in cols))
+        lines.append(f"{name:<28}" + "".join(f"{r[c]:>{w}.5g}" for c, w in zip(cols, widths)))
     return "\n".join(lines)

@@ -62,7 +62,7 @@ class HVPConfig:
 @dataclass(kw_only=True)
 class LanczosConfig:
     steps: int = 30
-    probes: int = 4
+    probes: int = 4  # 0: no SLQ (a block-analysis-only run)
     reorth: Literal["none", "window", "full"] = "window"
     window: int = 8
     vector_dtype: Literal["float64", "float32", "bfloat16"] = "float32"
@@ -121,8 +121,8 @@ class RunConfig:
 
 
 POSITIVE = ["data.seq_len", "data.batch_size", "data.num_batches", "cluster.num_workers", "cluster.num_groups",
-            "lanczos.steps", "lanczos.probes", "blocks.probes", "density.grid_size"]
-NON_NEGATIVE = ["lanczos.window", "cluster.max_failures", "checkpoint.every"]
+            "lanczos.steps", "blocks.probes", "density.grid_size"]
+NON_NEGATIVE = ["lanczos.window", "lanczos.probes", "cluster.max_failures", "checkpoint.every"]
 
 
 def _type_name(tp) -> str:
@@ -236,6 +236,9 @@ def validate(config: RunConfig) -> None:
     for key in NON_NEGATIVE:
         if _get(config, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {_get(config, key)}")
+    if config.lanczos.probes == 0 and not config.blocks.enabled:
+        raise ConfigError("lanczos.probes=0 and blocks.enabled=false leave nothing to compute; "
+                          "set lanczos.probes >= 1 or blocks.enabled=true")
     if config.data.seq_len < 2:
         raise ConfigError(f"data.seq_len must be >= 2 (a next-token loss needs two tokens), got {config.data.seq_len}")
     if config.hvp.eps != "auto" and not config.hvp.eps > 0:

@@ -9,6 +9,7 @@ import shutil
 import socket
 import statistics
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -40,8 +41,13 @@ class Prepared:
     batches: torch.Tensor  # [num_batches, batch_size, seq_len]
 
 
+_log_context = threading.local()  # a sweep runs several runs in threads; each names itself in its log lines
+
+
 def log(msg: str) -> None:
-    print(f"[hessian-spectrum] {msg}", file=sys.stderr, flush=True)
+    name = getattr(_log_context, "run_name", None)
+    tag = f"hessian-spectrum {name}" if name else "hessian-spectrum"
+    print(f"[{tag}] {msg}", file=sys.stderr, flush=True)
 
 
 def _check_output_dir(config: RunConfig, *, fresh: bool) -> None:
@@ -153,10 +159,10 @@ def _connect_ray(config: RunConfig) -> None:
 class Progress:
     """A tqdm bar over all HVP steps on a terminal; plain log lines otherwise."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, *, bar: bool = True):
         self.total, self.done, self.last_line = total, 0, 0.0
         self.bar = None
-        if sys.stderr.isatty():
+        if bar and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, unit="hvp", desc="probes", file=sys.stderr)
@@ -361,8 +367,12 @@ def _is_actor_death(err: BaseException) -> bool:
     return isinstance(err, rex.RayTaskError) and any(k in text for k in ("gloo", "nccl", "connection", "timed out"))
 
 
-def run(prepared: Prepared) -> dict:
-    """Execute a prepared run; returns run.json's content. Raises on failure after recording it."""
+def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True) -> dict:
+    """Execute a prepared run; returns run.json's content. Raises on failure after recording it.
+
+    ``own_ray=False``: Ray is already connected (a sweep running several runs in threads) and stays so;
+    ``name`` then tags this run's log lines.
+    """
     import ray
     from ray.util.queue import Empty, Queue
 
@@ -378,8 +388,10 @@ def run(prepared: Prepared) -> dict:
                      config_overrides=config.model.config or {}, seed=config.model.seed)
     groups: list[WorkerGroup] = []
     progress_bar = None
+    _log_context.run_name = name
     try:
-        _connect_ray(config)
+        if own_ray:
+            _connect_ray(config)
         batches_ref = ray.put(prepared.batches)
 
         def new_group(index: int) -> WorkerGroup:
@@ -416,7 +428,7 @@ def run(prepared: Prepared) -> dict:
         done_steps = state.info.get("resumed_from", {}).get("checkpoint_steps", {})
         total_steps = sum(lz.steps - done_steps.get(str(pid), 0) for kind, pid in tasks if kind == "slq")
         queue = Queue(actor_options={"num_cpus": 0})
-        progress_bar = Progress(total_steps + sum(1 for kind, _ in tasks if kind == "blocks"))
+        progress_bar = Progress(total_steps + sum(1 for kind, _ in tasks if kind == "blocks"), bar=own_ray)
 
         def progress(info: dict, queue=queue) -> None:
             queue.put_nowait(info)
@@ -502,8 +514,8 @@ def run(prepared: Prepared) -> dict:
                 group.shutdown()
             except Exception:  # noqa: BLE001 - best effort at teardown
                 pass
-        if ray.is_initialized():
+        if own_ray and ray.is_initialized():
             ray.shutdown()
 
 
-__all__ = ["preflight", "run", "draw_plots", "block_summary", "Prepared"]
+__all__ = ["preflight", "run", "draw_plots", "block_summary", "Prepared", "log"]

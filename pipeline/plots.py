@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import functools
+import threading
+
 import numpy as np
 
 from .tables import atomic_write
+
+
+# pyplot's figure manager and mathtext parser are not thread-safe, and a sweep finishes runs in threads
+PLOT_LOCK = threading.RLock()
+
+
+def exclusive(draw):
+    """Run a drawing function under PLOT_LOCK."""
+
+    @functools.wraps(draw)
+    def locked(*args, **kwargs):
+        with PLOT_LOCK:
+            return draw(*args, **kwargs)
+
+    return locked
 
 
 def _pyplot():
@@ -16,6 +34,7 @@ def _pyplot():
     return plt
 
 
+@exclusive
 def plot_density(path: str, *, grid: np.ndarray, density: np.ndarray, ritz_values: np.ndarray, title: str) -> None:
     """Linear and log density panels, with the Ritz values as a rug."""
     plt = _pyplot()
@@ -36,6 +55,7 @@ def plot_density(path: str, *, grid: np.ndarray, density: np.ndarray, ritz_value
     plt.close(fig)
 
 
+@exclusive
 def plot_blocks(path: str, *, blocks: list[str], rel_error: np.ndarray, cosine: np.ndarray, title: str) -> None:
     """Per-block relative error and cosine (rows: probes), as mean with a +-std bar."""
     plt = _pyplot()

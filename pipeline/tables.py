@@ -41,6 +41,16 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         raise
 
 
+def write_text(path: str, text: str) -> None:
+    """Atomically write a text file (UTF-8)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
 def write_json(path: str, obj: dict) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:

@@ -1,0 +1,181 @@
+"""``hessian-spectrum report FOLDER``: one self-contained report.html for a run, a sweep, a comparison or an
+hvp-error study. Figures are embedded as PNG data URIs; tables, each run's config and software versions are
+inline. The page loads nothing from anywhere, so it can be mailed or archived as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import time
+
+import pyarrow.parquet as pq
+import yaml
+
+from .config import ConfigError
+from .tables import write_text
+
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1150px; margin: 2em auto; padding: 0 1em; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ccc; }
+.scroll { overflow-x: auto; } table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
+th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; } th { background: #f0f0f0; }
+td:first-child, th:first-child { text-align: left; }
+pre { background: #f7f7f7; padding: 0.7em; font-size: 0.8em; overflow-x: auto; }
+img { max-width: 100%; border: 1px solid #eee; } .failed { color: #b00; }
+details { margin: 0.7em 0; } summary { cursor: pointer; font-weight: 600; }
+"""
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _image(path: str, alt: str) -> str:
+    if not os.path.exists(path):
+        return ""
+    with open(path, "rb") as f:
+        data = base64.b64encode(f.read()).decode()
+    return f'<p><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></p>'
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.5g}"
+    return "" if value is None else str(value)
+
+
+def _table(rows: list[dict], columns: list[str] | None = None) -> str:
+    if not rows:
+        return "<p>(no rows)</p>"
+    columns = columns or list(rows[0])
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in columns) + "</tr>"
+                   for r in rows)
+    return f"<div class=\"scroll\"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+
+
+def _parquet_rows(path: str) -> list[dict]:
+    return pq.read_table(path).to_pylist() if os.path.exists(path) else []
+
+
+def _pre(text: str) -> str:
+    return f"<pre>{html.escape(text)}</pre>"
+
+
+def _config_and_versions(info: dict) -> str:
+    parts = []
+    if info.get("config"):
+        parts.append("<details><summary>config</summary>" + _pre(yaml.safe_dump(info["config"], sort_keys=False))
+                     + "</details>")
+    if info.get("versions"):
+        parts.append("<p>versions: " + html.escape(", ".join(f"{k} {v}" for k, v in info["versions"].items()))
+                     + "</p>")
+    return "".join(parts)
+
+
+def _run_section(run_dir: str, info: dict, *, heading: str) -> str:
+    from .cli import format_summary
+
+    status = info.get("status")
+    out = [f"<h2>{html.escape(heading)}</h2>"]
+    if status != "complete":
+        out.append(f"<p class=\"failed\">this run is {html.escape(str(status))}"
+                   + (f": {html.escape(info['error'])}" if info.get("error") else "") + "</p>")
+    out += [_pre(format_summary(info)),
+           _image(os.path.join(run_dir, "density.png"), "spectral density"),
+           _image(os.path.join(run_dir, "blocks.png"), "block-diagonal errors")]
+    blocks = info.get("blocks")
+    if blocks:
+        rows = [{"block": name, **vals} for name, vals in blocks["per_block"].items()]
+        rows.append({"block": "overall", **{k: v for k, v in blocks["overall"].items() if k != "whole_rel_error_mean"}})
+        out.append(_table(rows, ["block", "rel_error_mean", "rel_error_std", "cosine_mean", "cosine_std"]))
+    out.append(_config_and_versions(info))
+    study = os.path.join(run_dir, "hvp-error")
+    if os.path.exists(os.path.join(study, "hvp_error.json")):
+        out.append(_hvp_error_section(study, heading="HVP error against eps"))
+    return "".join(out)
+
+
+def _hvp_error_section(folder: str, *, heading: str) -> str:
+    info = _read_json(os.path.join(folder, "hvp_error.json")) or {}
+    rows = _parquet_rows(os.path.join(folder, "hvp_error.parquet"))
+    s = info.get("summary", {})
+    text = (f"auto eps {s.get('auto_eps', float('nan')):.3g} ({info.get('auto', {}).get('message', '')}); "
+            f"most stable FD step {s.get('stable_eps', float('nan')):.3g}")
+    if "min_eps" in s:
+        text += (f"; smallest error vs {s['reference']} {s['min_rel_error']:.3g} at eps {s['min_eps']:.3g} "
+                 f"({s['min_over_auto']:.2f}x the auto eps)")
+    if info.get("exact_unavailable"):
+        text += f"; no exact reference: {info['exact_unavailable']}"
+    return "".join([f"<h2>{html.escape(heading)}</h2>", f"<p>{html.escape(text)}</p>",
+                    _image(os.path.join(folder, "hvp_error.png"), "HVP error against eps"), _table(rows),
+                    _config_and_versions(info)])
+
+
+def _compare_section(folder: str, *, heading: str) -> str:
+    rows = _parquet_rows(os.path.join(folder, "compare.parquet"))
+    if not rows:
+        return ""
+    for r in rows:
+        r["run"] = os.path.basename(os.path.normpath(r["run"]))
+    return "".join([f"<h2>{html.escape(heading)}</h2>",
+                    f"<p>reference: {html.escape(rows[0]['run'])}; distance = W1 between the SLQ measures / the "
+                    f"reference's lambda_max - lambda_min (see README, Comparing runs)</p>",
+                    _table(rows), _image(os.path.join(folder, "compare.png"), "densities overlaid")])
+
+
+def build_report(folder: str) -> str:
+    """The HTML text of the report for ``folder``; raises ConfigError if it holds nothing reportable."""
+    run_info = _read_json(os.path.join(folder, "run.json"))
+    sweep_info = _read_json(os.path.join(folder, "sweep.json"))
+    hvp_info = _read_json(os.path.join(folder, "hvp_error.json"))
+    body: list[str] = []
+    if run_info is not None:
+        title = f"Hessian spectrum: run {folder}"
+        body.append(_run_section(folder, run_info, heading="Run"))
+    elif sweep_info is not None:
+        title = f"Hessian spectrum: sweep {folder}"
+        grid = ", ".join(f"{k} in {{{', '.join(v)}}}" for k, v in sweep_info["grid"])
+        body.append(f"<h2>Sweep</h2><p>{html.escape(grid)} over {html.escape(sweep_info['config_file'])}"
+                    + (f" with {html.escape(' '.join(sweep_info['overrides']))}" if sweep_info["overrides"] else "")
+                    + "</p>")
+        body.append(_table(_parquet_rows(os.path.join(folder, "sweep.parquet"))))
+        body.append(_compare_section(folder, heading="Comparison of the finished points"))
+        for name in sweep_info["points"]:
+            info = _read_json(os.path.join(folder, name, "run.json"))
+            if info is not None:
+                body.append(_run_section(os.path.join(folder, name), info, heading=f"Point {name}"))
+    elif hvp_info is not None:
+        title = f"Hessian spectrum: HVP error study {folder}"
+        body.append(_hvp_error_section(folder, heading="HVP error against eps"))
+    elif os.path.exists(os.path.join(folder, "compare.parquet")):
+        title = f"Hessian spectrum: comparison {folder}"
+        body.append(_compare_section(folder, heading="Comparison"))
+        for r in _parquet_rows(os.path.join(folder, "compare.parquet")):
+            info = _read_json(os.path.join(r["run"], "run.json"))
+            if info is not None:
+                body.append(_run_section(r["run"], info, heading=f"Run {r['run']}"))
+    else:
+        raise ConfigError(f"{folder!r} holds no run, sweep, comparison or hvp-error results "
+                          f"(run.json, sweep.json, compare.parquet or hvp_error.json)")
+    generated = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+            f"<p>generated {html.escape(generated)} by hessian-spectrum report</p>{''.join(body)}</body></html>\n")
+
+
+def write_report(folder: str, *, output: str | None = None) -> str:
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{folder!r} is not a folder")
+    text = build_report(folder)
+    path = output or os.path.join(folder, "report.html")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_text(path, text)
+    return path

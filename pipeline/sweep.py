@@ -1,0 +1,253 @@
+"""``hessian-spectrum sweep CONFIG --grid key=v1,v2 ...``: a family of runs over the Cartesian product of overrides.
+
+Each point of the grid is an ordinary run in its own sub-folder of ``output_dir`` (its ``config.yaml`` beside
+its results, so it can be rerun or resumed alone with ``hessian-spectrum run``). Points run concurrently, one
+group each, ``cluster.num_groups`` at a time, on one Ray connection. Running the same sweep again skips
+finished points and resumes the others from their tables and checkpoints. ``sweep.parquet`` indexes the
+points by their override values with each point's status and summary; ``sweep.json`` records the grid.
+After the points finish, the sweep is compared (``compare.parquet``, ``compare.png``) against its first point.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, replace
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from .config import ConfigError, RunConfig, load_config
+from .tables import atomic_write, write_json, write_text
+
+SWEEP_FILE = "sweep.json"
+INDEX_FILE = "sweep.parquet"
+# cluster.num_groups is the sweep's concurrency and cluster.address its one Ray connection: not per point
+NOT_GRID_KEYS = ("cluster.num_groups", "cluster.address", "output_dir")
+
+
+@dataclass
+class Point:
+    name: str  # sub-folder of the sweep's output_dir
+    values: dict[str, str]  # grid key -> value as given on the command line
+    config: RunConfig
+
+
+def parse_grid(specs: list[str]) -> list[tuple[str, list[str]]]:
+    """``["hvp.eps=1e-3,1e-5", ...]`` -> ``[("hvp.eps", ["1e-3", "1e-5"]), ...]``; refuses malformed specs."""
+    if not specs:
+        raise ConfigError("sweep needs at least one --grid key=v1,v2,...")
+    grid, seen = [], set()
+    for spec in specs:
+        key, sep, raw = spec.partition("=")
+        key = key.strip()
+        values = [v.strip() for v in raw.split(",")] if sep else []
+        if not sep or not key or not values or any(not v for v in values):
+            raise ConfigError(f"--grid {spec!r}: expected key=v1,v2,... with non-empty values, "
+                              f"e.g. --grid hvp.eps=auto,1e-4")
+        if key in seen:
+            raise ConfigError(f"--grid {key}: given twice; list all its values in one --grid")
+        if key in NOT_GRID_KEYS:
+            raise ConfigError(f"--grid {key}: cannot vary within a sweep (cluster.num_groups sets how many points "
+                              f"run at once; address and output_dir are the sweep's own)")
+        if len(set(values)) != len(values):
+            raise ConfigError(f"--grid {key}: repeated value in {raw!r}")
+        seen.add(key)
+        grid.append((key, values))
+    return grid
+
+
+def point_name(values: dict[str, str]) -> str:
+    """A readable, file-system-safe folder name: ``eps=1e-05_num_batches=2``."""
+    parts = []
+    for key, value in values.items():
+        short = key.rsplit(".", 1)[-1]
+        parts.append(f"{short}={re.sub(r'[^A-Za-z0-9.+-]', '-', value)}")
+    return "_".join(parts)
+
+
+def plan(config_path: str, overrides: list[str], grid: list[tuple[str, list[str]]], *,
+         parallel: int | None = None) -> tuple[RunConfig, list[Point], int]:
+    """The base config, every point's validated config, and how many points run at once.
+
+    Every point is validated here, before Ray starts: a bad value fails the whole sweep with the point named.
+    """
+    base = load_config(config_path, overrides)
+    concurrency = parallel if parallel is not None else base.cluster.num_groups
+    if concurrency < 1:
+        raise ConfigError(f"--parallel must be >= 1, got {concurrency}")
+    keys = [k for k, _ in grid]
+    points, names = [], set()
+    for combo in itertools.product(*(values for _, values in grid)):
+        values = dict(zip(keys, combo))
+        name = point_name(values)
+        if name in names:
+            raise ConfigError(f"--grid values {values} give the folder name {name!r} twice; use distinct values")
+        names.add(name)
+        point_overrides = list(overrides) + [f"{k}={v}" for k, v in values.items()]
+        try:
+            config = load_config(config_path, point_overrides)
+        except ConfigError as e:
+            raise ConfigError(f"sweep point {name}: {e}") from None
+        cluster = replace(config.cluster, num_groups=1)
+        if cluster.cpus_per_worker is None and cluster.address is None and not os.environ.get("RAY_ADDRESS"):
+            # a local Ray: the points running at once share this machine's cores
+            cluster = replace(cluster, cpus_per_worker=max(1, (os.cpu_count() or 1) // (cluster.num_workers
+                                                                                     * concurrency)))
+        config = replace(config, cluster=cluster, output_dir=os.path.join(base.output_dir, name))
+        points.append(Point(name, values, config))
+    return base, points, concurrency
+
+
+def _write_point_config(point: Point) -> None:
+    os.makedirs(point.config.output_dir, exist_ok=True)
+    path = os.path.join(point.config.output_dir, "config.yaml")
+    text = yaml.safe_dump(point.config.to_dict(), sort_keys=False)
+    write_text(path, text)
+
+
+def _finished(point: Point) -> dict | None:
+    path = os.path.join(point.config.output_dir, "run.json")
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return info if info.get("status") == "complete" and info.get("config") == point.config.to_dict() else None
+
+
+def _row(point: Point, info: dict | None, error: str | None) -> dict:
+    summary = (info or {}).get("summary") or {}
+    timing = (info or {}).get("timing") or {}
+    return {"run": point.name, **point.values,
+            "status": (info or {}).get("status", "failed" if error else "pending"),
+            "eps": (info or {}).get("eps"), "lambda_max": summary.get("lambda_max"),
+            "lambda_min": summary.get("lambda_min"), "trace": summary.get("trace"),
+            "hvp_count": timing.get("hvp_count"), "seconds": timing.get("total_seconds"),
+            "error": error or (info or {}).get("error")}
+
+
+INDEX_SCHEMA_FIXED = [("run", pa.string()), ("status", pa.string()), ("eps", pa.float64()),
+                      ("lambda_max", pa.float64()), ("lambda_min", pa.float64()), ("trace", pa.float64()),
+                      ("hvp_count", pa.int64()), ("seconds", pa.float64()), ("error", pa.string())]
+
+
+def _write_index(out_dir: str, grid: list[tuple[str, list[str]]], rows: list[dict]) -> None:
+    fields = [INDEX_SCHEMA_FIXED[0]] + [(k, pa.string()) for k, _ in grid] + INDEX_SCHEMA_FIXED[1:]
+    schema = pa.schema(fields)
+    table = pa.Table.from_pylist(rows, schema=schema)
+    atomic_write(os.path.join(out_dir, INDEX_FILE), lambda tmp: pq.write_table(table, tmp))
+
+
+def format_index(rows: list[dict], keys: list[str]) -> str:
+    head = f"{'run':<34}{'status':>10}{'eps':>11}{'lambda_max':>13}{'lambda_min':>13}{'trace':>13}"
+    lines = [head]
+    for r in rows:
+        def num(x, width):
+            return f"{x:>{width}.4g}" if isinstance(x, (int, float)) else f"{'-':>{width}}"
+        lines.append(f"{r['run'][:33]:<34}{r['status']:>10}{num(r['eps'], 11)}{num(r['lambda_max'], 13)}"
+                     f"{num(r['lambda_min'], 13)}{num(r['trace'], 13)}")
+    return "\n".join(lines)
+
+
+def sweep(config_path: str, overrides: list[str], grid_specs: list[str], *, parallel: int | None = None,
+          fresh: bool = False, reference: str | None = None) -> list[dict]:
+    """Run (or resume) every point; returns the index rows. Raises RuntimeError if any point failed."""
+    from .driver import _connect_ray, log, preflight, run
+
+    grid = parse_grid(grid_specs)
+    base, points, concurrency = plan(config_path, overrides, grid, parallel=parallel)
+    if reference is not None and reference not in [p.name for p in points]:
+        raise ConfigError(f"--reference {reference!r} is not a point of this sweep; points: "
+                          f"{', '.join(p.name for p in points)}")
+    out_dir = base.output_dir
+    os.makedirs(out_dir, exist_ok=True)
+    sweep_info_path = os.path.join(out_dir, SWEEP_FILE)
+    sweep_info = {"config_file": os.path.abspath(config_path), "overrides": list(overrides),
+                  "grid": [[k, v] for k, v in grid], "points": [p.name for p in points],
+                  "base_config": base.to_dict()}
+    if os.path.exists(sweep_info_path) and not fresh:
+        with open(sweep_info_path) as f:
+            previous = json.load(f)
+        if {k: previous.get(k) for k in ("grid", "base_config")} != {k: sweep_info[k] for k in ("grid", "base_config")}:
+            raise ConfigError(f"output_dir {out_dir!r} holds a different sweep; use another output_dir or --fresh")
+
+    # everything that can be refused is refused before Ray starts: paths, data, each point's folder
+    rows: dict[str, dict] = {}
+    todo = []
+    for point in points:
+        done = None if fresh else _finished(point)
+        if done is not None:
+            rows[point.name] = _row(point, done, None)
+            continue
+        try:
+            prepared = preflight(point.config, fresh=fresh)
+        except ConfigError as e:
+            raise ConfigError(f"sweep point {point.name}: {e}") from None
+        todo.append((point, prepared))
+        rows[point.name] = _row(point, None, None)
+    sweep_info["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    write_json(sweep_info_path, sweep_info)
+
+    def ordered() -> list[dict]:
+        return [rows[p.name] for p in points]
+
+    _write_index(out_dir, grid, ordered())
+    log(f"sweep: {len(points)} point(s), {len(points) - len(todo)} already finished, "
+        f"{min(concurrency, max(len(todo), 1))} at a time")
+
+    if todo:
+        import ray
+
+        _connect_ray(replace(base, cluster=replace(todo[0][0].config.cluster, num_groups=concurrency)))
+        try:
+            for point, _ in todo:
+                _write_point_config(point)
+            with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sweep") as pool:
+                futures = {pool.submit(run, prepared, name=point.name, own_ray=False): point
+                           for point, prepared in todo}
+                for future in as_completed(futures):
+                    point = futures[future]
+                    error = None
+                    try:
+                        future.result()
+                    except Exception as e:  # noqa: BLE001 - one failed point does not stop the others
+                        error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                        log(f"sweep point {point.name} failed: {error}")
+                    info = None
+                    try:
+                        with open(os.path.join(point.config.output_dir, "run.json")) as f:
+                            info = json.load(f)
+                    except (OSError, ValueError):
+                        pass
+                    rows[point.name] = _row(point, info, error)
+                    _write_index(out_dir, grid, ordered())
+                    log(f"sweep: {sum(r['status'] == 'complete' for r in rows.values())}/{len(points)} complete")
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+
+    result = ordered()
+    print(format_index(result, [k for k, _ in grid]))
+    complete = [os.path.join(out_dir, r["run"]) for r in result if r["status"] == "complete"]
+    if len(complete) >= 1:
+        from .compare import compare
+
+        finished = [r["run"] for r in result if r["status"] == "complete"]
+        if reference is not None and reference not in finished:
+            log(f"sweep: the reference point {reference} did not finish; comparing against {finished[0]}")
+        compare(complete, out_dir=out_dir, reference=reference if reference in finished else None)
+    failed = [r["run"] for r in result if r["status"] != "complete"]
+    sweep_info["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    sweep_info["failed"] = failed
+    write_json(sweep_info_path, sweep_info)
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(points)} sweep point(s) failed: {', '.join(failed)}; "
+                           f"run the same command again to resume them")
+    print(f"sweep results in {out_dir}")
+    return result
