@@ -95,6 +95,27 @@ def test_a_failing_point_is_recorded_and_the_others_finish(studies, tmp_path, ca
     assert "nan" in index.error[1]
 
 
+def test_demo_eps_study_u_shape_and_distances(tmp_path):
+    """The issue's acceptance check on the demo model (configs/study-eps.yaml, fewer Lanczos steps): the HVP error
+    is U-shaped over 6 decades with its minimum within 3x of the auto eps, and a far-too-small eps moves the
+    density farther from the auto-eps density than doubling the analysis set does."""
+    preset = os.path.join(os.path.dirname(__file__), "..", "configs", "study-eps.yaml")
+    out = str(tmp_path / "eps")
+    assert main(["hvp-error", preset, "--set", f"output_dir={out}"]) == 0
+    summary = json.load(open(os.path.join(out, "hvp-error", "hvp_error.json")))["summary"]
+    assert summary["reference"] == "exact" and summary["decades"] >= 6
+    assert 1 / 3 <= summary["min_over_auto"] <= 3
+    table = pq.read_table(os.path.join(out, "hvp-error", "hvp_error.parquet")).to_pandas()
+    err = table.rel_error_exact.to_numpy()
+    assert err[0] > 100 * err.min() and err[-1] > 10 * err.min()
+    assert main(["sweep", preset, "--grid", "hvp.eps=auto,1e-6", "--grid", "data.num_batches=2,4", "--set",
+                 "lanczos.steps=20", "--set", "lanczos.probes=2", "--set", f"output_dir={out}"]) == 0
+    compared = pq.read_table(os.path.join(out, "compare.parquet")).to_pandas()
+    distance = dict(zip([os.path.basename(r) for r in compared.run], compared.distance_to_reference))
+    assert distance["eps=auto_num_batches=2"] == 0.0
+    assert distance["eps=1e-6_num_batches=2"] > 3 * distance["eps=auto_num_batches=4"]
+
+
 @pytest.mark.parametrize("grid,expected", [
     (["--grid", "hvp.eps"], "expected key=v1,v2"),
     (["--grid", "hvp.eps=1e-3,"], "expected key=v1,v2"),
