@@ -76,17 +76,17 @@ class Worker:
         choice = calibrate_eps(op, self._probe(seed=seed, probe_id=0, vector_dtype="float64"), eps=eps)
         return {**choice.as_dict(), "hvp_count": op.calls - calls}
 
-    def gradient_seconds(self, *, repeats: int) -> float:
+    def gradient_seconds(self, *, repeats: int, warmup: bool = True) -> float:
         """Median wall time of one full gradient over this group's analysis set."""
         times = []
-        for _ in range(repeats + 1):  # the first is warm-up
+        for _ in range(repeats + int(warmup)):
             self._sync()
             t = time.perf_counter()
             accumulate_gradient(self.model, self.batches)
             self._sync()
             times.append(time.perf_counter() - t)
             self.model.zero_grad(set_to_none=True)
-        return statistics.median(times[1:])
+        return statistics.median(times[int(warmup):])
 
     def run_probe(self, *, probe_id: int, seed: int, eps: float, scheme: str, steps: int, reorth: str, window: int,
                   vector_dtype: str, checkpoint_dir: str | None = None, checkpoint_every: int = 0,

@@ -59,7 +59,9 @@ def _end_to_end(config: RunConfig, *, eps: float, out_dir: str) -> list[dict]:
         cfg = dataclasses.replace(
             config, output_dir=os.path.join(out_dir, f"slq-{groups}x{workers}"),
             cluster=dataclasses.replace(config.cluster, num_groups=groups, num_workers=workers),
-            hvp=dataclasses.replace(config.hvp, eps=eps), blocks=dataclasses.replace(config.blocks, enabled=False))
+            # the peers do SLQ at a given eps and nothing else: so does this run (no assessment of the eps)
+            hvp=dataclasses.replace(config.hvp, eps=eps, assess=False),
+            blocks=dataclasses.replace(config.blocks, enabled=False))
         started = time.perf_counter()
         info = run(preflight(cfg, fresh=True))
         wall = time.perf_counter() - started

@@ -57,6 +57,7 @@ class ClusterConfig:
 class HVPConfig:
     eps: float | Literal["auto"] = "auto"
     scheme: Literal["central", "richardson"] = "central"
+    assess: bool = True  # with a fixed eps, estimate its error first (1 gradient + 2-6 HVPs); false skips that
 
 
 @dataclass(kw_only=True)
@@ -243,6 +244,8 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"data.seq_len must be >= 2 (a next-token loss needs two tokens), got {config.data.seq_len}")
     if config.hvp.eps != "auto" and not config.hvp.eps > 0:
         raise ConfigError(f"hvp.eps must be a positive number or 'auto', got {config.hvp.eps}")
+    if config.hvp.eps == "auto" and not config.hvp.assess:
+        raise ConfigError("hvp.assess=false needs a fixed hvp.eps (eps: auto is chosen by the assessment)")
     if config.data.batch_size % config.cluster.num_workers:
         raise ConfigError(f"data.batch_size={config.data.batch_size} is not divisible by "
                           f"cluster.num_workers={config.cluster.num_workers}: each rank needs an equal slice")

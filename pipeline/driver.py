@@ -409,6 +409,11 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True) ->
             choice = state.previous["eps_calibration"]  # checkpoints were taken with this eps
             log(f"resuming: {len(state.probes)} probe(s) finished, checkpoints at "
                 f"{state.info['resumed_from']['checkpoint_steps'] or 'none'}; eps from the earlier run")
+        elif not config.hvp.assess:
+            eps = float(config.hvp.eps)
+            choice = {"eps": eps, "source": "fixed", "relative_error": None, "grad_norm": None,
+                      "third_derivative": None, "perturbation_rounding": None, "reliable": None,
+                      "message": f"eps={eps:.3g} (fixed, not assessed: hvp.assess is false)"}
         else:
             eps_arg = None if config.hvp.eps == "auto" else float(config.hvp.eps)
             choice = groups[0].run("calibrate", seed=lz.seed, scheme=config.hvp.scheme, eps=eps_arg)
@@ -416,9 +421,11 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True) ->
         state.info["eps"] = choice["eps"]
         state.info["eps_calibration"] = choice
         log(choice["message"])
-        if not choice["reliable"]:
+        if choice["reliable"] is False:
             log("warning: the HVP at this eps is unreliable; results may be dominated by numerical noise")
-        grad_seconds = groups[0].run("gradient_seconds", repeats=3)
+        # one timed gradient; a warm-up first only where no calibration has just run the model
+        warm = choice.get("grad_norm") is not None and not state.info["resumed"]
+        grad_seconds = groups[0].run("gradient_seconds", repeats=1, warmup=not warm)
         state.info["timing"] = {"grad_seconds": grad_seconds}
         state.save_info()
 

@@ -208,7 +208,8 @@ def sweep(config_path: str, overrides: list[str], grid_specs: list[str], *, para
         try:
             for point, _ in todo:
                 _write_point_config(point)
-            with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sweep") as pool:
+            pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sweep")
+            try:
                 futures = {pool.submit(run, prepared, name=point.name, own_ray=False): point
                            for point, prepared in todo}
                 for future in as_completed(futures):
@@ -228,6 +229,13 @@ def sweep(config_path: str, overrides: list[str], grid_specs: list[str], *, para
                     rows[point.name] = _row(point, info, error)
                     _write_index(out_dir, grid, ordered())
                     log(f"sweep: {sum(r['status'] == 'complete' for r in rows.values())}/{len(points)} complete")
+            except BaseException:
+                # Ctrl-C: stop Ray first so the running points fail fast (their checkpoints stay for a resume)
+                # instead of the pool waiting for them to finish
+                pool.shutdown(wait=False, cancel_futures=True)
+                ray.shutdown()
+                raise
+            pool.shutdown()
         finally:
             if ray.is_initialized():
                 ray.shutdown()

@@ -33,6 +33,7 @@ CASES = [
     ({"set": ["lanczos.steps=0"]}, "lanczos.steps"),
     ({"set": ["lanczos.probes=0"]}, "nothing to compute"),
     ({"set": ["lanczos.probes=-1"]}, "lanczos.probes"),
+    ({"set": ["hvp.eps=auto", "hvp.assess=false"]}, "hvp.assess=false needs a fixed hvp.eps"),
     ({"set": ["cluster.num_workers=0"]}, "cluster.num_workers"),
     ({"set": ["cluster.num_groups=0"]}, "cluster.num_groups"),
     ({"set": ["data.batch_size=0"]}, "data.batch_size"),

@@ -156,3 +156,15 @@ def test_compare_runs(runs, tmp_path, capsys):
         assert img.format == "PNG"
     assert "distance_to_reference" in capsys.readouterr().out
     assert main(["compare", str(tmp_path / "nothing")]) == 2
+
+
+def test_a_fixed_eps_without_assessment_costs_exactly_the_slq_hvps(tmp_path):
+    model, data = assets(str(tmp_path))
+    config = write_config(str(tmp_path / "c.yaml"), model=model, data=data, output_dir=str(tmp_path / "out"),
+                          hvp={"eps": 1e-4, "assess": False}, lanczos={"steps": 6, "probes": 2})
+    assert main(["run", config]) == 0
+    info = json.load(open(tmp_path / "out" / "run.json"))
+    assert info["eps"] == 1e-4 and "not assessed" in info["eps_calibration"]["message"]
+    assert info["eps_calibration"]["reliable"] is None
+    assert info["timing"]["hvp_count"] == 2 * 6
+    assert info["timing"]["grad_seconds"] > 0
