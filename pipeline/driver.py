@@ -367,11 +367,13 @@ def _is_actor_death(err: BaseException) -> bool:
     return isinstance(err, rex.RayTaskError) and any(k in text for k in ("gloo", "nccl", "connection", "timed out"))
 
 
-def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True) -> dict:
+def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
+        cancel: threading.Event | None = None) -> dict:
     """Execute a prepared run; returns run.json's content. Raises on failure after recording it.
 
     ``own_ray=False``: Ray is already connected (a sweep running several runs in threads) and stays so;
-    ``name`` then tags this run's log lines.
+    ``name`` then tags this run's log lines; setting ``cancel`` stops the run between two polls (0.5 s), as an
+    interruption that keeps its checkpoints.
     """
     import ray
     from ray.util.queue import Empty, Queue
@@ -455,6 +457,10 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True) ->
         inflight: dict[int, tuple[WorkerGroup, tuple[str, int], list]] = {}
         failures = 0
         while tasks or inflight:
+            if cancel is not None and cancel.is_set():
+                raise KeyboardInterrupt("the sweep running this run was interrupted")
+            if not own_ray and not ray.is_initialized():
+                raise RuntimeError("Ray was shut down by the sweep running this run")
             while tasks and free:
                 group, task = free.pop(0), tasks.popleft()
                 inflight[group.index] = (group, task, submit(group, task))
@@ -517,6 +523,8 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True) ->
         if progress_bar is not None:
             progress_bar.close()
         for group in groups:
+            if not ray.is_initialized():  # a call now would start a new local Ray (auto-init)
+                break
             try:
                 group.shutdown()
             except Exception:  # noqa: BLE001 - best effort at teardown

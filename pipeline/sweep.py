@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
@@ -209,8 +210,9 @@ def sweep(config_path: str, overrides: list[str], grid_specs: list[str], *, para
             for point, _ in todo:
                 _write_point_config(point)
             pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sweep")
+            cancel = threading.Event()
             try:
-                futures = {pool.submit(run, prepared, name=point.name, own_ray=False): point
+                futures = {pool.submit(run, prepared, name=point.name, own_ray=False, cancel=cancel): point
                            for point, prepared in todo}
                 for future in as_completed(futures):
                     point = futures[future]
@@ -230,10 +232,18 @@ def sweep(config_path: str, overrides: list[str], grid_specs: list[str], *, para
                     _write_index(out_dir, grid, ordered())
                     log(f"sweep: {sum(r['status'] == 'complete' for r in rows.values())}/{len(points)} complete")
             except BaseException:
-                # Ctrl-C: stop Ray first so the running points fail fast (their checkpoints stay for a resume)
-                # instead of the pool waiting for them to finish
-                pool.shutdown(wait=False, cancel_futures=True)
-                ray.shutdown()
+                # Ctrl-C: the running points stop at their next poll, keeping their checkpoints for a resume;
+                # Ray is shut down only after them (a thread touching Ray after shutdown kills the process)
+                cancel.set()
+                log("sweep: interrupted; stopping the running points (Ctrl-C again to stop at once)")
+                pool.shutdown(wait=True, cancel_futures=True)
+                for point, _ in todo:
+                    try:
+                        with open(os.path.join(point.config.output_dir, "run.json")) as f:
+                            rows[point.name] = _row(point, json.load(f), None)
+                    except (OSError, ValueError):
+                        pass
+                _write_index(out_dir, grid, ordered())
                 raise
             pool.shutdown()
         finally:

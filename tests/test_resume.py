@@ -64,3 +64,38 @@ def test_resume_after_driver_sigkill_gives_identical_alpha_beta_with_fewer_hvps(
     assert "different config" in capsys.readouterr().err
     assert main(["run", cfg, "--set", "lanczos.steps=7", "--set", "lanczos.probes=1", "--fresh"]) == 0
     assert len(pq.read_table(out / "lanczos.parquet").to_pandas()) == 7
+
+
+def test_ctrl_c_stops_a_sweep_promptly_and_the_same_command_resumes_it(tmp_path):
+    model, data = assets(str(tmp_path))
+    cfg = write_config(str(tmp_path / "sweep.yaml"), output_dir=str(tmp_path / "sweep"), model=model, data=data,
+                       cluster={"num_groups": 2},
+                       lanczos={"steps": STEPS, "probes": 2, "reorth": "window", "window": 4})
+    grid = ["--grid", "hvp.eps=1e-3,1e-5"]
+    points = [tmp_path / "sweep" / "eps=1e-3", tmp_path / "sweep" / "eps=1e-5"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sweep", cfg, *grid], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True, text=True)
+    deadline = time.monotonic() + 120
+    interrupted_at = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = [latest_complete_step(str(p / "checkpoints" / "probe-00000")) for p in points]
+        if all(f and f[0] >= 10 for f in found):
+            proc.send_signal(signal.SIGINT)
+            interrupted_at = time.monotonic()
+            break
+        time.sleep(0.02)
+    assert interrupted_at is not None, "the sweep finished or stalled before it could be interrupted"
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - interrupted_at < 30 and proc.returncode == 1
+    assert "interrupted" in err
+    for p in points:
+        assert json.load(open(p / "run.json"))["status"] != "complete"
+        assert latest_complete_step(str(p / "checkpoints" / "probe-00000")) is not None
+
+    assert main(["sweep", cfg, *grid]) == 0
+    for p in points:
+        info = json.load(open(p / "run.json"))
+        assert info["status"] == "complete" and info["resumed"]
+        assert info["timing"]["hvp_count"] < 2 * STEPS  # the checkpointed steps were not redone
+    index = pq.read_table(tmp_path / "sweep" / "sweep.parquet").to_pandas()
+    assert (index.status == "complete").all()
