@@ -7,6 +7,7 @@ all ranks of a group at once (they run collectives together); rank 0's return va
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import socket
 import statistics
@@ -21,6 +22,11 @@ from hessian_core import (FiniteDifferenceHVP, accumulate_gradient, latest_compl
                           parameter_blocks, probe_vector, shard_model)
 
 from .model_loading import DTYPES, ModelSpec, load_model
+
+
+# checkpoint.every=auto: the next save comes when the steps since the last one took 1/AUTO_CHECKPOINT_COST times
+# as long as writing it did, i.e. checkpoints cost at most this fraction of the compute
+AUTO_CHECKPOINT_COST = 0.05
 
 
 def free_port() -> int:
@@ -89,7 +95,7 @@ class Worker:
         return statistics.median(times[int(warmup):])
 
     def run_probe(self, *, probe_id: int, seed: int, eps: float, scheme: str, steps: int, reorth: str, window: int,
-                  vector_dtype: str, checkpoint_dir: str | None = None, checkpoint_every: int = 0,
+                  vector_dtype: str, checkpoint_dir: str | None = None, checkpoint_every: int | str = 0,
                   checkpoint_meta: dict | None = None, progress: Callable[[dict], None] | None = None) -> dict:
         """One probe's whole Lanczos run, continued from its newest complete checkpoint when there is one
         whose metadata matches; returns alpha, beta, per-step timings of this call and the step resumed at."""
@@ -106,18 +112,22 @@ class Worker:
             return out
 
         last = [time.perf_counter()]
+        checkpoint_seconds: list[float] = []
+        auto = checkpoint_every == "auto"
+        next_save = [1 if auto else checkpoint_every]
 
         def on_step(state):
             now = time.perf_counter()
             step_seconds.append(now - last[0])
-            last[0] = now
-            if (checkpoint_dir and checkpoint_every > 0 and state.steps_done % checkpoint_every == 0
-                    and state.steps_done < steps and not state.stopped):
-                save_lanczos_state(state, folder=checkpoint_dir, rank=self.rank, group=self.space.group,
-                                   meta=meta)
+            done = state.steps_done
+            if checkpoint_dir and next_save[0] and done < steps and not state.stopped and done >= next_save[0]:
+                save_lanczos_state(state, folder=checkpoint_dir, rank=self.rank, group=self.space.group, meta=meta)
+                checkpoint_seconds.append(time.perf_counter() - now)
+                next_save[0] = done + (self._auto_checkpoint_interval(checkpoint_seconds[-1], step_seconds)
+                                       if auto else checkpoint_every)
             if progress is not None and self.rank == 0:
-                progress({"probe_id": probe_id, "step": state.steps_done, "steps": steps,
-                          "hvp_seconds": hvp_seconds[-1]})
+                progress({"probe_id": probe_id, "step": done, "steps": steps, "hvp_seconds": hvp_seconds[-1]})
+            last[0] = time.perf_counter()  # step times exclude checkpoint writes (reported apart)
 
         meta = {**(checkpoint_meta or {}), "probe_id": probe_id, "eps": eps, "world_size": self.world_size}
         state, resumed_at = None, 0
@@ -133,7 +143,20 @@ class Worker:
             raise FloatingPointError(f"probe {probe_id}: {e}") from None
         return {"probe_id": probe_id, "alphas": result.alphas.tolist(), "betas": result.betas.tolist(),
                 "stopped": result.stopped, "hvp_seconds": hvp_seconds, "step_seconds": step_seconds,
-                "resumed_at_step": resumed_at}
+                "checkpoint_seconds": checkpoint_seconds, "resumed_at_step": resumed_at}
+
+    def _auto_checkpoint_interval(self, save_seconds: float, step_seconds: list[float]) -> int:
+        """Steps until the next checkpoint so that writing them costs <= AUTO_CHECKPOINT_COST of the compute.
+
+        Every rank must pick the same step (a save ends in a barrier): the ranks agree on the largest
+        interval with one all-reduce per save."""
+        mean_step = statistics.mean(step_seconds) if step_seconds else save_seconds
+        interval = max(1, math.ceil(save_seconds / (AUTO_CHECKPOINT_COST * max(mean_step, 1e-9))))
+        if self.world_size > 1:
+            agreed = torch.tensor([interval], dtype=torch.int64, device=self.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.space.group)
+            interval = int(agreed.item())
+        return interval
 
     def run_blocks(self, *, probe_id: int, seed: int, eps: float, scheme: str,
                    progress: Callable[[dict], None] | None = None) -> dict:

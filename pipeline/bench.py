@@ -17,38 +17,20 @@ import time
 import pyarrow as pa
 
 from .config import RunConfig
-from .driver import _connect_ray, log, preflight, run
+from .driver import log, model_spec, one_group, preflight, run
 from .tables import atomic_write, write_json
 
 LAYOUTS = ((1, 1), (1, 2), (2, 1))
 
 
 def _kernels(prepared, *, eps: float, repeats: int) -> list[dict]:
-    import ray
-
-    from actors.group import WorkerGroup
-    from actors.model_loading import ModelSpec
-
     config = prepared.config
-    spec = ModelSpec(path=prepared.model_path, revision=config.model.revision, init=config.model.init,
-                     dtype=config.model.dtype, attn_implementation=config.model.attn_implementation,
-                     config_overrides=config.model.config or {}, seed=config.model.seed)
-    _connect_ray(config)
-    group = None
-    try:
-        group = WorkerGroup(index=0, num_workers=config.cluster.num_workers, use_gpu=config.cluster.use_gpu,
-                            cpus_per_worker=config.cpus_per_worker())
-        group.setup(spec=spec, batches_ref=ray.put(prepared.batches),
-                    timeout_seconds=config.cluster.collective_timeout_seconds)
+    with one_group(prepared) as (group, _):
         if eps <= 0:
             eps = group.run("calibrate", seed=0, scheme="central", eps=None)["eps"]
         rows = group.run("benchmark", eps=eps, repeats=repeats, window=config.lanczos.window,
                          vector_dtype=config.lanczos.vector_dtype)
-        return [{**r, "workers": config.cluster.num_workers, "eps": eps} for r in rows]
-    finally:
-        if group is not None:
-            group.shutdown()
-        ray.shutdown()
+    return [{**r, "workers": config.cluster.num_workers, "eps": eps} for r in rows]
 
 
 def _end_to_end(config: RunConfig, *, eps: float, out_dir: str) -> list[dict]:
@@ -78,17 +60,14 @@ def _eigenthings(prepared, *, eps: float) -> list[dict]:
         return []
     import torch
 
-    from actors.model_loading import ModelSpec, load_model
+    from actors.model_loading import load_model
     from hessian_core import causal_lm_loss
 
     config = prepared.config
     rows = []
     for method in ("finite_difference", "autograd"):
         started = time.perf_counter()
-        model = load_model(ModelSpec(path=prepared.model_path, revision=config.model.revision,
-                                     init=config.model.init, dtype=config.model.dtype,
-                                     attn_implementation=config.model.attn_implementation,
-                                     config_overrides=config.model.config or {}, seed=config.model.seed))
+        model = load_model(model_spec(prepared))
         batches = [b for b in prepared.batches]
         op = he.HessianOperator(model, batches, lambda m, b: causal_lm_loss(m, b), method=method,
                                 fd_eps=eps if method == "finite_difference" else None)

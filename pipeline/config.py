@@ -84,7 +84,9 @@ class BlocksConfig:
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
-    every: int = 1  # save each probe's Lanczos state every this many steps (0: never)
+    # save each probe's Lanczos state every this many steps (0: never); auto: after the first step, then as
+    # often as keeps the writes under 5% of the compute (a large model's window is many GB per save)
+    every: int | Literal["auto"] = "auto"
 
 
 @dataclass(kw_only=True)
@@ -123,7 +125,7 @@ class RunConfig:
 
 POSITIVE = ["data.seq_len", "data.batch_size", "data.num_batches", "cluster.num_workers", "cluster.num_groups",
             "lanczos.steps", "blocks.probes", "density.grid_size"]
-NON_NEGATIVE = ["lanczos.window", "lanczos.probes", "cluster.max_failures", "checkpoint.every"]
+NON_NEGATIVE = ["lanczos.window", "lanczos.probes", "cluster.max_failures"]
 
 
 def _type_name(tp) -> str:
@@ -237,6 +239,8 @@ def validate(config: RunConfig) -> None:
     for key in NON_NEGATIVE:
         if _get(config, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {_get(config, key)}")
+    if config.checkpoint.every != "auto" and config.checkpoint.every < 0:
+        raise ConfigError(f"checkpoint.every must be >= 0 or 'auto', got {config.checkpoint.every}")
     if config.lanczos.probes == 0 and not config.blocks.enabled:
         raise ConfigError("lanczos.probes=0 and blocks.enabled=false leave nothing to compute; "
                           "set lanczos.probes >= 1 or blocks.enabled=true")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -207,6 +208,7 @@ class Run:
         self.block_probes: dict[int, dict] = {}
         self.hvp_seconds: list[float] = []
         self.step_seconds: list[float] = []
+        self.checkpoint_seconds = 0.0
         self.hvp_count = 0
         self.previous: dict = {}
         self._load_previous()
@@ -249,6 +251,7 @@ class Run:
             "grad_seconds": self.info.get("timing", {}).get("grad_seconds"),
             "hvp_seconds": statistics.median(self.hvp_seconds) if self.hvp_seconds else None,
             "lanczos_step_seconds": statistics.median(self.step_seconds) if self.step_seconds else None,
+            "checkpoint_seconds": self.checkpoint_seconds,
             "hvp_count": self.hvp_count,
             "total_seconds": time.time() - self.started,
         }
@@ -258,6 +261,7 @@ class Run:
         self.probes[result["probe_id"]] = result
         self.hvp_seconds += result["hvp_seconds"]
         self.step_seconds += result["step_seconds"]
+        self.checkpoint_seconds += sum(result.get("checkpoint_seconds", []))
         self.hvp_count += len(result["hvp_seconds"])
         self.write_lanczos_tables()
         # the probe is now final rows of the tables: its checkpoint is no longer needed
@@ -357,6 +361,38 @@ def draw_plots(run_dir: str) -> list[str]:
     return written
 
 
+def model_spec(prepared: Prepared):
+    """What each rank loads, from the config and the resolved model path."""
+    from actors.model_loading import ModelSpec
+
+    m = prepared.config.model
+    return ModelSpec(path=prepared.model_path, revision=m.revision, init=m.init, dtype=m.dtype,
+                     attn_implementation=m.attn_implementation, config_overrides=m.config or {}, seed=m.seed)
+
+
+@contextlib.contextmanager
+def one_group(prepared: Prepared):
+    """A local or joined Ray with one group of the config's ``num_workers`` ranks holding the model, for the
+    commands that are not SLQ runs (hvp-error, bench); yields (group, its setup info); tears both down."""
+    import ray
+
+    from actors.group import WorkerGroup
+
+    config = prepared.config
+    _connect_ray(config)
+    group = None
+    try:
+        group = WorkerGroup(index=0, num_workers=config.cluster.num_workers, use_gpu=config.cluster.use_gpu,
+                            cpus_per_worker=config.cpus_per_worker())
+        setup = group.setup(spec=model_spec(prepared), batches_ref=ray.put(prepared.batches),
+                            timeout_seconds=config.cluster.collective_timeout_seconds)
+        yield group, setup
+    finally:
+        if group is not None:
+            group.shutdown()
+        ray.shutdown()
+
+
 def _is_actor_death(err: BaseException) -> bool:
     import ray.exceptions as rex
 
@@ -379,15 +415,12 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
     from ray.util.queue import Empty, Queue
 
     from actors.group import WorkerGroup
-    from actors.model_loading import ModelSpec
 
     config = prepared.config
     state = Run(prepared)
     state.save_info()
     cl, lz = config.cluster, config.lanczos
-    spec = ModelSpec(path=prepared.model_path, revision=config.model.revision, init=config.model.init,
-                     dtype=config.model.dtype, attn_implementation=config.model.attn_implementation,
-                     config_overrides=config.model.config or {}, seed=config.model.seed)
+    spec = model_spec(prepared)
     groups: list[WorkerGroup] = []
     progress_bar = None
     _log_context.run_name = name

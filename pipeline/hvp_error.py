@@ -69,35 +69,17 @@ def summarize(study: dict) -> dict:
 
 
 def hvp_error(config: RunConfig, *, eps_text: str | None, out_dir: str | None) -> dict:
-    from .driver import _connect_ray, _versions, log, preflight
+    from .driver import _versions, log, one_group, preflight
 
     eps_values = parse_eps(eps_text, config.model.dtype)
     out_dir = out_dir or os.path.join(config.output_dir, "hvp-error")
     config = replace(config, output_dir=out_dir, cluster=replace(config.cluster, num_groups=1))
     prepared = preflight(config)
 
-    import ray
-
-    from actors.group import WorkerGroup
-    from actors.model_loading import ModelSpec
-
-    spec = ModelSpec(path=prepared.model_path, revision=config.model.revision, init=config.model.init,
-                     dtype=config.model.dtype, attn_implementation=config.model.attn_implementation,
-                     config_overrides=config.model.config or {}, seed=config.model.seed)
-    _connect_ray(config)
-    group = None
-    try:
-        group = WorkerGroup(index=0, num_workers=config.cluster.num_workers, use_gpu=config.cluster.use_gpu,
-                            cpus_per_worker=config.cpus_per_worker())
-        setup = group.setup(spec=spec, batches_ref=ray.put(prepared.batches),
-                            timeout_seconds=config.cluster.collective_timeout_seconds)
+    with one_group(prepared) as (group, setup):
         log(f"model loaded: {setup['num_params']:,} parameters; {len(eps_values)} steps from {eps_values[0]:.3g} "
             f"to {eps_values[-1]:.3g} plus the auto eps")
         study = group.run("hvp_errors", eps_values=eps_values, seed=config.lanczos.seed, scheme=config.hvp.scheme)
-    finally:
-        if group is not None:
-            group.shutdown()
-        ray.shutdown()
 
     summary = summarize(study)
     table = pa.table({"eps": study["eps"], "rel_error_exact": study["rel_error_exact"],

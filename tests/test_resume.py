@@ -99,3 +99,15 @@ def test_ctrl_c_stops_a_sweep_promptly_and_the_same_command_resumes_it(tmp_path)
         assert info["timing"]["hvp_count"] < 2 * STEPS  # the checkpointed steps were not redone
     index = pq.read_table(tmp_path / "sweep" / "sweep.parquet").to_pandas()
     assert (index.status == "complete").all()
+
+
+def test_auto_checkpoint_interval_keeps_writes_under_five_percent_of_compute():
+    import torch
+
+    from actors.worker import AUTO_CHECKPOINT_COST, Worker
+
+    worker = Worker(rank=0, world_size=1, use_gpu=False, threads=torch.get_num_threads())
+    # a 1 s write after 0.1 s steps: the next one 200 steps later, i.e. 1 s of writing per 20 s of compute
+    assert worker._auto_checkpoint_interval(1.0, [0.1, 0.1]) == 200
+    assert 1.0 / (200 * 0.1) <= AUTO_CHECKPOINT_COST
+    assert worker._auto_checkpoint_interval(0.001, [0.5]) == 1  # cheap writes: every step
