@@ -50,12 +50,17 @@ class WorkerGroup:
         """``call`` and wait: rank 0's result, or the first rank's error."""
         return ray.get(self.call(method, **kwargs))[0]
 
-    def shutdown(self) -> None:
-        for w in self.workers:
+    def shutdown(self, *, graceful: bool = True) -> None:
+        """Destroy the process group on every rank (all at once, 10 s at most), then kill the actors.
+
+        ``graceful=False`` kills at once: a rank busy in a long call would only take the shutdown after it."""
+        if graceful:
+            refs = [w.shutdown.remote() for w in self.workers]
             try:
-                ray.get(w.shutdown.remote(), timeout=10)
-            except Exception:  # a dead or hung rank: killing it below is all that is left to do
+                ray.wait(refs, num_returns=len(refs), timeout=10)
+            except Exception:  # a dead rank: killing it below is all that is left to do
                 pass
+        for w in self.workers:
             ray.kill(w)
         remove_placement_group(self.pg)
 

@@ -34,6 +34,15 @@ def load_rules(run_dir: str) -> tuple[list[RitzRule], dict]:
     return rules, info
 
 
+def _finished_with_spectrum(run_dir: str) -> bool:
+    try:
+        with open(os.path.join(run_dir, "run.json")) as f:
+            complete = json.load(f).get("status") == "complete"
+    except (OSError, ValueError):
+        return False
+    return complete and os.path.exists(os.path.join(run_dir, "ritz.parquet"))
+
+
 def expand_run_dirs(paths: list[str]) -> list[str]:
     """Run folders as given, with a sweep folder replaced by its finished points in grid order."""
     out = []
@@ -42,9 +51,9 @@ def expand_run_dirs(paths: list[str]) -> list[str]:
         if os.path.exists(sweep_file) and not os.path.exists(os.path.join(path, "run.json")):
             with open(sweep_file) as f:
                 names = json.load(f)["points"]
-            found = [os.path.join(path, n) for n in names if os.path.exists(os.path.join(path, n, "ritz.parquet"))]
+            found = [os.path.join(path, n) for n in names if _finished_with_spectrum(os.path.join(path, n))]
             if not found:
-                raise ConfigError(f"sweep folder {path!r} has no finished points yet")
+                raise ConfigError(f"sweep folder {path!r} has no finished points with a spectrum yet")
             out += found
         else:
             out.append(path)
@@ -55,11 +64,16 @@ def _pick_reference(run_dirs: list[str], reference: str | None) -> list[str]:
     """Move the reference run to the front; it may be named by path or by folder name."""
     if reference is None:
         return run_dirs
-    for i, d in enumerate(run_dirs):
-        if os.path.normpath(d) == os.path.normpath(reference) or os.path.basename(os.path.normpath(d)) == reference:
-            return [run_dirs[i]] + run_dirs[:i] + run_dirs[i + 1:]
-    names = ", ".join(os.path.basename(os.path.normpath(d)) for d in run_dirs)
-    raise ConfigError(f"--reference {reference!r} is not one of the compared runs ({names})")
+    matches = [i for i, d in enumerate(run_dirs) if os.path.normpath(d) == os.path.normpath(reference)]
+    if not matches:
+        matches = [i for i, d in enumerate(run_dirs) if os.path.basename(os.path.normpath(d)) == reference]
+    if len(matches) > 1:
+        raise ConfigError(f"--reference {reference!r} names {len(matches)} of the compared runs; give its path")
+    if not matches:
+        names = ", ".join(os.path.basename(os.path.normpath(d)) for d in run_dirs)
+        raise ConfigError(f"--reference {reference!r} is not one of the compared runs ({names})")
+    i = matches[0]
+    return [run_dirs[i]] + run_dirs[:i] + run_dirs[i + 1:]
 
 
 def compare(run_dirs: list[str], *, out_dir: str, reference: str | None = None) -> list[dict]:
@@ -72,12 +86,12 @@ def compare(run_dirs: list[str], *, out_dir: str, reference: str | None = None) 
     rows = []
     for run_dir, (rules, info) in zip(run_dirs, loaded):
         stats = spectrum_statistics(rules, dimension=info["num_params"])
-        rows.append({"run": run_dir, **stats.as_dict(),
+        rows.append({"run": os.path.abspath(run_dir), **stats.as_dict(),
                      "distance_to_reference": spectral_distance(SpectralMeasure.from_rules(rules), reference_measure),
                      "probes": len(rules), "eps": info.get("eps")})
     os.makedirs(out_dir, exist_ok=True)
     table = pa.Table.from_pylist(rows).replace_schema_metadata(
-        {b"hessian_spectrum.reference": run_dirs[0].encode()})
+        {b"hessian_spectrum.reference": os.path.abspath(run_dirs[0]).encode()})
     atomic_write(os.path.join(out_dir, "compare.parquet"), lambda tmp: pq.write_table(table, tmp))
     _plot(os.path.join(out_dir, "compare.png"), run_dirs, [r for r, _ in loaded])
     print(format_compare(rows))

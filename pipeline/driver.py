@@ -40,6 +40,11 @@ class Prepared:
     config: RunConfig
     model_path: str | None
     batches: torch.Tensor  # [num_batches, batch_size, seq_len]
+    # cores (torch threads) per rank when a sweep shares a local Ray's cores among its points; None: the config's
+    cpus_per_worker: int | None = None
+
+    def worker_cpus(self) -> int:
+        return self.cpus_per_worker or self.config.cpus_per_worker()
 
 
 _log_context = threading.local()  # a sweep runs several runs in threads; each names itself in its log lines
@@ -64,6 +69,8 @@ def _check_output_dir(config: RunConfig, *, fresh: bool) -> None:
     for name in os.listdir(out):  # temporaries of writes that a crash interrupted
         if name.startswith(".") and name.endswith(".tmp"):
             os.unlink(os.path.join(out, name))
+    if os.path.exists(os.path.join(out, "sweep.json")) and not fresh:
+        raise ConfigError(f"output_dir {out!r} holds a sweep; use another output_dir for a single run")
     existing = os.path.join(out, "run.json")
     if os.path.exists(existing) and not fresh:
         import json
@@ -142,12 +149,12 @@ def _check_address(address: str | None) -> None:
                           f"host:port of a running head node, or ray://host:port of its client server") from None
 
 
-def _connect_ray(config: RunConfig) -> None:
+def _connect_ray(config: RunConfig, *, need_cpus: int | None = None) -> None:
     import ray
 
     address = config.cluster.address
     if address is None and not os.environ.get("RAY_ADDRESS"):
-        need = config.cluster.num_workers * config.cluster.num_groups * config.cpus_per_worker()
+        need = need_cpus or config.cluster.num_workers * config.cluster.num_groups * config.cpus_per_worker()
         ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, logging_level="ERROR",
                  configure_logging=True)
         return
@@ -383,7 +390,7 @@ def one_group(prepared: Prepared):
     group = None
     try:
         group = WorkerGroup(index=0, num_workers=config.cluster.num_workers, use_gpu=config.cluster.use_gpu,
-                            cpus_per_worker=config.cpus_per_worker())
+                            cpus_per_worker=prepared.worker_cpus())
         setup = group.setup(spec=model_spec(prepared), batches_ref=ray.put(prepared.batches),
                             timeout_seconds=config.cluster.collective_timeout_seconds)
         yield group, setup
@@ -431,14 +438,22 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
 
         def new_group(index: int) -> WorkerGroup:
             group = WorkerGroup(index=index, num_workers=cl.num_workers, use_gpu=cl.use_gpu,
-                                cpus_per_worker=config.cpus_per_worker())
+                                cpus_per_worker=prepared.worker_cpus())
             info = group.setup(spec=spec, batches_ref=batches_ref, timeout_seconds=cl.collective_timeout_seconds)
             state.info["num_params"] = info["num_params"]
             state.info.setdefault("groups", {})[str(index)] = info
             return group
 
+        def check_cancel() -> None:
+            if cancel is not None and cancel.is_set():
+                raise KeyboardInterrupt("the sweep running this run was interrupted")
+
         log(f"starting {cl.num_groups} group(s) x {cl.num_workers} worker(s)")
-        groups = [new_group(i) for i in range(cl.num_groups)]
+        groups = []
+        for i in range(cl.num_groups):
+            check_cancel()
+            groups.append(new_group(i))
+        check_cancel()
         log(f"model loaded: {state.info['num_params']:,} parameters")
         if state.info["resumed"] and state.previous.get("eps_calibration"):
             choice = state.previous["eps_calibration"]  # checkpoints were taken with this eps
@@ -460,6 +475,7 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
             log("warning: the HVP at this eps is unreliable; results may be dominated by numerical noise")
         # one timed gradient; a warm-up first only where no calibration has just run the model
         warm = choice.get("grad_norm") is not None and not state.info["resumed"]
+        check_cancel()
         grad_seconds = groups[0].run("gradient_seconds", repeats=1, warmup=not warm)
         state.info["timing"] = {"grad_seconds": grad_seconds}
         state.save_info()
@@ -490,8 +506,7 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
         inflight: dict[int, tuple[WorkerGroup, tuple[str, int], list]] = {}
         failures = 0
         while tasks or inflight:
-            if cancel is not None and cancel.is_set():
-                raise KeyboardInterrupt("the sweep running this run was interrupted")
+            check_cancel()
             if not own_ray and not ray.is_initialized():
                 raise RuntimeError("Ray was shut down by the sweep running this run")
             while tasks and free:
@@ -558,8 +573,8 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
         for group in groups:
             if not ray.is_initialized():  # a call now would start a new local Ray (auto-init)
                 break
-            try:
-                group.shutdown()
+            try:  # interrupted ranks are busy in a probe: kill them rather than queue a shutdown behind it
+                group.shutdown(graceful=not (cancel is not None and cancel.is_set()))
             except Exception:  # noqa: BLE001 - best effort at teardown
                 pass
         if own_ray and ray.is_initialized():

@@ -110,7 +110,7 @@ def _hvp_error_section(folder: str, *, heading: str) -> str:
     text = (f"auto eps {s.get('auto_eps', float('nan')):.3g} ({info.get('auto', {}).get('message', '')}); "
             f"most stable FD step {s.get('stable_eps', float('nan')):.3g}")
     if "min_eps" in s:
-        text += (f"; smallest error vs {s['reference']} {s['min_rel_error']:.3g} at eps {s['min_eps']:.3g} "
+        text += (f"; best eps by {s['reference']}: error {s['min_rel_error']:.3g} at eps {s['min_eps']:.3g} "
                  f"({s['min_over_auto']:.2f}x the auto eps)")
     if info.get("exact_unavailable"):
         text += f"; no exact reference: {info['exact_unavailable']}"

@@ -78,7 +78,7 @@ def plan(config_path: str, overrides: list[str], grid: list[tuple[str, list[str]
 
     Every point is validated here, before Ray starts: a bad value fails the whole sweep with the point named.
     """
-    base = load_config(config_path, overrides)
+    base = load_config(config_path, overrides, check=False)
     concurrency = parallel if parallel is not None else base.cluster.num_groups
     if concurrency < 1:
         raise ConfigError(f"--parallel must be >= 1, got {concurrency}")
@@ -95,14 +95,23 @@ def plan(config_path: str, overrides: list[str], grid: list[tuple[str, list[str]
             config = load_config(config_path, point_overrides)
         except ConfigError as e:
             raise ConfigError(f"sweep point {name}: {e}") from None
-        cluster = replace(config.cluster, num_groups=1)
-        if cluster.cpus_per_worker is None and cluster.address is None and not os.environ.get("RAY_ADDRESS"):
-            # a local Ray: the points running at once share this machine's cores
-            cluster = replace(cluster, cpus_per_worker=max(1, (os.cpu_count() or 1) // (cluster.num_workers
-                                                                                     * concurrency)))
-        config = replace(config, cluster=cluster, output_dir=os.path.join(base.output_dir, name))
+        # absolute, so that `run POINT/config.yaml` resumes the point from any working directory
+        config = replace(config, cluster=replace(config.cluster, num_groups=1),
+                         output_dir=os.path.abspath(os.path.join(base.output_dir, name)))
         points.append(Point(name, values, config))
     return base, points, concurrency
+
+
+def _local_ray(config: RunConfig) -> bool:
+    return config.cluster.address is None and not os.environ.get("RAY_ADDRESS")
+
+
+def _share_cores(prepared, concurrency: int) -> None:
+    """On a local Ray the points running at once share this machine's cores. Applied at run time, not written
+    into the point's config: a resume with another --parallel or on another machine is the same point."""
+    cluster = prepared.config.cluster
+    if cluster.cpus_per_worker is None and _local_ray(prepared.config):
+        prepared.cpus_per_worker = max(1, (os.cpu_count() or 1) // (cluster.num_workers * concurrency))
 
 
 def _write_point_config(point: Point) -> None:
@@ -126,7 +135,7 @@ def _row(point: Point, info: dict | None, error: str | None) -> dict:
     summary = (info or {}).get("summary") or {}
     timing = (info or {}).get("timing") or {}
     return {"run": point.name, **point.values,
-            "status": (info or {}).get("status", "failed" if error else "pending"),
+            "status": "failed" if error else (info or {}).get("status", "pending"),
             "eps": (info or {}).get("eps"), "lambda_max": summary.get("lambda_max"),
             "lambda_min": summary.get("lambda_min"), "trace": summary.get("trace"),
             "hvp_count": timing.get("hvp_count"), "seconds": timing.get("total_seconds"),
@@ -167,6 +176,8 @@ def sweep(config_path: str, overrides: list[str], grid_specs: list[str], *, para
         raise ConfigError(f"--reference {reference!r} is not a point of this sweep; points: "
                           f"{', '.join(p.name for p in points)}")
     out_dir = base.output_dir
+    if os.path.exists(os.path.join(out_dir, "run.json")) and not fresh:
+        raise ConfigError(f"output_dir {out_dir!r} holds a single run; use another output_dir for a sweep")
     os.makedirs(out_dir, exist_ok=True)
     sweep_info_path = os.path.join(out_dir, SWEEP_FILE)
     sweep_info = {"config_file": os.path.abspath(config_path), "overrides": list(overrides),
@@ -190,6 +201,7 @@ def sweep(config_path: str, overrides: list[str], grid_specs: list[str], *, para
             prepared = preflight(point.config, fresh=fresh)
         except ConfigError as e:
             raise ConfigError(f"sweep point {point.name}: {e}") from None
+        _share_cores(prepared, concurrency)
         todo.append((point, prepared))
         rows[point.name] = _row(point, None, None)
     sweep_info["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -205,7 +217,8 @@ def sweep(config_path: str, overrides: list[str], grid_specs: list[str], *, para
     if todo:
         import ray
 
-        _connect_ray(replace(base, cluster=replace(todo[0][0].config.cluster, num_groups=concurrency)))
+        widest = max(p.config.cluster.num_workers * prepared.worker_cpus() for p, prepared in todo)
+        _connect_ray(todo[0][0].config, need_cpus=concurrency * widest)
         try:
             for point, _ in todo:
                 _write_point_config(point)
@@ -252,18 +265,21 @@ def sweep(config_path: str, overrides: list[str], grid_specs: list[str], *, para
 
     result = ordered()
     print(format_index(result, [k for k, _ in grid]))
-    complete = [os.path.join(out_dir, r["run"]) for r in result if r["status"] == "complete"]
-    if len(complete) >= 1:
-        from .compare import compare
-
-        finished = [r["run"] for r in result if r["status"] == "complete"]
-        if reference is not None and reference not in finished:
-            log(f"sweep: the reference point {reference} did not finish; comparing against {finished[0]}")
-        compare(complete, out_dir=out_dir, reference=reference if reference in finished else None)
     failed = [r["run"] for r in result if r["status"] != "complete"]
     sweep_info["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     sweep_info["failed"] = failed
     write_json(sweep_info_path, sweep_info)
+    # points without SLQ (lanczos.probes: 0, block studies) have no spectrum to compare
+    with_spectrum = [r["run"] for r in result
+                     if r["status"] == "complete" and os.path.exists(os.path.join(out_dir, r["run"], "ritz.parquet"))]
+    if with_spectrum:
+        from .compare import compare
+
+        if reference is not None and reference not in with_spectrum:
+            log(f"sweep: the reference point {reference} has no finished spectrum; comparing against "
+                f"{with_spectrum[0]}")
+        compare([os.path.join(out_dir, n) for n in with_spectrum], out_dir=out_dir,
+                reference=reference if reference in with_spectrum else None)
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(points)} sweep point(s) failed: {', '.join(failed)}; "
                            f"run the same command again to resume them")

@@ -137,6 +137,56 @@ def test_bad_sweeps_exit_2_before_ray_starts(studies, grid, expected, tmp_path, 
     assert len(err.splitlines()) == 1 and expected in err, err
 
 
+def test_sweep_points_are_validated_with_their_grid_values_and_keep_no_core_split(studies, tmp_path, capsys):
+    from pipeline.sweep import parse_grid, plan
+
+    config = write_config(str(tmp_path / "c.yaml"), model=studies["model"], data=studies["data"],
+                          output_dir=str(tmp_path / "out"), hvp={"eps": "auto"})
+    # the base alone is invalid (assess=false needs a fixed eps); every point is valid
+    _, points, _ = plan(config, ["hvp.assess=false"], parse_grid(["hvp.eps=1e-4,1e-6"]))
+    assert [p.config.hvp.eps for p in points] == [1e-4, 1e-6]
+    _, other, _ = plan(config, ["hvp.assess=false"], parse_grid(["hvp.eps=1e-4,1e-6"]), parallel=1)
+    assert [p.config for p in other] == [p.config for p in points]  # --parallel does not change a point
+    assert all(os.path.isabs(p.config.output_dir) for p in points)
+    assert main(["sweep", config, "--set", "hvp.assess=false", "--grid", "hvp.eps=1e-4,auto"]) == 2
+    assert "sweep point eps=auto" in capsys.readouterr().err
+
+
+def test_sweep_and_run_do_not_share_a_folder(studies, capsys):
+    run = os.path.join(studies["sweep"], POINTS[0])
+    config = write_config(os.path.join(str(studies["tmp"]), "over.yaml"), model=studies["model"],
+                          data=studies["data"], output_dir=run)
+    assert main(["sweep", config, "--grid", "hvp.eps=1e-3,1e-4"]) == 2
+    assert "holds a single run" in capsys.readouterr().err
+    config = write_config(os.path.join(str(studies["tmp"]), "into.yaml"), model=studies["model"],
+                          data=studies["data"], output_dir=studies["sweep"])
+    assert main(["run", config]) == 2
+    assert "holds a sweep" in capsys.readouterr().err
+
+
+def test_a_block_only_sweep_finishes_without_a_comparison(studies, tmp_path):
+    config = write_config(str(tmp_path / "c.yaml"), model=studies["model"], data=studies["data"],
+                          output_dir=str(tmp_path / "out"), lanczos={"probes": 0}, blocks={"enabled": True, "probes": 1})
+    assert main(["sweep", config, "--grid", "hvp.eps=1e-3"]) == 0
+    assert not os.path.exists(tmp_path / "out" / "compare.parquet")
+    assert json.load(open(tmp_path / "out" / "sweep.json"))["failed"] == []
+
+
+def test_compare_on_a_sweep_takes_only_finished_points(studies, tmp_path, capsys):
+    copy = str(tmp_path / "sweep")
+    shutil.copytree(studies["sweep"], copy)
+    info_path = os.path.join(copy, POINTS[1], "run.json")
+    info = json.load(open(info_path))
+    info["status"] = "running"
+    json.dump(info, open(info_path, "w"))
+    assert main(["compare", copy, "--output", str(tmp_path / "cmp")]) == 0
+    table = pq.read_table(tmp_path / "cmp" / "compare.parquet").to_pandas()
+    assert [os.path.basename(r) for r in table.run] == [POINTS[0]] + POINTS[2:]
+    # a folder name found in two compared sweeps is ambiguous
+    assert main(["compare", copy, studies["sweep"], "--reference", POINTS[0], "--output", str(tmp_path / "c2")]) == 2
+    assert "give its path" in capsys.readouterr().err
+
+
 def test_compare_a_sweep_folder_against_a_named_point(studies, tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", studies["sweep"], "--reference", POINTS[3], "--output", str(out)]) == 0
@@ -169,7 +219,8 @@ def test_hvp_error_on_a_sharded_group_uses_the_stable_fd_reference(studies, tmp_
     assert main(["hvp-error", config, "--eps", "1e-7,1e-5,1e-3,1e-1"]) == 0
     info = json.load(open(tmp_path / "out" / "hvp-error" / "hvp_error.json"))
     assert "unsharded" in info["exact_unavailable"]
-    assert info["summary"]["reference"] == "stable FD"
+    assert info["summary"]["reference"] == "stable FD pair (estimate)"
+    assert info["summary"]["min_eps"] == info["summary"]["stable_eps"]
     table = pq.read_table(tmp_path / "out" / "hvp-error" / "hvp_error.parquet").to_pandas()
     assert table.rel_error_exact.isna().all() and table.rel_error_stable.notna().all()
 
