@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import torch
 import torch.distributed as dist
 
+from .files import atomic_text, atomic_write
 from .lanczos import LanczosState
 
 MARKER = "COMPLETE"
@@ -25,27 +25,6 @@ def _step_dir(folder: str, step: int) -> str:
     return os.path.join(folder, f"step-{step:06d}")
 
 
-def _atomic_save(obj, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix="tmp-", suffix=".part", dir=os.path.dirname(path))
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_text(text: str, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix="tmp-", suffix=".part", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_lanczos_state(state: LanczosState, *, folder: str, rank: int, group=None, meta: dict) -> str:
     """Write this rank's shards of ``state``; collective over ``group`` (all ranks call it together)."""
     step = state.steps_done
@@ -53,12 +32,12 @@ def save_lanczos_state(state: LanczosState, *, folder: str, rank: int, group=Non
     os.makedirs(target, exist_ok=True)
     payload = {"alphas": list(state.alphas), "betas": list(state.betas), "stopped": state.stopped,
                "basis": [t.detach().cpu().clone() for t in state.basis], "shapes": [tuple(s) for s in state.shapes]}
-    _atomic_save(payload, os.path.join(target, f"rank-{rank:05d}.pt"))
+    atomic_write(os.path.join(target, f"rank-{rank:05d}.pt"), lambda tmp: torch.save(payload, tmp))
     if group is not None and dist.get_world_size(group) > 1:
         dist.barrier(group=group)
     if rank == 0:
-        _atomic_text(json.dumps({**meta, "step": step}, sort_keys=True), os.path.join(target, "meta.json"))
-        _atomic_text("ok\n", os.path.join(target, MARKER))
+        atomic_text(os.path.join(target, "meta.json"), json.dumps({**meta, "step": step}, sort_keys=True), sync=True)
+        atomic_text(os.path.join(target, MARKER), "ok\n", sync=True)
         for name in os.listdir(folder):
             if name.startswith("step-") and name != os.path.basename(target):
                 shutil.rmtree(os.path.join(folder, name), ignore_errors=True)

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from .config import ConfigError
-from .tables import write_text
+from .tables import atomic_text
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1150px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -177,5 +177,5 @@ def write_report(folder: str, *, output: str | None = None) -> str:
     text = build_report(folder)
     path = output or os.path.join(folder, "report.html")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_text(path, text)
+    atomic_text(path, text)
     return path

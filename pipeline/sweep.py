@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from .config import ConfigError, RunConfig, load_config
-from .tables import atomic_write, write_json, write_text
+from .tables import atomic_text, atomic_write, write_json
 
 SWEEP_FILE = "sweep.json"
 INDEX_FILE = "sweep.parquet"
@@ -118,7 +118,7 @@ def _write_point_config(point: Point) -> None:
     os.makedirs(point.config.output_dir, exist_ok=True)
     path = os.path.join(point.config.output_dir, "config.yaml")
     text = yaml.safe_dump(point.config.to_dict(), sort_keys=False)
-    write_text(path, text)
+    atomic_text(path, text)
 
 
 def _finished(point: Point) -> dict | None:

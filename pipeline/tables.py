@@ -7,12 +7,11 @@ leaves a truncated file under a final name.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from hessian_core.files import atomic_text, atomic_write  # noqa: F401 - the pipeline's writers, re-exported
 
 LANCZOS_SCHEMA = pa.schema([("probe_id", pa.int32()), ("step", pa.int32()), ("alpha", pa.float64()),
                             ("beta", pa.float64())])
@@ -24,42 +23,8 @@ BLOCKS_SCHEMA = pa.schema([("probe_id", pa.int32()), ("block", pa.string()), ("r
 CONFIG_METADATA_KEY = b"hessian_spectrum.config"
 
 
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then rename tmp_path to ``path`` (atomic on one filesystem)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make results unreadable to the rest of a team
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_text(path: str, text: str) -> None:
-    """Atomically write a text file (UTF-8)."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write)
-
-
 def write_json(path: str, obj: dict) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    atomic_write(path, write)
+    atomic_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", sync=True)
 
 
 def write_table(path: str, columns: dict, *, schema: pa.Schema, config_json: str) -> None:
