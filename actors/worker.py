@@ -64,13 +64,14 @@ class Worker:
         self.batches = [b[self.rank * per_rank:(self.rank + 1) * per_rank].to(self.device) for b in batches]
         self.model = model
         self.space = ParamSpace(model)
-        self.dtype = DTYPES[spec.dtype]
         return {"num_params": self.space.numel, "load_seconds": time.perf_counter() - started,
                 "peak_rss_mib": _peak_rss_mib(), "pid": os.getpid()}
 
     def _operator(self, eps: float, scheme: str) -> FiniteDifferenceHVP:
-        if self.op is None or self.op.eps != eps or self.op.scheme != scheme:
+        """The rank's one HVP operator (built once: it keeps the parameter backup buffer), set to eps/scheme."""
+        if self.op is None:
             self.op = FiniteDifferenceHVP(self.model, self.batches, eps=eps, scheme=scheme, space=self.space)
+        self.op.eps, self.op.scheme = float(eps), scheme
         return self.op
 
     def _probe(self, *, seed: int, probe_id: int, vector_dtype: str):
@@ -111,23 +112,24 @@ class Worker:
             hvp_seconds.append(time.perf_counter() - t)
             return out
 
-        last = [time.perf_counter()]
         checkpoint_seconds: list[float] = []
         auto = checkpoint_every == "auto"
-        next_save = [1 if auto else checkpoint_every]
+        next_save = 1 if auto else checkpoint_every
+        last = 0.0  # set when the iteration starts
 
         def on_step(state):
+            nonlocal last, next_save
             now = time.perf_counter()
-            step_seconds.append(now - last[0])
+            step_seconds.append(now - last)
             done = state.steps_done
-            if checkpoint_dir and next_save[0] and done < steps and not state.stopped and done >= next_save[0]:
+            if checkpoint_dir and next_save and done < steps and not state.stopped and done >= next_save:
                 save_lanczos_state(state, folder=checkpoint_dir, rank=self.rank, group=self.space.group, meta=meta)
                 checkpoint_seconds.append(time.perf_counter() - now)
-                next_save[0] = done + (self._auto_checkpoint_interval(checkpoint_seconds[-1], step_seconds)
-                                       if auto else checkpoint_every)
+                next_save = done + (self._auto_checkpoint_interval(checkpoint_seconds[-1], step_seconds)
+                                    if auto else checkpoint_every)
             if progress is not None and self.rank == 0:
                 progress({"probe_id": probe_id, "step": done, "steps": steps, "hvp_seconds": hvp_seconds[-1]})
-            last[0] = time.perf_counter()  # step times exclude checkpoint writes (reported apart)
+            last = time.perf_counter()  # step times exclude checkpoint writes (reported apart)
 
         meta = {**(checkpoint_meta or {}), "probe_id": probe_id, "eps": eps, "world_size": self.world_size}
         state, resumed_at = None, 0
@@ -136,6 +138,7 @@ class Worker:
             resumed_at = found[0]
             state = load_lanczos_state(checkpoint_dir, step=resumed_at, rank=self.rank, device=self.device)
         v0 = None if state is not None else self._probe(seed=seed, probe_id=probe_id, vector_dtype=vector_dtype)
+        last = time.perf_counter()  # the first step's time excludes drawing the probe or loading a checkpoint
         try:
             result = lanczos(timed_matvec, v0, space=self.space, steps=steps, reorth=reorth, window=window,
                              vector_dtype=DTYPES[vector_dtype], state=state, on_step=on_step)

@@ -31,7 +31,7 @@ def save_lanczos_state(state: LanczosState, *, folder: str, rank: int, group=Non
     target = _step_dir(folder, step)
     os.makedirs(target, exist_ok=True)
     payload = {"alphas": list(state.alphas), "betas": list(state.betas), "stopped": state.stopped,
-               "basis": [t.detach().cpu().clone() for t in state.basis], "shapes": [tuple(s) for s in state.shapes]}
+               "basis": [t.detach().to("cpu", copy=True) for t in state.basis], "shapes": [tuple(s) for s in state.shapes]}
     atomic_write(os.path.join(target, f"rank-{rank:05d}.pt"), lambda tmp: torch.save(payload, tmp))
     if group is not None and dist.get_world_size(group) > 1:
         dist.barrier(group=group)
@@ -60,6 +60,6 @@ def latest_complete_step(folder: str) -> tuple[int, dict] | None:
 
 def load_lanczos_state(folder: str, *, step: int, rank: int, device: torch.device) -> LanczosState:
     payload = torch.load(os.path.join(_step_dir(folder, step), f"rank-{rank:05d}.pt"), map_location="cpu")
-    return LanczosState.from_basis([t.to(device) for t in payload["basis"]],
+    return LanczosState.from_basis(payload["basis"], device=device,
                                    shapes=[torch.Size(s) for s in payload["shapes"]], alphas=payload["alphas"],
                                    betas=payload["betas"], stopped=payload["stopped"])

@@ -193,29 +193,30 @@ def hvp_error_study(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, eps_values:
     finally:
         op.eps = saved_eps
     fd, at_auto = results[:-1], results[-1]
+    norms = [op.space.norm(h) for h in fd]  # each a pass and an all-reduce: computed once
+    exact_norm = op.space.norm(exact) if exact is not None else float("nan")
 
-    def rel(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
-        norm_b = op.space.norm(b)
+    def rel(a: Sequence[Tensor], b: Sequence[Tensor], norm_b: float) -> float:
         return _distance(op, a, b) / norm_b if norm_b > 0 else float("nan")
 
-    agreement = [rel(fd[k], fd[k + 1]) for k in range(len(fd) - 1)]
-    finite = [k for k, a in enumerate(agreement) if math.isfinite(a) and op.space.norm(fd[k]) > 0]
+    agreement = [rel(fd[k], fd[k + 1], norms[k + 1]) for k in range(len(fd) - 1)]
+    finite = [k for k, a in enumerate(agreement) if math.isfinite(a) and norms[k] > 0]
     stable = min(finite, key=lambda k: agreement[k]) if finite else len(fd) - 1
-    reference_norm = op.space.norm(exact if exact is not None else fd[stable])
+    reference_norm = exact_norm if exact is not None else norms[stable]
     eps_mach = float(torch.finfo(op.space.dtype).eps)
     measured = math.isfinite(auto.third_derivative) and auto.third_derivative > 0 and op.scheme == "central"
     nan = float("nan")
     return HVPErrorStudy(
         eps=eps_values,
-        rel_error_exact=[rel(h, exact) if exact is not None else nan for h in fd],
-        rel_error_stable=[rel(h, fd[stable]) for h in fd],
+        rel_error_exact=[rel(h, exact, exact_norm) if exact is not None else nan for h in fd],
+        rel_error_stable=[rel(h, fd[stable], norms[stable]) for h in fd],
         predicted=[predicted_error(e, eps_mach=eps_mach, grad_norm=auto.grad_norm,
                                    third_derivative=auto.third_derivative) / reference_norm if measured else nan
                    for e in eps_values],
         perturbation_rounding=[op.perturbation_rounding(v, e) for e in eps_values],
         stable_eps=eps_values[stable],
         auto=auto,
-        auto_rel_error_exact=rel(at_auto, exact) if exact is not None else nan,
-        auto_rel_error_stable=rel(at_auto, fd[stable]),
+        auto_rel_error_exact=rel(at_auto, exact, exact_norm) if exact is not None else nan,
+        auto_rel_error_stable=rel(at_auto, fd[stable], norms[stable]),
         exact_unavailable=reason,
     )

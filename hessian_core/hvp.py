@@ -92,7 +92,8 @@ class FiniteDifferenceHVP:
                         torch._foreach_copy_(out, grads)
                         scale_first = coeff
                     else:
-                        torch._foreach_add_(out, [g.to(self.out_dtype) for g in grads], alpha=coeff / scale_first)
+                        # mixed dtypes (bf16 grads into a float32 sum) need no converted copy of the gradient
+                        torch._foreach_add_(out, grads, alpha=coeff / scale_first)
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(params, backup)

@@ -46,9 +46,21 @@ class LanczosState:
 
     @classmethod
     def from_basis(cls, basis: Sequence[Tensor], *, shapes: Sequence[torch.Size], alphas: Sequence[float] = (),
-                   betas: Sequence[float] = (), stopped: str | None = None) -> LanczosState:
-        rows = torch.stack([b.reshape(-1) for b in basis])
+                   betas: Sequence[float] = (), stopped: str | None = None, capacity: int = 0,
+                   device: torch.device | None = None) -> LanczosState:
+        """A state holding ``basis`` (oldest first), copied once into rows allocated for ``capacity`` vectors."""
+        rows = torch.empty((max(capacity, len(basis)), basis[0].numel()), dtype=basis[0].dtype,
+                           device=device or basis[0].device)
+        for row, b in zip(rows, basis):
+            row.copy_(b.reshape(-1))
         return cls(list(alphas), list(betas), rows, list(range(len(basis))), list(shapes), stopped)
+
+    def reserve(self, capacity: int) -> None:
+        """Make room for ``capacity`` vectors at once, so that pushes never grow the matrix."""
+        if self.rows.shape[0] < capacity:
+            bigger = self.rows.new_empty((capacity, self.rows.shape[1]))
+            bigger[: self.rows.shape[0]] = self.rows
+            self.rows = bigger
 
     def push(self, flat: Tensor, *, scale: float = 1.0, keep: int | None) -> None:
         """Store the next vector, evicting the oldest once ``keep`` are held (None: keep all, growing).
@@ -102,12 +114,19 @@ def _kept_vectors(reorth: str, window: int) -> int | None:
     return 2
 
 
-def lanczos_start(v0: Sequence[Tensor], *, space: ParamSpace, vector_dtype: torch.dtype) -> LanczosState:
+def _capacity(steps: int, reorth: str, window: int) -> int:
+    """Rows a run of ``steps`` steps ever holds: the start vector and one per step, or the kept window."""
+    keep = _kept_vectors(reorth, window)
+    return steps + 1 if keep is None else min(keep, steps + 1)
+
+
+def lanczos_start(v0: Sequence[Tensor], *, space: ParamSpace, vector_dtype: torch.dtype,
+                  capacity: int = 0) -> LanczosState:
     norm = space.norm(v0)
     if not norm > 0:
         raise ValueError("the Lanczos start vector is zero")
-    flat = torch.cat([t.reshape(-1).to(vector_dtype) for t in v0]) / norm
-    return LanczosState.from_basis([flat.to(vector_dtype)], shapes=[t.shape for t in v0])
+    flat = torch.cat([t.reshape(-1).to(vector_dtype) for t in v0]).div_(norm)
+    return LanczosState.from_basis([flat], shapes=[t.shape for t in v0], capacity=capacity)
 
 
 def _flat_dots(rows: Tensor, w: Tensor) -> Tensor:
@@ -115,7 +134,8 @@ def _flat_dots(rows: Tensor, w: Tensor) -> Tensor:
     if rows.dtype == w.dtype:
         return torch.mv(rows, w).double()
     compute = torch.promote_types(torch.promote_types(rows.dtype, w.dtype), torch.float32)
-    return torch.stack([torch.dot(r.to(compute), w.to(compute)) for r in rows]).double()
+    wc = w.to(compute)
+    return torch.stack([torch.dot(r.to(compute), wc) for r in rows]).double()
 
 
 def _flat_subtract(w: Tensor, rows: Tensor, coeffs: Tensor) -> None:
@@ -124,7 +144,7 @@ def _flat_subtract(w: Tensor, rows: Tensor, coeffs: Tensor) -> None:
         w.addmv_(rows.t(), coeffs.to(w), alpha=-1.0)
     else:
         for r, c in zip(rows, coeffs.tolist()):
-            w.add_(r.to(w.dtype), alpha=-c)
+            w.add_(r, alpha=-c)  # in-place add_ computes across dtypes without a converted copy of r
 
 
 def lanczos_step(state: LanczosState, matvec: Callable[[Vector], Vector], *, space: ParamSpace,
@@ -133,16 +153,15 @@ def lanczos_step(state: LanczosState, matvec: Callable[[Vector], Vector], *, spa
     _check_options(reorth, window)
     if state.stopped:
         raise RuntimeError(f"Lanczos already stopped ({state.stopped})")
-    basis = state.basis
-    q = basis[-1]
+    q = state.rows[state.order[-1]]
     hq = matvec(state.vector(q))
     w = hq.flat if isinstance(hq, FlatVector) else torch.cat([t.reshape(-1) for t in hq])
     del hq
     alpha = float(space.all_reduce(_flat_dots(q.unsqueeze(0), w)))
     _check_finite("alpha", alpha, state.steps_done)
-    w.add_(q.to(w.dtype), alpha=-alpha)
+    w.add_(q, alpha=-alpha)
     if state.betas:
-        w.add_(basis[-2].to(w.dtype), alpha=-state.betas[-1])
+        w.add_(state.rows[state.order[-2]], alpha=-state.betas[-1])
     # Reorthogonalization is a second Gram-Schmidt pass after the three-term recurrence (one pass alone,
     # folding alpha into it, loses the eigenvalues of the tests' matrices at m = n): one mv, one addmv, one
     # all-reduce. The kept vectors are rows 0..k-1 in some order, so all of them is a view, not a copy.
@@ -152,7 +171,7 @@ def lanczos_step(state: LanczosState, matvec: Callable[[Vector], Vector], *, spa
     elif reorth == "window" and window == 1:
         rows = q.unsqueeze(0)
     if rows is not None:
-        _flat_subtract(w, rows, space.all_reduce(_flat_dots(rows, w)).to(w.device))
+        _flat_subtract(w, rows, space.all_reduce(_flat_dots(rows, w), to_host=False))
     beta = float(space.all_reduce(_flat_dots(w.unsqueeze(0), w)).clamp_min(0).sqrt())
     _check_finite("beta", beta, state.steps_done)
     state.alphas.append(alpha)
@@ -178,10 +197,13 @@ def lanczos(matvec: Callable[[Vector], Vector], v0: Sequence[Tensor] | None, *, 
     _check_options(reorth, window)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    capacity = _capacity(steps, reorth, window)
     if state is None:
         if v0 is None:
             raise ValueError("lanczos needs a start vector v0 or a state to continue")
-        state = lanczos_start(v0, space=space, vector_dtype=vector_dtype)
+        state = lanczos_start(v0, space=space, vector_dtype=vector_dtype, capacity=capacity)
+    else:
+        state.reserve(capacity)
     while state.steps_done < steps and not state.stopped:
         lanczos_step(state, matvec, space=space, reorth=reorth, window=window, tol=tol)
         if on_step is not None:

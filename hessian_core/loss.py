@@ -34,12 +34,12 @@ def accumulate_gradient(model: torch.nn.Module, batches: Sequence[Tensor]) -> Te
     if not batches:
         raise ValueError("the analysis set has no batches")
     model.zero_grad(set_to_none=True)
-    total = torch.zeros((), dtype=torch.float64)
+    total = None
     for batch in batches:
         loss = causal_lm_loss(model, batch) / len(batches)
         loss.backward()
-        total += loss.detach().double().cpu()
-    return total
+        total = loss.detach().double() if total is None else total + loss.detach().double()
+    return total.cpu()  # one host sync per gradient, not one per batch
 
 
 def evaluate_loss(model: torch.nn.Module, batches: Sequence[Tensor], *, space: ParamSpace) -> float:

@@ -98,7 +98,8 @@ def measure_kernels(model: torch.nn.Module, batches: Sequence[Tensor], *, eps: f
         # real one, so what is timed is the step's own vector arithmetic and all-reduces
         start = lanczos_start(v, space=space, vector_dtype=vector_dtype)
         state = LanczosState.from_basis([start.basis[0]] * kept, shapes=start.shapes,
-                                        alphas=[1.0] * (kept - 1), betas=[1.0] * (kept - 1))
+                                        alphas=[1.0] * (kept - 1), betas=[1.0] * (kept - 1),
+                                        capacity=kept + repeats + 4)  # warm-up and timed steps never grow it
 
         def vector_work(reorth=reorth, state=state):
             lanczos_step(state, lambda q: hv, space=space, reorth=reorth, window=window)

@@ -26,11 +26,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .quadrature import RitzRule, SpectralMeasure, smoothed_density, wasserstein1
+from .quadrature import SIGMA_FRACTION, RitzRule, SpectralMeasure, smoothed_density, wasserstein1
 
 BULK_LEVEL = 1e-3
 CONVERGED = 1e-3
-ZERO_BAND = 0.01  # the same fraction of the width as quadrature.SIGMA_FRACTION
+ZERO_BAND = SIGMA_FRACTION  # the density's own smoothing width, as a fraction of the spectral width
 
 
 @dataclass(frozen=True)

@@ -103,13 +103,14 @@ class ParamSpace:
         return grads
 
     # -- reductions ----------------------------------------------------------------------------------------
-    def all_reduce(self, scalars: Tensor) -> Tensor:
-        """Sum a float64 tensor of partial scalars over the group (one collective call)."""
+    def all_reduce(self, scalars: Tensor, *, to_host: bool = True) -> Tensor:
+        """Sum a float64 tensor of partial scalars over the group (one collective call). ``to_host=False``
+        leaves the sums on the device, for coefficients the device uses next (no host sync)."""
         if self.group is not None and dist.get_world_size(self.group) > 1:
             if self.device.type != "cpu":
                 scalars = scalars.to(self.device)
             dist.all_reduce(scalars, op=dist.ReduceOp.SUM, group=self.group)
-        return scalars.cpu()
+        return scalars.cpu() if to_host else scalars
 
     def dots(self, pairs: Sequence[tuple[Sequence[Tensor], Sequence[Tensor]]]) -> Tensor:
         """Global inner products <x, y> for several pairs at once, in float64, with one all-reduce."""
@@ -156,10 +157,6 @@ def cast(x: Sequence[Tensor], dtype: torch.dtype) -> Vector:
 def axpy_(y: Vector, x: Sequence[Tensor], *, alpha: float) -> None:
     """y += alpha * x in place, casting x to y's dtype where they differ."""
     torch._foreach_add_(y, cast(x, y[0].dtype), alpha=alpha)
-
-
-def scale_(x: Vector, alpha: float) -> None:
-    torch._foreach_mul_(x, alpha)
 
 
 def _chunk_seed(seed: int, probe_index: int, name: str, chunk: int) -> int:

@@ -73,8 +73,6 @@ def _check_output_dir(config: RunConfig, *, fresh: bool) -> None:
         raise ConfigError(f"output_dir {out!r} holds a sweep; use another output_dir for a single run")
     existing = os.path.join(out, "run.json")
     if os.path.exists(existing) and not fresh:
-        import json
-
         try:
             with open(existing) as f:
                 previous = json.load(f).get("config")
@@ -419,7 +417,7 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
     interruption that keeps its checkpoints.
     """
     import ray
-    from ray.util.queue import Empty, Queue
+    from ray.util.queue import Queue
 
     from actors.group import WorkerGroup
 
@@ -489,7 +487,8 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
         progress_bar = Progress(total_steps + sum(1 for kind, _ in tasks if kind == "blocks"), bar=own_ray)
 
         def progress(info: dict, queue=queue) -> None:
-            queue.put_nowait(info)
+            # fire and forget: a blocking put would hold rank 0 (and so its group) for a round trip every step
+            queue.actor.put_nowait.remote(info)
 
         def submit(group: WorkerGroup, task: tuple[str, int]) -> list:
             kind, pid = task
@@ -514,11 +513,9 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
                 inflight[group.index] = (group, task, submit(group, task))
             all_refs = [r for _, _, refs in inflight.values() for r in refs]
             ray.wait(all_refs, num_returns=1, timeout=0.5)
-            while True:
-                try:
-                    progress_bar.update(queue.get_nowait())
-                except Empty:
-                    break
+            pending = queue.qsize()
+            for info in queue.get_nowait_batch(pending) if pending else []:  # two round trips, not one per step
+                progress_bar.update(info)
             for index, (group, task, refs) in list(inflight.items()):
                 ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
                 try:

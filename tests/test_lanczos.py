@@ -106,7 +106,7 @@ def test_at_most_2_plus_r_scalar_reductions_per_step_and_bounded_storage(case, m
     space, matvec = matrix_operator(wigner(n))
     calls = []
     original = space.all_reduce
-    monkeypatch.setattr(space, "all_reduce", lambda t: calls.append(t.numel()) or original(t))
+    monkeypatch.setattr(space, "all_reduce", lambda t, **kw: calls.append(t.numel()) or original(t, **kw))
     seen = []
     v0 = probe_vector(space, seed=0, probe_index=0, dtype=torch.float64)
     calls.clear()
