@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from hessian_core import default_eps  # noqa: E402
 from hessian_core.profiling import measure_kernels  # noqa: E402
 
 SHAPES = {
@@ -65,7 +66,7 @@ def main() -> int:
         model = build(shape, device=device, dtype=dtype)
         g = torch.Generator().manual_seed(0)
         batches = [torch.randint(0, shape["vocab_size"], (batch, seq), generator=g).to(device)]
-        eps = {torch.bfloat16: 0.2, torch.float32: 5e-3}[dtype]
+        eps = default_eps(dtype)
         try:
             for row in measure_kernels(model, batches, eps=eps, repeats=args.repeats):
                 rows.append({"model": name, "tokens": batch * seq, **row})

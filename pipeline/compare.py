@@ -18,7 +18,7 @@ from hessian_core.statistics import spectral_distance, spectrum_statistics
 
 from .config import ConfigError
 from .plots import exclusive
-from .tables import atomic_write
+from .tables import atomic_write, read_json
 
 
 def load_rules(run_dir: str) -> tuple[list[RitzRule], dict]:
@@ -35,12 +35,8 @@ def load_rules(run_dir: str) -> tuple[list[RitzRule], dict]:
 
 
 def _finished_with_spectrum(run_dir: str) -> bool:
-    try:
-        with open(os.path.join(run_dir, "run.json")) as f:
-            complete = json.load(f).get("status") == "complete"
-    except (OSError, ValueError):
-        return False
-    return complete and os.path.exists(os.path.join(run_dir, "ritz.parquet"))
+    info = read_json(os.path.join(run_dir, "run.json")) or {}
+    return info.get("status") == "complete" and os.path.exists(os.path.join(run_dir, "ritz.parquet"))
 
 
 def expand_run_dirs(paths: list[str]) -> list[str]:

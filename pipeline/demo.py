@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from hessian_core import causal_lm_loss
+
 DEMO = "builtin:demo"
 SEQ_LEN = 64
 TRAIN_STEPS = 300
@@ -78,8 +80,7 @@ def ensure_demo(log=print) -> tuple[str, str]:
     model.train()
     for step in range(TRAIN_STEPS):
         batch = train[torch.randint(0, train.shape[0], (32,), generator=g)]
-        logits = model(input_ids=batch).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 256), batch[:, 1:].reshape(-1))
+        loss = causal_lm_loss(model, batch)
         opt.zero_grad()
         loss.backward()
         opt.step()

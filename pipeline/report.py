@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import os
 import time
 
@@ -15,7 +14,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from .config import ConfigError
-from .tables import atomic_text
+from .tables import atomic_text, read_json
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1150px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -27,14 +26,6 @@ pre { background: #f7f7f7; padding: 0.7em; font-size: 0.8em; overflow-x: auto; }
 img { max-width: 100%; border: 1px solid #eee; } .failed { color: #b00; }
 details { margin: 0.7em 0; } summary { cursor: pointer; font-weight: 600; }
 """
-
-
-def _read_json(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def _image(path: str, alt: str) -> str:
@@ -104,7 +95,7 @@ def _run_section(run_dir: str, info: dict, *, heading: str) -> str:
 
 
 def _hvp_error_section(folder: str, *, heading: str) -> str:
-    info = _read_json(os.path.join(folder, "hvp_error.json")) or {}
+    info = read_json(os.path.join(folder, "hvp_error.json")) or {}
     rows = _parquet_rows(os.path.join(folder, "hvp_error.parquet"))
     s = info.get("summary", {})
     text = (f"auto eps {s.get('auto_eps', float('nan')):.3g} ({info.get('auto', {}).get('message', '')}); "
@@ -133,9 +124,9 @@ def _compare_section(folder: str, *, heading: str) -> str:
 
 def build_report(folder: str) -> str:
     """The HTML text of the report for ``folder``; raises ConfigError if it holds nothing reportable."""
-    run_info = _read_json(os.path.join(folder, "run.json"))
-    sweep_info = _read_json(os.path.join(folder, "sweep.json"))
-    hvp_info = _read_json(os.path.join(folder, "hvp_error.json"))
+    run_info = read_json(os.path.join(folder, "run.json"))
+    sweep_info = read_json(os.path.join(folder, "sweep.json"))
+    hvp_info = read_json(os.path.join(folder, "hvp_error.json"))
     body: list[str] = []
     if run_info is not None:
         title = f"Hessian spectrum: run {folder}"
@@ -149,7 +140,7 @@ def build_report(folder: str) -> str:
         body.append(_table(_parquet_rows(os.path.join(folder, "sweep.parquet"))))
         body.append(_compare_section(folder, heading="Comparison of the finished points"))
         for name in sweep_info["points"]:
-            info = _read_json(os.path.join(folder, name, "run.json"))
+            info = read_json(os.path.join(folder, name, "run.json"))
             if info is not None:
                 body.append(_run_section(os.path.join(folder, name), info, heading=f"Point {name}"))
     elif hvp_info is not None:
@@ -159,7 +150,7 @@ def build_report(folder: str) -> str:
         title = f"Hessian spectrum: comparison {folder}"
         body.append(_compare_section(folder, heading="Comparison"))
         for r in _parquet_rows(os.path.join(folder, "compare.parquet")):
-            info = _read_json(os.path.join(r["run"], "run.json"))
+            info = read_json(os.path.join(r["run"], "run.json"))
             if info is not None:
                 body.append(_run_section(r["run"], info, heading=f"Run {r['run']}"))
     else:

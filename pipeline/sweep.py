@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from .config import ConfigError, RunConfig, load_config
-from .tables import atomic_text, atomic_write, write_json
+from .tables import atomic_text, atomic_write, read_json, write_json
 
 SWEEP_FILE = "sweep.json"
 INDEX_FILE = "sweep.parquet"
@@ -122,12 +122,7 @@ def _write_point_config(point: Point) -> None:
 
 
 def _finished(point: Point) -> dict | None:
-    path = os.path.join(point.config.output_dir, "run.json")
-    try:
-        with open(path) as f:
-            info = json.load(f)
-    except (OSError, ValueError):
-        return None
+    info = read_json(os.path.join(point.config.output_dir, "run.json")) or {}
     return info if info.get("status") == "complete" and info.get("config") == point.config.to_dict() else None
 
 
@@ -154,7 +149,7 @@ def _write_index(out_dir: str, grid: list[tuple[str, list[str]]], rows: list[dic
     atomic_write(os.path.join(out_dir, INDEX_FILE), lambda tmp: pq.write_table(table, tmp))
 
 
-def format_index(rows: list[dict], keys: list[str]) -> str:
+def format_index(rows: list[dict]) -> str:
     head = f"{'run':<34}{'status':>10}{'eps':>11}{'lambda_max':>13}{'lambda_min':>13}{'trace':>13}"
     lines = [head]
     for r in rows:
@@ -235,13 +230,8 @@ def sweep(config_path: str, overrides: list[str], grid_specs: list[str], *, para
                     except Exception as e:  # noqa: BLE001 - one failed point does not stop the others
                         error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
                         log(f"sweep point {point.name} failed: {error}")
-                    info = None
-                    try:
-                        with open(os.path.join(point.config.output_dir, "run.json")) as f:
-                            info = json.load(f)
-                    except (OSError, ValueError):
-                        pass
-                    rows[point.name] = _row(point, info, error)
+                    rows[point.name] = _row(point, read_json(os.path.join(point.config.output_dir, "run.json")),
+                                            error)
                     _write_index(out_dir, grid, ordered())
                     log(f"sweep: {sum(r['status'] == 'complete' for r in rows.values())}/{len(points)} complete")
             except BaseException:
@@ -251,11 +241,9 @@ def sweep(config_path: str, overrides: list[str], grid_specs: list[str], *, para
                 log("sweep: interrupted; stopping the running points (Ctrl-C again to stop at once)")
                 pool.shutdown(wait=True, cancel_futures=True)
                 for point, _ in todo:
-                    try:
-                        with open(os.path.join(point.config.output_dir, "run.json")) as f:
-                            rows[point.name] = _row(point, json.load(f), None)
-                    except (OSError, ValueError):
-                        pass
+                    info = read_json(os.path.join(point.config.output_dir, "run.json"))
+                    if info is not None:
+                        rows[point.name] = _row(point, info, None)
                 _write_index(out_dir, grid, ordered())
                 raise
             pool.shutdown()
@@ -264,7 +252,7 @@ def sweep(config_path: str, overrides: list[str], grid_specs: list[str], *, para
                 ray.shutdown()
 
     result = ordered()
-    print(format_index(result, [k for k, _ in grid]))
+    print(format_index(result))
     failed = [r["run"] for r in result if r["status"] != "complete"]
     sweep_info["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     sweep_info["failed"] = failed

@@ -23,6 +23,15 @@ BLOCKS_SCHEMA = pa.schema([("probe_id", pa.int32()), ("block", pa.string()), ("r
 CONFIG_METADATA_KEY = b"hessian_spectrum.config"
 
 
+def read_json(path: str) -> dict | None:
+    """A JSON file's content, or None if it is missing or unreadable (e.g. a run that never started)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def write_json(path: str, obj: dict) -> None:
     atomic_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", sync=True)
 
@@ -36,5 +45,3 @@ def read_table(path: str) -> pa.Table:
     return pq.read_table(path)
 
 
-def table_config(path: str) -> dict:
-    return json.loads(pq.read_schema(path).metadata[CONFIG_METADATA_KEY])
