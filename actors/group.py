@@ -1,5 +1,11 @@
 """A group: ``num_workers`` Worker actors in one placement group forming one torch.distributed process group
-that holds one FSDP2-sharded copy of the model. Every call fans out to all ranks; rank 0's result is returned."""
+that holds one FSDP2-sharded copy of the model.
+
+Nothing here blocks: the placement group is requested at construction, ``placed`` is the reference that
+resolves once the cluster has room (on an autoscaling cluster a pending placement group is what asks for a
+node), ``start`` creates the ranks and returns the references of their setup, and each task method returns one
+reference per rank (they run collectives together; rank 0's result is the group's).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .model_loading import ModelSpec
+from .records import BlockTask, GroupInfo, ProbeTask
 from .worker import Worker
 
 RemoteWorker = ray.remote(Worker)
@@ -17,51 +24,84 @@ RemoteWorker = ray.remote(Worker)
 
 class WorkerGroup:
     def __init__(self, *, index: int, num_workers: int, use_gpu: bool, cpus_per_worker: int = 1,
-                 placement_timeout: float = 120.0):
+                 resources: dict[str, float] | None = None):
         self.index, self.num_workers, self.use_gpu = index, num_workers, use_gpu
-        bundle = {"CPU": cpus_per_worker, "GPU": 1} if use_gpu else {"CPU": cpus_per_worker}
+        self.cpus_per_worker = cpus_per_worker
+        self.resources = dict(resources or {})
+        bundle = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {}), **self.resources}
+        self.bundle = bundle
         self.pg = placement_group([dict(bundle) for _ in range(num_workers)], strategy="PACK")
-        ready, _ = ray.wait([self.pg.ready()], timeout=placement_timeout)
-        if not ready:
-            remove_placement_group(self.pg)
-            raise RuntimeError(f"group {index}: the cluster cannot place {num_workers} worker(s) with {bundle} each "
-                               f"within {placement_timeout:.0f}s")
+        self.workers: list = []
+
+    @property
+    def placed(self) -> ray.ObjectRef:
+        """Resolves once the cluster has reserved the group's resources."""
+        return self.pg.ready()
+
+    def start(self, *, spec: ModelSpec, batches_ref: Any, timeout_seconds: float) -> list[ray.ObjectRef]:
+        """Create the ranks in the placed group; returns their setup references (each resolves to a GroupInfo)."""
         self.workers = [
             RemoteWorker.options(
-                num_cpus=cpus_per_worker, num_gpus=1 if use_gpu else 0, max_restarts=0,
+                num_cpus=self.cpus_per_worker, num_gpus=1 if self.use_gpu else 0, resources=self.resources,
+                max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
-            ).remote(rank=rank, world_size=num_workers, use_gpu=use_gpu, threads=cpus_per_worker)
-            for rank in range(num_workers)
+            ).remote(rank=rank, world_size=self.num_workers, use_gpu=self.use_gpu, threads=self.cpus_per_worker)
+            for rank in range(self.num_workers)
         ]
-
-    def setup(self, *, spec: ModelSpec, batches_ref: Any, timeout_seconds: float) -> dict:
-        addr, port = ray.get(self.workers[0].rendezvous_address.remote())
-        refs = [w.setup.remote(master_addr=addr, master_port=port, spec=spec, batches=batches_ref,
+        # a reference passed as an argument is resolved before the call runs: no rank waits on the driver
+        rendezvous = self.workers[0].rendezvous_address.remote() if self.num_workers > 1 else None
+        return [w.setup.remote(index=self.index, rendezvous=rendezvous, spec=spec, batches=batches_ref,
                                timeout_seconds=timeout_seconds) for w in self.workers]
-        infos = ray.get(refs)
-        return {"num_params": infos[0]["num_params"], "load_seconds": max(i["load_seconds"] for i in infos),
-                "peak_rss_mib_per_rank": [i["peak_rss_mib"] for i in infos], "pids": [i["pid"] for i in infos]}
 
-    def call(self, method: str, **kwargs) -> list[ray.ObjectRef]:
-        """Start ``method`` on every rank (they run collectives together); element 0 is rank 0's result."""
-        return [getattr(w, method).remote(**kwargs) for w in self.workers]
+    @staticmethod
+    def merge_infos(infos: list[GroupInfo]) -> GroupInfo:
+        """One GroupInfo for the group from each rank's."""
+        first = infos[0]
+        return GroupInfo(index=first.index, num_workers=first.num_workers, num_params=first.num_params,
+                         load_seconds=max(i.load_seconds for i in infos),
+                         peak_rss_mib_per_rank=[i.peak_rss_mib_per_rank[0] for i in infos],
+                         pids=[i.pids[0] for i in infos], nodes=[i.nodes[0] for i in infos])
 
-    def run(self, method: str, **kwargs) -> Any:
-        """``call`` and wait: rank 0's result, or the first rank's error."""
-        return ray.get(self.call(method, **kwargs))[0]
+    def calibrate(self, task: ProbeTask, *, fixed_eps: float | None, assess: bool = True) -> list[ray.ObjectRef]:
+        return [w.calibrate.remote(task=task, fixed_eps=fixed_eps, assess=assess) for w in self.workers]
+
+    def run_probe(self, task: ProbeTask, *, progress=None) -> list[ray.ObjectRef]:
+        return [w.run_probe.remote(task=task, progress=progress) for w in self.workers]
+
+    def run_blocks(self, task: BlockTask) -> list[ray.ObjectRef]:
+        return [w.run_blocks.remote(task=task) for w in self.workers]
+
+    def gradient_seconds(self, *, repeats: int, warmup: bool = True) -> list[ray.ObjectRef]:
+        return [w.gradient_seconds.remote(repeats=repeats, warmup=warmup) for w in self.workers]
+
+    def hvp_errors(self, *, eps_values: list[float], seed: int, scheme: str) -> list[ray.ObjectRef]:
+        return [w.hvp_errors.remote(eps_values=eps_values, seed=seed, scheme=scheme) for w in self.workers]
+
+    def benchmark(self, *, eps: float, repeats: int, window: int, vector_dtype: str) -> list[ray.ObjectRef]:
+        return [w.benchmark.remote(eps=eps, repeats=repeats, window=window, vector_dtype=vector_dtype)
+                for w in self.workers]
 
     def shutdown(self, *, graceful: bool = True) -> None:
         """Destroy the process group on every rank (all at once, 10 s at most), then kill the actors.
 
         ``graceful=False`` kills at once: a rank busy in a long call would only take the shutdown after it."""
-        if graceful:
+        if graceful and self.workers:
             refs = [w.shutdown.remote() for w in self.workers]
             try:
                 ray.wait(refs, num_returns=len(refs), timeout=10)
-            except Exception:  # a dead rank: killing it below is all that is left to do
+            except Exception:  # noqa: BLE001 - a dead rank: killing it below is all that is left to do
                 pass
         for w in self.workers:
-            ray.kill(w)
-        remove_placement_group(self.pg)
+            try:
+                ray.kill(w)
+            except Exception:  # noqa: BLE001 - already gone with its node
+                pass
+        try:
+            remove_placement_group(self.pg)
+        except Exception:  # noqa: BLE001 - the GCS may already have dropped it with a lost node
+            pass
 
 
+def rank0(refs: list[ray.ObjectRef]) -> Any:
+    """Wait for every rank's call; rank 0's result, or the first rank's error."""
+    return ray.get(refs)[0]

@@ -17,11 +17,13 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from hessian_core import (FiniteDifferenceHVP, accumulate_gradient, latest_complete_step, load_lanczos_state,
-                          save_lanczos_state, ParamSpace, block_diagonal_metrics, calibrate_eps, lanczos,
+from hessian_core import (FiniteDifferenceHVP, LanczosState, ParamSpace, accumulate_gradient, block_diagonal_metrics,
+                          calibrate_eps, lanczos, lanczos_start, latest_complete_step, load_lanczos_state,
                           parameter_blocks, probe_vector, shard_model)
+from hessian_core.checkpoint import CheckpointWriter
 
 from .model_loading import DTYPES, ModelSpec, load_model
+from .records import (BlockResult, BlockTask, Calibration, GroupInfo, ProbeResult, ProbeTask, ProgressEvent)
 
 
 # checkpoint.every=auto: the next save comes when the steps since the last one took 1/AUTO_CHECKPOINT_COST times
@@ -29,9 +31,32 @@ from .model_loading import DTYPES, ModelSpec, load_model
 AUTO_CHECKPOINT_COST = 0.05
 
 
-def free_port() -> int:
+class CheckpointSchedule:
+    """When a probe saves: every ``every`` steps, or (``auto``) after step 1 and then as often as keeps the time
+    the compute is held by saves under AUTO_CHECKPOINT_COST of it. Every rank must pick the same steps (a step is
+    complete only when all ranks saved it): ``agree`` takes the ranks' largest interval (one all-reduce a save)."""
+
+    def __init__(self, every: int | str, *, agree: Callable[[int], int] = lambda n: n):
+        self.auto = every == "auto"
+        self.every = 0 if self.auto else int(every)
+        self.next = 1 if self.auto else self.every
+        self.agree = agree
+
+    def due(self, step: int) -> bool:
+        return bool(self.next) and step >= self.next
+
+    def saved(self, step: int, held_seconds: float, step_seconds: list[float]) -> None:
+        self.next = step + (self.interval(held_seconds, step_seconds) if self.auto else self.every)
+
+    def interval(self, held_seconds: float, step_seconds: list[float]) -> int:
+        mean_step = statistics.mean(step_seconds) if step_seconds else held_seconds
+        interval = max(1, math.ceil(held_seconds / (AUTO_CHECKPOINT_COST * max(mean_step, 1e-9))))
+        return self.agree(interval)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -41,19 +66,25 @@ class Worker:
         torch.set_num_threads(threads)  # the cores Ray reserved for this rank, no more (no oversubscription)
         self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
         self.model = self.op = self.space = None
+        self._kept_matvec = None
 
     def rendezvous_address(self) -> tuple[str, int]:
         import ray
 
-        return ray.util.get_node_ip_address(), free_port()
+        host = ray.util.get_node_ip_address()
+        return host, free_port(host)
 
-    def setup(self, *, master_addr: str, master_port: int, spec: ModelSpec, batches: torch.Tensor,
-              timeout_seconds: float) -> dict:
-        """Form the process group, build and shard the model, keep this rank's slice of every batch."""
+    def setup(self, *, index: int, rendezvous: tuple[str, int] | None, spec: ModelSpec, batches: torch.Tensor,
+              timeout_seconds: float) -> GroupInfo:
+        """Form the process group (none for one rank), build and shard the model, keep this rank's slice of
+        every batch."""
+        import ray
+
         started = time.perf_counter()
         backend = "nccl" if self.use_gpu else "gloo"
         if self.world_size > 1:
-            dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
+            addr, port = rendezvous
+            dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=self.rank,
                                     world_size=self.world_size, timeout=datetime.timedelta(seconds=timeout_seconds))
         model = load_model(spec).to(self.device)
         if self.world_size > 1:
@@ -64,8 +95,10 @@ class Worker:
         self.batches = [b[self.rank * per_rank:(self.rank + 1) * per_rank].to(self.device) for b in batches]
         self.model = model
         self.space = ParamSpace(model)
-        return {"num_params": self.space.numel, "load_seconds": time.perf_counter() - started,
-                "peak_rss_mib": _peak_rss_mib(), "pid": os.getpid()}
+        self._kept_matvec = None
+        return GroupInfo(index=index, num_workers=self.world_size, num_params=self.space.numel,
+                         load_seconds=time.perf_counter() - started, peak_rss_mib_per_rank=[_peak_rss_mib()],
+                         pids=[os.getpid()], nodes=[ray.get_runtime_context().get_node_id()])
 
     def _operator(self, eps: float, scheme: str) -> FiniteDifferenceHVP:
         """The rank's one HVP operator (built once: it keeps the parameter backup buffer), set to eps/scheme."""
@@ -74,14 +107,33 @@ class Worker:
         self.op.eps, self.op.scheme = float(eps), scheme
         return self.op
 
-    def _probe(self, *, seed: int, probe_id: int, vector_dtype: str):
-        return probe_vector(self.space, seed=seed, probe_index=probe_id, dtype=DTYPES[vector_dtype])
+    def _start_vector(self, *, seed: int, probe_id: int, vector_dtype: str) -> LanczosState:
+        """Probe ``probe_id``'s Lanczos start, exactly as ``lanczos`` would make it."""
+        v0 = probe_vector(self.space, seed=seed, probe_index=probe_id, dtype=DTYPES[vector_dtype])
+        return lanczos_start(v0, space=self.space, vector_dtype=DTYPES[vector_dtype])
 
-    def calibrate(self, *, seed: int, scheme: str, eps: float | None) -> dict:
-        op = self._operator(1.0 if eps is None else eps, scheme)
+    def calibrate(self, *, task: ProbeTask, fixed_eps: float | None, assess: bool = True) -> Calibration:
+        """Choose (or assess a fixed) eps along ``task``'s start vector, then keep the HVP at that eps there: it
+        is the probe's first Lanczos matvec when the probe runs next on this group. ``assess=False`` (a fixed
+        eps taken as it is) only times one gradient."""
+        if not assess:
+            return Calibration(eps=fixed_eps, source="fixed", relative_error=None, grad_norm=None,
+                               third_derivative=None, perturbation_rounding=None, reliable=None,
+                               message=f"eps={fixed_eps:.3g} (fixed, not assessed: hvp.assess is false)",
+                               grad_seconds=self.gradient_seconds(repeats=1, warmup=False))
+        op = self._operator(1.0 if fixed_eps is None else fixed_eps, task.scheme)
+        start = self._start_vector(seed=task.seed, probe_id=task.probe_id, vector_dtype=task.vector_dtype)
+        q0 = start.vector(start.rows[0])
         calls = op.calls
-        choice = calibrate_eps(op, self._probe(seed=seed, probe_id=0, vector_dtype="float64"), eps=eps)
-        return {**choice.as_dict(), "hvp_count": op.calls - calls}
+        choice = calibrate_eps(op, q0, eps=fixed_eps)
+        op = self._operator(choice.eps, task.scheme)
+        self._sync()
+        t = time.perf_counter()
+        hv = op.matvec(q0)
+        self._sync()
+        self._kept_matvec = (task.probe_id, task.seed, task.vector_dtype, choice.eps, task.scheme, hv,
+                             time.perf_counter() - t)
+        return Calibration(**choice.as_dict(), hvp_count=op.calls - calls, first_matvec_kept=True)
 
     def gradient_seconds(self, *, repeats: int, warmup: bool = True) -> float:
         """Median wall time of one full gradient over this group's analysis set."""
@@ -95,16 +147,29 @@ class Worker:
             self.model.zero_grad(set_to_none=True)
         return statistics.median(times[int(warmup):])
 
-    def run_probe(self, *, probe_id: int, seed: int, eps: float, scheme: str, steps: int, reorth: str, window: int,
-                  vector_dtype: str, checkpoint_dir: str | None = None, checkpoint_every: int | str = 0,
-                  checkpoint_meta: dict | None = None, progress: Callable[[dict], None] | None = None) -> dict:
-        """One probe's whole Lanczos run, continued from its newest complete checkpoint when there is one
-        whose metadata matches; returns alpha, beta, per-step timings of this call and the step resumed at."""
-        op = self._operator(eps, scheme)
+    def _take_kept_matvec(self, task: ProbeTask):
+        """The calibration's HVP along this probe's start at this eps, once; None if it was for something else."""
+        kept, self._kept_matvec = self._kept_matvec, None
+        if kept is not None and kept[:5] == (task.probe_id, task.seed, task.vector_dtype, task.eps, task.scheme):
+            return kept[5], kept[6]
+        return None
+
+    def run_probe(self, *, task: ProbeTask, progress: Callable[[ProgressEvent], None] | None = None) -> ProbeResult:
+        """One probe's whole Lanczos run, continued from its newest complete checkpoint when there is one whose
+        metadata matches (written by a group of any size); returns alpha, beta and this call's timings."""
+        op = self._operator(task.eps, task.scheme)
         hvp_seconds: list[float] = []
         step_seconds: list[float] = []
+        meta = {**task.checkpoint_meta, "probe_id": task.probe_id, "eps": task.eps}
+        state, resumed_at = self._resume(task, meta)
+        kept = self._take_kept_matvec(task) if state is None else None
 
         def timed_matvec(v):
+            nonlocal kept
+            if kept is not None:  # bitwise what op.matvec(v) gives: the same vector, eps and parameters
+                (out, seconds), kept = kept, None
+                hvp_seconds.append(seconds)
+                return out
             self._sync()
             t = time.perf_counter()
             out = op.matvec(v)
@@ -112,75 +177,75 @@ class Worker:
             hvp_seconds.append(time.perf_counter() - t)
             return out
 
+        reused = kept is not None
+        writer = (CheckpointWriter(task.checkpoint_dir, space=self.space, rank=self.rank, world_size=self.world_size,
+                                   meta=meta) if task.checkpoint_dir and task.checkpoint_every else None)
+        schedule = CheckpointSchedule(task.checkpoint_every, agree=self._agree_max)
         checkpoint_seconds: list[float] = []
-        auto = checkpoint_every == "auto"
-        next_save = 1 if auto else checkpoint_every
-        last = 0.0  # set when the iteration starts
+        last = 0.0
 
         def on_step(state):
-            nonlocal last, next_save
+            nonlocal last
             now = time.perf_counter()
             step_seconds.append(now - last)
             done = state.steps_done
-            if checkpoint_dir and next_save and done < steps and not state.stopped and done >= next_save:
-                save_lanczos_state(state, folder=checkpoint_dir, rank=self.rank, group=self.space.group, meta=meta)
-                checkpoint_seconds.append(time.perf_counter() - now)
-                next_save = done + (self._auto_checkpoint_interval(checkpoint_seconds[-1], step_seconds)
-                                    if auto else checkpoint_every)
+            if writer is not None and done < task.steps and not state.stopped and schedule.due(done):
+                checkpoint_seconds.append(writer.save(state))
+                schedule.saved(done, checkpoint_seconds[-1], step_seconds)
             if progress is not None and self.rank == 0:
-                progress({"probe_id": probe_id, "step": done, "steps": steps, "hvp_seconds": hvp_seconds[-1]})
-            last = time.perf_counter()  # step times exclude checkpoint writes (reported apart)
+                progress(ProgressEvent(probe_id=task.probe_id, step=done, steps=task.steps,
+                                       hvp_seconds=hvp_seconds[-1]))
+            last = time.perf_counter()  # step times exclude checkpoint staging (reported apart)
 
-        meta = {**(checkpoint_meta or {}), "probe_id": probe_id, "eps": eps, "world_size": self.world_size}
-        state, resumed_at = None, 0
-        found = latest_complete_step(checkpoint_dir) if checkpoint_dir else None
-        if found is not None and {k: found[1].get(k) for k in meta} == meta:
-            resumed_at = found[0]
-            state = load_lanczos_state(checkpoint_dir, step=resumed_at, rank=self.rank, device=self.device)
-        v0 = None if state is not None else self._probe(seed=seed, probe_id=probe_id, vector_dtype=vector_dtype)
+        v0 = None if state is not None else self._probe(seed=task.seed, probe_id=task.probe_id,
+                                                        vector_dtype=task.vector_dtype)
         last = time.perf_counter()  # the first step's time excludes drawing the probe or loading a checkpoint
         try:
-            result = lanczos(timed_matvec, v0, space=self.space, steps=steps, reorth=reorth, window=window,
-                             vector_dtype=DTYPES[vector_dtype], state=state, on_step=on_step)
+            result = lanczos(timed_matvec, v0, space=self.space, steps=task.steps, reorth=task.reorth,
+                             window=task.window, vector_dtype=DTYPES[task.vector_dtype], state=state, on_step=on_step)
         except FloatingPointError as e:
-            raise FloatingPointError(f"probe {probe_id}: {e}") from None
-        return {"probe_id": probe_id, "alphas": result.alphas.tolist(), "betas": result.betas.tolist(),
-                "stopped": result.stopped, "hvp_seconds": hvp_seconds, "step_seconds": step_seconds,
-                "checkpoint_seconds": checkpoint_seconds, "resumed_at_step": resumed_at}
+            raise FloatingPointError(f"probe {task.probe_id}: {e}") from None
+        finally:
+            if writer is not None:
+                writer.close()
+        return ProbeResult(probe_id=task.probe_id, alphas=result.alphas.tolist(), betas=result.betas.tolist(),
+                           stopped=result.stopped, hvp_seconds=hvp_seconds, step_seconds=step_seconds,
+                           checkpoint_seconds=checkpoint_seconds, resumed_at_step=resumed_at,
+                           reused_first_matvec=reused)
 
-    def _auto_checkpoint_interval(self, save_seconds: float, step_seconds: list[float]) -> int:
-        """Steps until the next checkpoint so that writing them costs <= AUTO_CHECKPOINT_COST of the compute.
+    def _probe(self, *, seed: int, probe_id: int, vector_dtype: str):
+        return probe_vector(self.space, seed=seed, probe_index=probe_id, dtype=DTYPES[vector_dtype])
 
-        Every rank must pick the same step (a save ends in a barrier): the ranks agree on the largest
-        interval with one all-reduce per save."""
-        mean_step = statistics.mean(step_seconds) if step_seconds else save_seconds
-        interval = max(1, math.ceil(save_seconds / (AUTO_CHECKPOINT_COST * max(mean_step, 1e-9))))
-        if self.world_size > 1:
-            agreed = torch.tensor([interval], dtype=torch.int64, device=self.device)
-            dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.space.group)
-            interval = int(agreed.item())
-        return interval
+    def _resume(self, task: ProbeTask, meta: dict) -> tuple[LanczosState | None, int]:
+        """The newest complete checkpoint of this probe with matching metadata (any writer world size)."""
+        found = latest_complete_step(task.checkpoint_dir) if task.checkpoint_dir else None
+        if found is None or {k: found[1].get(k) for k in meta} != meta:
+            return None, 0
+        state = load_lanczos_state(task.checkpoint_dir, step=found[0], space=self.space, device=self.device)
+        return state, found[0]
 
-    def run_blocks(self, *, probe_id: int, seed: int, eps: float, scheme: str,
-                   progress: Callable[[dict], None] | None = None) -> dict:
-        op = self._operator(eps, scheme)
+    def _agree_max(self, value: int) -> int:
+        """The largest of the ranks' values (one all-reduce): ranks must checkpoint at the same steps."""
+        if self.world_size == 1:
+            return value
+        agreed = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.space.group)
+        return int(agreed.item())
+
+    def run_blocks(self, *, task: BlockTask) -> BlockResult:
+        op = self._operator(task.eps, task.scheme)
         blocks = parameter_blocks(self.model, self.space)
-        v = probe_vector(self.space, seed=seed, probe_index=probe_id, kind="gaussian", dtype=op.out_dtype)
-
-        def on_hvp(done, total):
-            if progress is not None and self.rank == 0:
-                progress({"probe_id": probe_id, "step": done, "steps": total, "hvp_seconds": None})
-
-        m = block_diagonal_metrics(op.matvec, v, space=self.space, blocks=blocks, on_hvp=on_hvp)
-        return {"probe_id": probe_id, "blocks": m.blocks, "rel_error": m.rel_error, "cosine": m.cosine,
-                "whole_rel_error": m.whole_rel_error, "hvp_count": 1 + len(blocks)}
+        v = probe_vector(self.space, seed=task.seed, probe_index=task.probe_id, kind="gaussian", dtype=op.out_dtype)
+        m = block_diagonal_metrics(op.matvec, v, space=self.space, blocks=blocks)
+        return BlockResult(probe_id=task.probe_id, blocks=m.blocks, rel_error=m.rel_error, cosine=m.cosine,
+                           whole_rel_error=m.whole_rel_error, hvp_count=1 + len(blocks))
 
     def hvp_errors(self, *, eps_values: list[float], seed: int, scheme: str) -> dict:
         """The FD HVP along probe 0 at every eps, against the exact HVP and the most stable FD (hessian_core.eps)."""
         from hessian_core.eps import hvp_error_study
 
         op = self._operator(eps_values[0], scheme)
-        v = self._probe(seed=seed, probe_id=0, vector_dtype="float64")
+        v = probe_vector(self.space, seed=seed, probe_index=0, dtype=torch.float64)
         return hvp_error_study(op, v, eps_values=eps_values).as_dict()
 
     def benchmark(self, *, eps: float, repeats: int, window: int, vector_dtype: str) -> list[dict]:

@@ -10,6 +10,7 @@ the fraction of the step the parameter dtype keeps, and says so when the HVP can
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ LADDER_TRIES = 3
 SIGNAL_TO_NOISE = 10.0
 # Above this estimated relative error (or fraction of the step lost to rounding) the HVP is called unreliable.
 UNRELIABLE = 0.5
+EPS_DIGITS = 2
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class EpsChoice:
     perturbation_rounding: float  # |round(theta + eps v) - theta - eps v| / |eps v|
     reliable: bool
     message: str
+    grad_seconds: float = float("nan")  # wall time of the calibration's one gradient
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -54,6 +57,11 @@ def default_eps(dtype: torch.dtype) -> float:
     if dtype not in DEFAULT_EPS:
         raise ValueError(f"no default eps for dtype {dtype}; expected one of {sorted(map(str, DEFAULT_EPS))}")
     return DEFAULT_EPS[dtype]
+
+
+def round_eps(eps: float, digits: int = EPS_DIGITS) -> float:
+    """eps to ``digits`` significant digits."""
+    return float(f"{eps:.{digits - 1}e}")
 
 
 def optimal_eps(*, eps_mach: float, grad_norm: float, third_derivative: float) -> float:
@@ -75,32 +83,38 @@ def _distance(op: FiniteDifferenceHVP, a: Sequence[Tensor], b: Sequence[Tensor])
 def calibrate_eps(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, eps: float | None = None) -> EpsChoice:
     """Pick eps for ``op`` along the unit probe v, or (``eps`` given) assess that fixed step.
 
-    Leaves ``op.eps`` as it was; costs about 1 + 4k gradient passes (k <= LADDER_TRIES).
+    Leaves ``op.eps`` as it was; costs one gradient and 1 + k HVPs (k <= LADDER_TRIES tries). An auto eps is
+    rounded to ``EPS_DIGITS`` significant digits: the optimum is flat, and the rounding makes the choice the same
+    on any layout (reduction order moves the estimate in its last digits).
     """
     dtype = op.space.dtype
     eps_mach = float(torch.finfo(dtype).eps)
     fallback = default_eps(dtype)
+    started = time.perf_counter()
     _, grad = op.gradient()
+    grad_seconds = time.perf_counter() - started
     grad_norm = op.space.norm(grad)
     del grad
     saved_eps = op.eps
     third = float("nan")
     hv_norm = float("nan")
     try:
-        e1 = LADDER_START * fallback
+        # pairs (2e, e), then (4*2e, 2e), ...: each try after the first reuses the previous larger step's HVP
+        e_small = LADDER_START * fallback / 2.0
+        op.eps = e_small
+        h_small = op.matvec(v)
+        e_big = LADDER_START * fallback
         for _ in range(LADDER_TRIES):
-            e2 = e1 / 2.0
-            op.eps = e1
-            h1 = op.matvec(v)
-            op.eps = e2
-            h2 = op.matvec(v)
-            signal = _distance(op, h1, h2)
-            hv_norm = op.space.norm(h2)
-            noise = eps_mach * grad_norm / e2
+            op.eps = e_big
+            h_big = op.matvec(v)
+            signal = _distance(op, h_big, h_small)
+            hv_norm = op.space.norm(h_small)
+            noise = eps_mach * grad_norm / e_small
             if math.isfinite(signal) and signal > SIGNAL_TO_NOISE * noise:
-                third = 6.0 * signal / (e1 * e1 - e2 * e2)
+                third = 6.0 * signal / (e_big * e_big - e_small * e_small)
                 break
-            e1 *= LADDER_GROWTH
+            e_small, h_small = e_big, h_big
+            e_big *= LADDER_GROWTH
     finally:
         op.eps = saved_eps
 
@@ -108,7 +122,8 @@ def calibrate_eps(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, eps: float | 
     if eps is not None:
         source = "fixed"
     elif measured:
-        eps, source = optimal_eps(eps_mach=eps_mach, grad_norm=grad_norm, third_derivative=third), "auto"
+        eps = round_eps(optimal_eps(eps_mach=eps_mach, grad_norm=grad_norm, third_derivative=third))
+        source = "auto"
     else:
         eps, source = fallback, "default"
     if measured:
@@ -137,7 +152,7 @@ def calibrate_eps(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, eps: float | 
         else:
             message += (f"; at {dtype_name} precision no eps gives a reliable HVP here: "
                         f"use float32 (or float64) parameters")
-    return EpsChoice(eps, source, rel, grad_norm, third, rounding, reliable, message)
+    return EpsChoice(eps, source, rel, grad_norm, third, rounding, reliable, message, grad_seconds)
 
 
 @dataclass(frozen=True)

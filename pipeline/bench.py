@@ -17,7 +17,10 @@ import time
 import pyarrow as pa
 
 from .config import RunConfig
-from .driver import log, model_spec, one_group, preflight, run
+from .driver import run
+from .preflight import model_spec, preflight
+from .progress import log
+from .ray_connection import one_group
 from .tables import atomic_write, write_json
 
 LAYOUTS = ((1, 1), (1, 2), (2, 1))
@@ -25,12 +28,22 @@ LAYOUTS = ((1, 1), (1, 2), (2, 1))
 
 def _kernels(prepared, *, eps: float, repeats: int) -> list[dict]:
     config = prepared.config
+    from actors.group import rank0
+
     with one_group(prepared) as (group, _):
         if eps <= 0:
-            eps = group.run("calibrate", seed=0, scheme="central", eps=None)["eps"]
-        rows = group.run("benchmark", eps=eps, repeats=repeats, window=config.lanczos.window,
-                         vector_dtype=config.lanczos.vector_dtype)
+            eps = rank0(group.calibrate(_probe_zero(prepared), fixed_eps=None)).eps
+        rows = rank0(group.benchmark(eps=eps, repeats=repeats, window=config.lanczos.window,
+                                     vector_dtype=config.lanczos.vector_dtype))
     return [{**r, "workers": config.cluster.num_workers, "eps": eps} for r in rows]
+
+
+def _probe_zero(prepared):
+    from actors.records import ProbeTask
+
+    lz = prepared.config.lanczos
+    return ProbeTask(probe_id=0, seed=lz.seed, eps=0.0, scheme="central", steps=lz.steps, reorth=lz.reorth,
+                     window=lz.window, vector_dtype=lz.vector_dtype, checkpoint_dir=None, checkpoint_every=0)
 
 
 def _end_to_end(config: RunConfig, *, eps: float, out_dir: str) -> list[dict]:

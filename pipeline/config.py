@@ -46,10 +46,13 @@ class DataConfig:
 class ClusterConfig:
     address: str | None = None  # null: start a local Ray; "auto" or "ray://host:port": join a cluster
     num_workers: int = 1  # ranks per group (one FSDP2 process group)
-    num_groups: int = 1  # groups running probes in parallel
+    num_groups: int = 1  # the most groups running probes in parallel
+    min_groups: int | None = None  # groups that must be alive for the run to go on (null: num_groups)
+    placement_timeout_seconds: float = 120.0  # how long the run waits with fewer than min_groups alive
+    worker_resources: dict | None = None  # custom Ray resources each rank needs, e.g. {"spot_gpu_node": 1}
     use_gpu: bool = False
     cpus_per_worker: int | None = None  # null: a local Ray shares this machine's cores out; on a cluster 1
-    max_failures: int = 2  # group rebuilds after a worker dies
+    max_failures: int = 2  # errors raised by a probe (not node or actor losses) that are retried
     collective_timeout_seconds: float = 120.0  # a dead peer fails the group after this, not 30 minutes
 
 
@@ -116,11 +119,24 @@ class RunConfig:
             return max(1, (os.cpu_count() or 1) // (cl.num_workers * cl.num_groups))
         return 1
 
+    def result_dict(self) -> dict:
+        """The keys that decide the results (see ``results_part``)."""
+        return results_part(self.to_dict())
+
+    def min_groups(self) -> int:
+        return self.cluster.num_groups if self.cluster.min_groups is None else self.cluster.min_groups
+
     def digest(self) -> str:
-        """Identifies the config in checkpoints: a checkpoint is only resumed under the same config."""
+        """Identifies the config in checkpoints: a checkpoint is only resumed under the same results config."""
         import hashlib
 
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.result_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def results_part(config: dict) -> dict:
+    """A config's keys that decide the results: all but ``cluster`` (the layout) and ``output_dir``, so that a
+    run may be resumed under another layout or on another cluster."""
+    return {k: v for k, v in config.items() if k not in ("cluster", "output_dir")}
 
 
 POSITIVE = ["data.seq_len", "data.batch_size", "data.num_batches", "cluster.num_workers", "cluster.num_groups",
@@ -260,6 +276,14 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"cluster.cpus_per_worker must be >= 1 or null, got {config.cluster.cpus_per_worker}")
     if config.cluster.collective_timeout_seconds <= 0:
         raise ConfigError("cluster.collective_timeout_seconds must be > 0")
+    if config.cluster.placement_timeout_seconds <= 0:
+        raise ConfigError("cluster.placement_timeout_seconds must be > 0")
+    if config.cluster.min_groups is not None and not 1 <= config.cluster.min_groups <= config.cluster.num_groups:
+        raise ConfigError(f"cluster.min_groups must be between 1 and cluster.num_groups={config.cluster.num_groups} "
+                          f"(or null for num_groups), got {config.cluster.min_groups}")
+    for name, amount in (config.cluster.worker_resources or {}).items():
+        if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount <= 0:
+            raise ConfigError(f"cluster.worker_resources.{name} must be a positive number, got {amount!r}")
     if config.model.init == "pretrained" and not config.model.path:
         raise ConfigError("model.path is required when model.init is 'pretrained'")
     if config.model.init == "random" and not config.model.path and not (config.model.config or {}).get("model_type"):

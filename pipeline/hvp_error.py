@@ -76,7 +76,11 @@ def summarize(study: dict) -> dict:
 
 
 def hvp_error(config: RunConfig, *, eps_text: str | None, out_dir: str | None) -> dict:
-    from .driver import _versions, log, one_group, preflight
+    from actors.group import rank0
+
+    from .preflight import preflight
+    from .progress import log
+    from .ray_connection import one_group, versions
 
     eps_values = parse_eps(eps_text, config.model.dtype)
     out_dir = out_dir or os.path.join(config.output_dir, "hvp-error")
@@ -84,17 +88,17 @@ def hvp_error(config: RunConfig, *, eps_text: str | None, out_dir: str | None) -
     prepared = preflight(config)
 
     with one_group(prepared) as (group, setup):
-        log(f"model loaded: {setup['num_params']:,} parameters; {len(eps_values)} steps from {eps_values[0]:.3g} "
+        log(f"model loaded: {setup.num_params:,} parameters; {len(eps_values)} steps from {eps_values[0]:.3g} "
             f"to {eps_values[-1]:.3g} plus the auto eps")
-        study = group.run("hvp_errors", eps_values=eps_values, seed=config.lanczos.seed, scheme=config.hvp.scheme)
+        study = rank0(group.hvp_errors(eps_values=eps_values, seed=config.lanczos.seed, scheme=config.hvp.scheme))
 
     summary = summarize(study)
     table = pa.table({"eps": study["eps"], "rel_error_exact": study["rel_error_exact"],
                       "rel_error_stable": study["rel_error_stable"], "predicted_rel_error": study["predicted"],
                       "perturbation_rounding": study["perturbation_rounding"]}, schema=SCHEMA)
     atomic_write(os.path.join(out_dir, "hvp_error.parquet"), lambda tmp: pq.write_table(table, tmp))
-    info = {"status": "complete", "kind": "hvp-error", "config": config.to_dict(), "versions": _versions(),
-            "num_params": setup["num_params"], "scheme": config.hvp.scheme, "summary": summary,
+    info = {"status": "complete", "kind": "hvp-error", "config": config.to_dict(), "versions": versions(),
+            "num_params": setup.num_params, "scheme": config.hvp.scheme, "summary": summary,
             "auto": study["auto"], "auto_rel_error_exact": study["auto_rel_error_exact"],
             "auto_rel_error_stable": study["auto_rel_error_stable"], "exact_unavailable": study["exact_unavailable"]}
     write_json(os.path.join(out_dir, "hvp_error.json"), info)

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from .config import ConfigError, RunConfig, load_config
+from .config import ConfigError, RunConfig, load_config, results_part
 from .tables import atomic_text, atomic_write, read_json, write_json
 
 SWEEP_FILE = "sweep.json"
@@ -123,7 +123,8 @@ def _write_point_config(point: Point) -> None:
 
 def _finished(point: Point) -> dict | None:
     info = read_json(os.path.join(point.config.output_dir, "run.json")) or {}
-    return info if info.get("status") == "complete" and info.get("config") == point.config.to_dict() else None
+    same = results_part(info.get("config") or {}) == point.config.result_dict()
+    return info if info.get("status") == "complete" and same else None
 
 
 def _row(point: Point, info: dict | None, error: str | None) -> dict:
@@ -163,7 +164,10 @@ def format_index(rows: list[dict]) -> str:
 def sweep(config_path: str, overrides: list[str], grid_specs: list[str], *, parallel: int | None = None,
           fresh: bool = False, reference: str | None = None) -> list[dict]:
     """Run (or resume) every point; returns the index rows. Raises RuntimeError if any point failed."""
-    from .driver import _connect_ray, log, preflight, run
+    from .driver import run
+    from .preflight import preflight
+    from .progress import log
+    from .ray_connection import connect_ray
 
     grid = parse_grid(grid_specs)
     base, points, concurrency = plan(config_path, overrides, grid, parallel=parallel)
@@ -213,7 +217,7 @@ def sweep(config_path: str, overrides: list[str], grid_specs: list[str], *, para
         import ray
 
         widest = max(p.config.cluster.num_workers * prepared.worker_cpus() for p, prepared in todo)
-        _connect_ray(todo[0][0].config, need_cpus=concurrency * widest)
+        connect_ray(todo[0][0].config, need_cpus=concurrency * widest)
         try:
             for point, _ in todo:
                 _write_point_config(point)

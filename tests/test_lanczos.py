@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hessian_core import (ParamSpace, SpectralMeasure, extreme_eigenvalues, lanczos, probe_vector, ritz_rule,
+from hessian_core import (LanczosState, ParamSpace, SpectralMeasure, extreme_eigenvalues, lanczos, probe_vector, ritz_rule,
                           smoothed_density, trace_estimate, wasserstein1)
 
 
@@ -156,13 +156,67 @@ def test_checkpointed_and_resumed_run_equals_an_uninterrupted_one_bitwise(case, 
 
     def save(state):
         if state.steps_done % 3 == 0:
-            save_lanczos_state(state, folder=str(tmp_path), rank=0, meta={"probe_id": 0})
+            save_lanczos_state(state, folder=str(tmp_path), space=space, meta={"probe_id": 0})
 
     lanczos(matvec, v0, steps=8, on_step=save, **options)  # "crashes" after step 8; last checkpoint: step 6
     (tmp_path / "step-000099").mkdir()  # an unfinished save without its marker is ignored
     step, meta = latest_complete_step(str(tmp_path))
-    assert step == 6 and meta == {"probe_id": 0, "step": 6}
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("step-")].count("step-000003") == 0
-    state = load_lanczos_state(str(tmp_path), step=step, rank=0, device=torch.device("cpu"))
+    assert step == 6 and meta["probe_id"] == 0 and meta["step"] == 6 and meta["world_size"] == 1
+    assert not (tmp_path / "step-000003").exists()  # older steps are pruned once a newer one is complete
+    kept = sorted(p.name for p in (tmp_path / "vectors").iterdir())
+    assert kept == [f"q-{i:06d}" for i in meta["vectors"]]  # and so are the vectors no complete step needs
+    state = load_lanczos_state(str(tmp_path), step=step, space=space)
     resumed = lanczos(matvec, None, steps=20, state=state, **options)
     assert torch.equal(resumed.alphas, whole.alphas) and torch.equal(resumed.betas, whole.betas)
+
+
+class _RankSpace:
+    """The part of a ParamSpace a checkpoint needs, for one rank of a dim-0 sharding of given parameters."""
+
+    def __init__(self, full: dict[str, torch.Tensor], rank: int, world: int):
+        from hessian_core.vectors import ShardInfo
+
+        self.shards, self._local = [], []
+        for name, t in full.items():
+            rows = -(-t.shape[0] // world)  # FSDP2's split: ceil rows per rank, the last rank may get fewer
+            lo, hi = min(rank * rows, t.shape[0]), min((rank + 1) * rows, t.shape[0])
+            row = t[0].numel()
+            self.shards.append(ShardInfo(name, t.shape, lo * row, (hi - lo) * row))
+            self._local.append(t[lo:hi])
+        self.device = torch.device("cpu")
+
+    def local_params(self):
+        return self._local
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 3), (3, 2)])
+def test_a_checkpoint_written_by_w_ranks_loads_on_w_prime_ranks_bitwise(before, after, tmp_path):
+    from hessian_core import latest_complete_step, load_lanczos_state
+    from hessian_core.checkpoint import CheckpointWriter
+
+    g = torch.Generator().manual_seed(0)
+    full = {"a.weight": torch.randn(5, 3, generator=g, dtype=torch.float64),
+            "b.bias": torch.randn(4, generator=g, dtype=torch.float64)}
+    vectors = [{n: torch.randn(t.shape, generator=g, dtype=torch.float64) for n, t in full.items()} for _ in range(3)]
+
+    def local_flat(vector, space):
+        return torch.cat([vector[s.name].reshape(-1)[s.flat_start:s.flat_start + s.local_numel]
+                          for s in space.shards])
+
+    for rank in range(before):  # each rank writes its pieces; the last one to finish completes the step
+        space = _RankSpace(full, rank, before)
+        state = LanczosState.from_basis([local_flat(v, space) for v in vectors],
+                                        shapes=[t.shape for t in space.local_params()], alphas=[1.0, 2.0],
+                                        betas=[0.5, 0.25])
+        assert latest_complete_step(str(tmp_path)) is None
+        writer = CheckpointWriter(str(tmp_path), space=space, rank=rank, world_size=before, meta={"probe_id": 7})
+        writer.save(state)
+        writer.close()
+    step, meta = latest_complete_step(str(tmp_path))
+    assert step == 2 and meta["world_size"] == before and meta["vectors"] == [0, 1, 2]
+    for rank in range(after):
+        space = _RankSpace(full, rank, after)
+        loaded = load_lanczos_state(str(tmp_path), step=step, space=space)
+        assert loaded.alphas == [1.0, 2.0] and loaded.betas == [0.5, 0.25]
+        for got, v in zip(loaded.basis, vectors):
+            assert torch.equal(got, local_flat(v, space))

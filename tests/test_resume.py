@@ -102,12 +102,17 @@ def test_ctrl_c_stops_a_sweep_promptly_and_the_same_command_resumes_it(tmp_path)
 
 
 def test_auto_checkpoint_interval_keeps_writes_under_five_percent_of_compute():
-    import torch
+    from actors.worker import AUTO_CHECKPOINT_COST, CheckpointSchedule
 
-    from actors.worker import AUTO_CHECKPOINT_COST, Worker
-
-    worker = Worker(rank=0, world_size=1, use_gpu=False, threads=torch.get_num_threads())
-    # a 1 s write after 0.1 s steps: the next one 200 steps later, i.e. 1 s of writing per 20 s of compute
-    assert worker._auto_checkpoint_interval(1.0, [0.1, 0.1]) == 200
+    schedule = CheckpointSchedule("auto")
+    assert schedule.due(1) and not CheckpointSchedule(0).due(5)
+    # a save that holds the compute 1 s after 0.1 s steps: the next one 200 steps later (1 s per 20 s of compute)
+    assert schedule.interval(1.0, [0.1, 0.1]) == 200
     assert 1.0 / (200 * 0.1) <= AUTO_CHECKPOINT_COST
-    assert worker._auto_checkpoint_interval(0.001, [0.5]) == 1  # cheap writes: every step
+    assert schedule.interval(0.001, [0.5]) == 1  # cheap saves: every step
+    schedule.saved(1, 1.0, [0.1, 0.1])
+    assert not schedule.due(200) and schedule.due(201)
+    every = CheckpointSchedule(3)
+    assert not every.due(2) and every.due(3)
+    every.saved(3, 0.5, [0.1])
+    assert every.due(6) and not every.due(5)

@@ -16,7 +16,7 @@ from pipeline_fixtures import assets, write_config
 
 def test_run_survives_a_worker_sigkill_mid_probe(tmp_path):
     model, data = assets(str(tmp_path))
-    common = dict(model=model, data=data, cluster={"num_workers": 2, "max_failures": 1,
+    common = dict(model=model, data=data, cluster={"num_workers": 2, "max_failures": 0,
                                                    "collective_timeout_seconds": 30},
                   lanczos={"steps": 120, "probes": 2, "reorth": "window", "window": 4})
     killed_cfg = write_config(str(tmp_path / "killed.yaml"), output_dir=str(tmp_path / "killed"), **common)
@@ -31,16 +31,19 @@ def test_run_survives_a_worker_sigkill_mid_probe(tmp_path):
             info = json.loads(run_json.read_text())
         except (OSError, ValueError):
             continue
-        if (info.get("timing") or {}).get("grad_seconds"):  # probes are starting
-            victim = info["groups"]["0"]["pids"][1]
+        formed = [g for g in info.get("groups", []) if g["event"] == "formed"]
+        if (info.get("timing") or {}).get("grad_seconds") and formed:  # calibrated: probes are starting
+            victim = formed[0]["pids"][1]
     assert victim is not None, "the run never reached its probes"
     time.sleep(0.7)
     os.kill(victim, signal.SIGKILL)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-3000:]
     info = json.loads(run_json.read_text())
-    assert info["status"] == "complete" and info["worker_failures_recovered"] == 1, output[-3000:]
-    assert "lost a worker" in output and "resumed at step" in output  # continued from its checkpoint
+    # a killed rank is a lost group, not an error: it costs nothing against max_failures
+    assert info["status"] == "complete" and info["worker_failures_recovered"] == 0, output[-3000:]
+    assert info["probes_moved"] == 1 and [g["event"] for g in info["groups"]].count("lost") == 1
+    assert "was lost" in output and "resumed at step" in output  # continued from its checkpoint
 
     clean_cfg = write_config(str(tmp_path / "clean.yaml"), output_dir=str(tmp_path / "clean"), **common)
     assert main(["run", clean_cfg]) == 0

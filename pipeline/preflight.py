@@ -1,0 +1,131 @@
+"""Everything that can be refused before Ray starts or a model is loaded: paths, data, sizes, vocab, output_dir,
+the cluster address. ``preflight`` turns a validated config into a ``Prepared`` run (the analysis batches read)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from dataclasses import dataclass, replace
+
+import torch
+
+from . import demo
+from .config import ConfigError, RunConfig, results_part
+from .data import analysis_batches, load_sequences, looks_local
+from .progress import log
+
+OUTPUT_FILES = ("run.json", "lanczos.parquet", "ritz.parquet", "density.parquet", "blocks.parquet",
+                "density.png", "blocks.png")
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class Prepared:
+    config: RunConfig
+    model_path: str | None
+    batches: torch.Tensor  # [num_batches, batch_size, seq_len]
+    # cores (torch threads) per rank when a sweep shares a local Ray's cores among its points; None: the config's
+    cpus_per_worker: int | None = None
+
+    def worker_cpus(self) -> int:
+        return self.cpus_per_worker or self.config.cpus_per_worker()
+
+
+def check_output_dir(config: RunConfig, *, fresh: bool) -> None:
+    out = config.output_dir
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"output_dir {out!r} cannot be written: {e.strerror or e}") from None
+    for name in os.listdir(out):  # temporaries of writes that a crash interrupted
+        if name.startswith(".") and name.endswith(".tmp"):
+            os.unlink(os.path.join(out, name))
+    if os.path.exists(os.path.join(out, "sweep.json")) and not fresh:
+        raise ConfigError(f"output_dir {out!r} holds a sweep; use another output_dir for a single run")
+    existing = os.path.join(out, "run.json")
+    if os.path.exists(existing) and not fresh:
+        try:
+            with open(existing) as f:
+                previous = json.load(f).get("config")
+        except (OSError, ValueError):
+            previous = None
+        if previous is None or results_part(previous) != config.result_dict():
+            raise ConfigError(f"output_dir {out!r} holds a run with a different config; use another output_dir "
+                              f"or pass --fresh to replace it")
+    if fresh:
+        for name in OUTPUT_FILES:
+            path = os.path.join(out, name)
+            if os.path.exists(path):
+                os.unlink(path)
+        shutil.rmtree(os.path.join(out, CHECKPOINTS), ignore_errors=True)
+
+
+def preflight(config: RunConfig, *, fresh: bool = False) -> Prepared:
+    """Everything that can be refused before Ray starts or a model is loaded: paths, data, sizes, vocab."""
+    model_path = config.model.path
+    data_path = config.data.path
+    if model_path == demo.DEMO or data_path == demo.DEMO:
+        demo_model, demo_data = demo.ensure_demo(log)
+        model_path = demo_model if model_path == demo.DEMO else model_path
+        data_path = demo_data if data_path == demo.DEMO else data_path
+    if model_path and looks_local(model_path):
+        if not os.path.isdir(model_path):
+            raise ConfigError(f"model.path {model_path!r} does not exist (expected a local model folder or hub id)")
+        if not os.path.exists(os.path.join(model_path, "config.json")):
+            raise ConfigError(f"model.path {model_path!r} has no config.json; it is not a Hugging Face model folder")
+        from actors.model_loading import WEIGHT_FILES, has_weights
+
+        if config.model.init == "pretrained" and not has_weights(model_path):
+            raise ConfigError(f"model.path {model_path!r} has no weights ({', '.join(WEIGHT_FILES)}); "
+                              f"set model.init=random to analyse random weights")
+    data = config.data
+    if data_path != data.path:
+        data = replace(data, path=data_path)
+    sequences = load_sequences(data, tokenizer_path=model_path, revision=config.model.revision)
+    batches = analysis_batches(sequences, data)
+    vocab = _vocab_size(config, model_path)
+    if vocab is not None and int(batches.max()) >= vocab:
+        raise ConfigError(f"data.path {data.path!r} has token id {int(batches.max())} but the model's vocab_size is "
+                          f"{vocab}; the data was tokenized for another model")
+    _check_address(config.cluster.address)
+    check_output_dir(config, fresh=fresh)
+    return Prepared(config, model_path, batches)
+
+
+def _vocab_size(config: RunConfig, model_path: str | None) -> int | None:
+    if model_path:
+        from transformers import AutoConfig
+
+        try:
+            return getattr(AutoConfig.from_pretrained(model_path, revision=config.model.revision), "vocab_size", None)
+        except Exception:  # a hub id unreachable offline: the ranks will report it when loading
+            return None
+    return (config.model.config or {}).get("vocab_size")
+
+
+def _check_address(address: str | None) -> None:
+    """Refuse a ray://host:port or host:port nobody listens on within seconds (Ray itself retries for long)."""
+    if address is None or address == "auto":
+        return
+    target = address[len("ray://"):] if address.startswith("ray://") else address
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host or target, int(port) if host else 10001), timeout=10).close()
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cluster.address {address!r} is unreachable ({e}); use null for a local Ray, 'auto', "
+                          f"host:port of a running head node, or ray://host:port of its client server") from None
+
+
+def model_spec(prepared: Prepared):
+    """What each rank loads, from the config and the resolved model path."""
+    from actors.model_loading import ModelSpec
+
+    m = prepared.config.model
+    return ModelSpec(path=prepared.model_path, revision=m.revision, init=m.init, dtype=m.dtype,
+                     attn_implementation=m.attn_implementation, config_overrides=m.config or {}, seed=m.seed)

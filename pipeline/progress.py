@@ -1,0 +1,53 @@
+"""What a run tells its user while it works: tagged log lines on stderr and a progress bar over the HVP steps."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+_log_context = threading.local()  # a sweep runs several runs in threads; each names itself in its log lines
+
+
+def set_run_name(name: str | None) -> None:
+    _log_context.run_name = name
+
+
+def log(msg: str) -> None:
+    name = getattr(_log_context, "run_name", None)
+    tag = f"hessian-spectrum {name}" if name else "hessian-spectrum"
+    print(f"[{tag}] {msg}", file=sys.stderr, flush=True)
+
+
+class Progress:
+    """A tqdm bar over all HVP steps on a terminal; plain log lines otherwise. Shows the groups alive."""
+
+    def __init__(self, total: int, *, bar: bool = True):
+        self.total, self.done, self.last_line = total, 0, 0.0
+        self.groups = ""
+        self.bar = None
+        if bar and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="hvp", desc="probes", file=sys.stderr)
+
+    def set_groups(self, alive: int, most: int) -> None:
+        self.groups = f"groups {alive}/{most}"
+
+    def update(self, *, probe_id: int, step: int, steps: int, hvp_seconds: float | None) -> None:
+        self.done += 1
+        text = f"probe {probe_id} step {step}/{steps}"
+        if hvp_seconds is not None:
+            text += f" | last HVP {hvp_seconds:.3f}s"
+        if self.groups:
+            text += f" | {self.groups}"
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+            self.bar.update(1)
+        elif time.monotonic() - self.last_line > 5 or step == steps:
+            self.last_line = time.monotonic()
+            log(f"{self.done}/{self.total} HVP steps | {text}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,68 @@
+"""Connecting to Ray: a private local Ray by default, or a running cluster; and one group for the commands that
+are not SLQ runs (hvp-error, bench)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+
+import torch
+
+from .config import ConfigError, RunConfig
+from .preflight import Prepared, model_spec
+
+
+def connect_ray(config: RunConfig, *, need_cpus: int | None = None) -> None:
+    import ray
+
+    address = config.cluster.address
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        need = need_cpus or config.cluster.num_workers * config.cluster.num_groups * config.cpus_per_worker()
+        # "local": always a new private Ray, never one that `ray start` (or a test cluster) left on this machine
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
+                 logging_level="ERROR", configure_logging=True)
+        return
+    try:
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level="ERROR")
+    except (ConnectionError, RuntimeError) as e:
+        raise ConfigError(f"cluster.address {address!r}: cannot join a Ray cluster ({str(e).splitlines()[0]})") from None
+
+
+def versions() -> dict:
+    import ray
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "ray": ray.__version__}
+
+
+@contextlib.contextmanager
+def one_group(prepared: Prepared):
+    """A local or joined Ray with one group of the config's ``num_workers`` ranks holding the model; yields
+    (group, its GroupInfo); tears both down."""
+    import ray
+
+    from actors.group import WorkerGroup, rank0
+
+    config = prepared.config
+    connect_ray(config)
+    group = None
+    try:
+        group = WorkerGroup(index=0, num_workers=config.cluster.num_workers, use_gpu=config.cluster.use_gpu,
+                            cpus_per_worker=prepared.worker_cpus(), resources=config.cluster.worker_resources)
+        ready, _ = ray.wait([group.placed], timeout=config.cluster.placement_timeout_seconds)
+        if not ready:
+            raise RuntimeError(f"the cluster could not place a group of {config.cluster.num_workers} worker(s) with "
+                               f"{group.bundle} each within cluster.placement_timeout_seconds="
+                               f"{config.cluster.placement_timeout_seconds:g}")
+        infos = ray.get(group.start(spec=model_spec(prepared), batches_ref=ray.put(prepared.batches),
+                                    timeout_seconds=config.cluster.collective_timeout_seconds))
+        yield group, WorkerGroup.merge_infos(infos)
+    finally:
+        if group is not None:
+            group.shutdown()
+        ray.shutdown()
+
+
+__all__ = ["connect_ray", "one_group", "versions"]

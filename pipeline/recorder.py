@@ -1,0 +1,261 @@
+"""The run's record on disk: result tables rewritten after every finished probe, run.json (status, eps, groups
+timeline, timing by phase), the checkpoints' bookkeeping, and the summary, density and plots at the end.
+
+What an earlier invocation on the same output_dir finished is read back at construction, so a resumed run
+only adds to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+from actors.records import BlockResult, Calibration, GroupInfo, ProbeResult, as_dict
+from hessian_core import (SpectralMeasure, extreme_eigenvalues, latest_complete_step, ritz_rule, smoothed_density,
+                          trace_estimate)
+from hessian_core.quadrature import SIGMA_FRACTION
+
+from .preflight import CHECKPOINTS, Prepared
+from .ray_connection import versions
+from .tables import (BLOCKS_SCHEMA, DENSITY_SCHEMA, LANCZOS_SCHEMA, RITZ_SCHEMA, read_table, write_json,
+                     write_table)
+
+PHASES = ("startup", "load", "calibration", "probes", "finish")
+
+
+class Recorder:
+    """One invocation's results and bookkeeping; a crash loses nothing that was finished."""
+
+    def __init__(self, prepared: Prepared):
+        self.prepared = prepared
+        self.config = prepared.config
+        self.out = self.config.output_dir
+        self.config_json = self.config.to_json()
+        self.started = time.time()
+        self.info: dict[str, Any] = {"status": "running", "config": self.config.to_dict(), "resumed": False,
+                                     "versions": versions(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                     "groups": [], "probes_moved": 0, "probe_groups": {}}
+        self.probes: dict[int, dict] = {}  # probe id -> {"alphas": [...], "betas": [...]}
+        self.block_probes: dict[int, dict] = {}
+        self.hvp_seconds: list[float] = []
+        self.step_seconds: list[float] = []
+        self.checkpoint_seconds = 0.0
+        self.hvp_count = 0
+        self.grad_seconds: float | None = None
+        self.phase_started = {"startup": self.started}
+        self.phase_seconds: dict[str, float] = {}
+        self.previous: dict = {}
+        self._load_previous()
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.out, name)
+
+    def checkpoint_dir(self, probe_id: int) -> str:
+        return os.path.abspath(self.path(os.path.join(CHECKPOINTS, f"probe-{probe_id:05d}")))
+
+    def _load_previous(self) -> None:
+        """What an earlier invocation on this output_dir (same config, checked in preflight) finished."""
+        if os.path.exists(self.path("run.json")):
+            with open(self.path("run.json")) as f:
+                self.previous = json.load(f)
+            self.grad_seconds = (self.previous.get("timing") or {}).get("grad_seconds")
+        if os.path.exists(self.path("lanczos.parquet")):
+            df = read_table(self.path("lanczos.parquet")).to_pandas().sort_values(["probe_id", "step"])
+            for pid, rows in df.groupby("probe_id"):
+                self.probes[int(pid)] = {"alphas": rows.alpha.tolist(), "betas": rows.beta.tolist()}
+        if os.path.exists(self.path("blocks.parquet")):
+            df = read_table(self.path("blocks.parquet")).to_pandas()
+            for pid, rows in df.groupby("probe_id", sort=True):
+                self.block_probes[int(pid)] = {"probe_id": int(pid), "blocks": rows.block.tolist(),
+                                               "rel_error": rows.rel_error.tolist(), "cosine": rows.cosine.tolist(),
+                                               "whole_rel_error": float(rows.whole_rel_error.iloc[0])}
+        checkpoints = {}
+        for pid in range(self.config.lanczos.probes):
+            found = latest_complete_step(self.checkpoint_dir(pid))
+            if found is not None and pid not in self.probes:
+                checkpoints[pid] = found[0]
+        if self.probes or self.block_probes or checkpoints:
+            self.info["resumed"] = True
+            self.info["resumed_from"] = {"finished_probes": sorted(self.probes),
+                                         "finished_block_probes": sorted(self.block_probes),
+                                         "checkpoint_steps": {str(k): v for k, v in checkpoints.items()}}
+
+    # -- phases and events --------------------------------------------------------------------------------
+    def phase(self, name: str) -> None:
+        """Start phase ``name`` (one of PHASES); the previous one ends now."""
+        now = time.time()
+        for previous, started in self.phase_started.items():
+            if previous not in self.phase_seconds:
+                self.phase_seconds[previous] = now - started
+        self.phase_started[name] = now
+
+    def group_event(self, index: int, event: str, *, cause: str | None = None, info: GroupInfo | None = None) -> None:
+        """The groups timeline in run.json: formed / lost / requested, with the node(s) and the cause."""
+        row = {"group": index, "event": event, "at_seconds": round(time.time() - self.started, 3)}
+        if cause:
+            row["cause"] = cause
+        if info is not None:
+            row.update(nodes=info.nodes, pids=info.pids, load_seconds=info.load_seconds,
+                       peak_rss_mib_per_rank=info.peak_rss_mib_per_rank)
+            self.info["num_params"] = info.num_params
+        self.info["groups"].append(row)
+        self.save_info()
+
+    def probe_moved(self) -> None:
+        self.info["probes_moved"] += 1
+
+    def set_calibration(self, calibration: Calibration) -> None:
+        self.info["eps"] = calibration.eps
+        self.info["eps_calibration"] = as_dict(calibration)
+        self.hvp_count += calibration.hvp_count
+        if calibration.grad_seconds is not None and np.isfinite(calibration.grad_seconds):
+            self.grad_seconds = calibration.grad_seconds
+        self.save_info()
+
+    def save_info(self) -> None:
+        timing = {
+            "grad_seconds": self.grad_seconds,
+            "hvp_seconds": statistics.median(self.hvp_seconds) if self.hvp_seconds else None,
+            "lanczos_step_seconds": statistics.median(self.step_seconds) if self.step_seconds else None,
+            "checkpoint_seconds": self.checkpoint_seconds,
+            "hvp_count": self.hvp_count,
+            "total_seconds": time.time() - self.started,
+        }
+        timing.update({f"{name}_seconds": self.phase_seconds.get(name) for name in PHASES})
+        self.info["timing"] = timing
+        write_json(self.path("run.json"), self.info)
+
+    # -- results --------------------------------------------------------------------------------------------
+    def add_probe(self, result: ProbeResult, *, group: int) -> None:
+        self.probes[result.probe_id] = {"alphas": result.alphas, "betas": result.betas}
+        self.info["probe_groups"][str(result.probe_id)] = group
+        self.hvp_seconds += result.hvp_seconds
+        self.step_seconds += result.step_seconds
+        self.checkpoint_seconds += sum(result.checkpoint_seconds)
+        # the calibration counted the HVP that this probe reused as its first step
+        self.hvp_count += len(result.hvp_seconds) - int(result.reused_first_matvec)
+        self.write_lanczos_tables()
+        # the probe is now final rows of the tables: its checkpoint is no longer needed
+        shutil.rmtree(self.checkpoint_dir(result.probe_id), ignore_errors=True)
+        self.save_info()
+
+    def add_block_probe(self, result: BlockResult) -> None:
+        self.block_probes[result.probe_id] = as_dict(result)
+        self.hvp_count += result.hvp_count
+        self.write_block_table()
+        self.save_info()
+
+    def write_lanczos_tables(self) -> None:
+        ids = sorted(self.probes)
+        cols = {"probe_id": [], "step": [], "alpha": [], "beta": []}
+        ritz = {"probe_id": [], "value": [], "weight": [], "residual": []}
+        for pid in ids:
+            res = self.probes[pid]
+            n = len(res["alphas"])
+            cols["probe_id"] += [pid] * n
+            cols["step"] += list(range(n))
+            cols["alpha"] += res["alphas"]
+            cols["beta"] += res["betas"]
+            rule = ritz_rule(res["alphas"], res["betas"])
+            ritz["probe_id"] += [pid] * len(rule.values)
+            ritz["value"] += rule.values.tolist()
+            ritz["weight"] += rule.weights.tolist()
+            ritz["residual"] += rule.residuals.tolist()
+        write_table(self.path("lanczos.parquet"), cols, schema=LANCZOS_SCHEMA, config_json=self.config_json)
+        write_table(self.path("ritz.parquet"), ritz, schema=RITZ_SCHEMA, config_json=self.config_json)
+
+    def write_block_table(self) -> None:
+        cols = {"probe_id": [], "block": [], "rel_error": [], "cosine": [], "whole_rel_error": []}
+        for pid in sorted(self.block_probes):
+            res = self.block_probes[pid]
+            n = len(res["blocks"])
+            cols["probe_id"] += [pid] * n
+            cols["block"] += res["blocks"]
+            cols["rel_error"] += res["rel_error"]
+            cols["cosine"] += res["cosine"]
+            cols["whole_rel_error"] += [res["whole_rel_error"]] * n
+        write_table(self.path("blocks.parquet"), cols, schema=BLOCKS_SCHEMA, config_json=self.config_json)
+
+    def complete(self, *, failures_recovered: int) -> None:
+        self.info["worker_failures_recovered"] = failures_recovered
+        shutil.rmtree(self.path(CHECKPOINTS), ignore_errors=True)
+        self.phase("finish")
+        self.finish()
+        self.phase("done")
+        self.info["status"] = "complete"
+        self.info["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.save_info()
+
+    def failed(self, err: BaseException) -> None:
+        self.info["status"] = "failed"
+        text = str(err).strip()
+        self.info["error"] = f"{type(err).__name__}: {text.splitlines()[-1] if text else ''}"
+        try:
+            if self.probes or self.block_probes:
+                self.finish()
+        finally:
+            self.save_info()
+
+    def finish(self) -> None:
+        """Summary, density table and plots from what the probes produced."""
+        if self.probes:
+            rules = [ritz_rule(p["alphas"], p["betas"]) for _, p in sorted(self.probes.items())]
+            trace = trace_estimate(rules, dimension=self.info["num_params"])
+            ext = extreme_eigenvalues(rules)
+            self.info["summary"] = {
+                "lambda_max": ext.lambda_max, "lambda_max_residual": ext.lambda_max_residual,
+                "lambda_min": ext.lambda_min, "lambda_min_residual": ext.lambda_min_residual,
+                "trace": trace.trace, "trace_stderr": None if np.isnan(trace.stderr) else trace.stderr,
+                "probes": len(rules),
+            }
+            if self.config.density.enabled:
+                measure = SpectralMeasure.from_rules(rules)
+                dens = smoothed_density(measure, grid_size=self.config.density.grid_size)
+                self.info["density"] = {"sigma": dens.sigma, "sigma_rule": f"{SIGMA_FRACTION} * (max - min Ritz value)"}
+                write_table(self.path("density.parquet"), {"value": dens.grid, "density": dens.density},
+                            schema=DENSITY_SCHEMA, config_json=self.config_json)
+        if self.block_probes:
+            self.info["blocks"] = block_summary(read_table(self.path("blocks.parquet")).to_pandas())
+        draw_plots(self.out)
+
+
+def block_summary(df) -> dict:
+    """Per-block and overall mean +- std of the block-diagonal errors over the probes."""
+    per_block = df.groupby("block", sort=False).agg(rel_error_mean=("rel_error", "mean"),
+                                                    rel_error_std=("rel_error", "std"),
+                                                    cosine_mean=("cosine", "mean"), cosine_std=("cosine", "std"))
+    whole = df.groupby("probe_id")["whole_rel_error"].first()
+    return {"overall": {"rel_error_mean": float(df.rel_error.mean()), "rel_error_std": float(df.rel_error.std()),
+                        "cosine_mean": float(df.cosine.mean()), "cosine_std": float(df.cosine.std()),
+                        "whole_rel_error_mean": float(whole.mean())},
+            "per_block": {b: {k: float(v) for k, v in row.items()} for b, row in per_block.iterrows()}}
+
+
+def draw_plots(run_dir: str) -> list[str]:
+    """(Re)draw every plot whose table exists; returns the files written."""
+    from .plots import plot_blocks, plot_density
+
+    written = []
+    density_path = os.path.join(run_dir, "density.parquet")
+    if os.path.exists(density_path):
+        dens = read_table(density_path).to_pandas()
+        ritz = read_table(os.path.join(run_dir, "ritz.parquet")).to_pandas()
+        plot_density(os.path.join(run_dir, "density.png"), grid=dens.value.to_numpy(),
+                     density=dens.density.to_numpy(), ritz_values=ritz.value.to_numpy(), title=f"Hessian spectral density ({ritz.probe_id.nunique()} probes)")
+        written.append("density.png")
+    blocks_path = os.path.join(run_dir, "blocks.parquet")
+    if os.path.exists(blocks_path):
+        df = read_table(blocks_path).to_pandas()
+        names = list(dict.fromkeys(df.block))
+        rel = df.pivot(index="probe_id", columns="block", values="rel_error")[names].to_numpy()
+        cos = df.pivot(index="probe_id", columns="block", values="cosine")[names].to_numpy()
+        plot_blocks(os.path.join(run_dir, "blocks.png"), blocks=names, rel_error=rel, cosine=cos,
+                    title="Block-diagonal approximation: per-block error of H v")
+        written.append("blocks.png")
+    return written
