@@ -10,6 +10,7 @@ installed. Writes bench.json and bench.parquet to the output folder and prints a
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import time
@@ -46,26 +47,69 @@ def _probe_zero(prepared):
                      window=lz.window, vector_dtype=lz.vector_dtype, checkpoint_dir=None, checkpoint_every=0)
 
 
-def _end_to_end(config: RunConfig, *, eps: float, out_dir: str) -> list[dict]:
+PHASES = ("startup", "load", "calibration", "probes", "finish")
+
+
+def settings_label(config: RunConfig) -> str:
+    """'defaults', or the hvp/checkpoint settings of this row that differ from the README's defaults."""
+    from .config import CheckpointConfig, HVPConfig
+
+    changed = [f"hvp.{k}={getattr(config.hvp, k)}" for k in ("eps", "scheme", "assess")
+               if getattr(config.hvp, k) != getattr(HVPConfig(), k)]
+    if config.checkpoint.every != CheckpointConfig().every:
+        changed.append(f"checkpoint.every={config.checkpoint.every}")
+    return ", ".join(changed) or "defaults"
+
+
+def _slq_row(info: dict, wall: float, *, layout: str, label: str) -> dict:
+    """One end-to-end run: wall time, and its fixed cost = wall - (probe HVP steps) x (median step time)."""
+    t, lz = info["timing"], info["config"]["lanczos"]
+    steps = lz["probes"] * lz["steps"]
+    step = (t["lanczos_step_seconds"] or 0.0) + t["checkpoint_seconds"] / max(steps, 1)
+    row = {"tool": "hessian-spectrum", "layout": layout, "settings": label, "seconds": wall,
+           "hvps": t["hvp_count"], "lambda_max": info["summary"]["lambda_max"], "step_seconds": step,
+           "fixed_seconds": wall - steps * step, "fixed_fraction": (wall - steps * step) / wall}
+    row.update({f"{p}_seconds": t.get(f"{p}_seconds") for p in PHASES})
+    return row
+
+
+def _end_to_end(config: RunConfig, *, out_dir: str, layouts, runs: int) -> list[dict]:
+    """The config as the user runs it (its eps and checkpoint settings), per layout, ``runs`` times."""
     rows = []
-    for groups, workers in LAYOUTS:
+    for groups, workers in layouts:
         if config.data.batch_size % workers:
             continue
         cfg = dataclasses.replace(
             config, output_dir=os.path.join(out_dir, f"slq-{groups}x{workers}"),
             cluster=dataclasses.replace(config.cluster, num_groups=groups, num_workers=workers),
-            # the peers do SLQ at a given eps and nothing else: so does this run (no assessment of the eps)
-            hvp=dataclasses.replace(config.hvp, eps=eps, assess=False),
             blocks=dataclasses.replace(config.blocks, enabled=False))
-        started = time.perf_counter()
-        info = run(preflight(cfg, fresh=True))
-        wall = time.perf_counter() - started
-        rows.append({"tool": "hessian-spectrum", "layout": f"{groups}x{workers}", "seconds": wall,
-                     "hvps": info["timing"]["hvp_count"], "lambda_max": info["summary"]["lambda_max"]})
+        for _ in range(runs):
+            started = time.perf_counter()
+            info = run(preflight(cfg, fresh=True))
+            rows.append(_slq_row(info, time.perf_counter() - started, layout=f"{groups}x{workers}",
+                                 label=settings_label(cfg)))
     return rows
 
 
-def _eigenthings(prepared, *, eps: float) -> list[dict]:
+def medians(rows: list[dict]) -> list[dict]:
+    """One row per (tool, layout, settings): the median of every number over its repetitions."""
+    import statistics
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["tool"], r["layout"], r.get("settings", "")), []).append(r)
+    out = []
+    for (tool, layout, label), rs in groups.items():
+        row = {"tool": tool, "layout": layout, "settings": label, "runs": len(rs)}
+        for key in rs[0]:
+            values = [r[key] for r in rs if isinstance(r.get(key), (int, float)) and not isinstance(r[key], bool)]
+            if key not in row and len(values) == len(rs):
+                row[key] = statistics.median(values)
+        out.append(row)
+    return out
+
+
+def _eigenthings(prepared, *, eps: float, runs: int, methods=("finite_difference", "autograd")) -> list[dict]:
     try:
         import hessian_eigenthings as he
     except ImportError:
@@ -78,7 +122,7 @@ def _eigenthings(prepared, *, eps: float) -> list[dict]:
 
     config = prepared.config
     rows = []
-    for method in ("finite_difference", "autograd"):
+    for method in [m for m in methods for _ in range(runs)]:
         started = time.perf_counter()
         model = load_model(model_spec(prepared))
         batches = [b for b in prepared.batches]
@@ -89,25 +133,35 @@ def _eigenthings(prepared, *, eps: float) -> list[dict]:
                                          seed=0)
         wall = time.perf_counter() - started
         top = float(result.raw_eigenvalues.max())
-        rows.append({"tool": f"hessian-eigenthings ({method})", "layout": "1 process", "seconds": wall,
+        rows.append({"tool": f"hessian-eigenthings ({method})", "layout": "1 process", "settings": f"eps={eps:.3g}",
+                     "seconds": wall,
                      "hvps": config.lanczos.probes * config.lanczos.steps, "lambda_max": top})
     return rows
 
 
-def bench(config: RunConfig, *, repeats: int = 5, out_dir: str | None = None) -> dict:
+def bench(config: RunConfig, *, repeats: int = 5, out_dir: str | None = None, runs: int = 1,
+          layouts=LAYOUTS, kernels: bool = True, peers=("finite_difference", "autograd")) -> dict:
     out_dir = out_dir or os.path.join(config.output_dir, "bench")
     os.makedirs(out_dir, exist_ok=True)
     prepared = preflight(dataclasses.replace(config, output_dir=os.path.join(out_dir, "probe-check")), fresh=True)
     eps = float(config.hvp.eps) if config.hvp.eps != "auto" else 0.0
-    log(f"kernels on 1 group x {config.cluster.num_workers} worker(s), {repeats} repeats")
-    kernels = _kernels(prepared, eps=eps, repeats=repeats)
-    eps = kernels[0]["eps"]
-    log(f"end-to-end SLQ: {config.lanczos.probes} probes x {config.lanczos.steps} steps, eps={eps:.3g}")
-    slq = _end_to_end(config, eps=eps, out_dir=out_dir)
-    slq += _eigenthings(prepared, eps=eps)
+    kernel_rows = []
+    if kernels:
+        log(f"kernels on 1 group x {config.cluster.num_workers} worker(s), {repeats} repeats")
+        kernel_rows = _kernels(prepared, eps=eps, repeats=repeats)
+    log(f"end-to-end SLQ ({settings_label(config)}): {config.lanczos.probes} probes x {config.lanczos.steps} steps, "
+        f"{runs} run(s) per layout")
+    runs_e2e = _end_to_end(config, out_dir=out_dir, layouts=layouts, runs=runs)
+    if runs_e2e:
+        eps = json.load(open(os.path.join(out_dir, f"slq-{layouts[0][0]}x{layouts[0][1]}", "run.json")))["eps"]
+    elif kernel_rows:
+        eps = kernel_rows[0]["eps"]
+    runs_e2e += _eigenthings(prepared, eps=eps, runs=runs, methods=peers) if peers else []
+    slq = medians(runs_e2e)
     base = next((r for r in slq if r["layout"] == "1x1"), None)
     for r in slq:
         r["throughput_vs_1x1"] = base["seconds"] / r["seconds"] if base else float("nan")
+        r["seconds_vs_1x1"] = r["seconds"] / base["seconds"] if base else float("nan")
     import ray
     import torch
     import transformers
@@ -116,26 +170,39 @@ def bench(config: RunConfig, *, repeats: int = 5, out_dir: str | None = None) ->
                           "torch": torch.__version__, "transformers": transformers.__version__,
                           "ray": ray.__version__,
                           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "config": config.to_dict(), "kernels": kernels, "slq": slq}
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "config": config.to_dict(), "kernels": kernel_rows,
+              "slq": slq, "slq_runs": runs_e2e}
     write_json(os.path.join(out_dir, "bench.json"), result)
-    table = pa.Table.from_pylist([{k: v for k, v in r.items() if k != "note"} for r in kernels])
     import pyarrow.parquet as pq
 
-    atomic_write(os.path.join(out_dir, "bench.parquet"), lambda tmp: pq.write_table(table, tmp))
+    if kernel_rows:
+        table = pa.Table.from_pylist([{k: v for k, v in r.items() if k != "note"} for r in kernel_rows])
+        atomic_write(os.path.join(out_dir, "bench.parquet"), lambda tmp: pq.write_table(table, tmp))
     print(format_bench(result))
     return result
 
 
 def format_bench(result: dict) -> str:
-    lines = [f"{'kernel':<26}{'seconds':>10}{'x gradient':>12}{'peak MiB':>10}{'peak - grad MiB':>17}"]
-    for r in result["kernels"]:
-        lines.append(f"{r['kernel']:<26}{r['seconds']:>10.4f}{r['ratio_to_gradient']:>12.2f}{r['peak_mib']:>10.1f}"
-                     f"{r['peak_over_gradient_mib']:>17.1f}")
-    lines.append("")
-    lines.append(f"{'end-to-end SLQ':<36}{'layout':>10}{'seconds':>10}{'HVPs':>7}{'speed vs 1x1':>14}{'lambda_max':>12}")
+    lines = []
+    if result["kernels"]:
+        lines.append(f"{'kernel':<26}{'seconds':>10}{'x gradient':>12}{'peak MiB':>10}{'peak - grad MiB':>17}")
+        for r in result["kernels"]:
+            lines.append(f"{r['kernel']:<26}{r['seconds']:>10.4f}{r['ratio_to_gradient']:>12.2f}"
+                         f"{r['peak_mib']:>10.1f}{r['peak_over_gradient_mib']:>17.1f}")
+        lines.append("")
+    lines.append(f"{'end-to-end SLQ (median of runs)':<40}{'layout':>10}{'seconds':>10}{'HVPs':>7}{'vs 1x1':>8}"
+                 f"{'fixed %':>9}{'lambda_max':>12}  settings")
     for r in result["slq"]:
-        lines.append(f"{r['tool']:<36}{r['layout']:>10}{r['seconds']:>10.2f}{r['hvps']:>7}"
-                     f"{r['throughput_vs_1x1']:>14.2f}{r['lambda_max']:>12.5g}")
+        fixed = f"{100 * r['fixed_fraction']:>9.1f}" if "fixed_fraction" in r else f"{'-':>9}"
+        lines.append(f"{r['tool']:<40}{r['layout']:>10}{r['seconds']:>10.2f}{r['hvps']:>7.0f}"
+                     f"{r['seconds_vs_1x1']:>8.2f}{fixed}{r['lambda_max']:>12.5g}  {r['settings']}")
+    phased = [r for r in result["slq"] if "fixed_seconds" in r]
+    if phased:
+        lines.append("")
+        lines.append(f"{'fixed cost by phase (s)':<24}" + "".join(f"{p:>12}" for p in PHASES) + f"{'fixed':>10}")
+        for r in phased:
+            lines.append(f"{r['layout']:<24}" + "".join(f"{(r.get(p + '_seconds') or 0):>12.2f}" for p in PHASES)
+                         + f"{r['fixed_seconds']:>10.2f}")
     return "\n".join(lines)
 
 

@@ -34,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     b.add_argument("--repeats", type=int, default=5, help="timed repetitions per kernel after one warm-up")
     b.add_argument("--output", default=None, help="folder for bench.json / bench.parquet (default: output_dir/bench)")
+    b.add_argument("--runs", type=int, default=3, help="end-to-end repetitions per layout and peer (medians reported)")
+    b.add_argument("--layouts", default="1x1,1x2,2x1", help="end-to-end layouts GROUPSxWORKERS, comma-separated")
+    b.add_argument("--no-kernels", action="store_true", help="skip the kernel timings")
+    b.add_argument("--peers", default="finite_difference,autograd",
+                   help="hessian-eigenthings HVP methods to compare against ('' for none)")
     sw = sub.add_parser("sweep", help="runs over the Cartesian product of --grid overrides, in parallel, resumable")
     sw.add_argument("config")
     sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
@@ -63,6 +68,16 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("show", help="print a run's summary")
     s.add_argument("run_dir")
     return p
+
+
+def _layouts(text: str) -> tuple[tuple[int, int], ...]:
+    layouts = []
+    for part in text.split(","):
+        groups, _, workers = part.strip().partition("x")
+        if not (groups.isdigit() and workers.isdigit() and int(groups) >= 1 and int(workers) >= 1):
+            raise ConfigError(f"--layouts: {part.strip()!r} is not GROUPSxWORKERS, e.g. --layouts 1x1,2x1")
+        layouts.append((int(groups), int(workers)))
+    return tuple(layouts)
 
 
 def _read_run(run_dir: str) -> dict:
@@ -117,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench":
             from .bench import bench
 
-            if args.repeats < 1:
-                raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")
-            bench(load_config(args.config, args.overrides), repeats=args.repeats, out_dir=args.output)
+            if args.repeats < 1 or args.runs < 1:
+                raise ConfigError(f"--repeats and --runs must be >= 1, got {args.repeats} and {args.runs}")
+            bench(load_config(args.config, args.overrides), repeats=args.repeats, out_dir=args.output, runs=args.runs,
+                  layouts=_layouts(args.layouts), kernels=not args.no_kernels,
+                  peers=tuple(p for p in args.peers.split(",") if p))
         elif args.command == "sweep":
             from .sweep import sweep
 

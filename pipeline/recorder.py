@@ -107,6 +107,15 @@ class Recorder:
         self.info["groups"].append(row)
         self.save_info()
 
+    def running(self, group: int, task: str | None) -> None:
+        """run.json's ``running``: what each busy group is doing now."""
+        busy = self.info.setdefault("running", {})
+        if task is None:
+            busy.pop(str(group), None)
+        else:
+            busy[str(group)] = task
+        self.save_info()
+
     def probe_moved(self) -> None:
         self.info["probes_moved"] += 1
 

@@ -80,13 +80,17 @@ class Scheduler:
 
     def __init__(self, *, prepared: Prepared, recorder: Recorder, batches_ref: Any, progress: Progress,
                  cancel: threading.Event | None = None, own_ray: bool = True):
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.prepared, self.recorder, self.batches_ref = prepared, recorder, batches_ref
         self.cluster = prepared.config.cluster
         self.min_groups = prepared.config.min_groups()
         self.progress, self.cancel, self.own_ray = progress, cancel, own_ray
-        self.events = Queue(actor_options={"num_cpus": 0})
+        # on the driver's node: a worker node may be removed, and the progress queue with it
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        self.events = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.queue: deque[Task] = deque()
         self.failures = 0
         self.losses: dict[str, int] = {}
@@ -120,6 +124,8 @@ class Scheduler:
         loss = any(is_loss(e) for e in errors)
         task, state = slot.task, slot.state
         slot.group.shutdown(graceful=False)
+        if task is not None:
+            self.recorder.running(slot.index, None)
         cause = type(next((e for e in errors if is_loss(e)), errors[0])).__name__
         self.recorder.group_event(slot.index, "lost", cause=cause)
         if not loss and (state == "loading" or isinstance(task, CalibrationTask)
@@ -184,6 +190,7 @@ class Scheduler:
         else:
             task, slot.task, slot.state, slot.refs = slot.task, None, "ready", []
             self.losses.pop(task.label, None)
+            self.recorder.running(slot.index, None)
             if isinstance(task, CalibrationTask):
                 slot.kept_probe = task.probe.probe_id if results[0].first_matvec_kept else None
             on_result(task, results[0], slot)
@@ -208,6 +215,7 @@ class Scheduler:
             slot = next((s for s in free if isinstance(task, ProbeTask) and s.kept_probe == probe_id), free[0])
             free.remove(slot)
             slot.task, slot.state, slot.kept_probe = task, "busy", None
+            self.recorder.running(slot.index, task.label)
             if isinstance(task, CalibrationTask):
                 self.recorder.phase("calibration")
                 slot.refs = slot.group.calibrate(task.probe, fixed_eps=task.fixed_eps, assess=task.assess)
@@ -233,7 +241,10 @@ class Scheduler:
                                  hvp_seconds=event.hvp_seconds)
 
     def _check_alive(self) -> None:
-        if self.alive() >= self.min_groups:
+        """Fail after placement_timeout_seconds with fewer than min_groups groups placed (loading counts: the
+        timeout is about the cluster's room, not about how long a model takes to load)."""
+        placed = sum(s.state != "pending" for s in self.slots)
+        if placed >= self.min_groups:
             self.short_since = None
             return
         now = time.monotonic()
@@ -242,7 +253,7 @@ class Scheduler:
         elif now - self.short_since > self.cluster.placement_timeout_seconds:
             bundle = self.slots[0].group.bundle
             raise PlacementTimeout(
-                f"only {self.alive()} of cluster.min_groups={self.min_groups} group(s) alive for "
+                f"only {placed} of cluster.min_groups={self.min_groups} group(s) could be placed for "
                 f"{self.cluster.placement_timeout_seconds:g}s (each needs {self.cluster.num_workers} worker(s) with "
                 f"{bundle}); checkpoints are kept: run the same command again to resume")
 

@@ -18,7 +18,7 @@ def test_bench_measures_kernels_layouts_and_the_peer(tmp_path, capsys):
     model, data = assets(str(tmp_path))
     config = write_config(str(tmp_path / "b.yaml"), model=model, data=data, output_dir=str(tmp_path / "out"),
                           cluster={"num_workers": 2}, lanczos={"steps": 4, "probes": 1})
-    assert main(["bench", config, "--repeats", "2"]) == 0
+    assert main(["bench", config, "--repeats", "2", "--runs", "1"]) == 0
     result = json.load(open(tmp_path / "out" / "bench" / "bench.json"))
     kernels = {r["kernel"]: r for r in result["kernels"]}
     assert set(kernels) == KERNELS
@@ -31,6 +31,12 @@ def test_bench_measures_kernels_layouts_and_the_peer(tmp_path, capsys):
                      ("hessian-eigenthings (finite_difference)", "1 process"),
                      ("hessian-eigenthings (autograd)", "1 process")}
     assert all(r["seconds"] > 0 and math.isfinite(r["lambda_max"]) for r in result["slq"])
+    ours = [r for r in result["slq"] if r["tool"] == "hessian-spectrum"]
+    # the end-to-end rows run what a user gets (the config's eps and checkpoint settings), labelled as such
+    assert all(r["settings"] == "hvp.eps=0.001" for r in ours)
+    for r in ours:  # the fixed cost is wall time minus the probes' steps, and the phases account for it
+        assert 0 < r["fixed_seconds"] < r["seconds"] and 0 < r["fixed_fraction"] < 1
+        assert all(r[f"{p}_seconds"] is not None and r[f"{p}_seconds"] >= 0 for p in ("startup", "probes", "finish"))
     assert os.path.exists(tmp_path / "out" / "bench" / "bench.parquet")
     assert "fd_hvp_central" in capsys.readouterr().out
 

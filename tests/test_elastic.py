@@ -13,18 +13,24 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from hessian_core import latest_complete_step
 from pipeline.cli import main
-from pipeline_fixtures import assets, write_config
+from pipeline_fixtures import assets, write_config, write_input_ids
 
 SLOT = "hs_test_group"  # a custom resource: each simulated node hosts one group of one worker
 
 
 @pytest.fixture
-def cluster():
+def cluster(monkeypatch):
+    import ray._private.ray_constants as ray_constants
     from ray.cluster_utils import Cluster
 
+    # every process of the simulated cluster (and the runs joining it) takes 127.0.0.1 as its node address:
+    # Ray otherwise rewrites a 127.0.0.1 address to the machine's interface address, where nothing listens
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1"})
     try:
         yield c
@@ -77,7 +83,7 @@ def tables(out) -> tuple[np.ndarray, np.ndarray]:
 
 def test_a_node_joining_mid_run_forms_a_group_that_takes_probes(tmp_path, cluster):
     add_group_node(cluster)
-    config = elastic_config(tmp_path, cluster, "elastic", probes=4, steps=40, num_groups=3, min_groups=1)
+    config = elastic_config(tmp_path, cluster, "elastic", probes=6, steps=200, num_groups=3, min_groups=1)
     proc = start(config)
     out = tmp_path / "elastic"
     wait_for(lambda: formed(run_json(out)), what="the first group")
@@ -90,7 +96,7 @@ def test_a_node_joining_mid_run_forms_a_group_that_takes_probes(tmp_path, cluste
     assert len({p for p in info["probe_groups"].values()}) == 2, info["probe_groups"]  # both took probes
     assert "group 1 formed" in output or "group 2 formed" in output
 
-    static = elastic_config(tmp_path, cluster, "static", probes=4, steps=40, num_groups=1)
+    static = elastic_config(tmp_path, cluster, "static", probes=6, steps=200, num_groups=1)
     assert main(["run", static]) == 0
     for a, b in zip(tables(out), tables(tmp_path / "static")):
         assert np.array_equal(a, b)
@@ -98,18 +104,21 @@ def test_a_node_joining_mid_run_forms_a_group_that_takes_probes(tmp_path, cluste
 
 def test_a_node_removed_mid_probe_moves_the_probe_to_a_survivor(tmp_path, cluster):
     nodes = [add_group_node(cluster), add_group_node(cluster)]
-    config = elastic_config(tmp_path, cluster, "removed", probes=2, steps=60, num_groups=2, min_groups=1,
+    config = elastic_config(tmp_path, cluster, "removed", probes=4, steps=200, num_groups=2, min_groups=1,
                             max_failures=0)
     proc = start(config)
     out = tmp_path / "removed"
-    wait_for(lambda: len(formed(run_json(out))) == 2, what="two groups")
-    # the probe that is not probe 0 runs on the group that did not calibrate; remove that group's node
-    wait_for(lambda: any((latest_complete_step(str(out / "checkpoints" / f"probe-{p:05d}")) or (0,))[0] >= 5
-                         for p in (0, 1)), what="a checkpoint at step 5")
-    groups = {g["group"]: g["nodes"][0] for g in formed(run_json(out))}
-    victim_group = 1
-    victim = next(n for n in nodes if n.node_id == groups[victim_group])
-    cluster.remove_node(victim, allow_graceful=False)
+
+    def group_one_mid_probe() -> bool:
+        task = run_json(out).get("running", {}).get("1", "")
+        if not task.startswith("probe "):
+            return False
+        found = latest_complete_step(str(out / "checkpoints" / f"probe-{int(task.split()[1]):05d}"))
+        return found is not None and found[0] >= 5
+
+    wait_for(group_one_mid_probe, what="group 1 past step 5 of a probe")
+    node_of_group_one = next(g["nodes"][0] for g in formed(run_json(out)) if g["group"] == 1)
+    cluster.remove_node(next(n for n in nodes if n.node_id == node_of_group_one), allow_graceful=False)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-3000:]
     info = run_json(out)
@@ -117,7 +126,7 @@ def test_a_node_removed_mid_probe_moves_the_probe_to_a_survivor(tmp_path, cluste
     assert info["probes_moved"] >= 1 and any(g["event"] == "lost" for g in info["groups"])
     assert "was lost" in output
 
-    static = elastic_config(tmp_path, cluster, "static", probes=2, steps=60, num_groups=1)
+    static = elastic_config(tmp_path, cluster, "static", probes=4, steps=200, num_groups=1)
     assert main(["run", static]) == 0
     for a, b in zip(tables(out), tables(tmp_path / "static")):
         assert np.array_equal(a, b)
@@ -125,7 +134,7 @@ def test_a_node_removed_mid_probe_moves_the_probe_to_a_survivor(tmp_path, cluste
 
 def test_no_group_for_too_long_fails_keeping_checkpoints_and_the_same_command_resumes(tmp_path, cluster):
     node = add_group_node(cluster)
-    config = elastic_config(tmp_path, cluster, "starved", probes=1, steps=60, placement_timeout_seconds=4)
+    config = elastic_config(tmp_path, cluster, "starved", probes=1, steps=300, placement_timeout_seconds=4)
     proc = start(config)
     out = tmp_path / "starved"
     probe = str(out / "checkpoints" / "probe-00000")
@@ -134,7 +143,7 @@ def test_no_group_for_too_long_fails_keeping_checkpoints_and_the_same_command_re
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1, output[-3000:]
     last = [line for line in output.splitlines() if line.startswith("hessian-spectrum: failed")]
-    assert last and "cluster.min_groups=1" in last[0] and "resume" in last[0]
+    assert last and "cluster.min_groups=1" in last[0] and "resume" in last[0], output[-3000:]
     info = run_json(out)
     assert info["status"] == "failed" and "PlacementTimeout" in info["error"]
     kept = latest_complete_step(probe)
@@ -144,7 +153,7 @@ def test_no_group_for_too_long_fails_keeping_checkpoints_and_the_same_command_re
     assert main(["run", config]) == 0
     info = run_json(out)
     assert info["status"] == "complete" and info["resumed"]
-    assert info["timing"]["hvp_count"] <= 60 - kept[0]
+    assert info["timing"]["hvp_count"] <= 300 - kept[0]
 
 
 def _kill_when_checkpointed(config: str, out, *extra: str) -> int:
@@ -157,12 +166,24 @@ def _kill_when_checkpointed(config: str, out, *extra: str) -> int:
     return latest_complete_step(probe)[0]
 
 
+def more_batches(config: str) -> str:
+    """8 batches of 4 sequences: HVPs slow enough for a run to be stopped mid-probe."""
+    with open(config) as f:
+        tree = yaml.safe_load(f)
+    tree["data"]["num_batches"] = 8
+    with open(config, "w") as f:
+        yaml.safe_dump(tree, f)
+    return config
+
+
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
 def test_a_checkpoint_moves_between_group_sizes(tmp_path, before, after):
-    model, data = assets(str(tmp_path))
-    common = dict(model=model, data=data, lanczos={"steps": 60, "probes": 1, "reorth": "window", "window": 4},
+    model, _ = assets(str(tmp_path))
+    data = write_input_ids(str(tmp_path / "more.parquet"), sequences=32)
+    common = dict(model=model, data=data,
+                  lanczos={"steps": 60, "probes": 1, "reorth": "window", "window": 4},
                   checkpoint={"every": 1}, cluster={"num_workers": before, "cpus_per_worker": 1})
-    config = write_config(str(tmp_path / "moved.yaml"), output_dir=str(tmp_path / "moved"), **common)
+    config = more_batches(write_config(str(tmp_path / "moved.yaml"), output_dir=str(tmp_path / "moved"), **common))
     at = _kill_when_checkpointed(config, tmp_path / "moved")
     assert main(["run", config, "--set", f"cluster.num_workers={after}"]) == 0
     info = run_json(tmp_path / "moved")
@@ -170,12 +191,14 @@ def test_a_checkpoint_moves_between_group_sizes(tmp_path, before, after):
     moved = tables(tmp_path / "moved")
 
     for workers, name in ((before, "before"), (after, "after")):
-        ref = write_config(str(tmp_path / f"{name}.yaml"), output_dir=str(tmp_path / name),
-                           **{**common, "cluster": {"num_workers": workers, "cpus_per_worker": 1}})
+        ref = more_batches(write_config(str(tmp_path / f"{name}.yaml"), output_dir=str(tmp_path / name),
+                                        **{**common, "cluster": {"num_workers": workers, "cpus_per_worker": 1}}))
         assert main(["run", ref]) == 0
     first, second = tables(tmp_path / "before"), tables(tmp_path / "after")
     k = info["resumed_from"]["checkpoint_steps"]["0"]
     for m, b, a in zip(moved, first, second):
         assert np.array_equal(m[:k], b[:k])  # the checkpointed steps, as the first group computed them
-        # the rest: the other group's arithmetic (reduction order), from the same vectors
-        assert np.max(np.abs(m[k:] - a[k:]) / np.abs(a[k:])) <= 1e-9
+        # the rest: the other group's arithmetic (reduction order) from the same vectors, as close to an
+        # uninterrupted run on either size as those two runs are to each other (the layouts test's measure)
+        for reference in (a, b):
+            assert np.linalg.norm(m - reference) / np.linalg.norm(reference) <= 1e-9

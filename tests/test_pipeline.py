@@ -140,6 +140,9 @@ def test_nan_in_the_weights_fails_the_run_naming_probe_and_step(tmp_path, capsys
     assert "probe 0" in err and "step 0" in err and "nan" in err
     info = json.load(open(tmp_path / "out" / "run.json"))
     assert info["status"] == "failed" and "probe 0" in info["error"]
+    # a model's NaN is an error of the task, not a lost node: not retried, no probe moved
+    assert info["probes_moved"] == 0 and not [g for g in info["groups"] if g["event"] == "lost"]
+    assert "was lost" not in err and "failed (" not in err
 
 
 def test_compare_runs(runs, tmp_path, capsys):
@@ -168,3 +171,24 @@ def test_a_fixed_eps_without_assessment_costs_exactly_the_slq_hvps(tmp_path):
     assert info["eps_calibration"]["reliable"] is None
     assert info["timing"]["hvp_count"] == 2 * 6
     assert info["timing"]["grad_seconds"] > 0
+
+
+def test_auto_eps_is_the_same_on_every_layout(tmp_path):
+    model, data = assets(str(tmp_path))
+    tables, eps = {}, {}
+    for name, (groups, workers) in LAYOUTS.items():
+        config = write_config(str(tmp_path / f"{name}.yaml"), model=model, data=data, output_dir=str(tmp_path / name),
+                              cluster={"num_groups": groups, "num_workers": workers}, hvp={"eps": "auto"},
+                              lanczos={"steps": 12, "probes": 1})
+        assert main(["run", config]) == 0
+        info = json.load(open(tmp_path / name / "run.json"))
+        eps[name] = info["eps"]
+        assert info["eps_calibration"]["source"] == "auto"
+        # fresh default run: every probe step plus only the calibration's own extra HVPs (2-4)
+        assert 12 + 2 <= info["timing"]["hvp_count"] <= 12 + 4
+        tables[name] = lanczos_table(str(tmp_path / name))
+    assert len(set(eps.values())) == 1, eps  # two significant digits: reduction order cannot move it
+    for name in ("1x2", "2x1"):
+        for col in ("alpha", "beta"):
+            a, b = tables[name][col].to_numpy(), tables["1x1"][col].to_numpy()
+            assert np.max(np.abs(a - b) / np.abs(b)) <= 1e-9, (name, col)
