@@ -70,6 +70,45 @@ def _measure(name: str, fn: Callable[[], object], *, repeats: int, memory: PeakM
             "peak_mib": statistics.median(peaks), "repeats": repeats}
 
 
+def _checkpoint_rows(model, batches, *, space: ParamSpace, v, eps: float, window: int, vector_dtype: torch.dtype,
+                     repeats: int, memory: PeakMemory) -> list[dict]:
+    """A whole Lanczos step (real HVP, window reorthogonalization), alone and followed by a checkpoint save
+    (``checkpoint.every: 1``): the save's cost is what it holds the compute, the write itself runs behind."""
+    import shutil
+    import tempfile
+
+    import torch.distributed as dist
+
+    from .checkpoint import CheckpointWriter
+
+    op = FiniteDifferenceHVP(model, batches, eps=eps, space=space)
+    state = lanczos_start(v, space=space, vector_dtype=vector_dtype, capacity=window)
+    rank, world = (dist.get_rank(space.group), dist.get_world_size(space.group)) if space.group is not None else (0, 1)
+    folder = tempfile.mkdtemp(prefix="hs-checkpoint-bench-")
+    if world > 1:  # every rank writes into rank 0's folder, as a group does into output_dir
+        names = [folder]
+        dist.broadcast_object_list(names, src=0, group=space.group)
+        folder = names[0]
+    writer = CheckpointWriter(folder, space=space, rank=rank, world_size=world, meta={})
+
+    def step():
+        lanczos_step(state, op.matvec, space=space, reorth="window", window=window)
+
+    def step_and_save():
+        step()
+        writer.save(state)
+
+    try:
+        rows = [_measure("lanczos_step", step, repeats=repeats, memory=memory),
+                _measure("lanczos_step_checkpoint_every1", step_and_save, repeats=repeats, memory=memory)]
+        writer.close()
+    finally:
+        if rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+    rows[1]["note"] = f"{rows[1]['seconds'] / rows[0]['seconds'] - 1:+.1%} per step against no checkpoint"
+    return rows
+
+
 def measure_kernels(model: torch.nn.Module, batches: Sequence[Tensor], *, eps: float, repeats: int = 5,
                     window: int = 8, vector_dtype: torch.dtype = torch.float32) -> list[dict]:
     """Gradient, FD HVP (central, Richardson), exact HVP where it runs, and Lanczos vector work per step."""
@@ -107,6 +146,8 @@ def measure_kernels(model: torch.nn.Module, batches: Sequence[Tensor], *, eps: f
         label = {"none": "lanczos_vectors_none", "window": f"lanczos_vectors_window{window}",
                  "full": f"lanczos_vectors_full{2 * window}"}[reorth]
         rows.append(_measure(label, vector_work, repeats=repeats, memory=memory))
+    rows += _checkpoint_rows(model, batches, space=space, v=v, eps=eps, window=window, vector_dtype=vector_dtype,
+                             repeats=repeats, memory=memory)
     grad = rows[0]
     for row in rows:
         row["ratio_to_gradient"] = row["seconds"] / grad["seconds"]

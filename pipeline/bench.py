@@ -140,7 +140,10 @@ def _eigenthings(prepared, *, eps: float, runs: int, methods=("finite_difference
 
 
 def bench(config: RunConfig, *, repeats: int = 5, out_dir: str | None = None, runs: int = 1,
-          layouts=LAYOUTS, kernels: bool = True, peers=("finite_difference", "autograd")) -> dict:
+          layouts=LAYOUTS, kernels: bool = True, peers=("finite_difference", "autograd"),
+          variants: tuple[RunConfig, ...] = ()) -> dict:
+    """Kernels, end-to-end SLQ per layout (and per variant config on the first layout), and the peers, in one
+    process so that every ratio shares one machine state."""
     out_dir = out_dir or os.path.join(config.output_dir, "bench")
     os.makedirs(out_dir, exist_ok=True)
     prepared = preflight(dataclasses.replace(config, output_dir=os.path.join(out_dir, "probe-check")), fresh=True)
@@ -152,6 +155,10 @@ def bench(config: RunConfig, *, repeats: int = 5, out_dir: str | None = None, ru
     log(f"end-to-end SLQ ({settings_label(config)}): {config.lanczos.probes} probes x {config.lanczos.steps} steps, "
         f"{runs} run(s) per layout")
     runs_e2e = _end_to_end(config, out_dir=out_dir, layouts=layouts, runs=runs)
+    for k, variant in enumerate(variants):
+        log(f"variant: {settings_label(variant)}")
+        runs_e2e += _end_to_end(variant, out_dir=os.path.join(out_dir, f"variant-{k}"), layouts=layouts[:1],
+                                runs=runs)
     if runs_e2e:
         eps = json.load(open(os.path.join(out_dir, f"slq-{layouts[0][0]}x{layouts[0][1]}", "run.json")))["eps"]
     elif kernel_rows:

@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--runs", type=int, default=3, help="end-to-end repetitions per layout and peer (medians reported)")
     b.add_argument("--layouts", default="1x1,1x2,2x1", help="end-to-end layouts GROUPSxWORKERS, comma-separated")
     b.add_argument("--no-kernels", action="store_true", help="skip the kernel timings")
+    b.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE",
+                   help="also run the first layout with this override, e.g. checkpoint.every=1 (repeatable)")
     b.add_argument("--peers", default="finite_difference,autograd",
                    help="hessian-eigenthings HVP methods to compare against ('' for none)")
     sw = sub.add_parser("sweep", help="runs over the Cartesian product of --grid overrides, in parallel, resumable")
@@ -134,9 +136,10 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.repeats < 1 or args.runs < 1:
                 raise ConfigError(f"--repeats and --runs must be >= 1, got {args.repeats} and {args.runs}")
+            variants = tuple(load_config(args.config, args.overrides + [v]) for v in args.variant)
             bench(load_config(args.config, args.overrides), repeats=args.repeats, out_dir=args.output, runs=args.runs,
                   layouts=_layouts(args.layouts), kernels=not args.no_kernels,
-                  peers=tuple(p for p in args.peers.split(",") if p))
+                  peers=tuple(p for p in args.peers.split(",") if p), variants=variants)
         elif args.command == "sweep":
             from .sweep import sweep
 

@@ -11,7 +11,7 @@ from pipeline.cli import main
 from pipeline_fixtures import assets, write_config
 
 KERNELS = {"gradient", "fd_hvp_central", "fd_hvp_richardson", "exact_hvp", "lanczos_vectors_none",
-           "lanczos_vectors_window8", "lanczos_vectors_full16"}
+           "lanczos_vectors_window8", "lanczos_vectors_full16", "lanczos_step", "lanczos_step_checkpoint_every1"}
 
 
 def test_bench_measures_kernels_layouts_and_the_peer(tmp_path, capsys):

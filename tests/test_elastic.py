@@ -181,7 +181,8 @@ def test_a_checkpoint_moves_between_group_sizes(tmp_path, before, after):
     model, _ = assets(str(tmp_path))
     data = write_input_ids(str(tmp_path / "more.parquet"), sequences=32)
     common = dict(model=model, data=data,
-                  lanczos={"steps": 60, "probes": 1, "reorth": "window", "window": 4},
+                  # full reorthogonalization: a windowed run amplifies reduction-order differences over 60 steps
+                  lanczos={"steps": 60, "probes": 1, "reorth": "full"},
                   checkpoint={"every": 1}, cluster={"num_workers": before, "cpus_per_worker": 1})
     config = more_batches(write_config(str(tmp_path / "moved.yaml"), output_dir=str(tmp_path / "moved"), **common))
     at = _kill_when_checkpointed(config, tmp_path / "moved")
