@@ -19,6 +19,7 @@ import numpy as np
 from actors.records import BlockResult, Calibration, GroupInfo, ProbeResult, as_dict
 from hessian_core import (SpectralMeasure, extreme_eigenvalues, latest_complete_step, ritz_rule, smoothed_density,
                           trace_estimate)
+from hessian_core.checkpoint import discard_after
 from hessian_core.quadrature import SIGMA_FRACTION
 
 from .preflight import CHECKPOINTS, Prepared
@@ -106,6 +107,13 @@ class Recorder:
             self.info["num_params"] = info.num_params
         self.info["groups"].append(row)
         self.save_info()
+
+    def clear_unfinished_checkpoint(self, probe_id: int) -> None:
+        """Before a probe (re)starts: drop steps and vectors newer than its latest complete checkpoint, which a
+        writer killed mid-save (maybe of another group size) left behind."""
+        folder = self.checkpoint_dir(probe_id)
+        found = latest_complete_step(folder)
+        discard_after(folder, found[0] if found else 0)
 
     def running(self, group: int, task: str | None) -> None:
         """run.json's ``running``: what each busy group is doing now."""

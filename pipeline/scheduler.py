@@ -127,7 +127,7 @@ class Scheduler:
         if task is not None:
             self.recorder.running(slot.index, None)
         cause = type(next((e for e in errors if is_loss(e)), errors[0])).__name__
-        self.recorder.group_event(slot.index, "lost", cause=cause)
+        self.recorder.group_event(slot.index, "lost" if loss else "failed", cause=cause)
         if not loss and (state == "loading" or isinstance(task, CalibrationTask)
                          or isinstance(getattr(errors[0], "cause", errors[0]), FloatingPointError)
                          or self.failures >= self.cluster.max_failures):
@@ -220,6 +220,7 @@ class Scheduler:
                 self.recorder.phase("calibration")
                 slot.refs = slot.group.calibrate(task.probe, fixed_eps=task.fixed_eps, assess=task.assess)
             elif isinstance(task, ProbeTask):
+                self.recorder.clear_unfinished_checkpoint(task.probe_id)
                 slot.refs = slot.group.run_probe(task, progress=self._progress_sink())
             else:
                 slot.refs = slot.group.run_blocks(task)

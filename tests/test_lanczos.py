@@ -220,3 +220,13 @@ def test_a_checkpoint_written_by_w_ranks_loads_on_w_prime_ranks_bitwise(before, 
         assert loaded.alphas == [1.0, 2.0] and loaded.betas == [0.5, 0.25]
         for got, v in zip(loaded.basis, vectors):
             assert torch.equal(got, local_flat(v, space))
+
+
+def test_discard_after_drops_what_a_killed_writer_left_beyond_the_resumed_step(tmp_path):
+    from hessian_core.checkpoint import discard_after
+
+    for name in ("step-000003", "step-000005", "vectors/q-000003", "vectors/q-000004", "vectors/q-000006"):
+        (tmp_path / name).mkdir(parents=True)
+    discard_after(str(tmp_path), 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000003", "vectors"]
+    assert [p.name for p in (tmp_path / "vectors").iterdir()] == ["q-000003"]
