@@ -1,11 +1,29 @@
-"""FSDP2 for analysis: find a model's transformer blocks and shard each of them, then the root."""
+"""FSDP2 for analysis: find a model's transformer blocks and shard each of them, then the root.
+
+The blocks are the modules the model itself declares unsplittable (Hugging Face's ``_no_split_modules``:
+``LlamaDecoderLayer``, ``MixtralDecoderLayer``, ...), so a mixture-of-experts layer is one block, never one
+block per expert. Models without that declaration fall back to the largest repeated ``ModuleList``.
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
 
-def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def _declared_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of every outermost module whose class the model lists in ``_no_split_modules``."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    found: list[tuple[str, nn.Module]] = []
+    for path, module in model.named_modules():
+        if type(module).__name__ not in names or not any(True for _ in module.parameters()):
+            continue
+        if any(path.startswith(outer + ".") for outer, _ in found):
+            continue  # inside a block already found (named_modules is pre-order)
+        found.append((path, module))
+    return found
+
+
+def _repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(path, module) of the repeated layers: the largest ModuleList whose entries share one class."""
     best: list[tuple[str, nn.Module]] = []
     for path, module in model.named_modules():
@@ -15,8 +33,19 @@ def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return best
 
 
+def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of the transformer blocks: the model's declared ``_no_split_modules`` when it has them
+    (the root itself excluded), else the largest repeated ModuleList."""
+    declared = [(path, m) for path, m in _declared_blocks(model) if path]
+    return declared or _repeated_blocks(model)
+
+
 def shard_model(model: nn.Module, *, mesh=None) -> nn.Module:
-    """Apply ``fully_shard`` to every transformer block, then to the root (torchtitan's order)."""
+    """Apply ``fully_shard`` to every transformer block, then to the root (torchtitan's order).
+
+    Works on a model built on the meta device too: then only the local shards are materialised later
+    (``model.to_empty``). Tied parameters (lm_head = input embedding) live outside the blocks, in the root's
+    group, so the tie survives."""
     from torch.distributed.fsdp import fully_shard
 
     for _, block in transformer_blocks(model):
