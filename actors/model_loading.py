@@ -1,4 +1,6 @@
-"""Loading a causal LM for analysis: pretrained from a local folder or hub id, or random weights from a config."""
+"""Loading a causal LM for analysis: pretrained from a local folder, a hub id or a DCP checkpoint, or random
+weights from a config; the full load (every rank holds the whole model, then shards it) and the choice between
+it and the sharded load of ``actors.sharded_loading``."""
 
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ class ModelSpec:
     attn_implementation: str = "sdpa"
     config_overrides: dict = field(default_factory=dict)  # HF config kwargs (random init without a path)
     seed: int = 0  # random init
+    config_path: str | None = None  # HF config folder for the architecture (a DCP model.path has none)
+    loading: str = "auto"  # auto | full | sharded (see choose_loading)
 
 
 def has_weights(path: str) -> bool:
@@ -53,3 +57,51 @@ def load_model(spec: ModelSpec) -> torch.nn.Module:
         p.requires_grad_(True)
     float64_rmsnorm(model)
     return model
+
+
+def choose_loading(spec: ModelSpec, *, world_size: int) -> str:
+    """``full`` or ``sharded`` for this spec on a group of ``world_size`` ranks.
+
+    ``auto``: a DCP checkpoint always loads sharded (there is no other reader); a local safetensors folder
+    loads sharded on 2+ ranks (each rank reads only its slices) and fully on one rank (the whole model is
+    needed anyway, and Hugging Face's own loader is the reference); random weights, hub ids and .bin weights
+    load fully. ``sharded`` on a source that cannot be read sharded is refused."""
+    from .sharded_loading import checkpoint_format
+
+    fmt = checkpoint_format(spec.path) if spec.init == "pretrained" else "random"
+    readable = fmt in ("dcp", "safetensors")
+    if spec.loading == "sharded" and not readable:
+        raise ValueError(f"model.loading=sharded needs pretrained weights in a local safetensors or DCP folder; "
+                         f"model.path {spec.path!r} is {fmt}: set model.loading=auto or full")
+    if spec.loading == "full" and fmt == "dcp":
+        raise ValueError(f"model.path {spec.path!r} is a DCP checkpoint, which only loads sharded: "
+                         f"set model.loading=auto or sharded")
+    if spec.loading != "auto":
+        return spec.loading
+    return "sharded" if fmt == "dcp" or (fmt == "safetensors" and world_size > 1) else "full"
+
+
+def load_for_rank(spec: ModelSpec, *, device: torch.device, world_size: int) -> tuple[torch.nn.Module, str]:
+    """(model, how it was loaded) for one rank of a group: on ``device``, FSDP2-sharded when ``world_size`` > 1
+    (a process group must be initialised). A safetensors folder whose keys differ from the model's (e.g.
+    a mixture-of-experts checkpoint that transformers 5 converts while loading) is loaded fully instead."""
+    from hessian_core import shard_model
+
+    from .sharded_loading import build_on_meta, checkpoint_format, load_sharded, read_plan
+
+    mesh = None
+    if world_size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (world_size,))
+    how = choose_loading(spec, world_size=world_size)
+    if how == "sharded":
+        model = build_on_meta(spec)
+        _, problem = read_plan(model, spec.path)
+        if problem is None or spec.loading == "sharded" or checkpoint_format(spec.path) == "dcp":
+            return load_sharded(spec, device=device, mesh=mesh, model=model), "sharded"
+        how = "full (checkpoint keys differ from the model's: " + problem + ")"
+    model = load_model(spec).to(device)
+    if mesh is not None:
+        shard_model(model, mesh=mesh)
+    return model, how

@@ -1,0 +1,235 @@
+"""Sharded loading: build the model on the meta device, shard it, materialise only this rank's shards, then
+fill them from Hugging Face safetensors or a torch.distributed.checkpoint (DCP) folder.
+
+No rank ever holds a full copy of a parameter it does not own: both formats are read by DCP's planner, which
+asks each storage reader only for the slices that overlap the rank's shards (safetensors through
+``HuggingFaceStorageReader``, i.e. ``safe_open(...).get_slice``; DCP through its byte ranges). Each slice is
+converted to the model's dtype as it is copied into the shard.
+
+Checkpoint key layout (both formats): the model's own state-dict names as ``model.state_dict()`` (or
+``torch.distributed.checkpoint.state_dict.get_model_state_dict``) gives them, e.g.
+``model.layers.0.self_attn.q_proj.weight``: at the top level, or all under one ``model`` entry
+(``dcp.save({"model": state_dict, "optimizer": ...})``; the other top-level entries are ignored). A tied
+alias (``lm_head.weight`` when it is the input embedding) may be present or absent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from hessian_core import float64_rmsnorm, shard_model
+
+from .model_loading import DTYPES, ModelSpec
+
+DCP_METADATA = ".metadata"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+NESTED_PREFIX = "model."  # dcp.save({"model": state_dict, ...}) flattens the model's keys under this
+
+
+def checkpoint_format(path: str | None) -> str:
+    """``dcp``, ``safetensors`` (single file or index-sharded), ``other`` (.bin, a hub id) or ``none``."""
+    if not path:
+        return "none"
+    if os.path.isfile(os.path.join(path, DCP_METADATA)):
+        return "dcp"
+    if os.path.isfile(os.path.join(path, SAFETENSORS_INDEX)) or os.path.isfile(os.path.join(path, "model.safetensors")):
+        return "safetensors"
+    return "other"
+
+
+def model_config(spec: ModelSpec):
+    """The HF config of the architecture: from ``config_path``, else the model folder, else ``config_overrides``."""
+    from transformers import AutoConfig
+
+    overrides = dict(spec.config_overrides)
+    source = spec.config_path or (spec.path if checkpoint_format(spec.path) != "dcp" else None)
+    if source:
+        return AutoConfig.from_pretrained(source, revision=spec.revision, **overrides)
+    if "model_type" not in overrides:
+        raise ValueError(f"model.path {spec.path!r} is a DCP checkpoint: set model.config_path (a folder with the "
+                         f"HF config.json) or model.config with model_type")
+    return AutoConfig.for_model(overrides.pop("model_type"), **overrides)
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered inside goes to the meta device at once; buffers stay real.
+
+    A parameter is moved when it is assigned, before its module initialises it, so its (untouched) CPU
+    memory is never resident. Buffers such as rotary ``inv_freq`` are computed exactly as a normal load
+    computes them, which is why this is not simply ``with torch.device("meta")``."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def build_on_meta(spec: ModelSpec) -> nn.Module:
+    """The model with its parameters on meta and real buffers, in eval mode, every parameter trainable."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    config = model_config(spec)
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[spec.dtype],
+                                                 attn_implementation=spec.attn_implementation)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    float64_rmsnorm(model)
+    return model
+
+
+def state_keys(model: nn.Module) -> tuple[list[str], set[str]]:
+    """(keys a checkpoint must hold, tied aliases it may hold): one name per distinct parameter (its first
+    name, as ``named_parameters`` gives it) plus the persistent buffers; the other names of shared ones."""
+    keys = [name for name, _ in model.named_parameters()]
+    aliases = {name for name, _ in model.named_parameters(remove_duplicate=False)} - set(keys)
+    for name, _ in model.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        if leaf not in model.get_submodule(owner)._non_persistent_buffers_set:
+            keys.append(name)
+    return keys, aliases
+
+
+def stored_keys(path: str) -> list[str]:
+    """The tensor keys a checkpoint folder holds, read from its metadata (no tensor data is read)."""
+    fmt = checkpoint_format(path)
+    if fmt == "dcp":
+        from torch.distributed.checkpoint import FileSystemReader
+
+        return list(FileSystemReader(path).read_metadata().state_dict_metadata)
+    if fmt != "safetensors":
+        raise ValueError(f"{path!r} is neither a DCP checkpoint ({DCP_METADATA}) nor a safetensors folder")
+    index = os.path.join(path, SAFETENSORS_INDEX)
+    if os.path.isfile(index):
+        with open(index) as f:
+            return list(json.load(f)["weight_map"])
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(path, "model.safetensors"), framework="pt") as f:
+        return list(f.keys())
+
+
+def key_mismatch(expected: list[str], aliases: set[str], stored: list[str]) -> tuple[str, str | None]:
+    """(prefix, problem): the prefix ('' or 'model.') under which ``stored`` holds the model (the layout that
+    holds more of its keys), and None or a one-line description of the first key missing or unexpected.
+
+    At the top level every stored key must be the model's; under 'model.' only the keys under it are."""
+    stored_set = set(stored)
+    top = sum(k in stored_set for k in expected)
+    nested = sum(NESTED_PREFIX + k in stored_set for k in expected)
+    prefix = NESTED_PREFIX if nested > top else ""
+    missing = next((k for k in expected if prefix + k not in stored_set), None)
+    if missing is not None:
+        return prefix, f"has no key {prefix + missing!r} (the first missing of the model's {len(expected)} keys)"
+    allowed = {prefix + k for k in (*expected, *aliases)}
+    unexpected = next((k for k in stored if k.startswith(prefix) and k not in allowed), None)
+    if unexpected is not None:
+        return prefix, f"has unexpected key {unexpected!r} (not a parameter or persistent buffer of the model)"
+    return prefix, None
+
+
+def stored_names(model: nn.Module, keys: list[str], *, path: str) -> dict[str, str]:
+    """Model key -> the name the checkpoint stores it under. DCP stores the model's own names; Hugging Face
+    safetensors may hold older names that transformers 5 renames while loading (GPT-NeoX's ``lm_head.weight``
+    is ``embed_out.weight``): the renames are taken from transformers' own reverse mapping. Keys that a
+    conversion merges or splits (transformers 5's fused mixture-of-experts weights) keep their name and so
+    come out missing."""
+    if checkpoint_format(path) != "safetensors":
+        return {k: k for k in keys}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4: checkpoints use the modules' names
+        return {k: k for k in keys}
+    state = model.state_dict()
+    tensors = {k: state[k].detach() for k in keys}  # distinct objects, so that tied aliases are told apart
+    by_id = {id(t): name for name, t in revert_weight_conversion(model, dict(tensors)).items()}
+    return {k: by_id.get(id(t), k) for k, t in tensors.items()}
+
+
+def read_plan(model: nn.Module, path: str) -> tuple[dict[str, str], str | None]:
+    """(model key -> stored key of every tensor to read, None or a one-line problem with the checkpoint)."""
+    expected, aliases = state_keys(model)
+    names = stored_names(model, [*expected, *aliases], path=path)
+    prefix, problem = key_mismatch([names[k] for k in expected], {names[a] for a in aliases}, stored_keys(path))
+    return {k: prefix + names[k] for k in expected}, problem
+
+
+def check_checkpoint(spec: ModelSpec) -> None:
+    """Refuse a DCP or safetensors folder whose keys do not match the model, in one line (ValueError), before
+    any group starts: builds the model on meta (no weights are read or allocated)."""
+    _, problem = read_plan(build_on_meta(spec), spec.path)
+    if problem:
+        raise ValueError(f"model.path {spec.path!r} {problem}; a checkpoint holds the model's state-dict names "
+                         f"at the top level or under 'model.'")
+
+
+def materialize(model: nn.Module, *, device: torch.device) -> None:
+    """Allocate this rank's shards (uninitialised) on ``device`` and keep the real buffers' values."""
+    buffers = {name: b for name, b in model.named_buffers()}
+    tied = _tied_pairs(model)
+    model.to_empty(device=device)
+    for name, value in buffers.items():
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = value.to(device)
+    for (owner, leaf), (src_owner, src_leaf) in tied:
+        source = getattr(model.get_submodule(src_owner), src_leaf)
+        if getattr(model.get_submodule(owner), leaf) is not source:
+            setattr(model.get_submodule(owner), leaf, source)
+
+
+def _tied_pairs(model: nn.Module) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+    """((module, attr) of each alias, (module, attr) of the parameter's first name)."""
+    first: dict[int, tuple[str, str]] = {}
+    pairs = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owner, _, leaf = name.rpartition(".")
+        if id(p) in first:
+            pairs.append(((owner, leaf), first[id(p)]))
+        else:
+            first[id(p)] = (owner, leaf)
+    return pairs
+
+
+def fill_from_checkpoint(model: nn.Module, path: str, *, names: dict[str, str]) -> None:
+    """Read this rank's slices of the tensors ``names`` maps (model key -> stored key) into the model."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    full = model.state_dict()  # DTensors of the local shards (FSDP2) or the tensors themselves: filled in place
+    state = {stored: full[key] for key, stored in names.items()}
+    no_dist = not dist.is_initialized()  # one process: DCP plans locally (and says so in a warning otherwise)
+    if checkpoint_format(path) == "dcp":
+        dcp.load(state, checkpoint_id=path, no_dist=no_dist)
+    else:
+        dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(path), no_dist=no_dist)
+
+
+def load_sharded(spec: ModelSpec, *, device: torch.device, mesh=None, model: nn.Module | None = None) -> nn.Module:
+    """Meta build (or ``model``, already built on meta), ``fully_shard`` over ``mesh`` (None: unsharded),
+    local shards allocated on ``device`` and read from ``spec.path``."""
+    model = build_on_meta(spec) if model is None else model
+    names, problem = read_plan(model, spec.path)
+    if problem:
+        raise ValueError(f"model.path {spec.path!r} {problem}")
+    if mesh is not None:
+        shard_model(model, mesh=mesh)
+    materialize(model, device=device)
+    fill_from_checkpoint(model, spec.path, names=names)
+    return model
