@@ -60,7 +60,9 @@ class WorkerGroup:
         return GroupInfo(index=first.index, num_workers=first.num_workers, num_params=first.num_params,
                          load_seconds=max(i.load_seconds for i in infos),
                          peak_rss_mib_per_rank=[i.peak_rss_mib_per_rank[0] for i in infos],
-                         pids=[i.pids[0] for i in infos], nodes=[i.nodes[0] for i in infos])
+                         pids=[i.pids[0] for i in infos], nodes=[i.nodes[0] for i in infos],
+                         loading_per_rank=[i.loading_per_rank[0] for i in infos],
+                         load_memory_per_rank=[i.load_memory_per_rank[0] for i in infos])
 
     def calibrate(self, task: ProbeTask, *, fixed_eps: float | None, assess: bool = True) -> list[ray.ObjectRef]:
         return [w.calibrate.remote(task=task, fixed_eps=fixed_eps, assess=assess) for w in self.workers]

@@ -22,6 +22,8 @@ class GroupInfo:
     peak_rss_mib_per_rank: list[float]
     pids: list[int]
     nodes: list[str]  # Ray node id of each rank
+    loading_per_rank: list[str] = field(default_factory=list)  # sharded | full (model_loading.choose_loading)
+    load_memory_per_rank: list[dict] = field(default_factory=list)  # actors.memory.PhaseMemory.as_dict()
 
 
 @dataclass(frozen=True, kw_only=True)

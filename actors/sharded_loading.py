@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -214,11 +215,10 @@ def fill_from_checkpoint(model: nn.Module, path: str, *, names: dict[str, str]) 
 
     full = model.state_dict()  # DTensors of the local shards (FSDP2) or the tensors themselves: filled in place
     state = {stored: full[key] for key, stored in names.items()}
-    no_dist = not dist.is_initialized()  # one process: DCP plans locally (and says so in a warning otherwise)
-    if checkpoint_format(path) == "dcp":
-        dcp.load(state, checkpoint_id=path, no_dist=no_dist)
-    else:
-        dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(path), no_dist=no_dist)
+    reader = None if checkpoint_format(path) == "dcp" else dcp.HuggingFaceStorageReader(path)
+    with warnings.catch_warnings():  # one process: DCP plans locally, and would warn that it does
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path, storage_reader=reader, no_dist=not dist.is_initialized())
 
 
 def load_sharded(spec: ModelSpec, *, device: torch.device, mesh=None, model: nn.Module | None = None) -> nn.Module:

@@ -22,7 +22,8 @@ from hessian_core import (FiniteDifferenceHVP, LanczosState, ParamSpace, accumul
                           parameter_blocks, probe_vector, shard_model)
 from hessian_core.checkpoint import CheckpointWriter
 
-from .model_loading import DTYPES, ModelSpec, load_model
+from .memory import PhaseMemory
+from .model_loading import DTYPES, ModelSpec, load_for_rank
 from .records import (BlockResult, BlockTask, Calibration, GroupInfo, ProbeResult, ProbeTask, ProgressEvent)
 
 
@@ -86,11 +87,8 @@ class Worker:
             addr, port = rendezvous
             dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=self.rank,
                                     world_size=self.world_size, timeout=datetime.timedelta(seconds=timeout_seconds))
-        model = load_model(spec).to(self.device)
-        if self.world_size > 1:
-            from torch.distributed.device_mesh import init_device_mesh
-
-            shard_model(model, mesh=init_device_mesh(self.device.type, (self.world_size,)))
+        with PhaseMemory(self.device) as load_memory:  # sharded, or full then sharded (model_loading.choose_loading)
+            model, loading = load_for_rank(spec, device=self.device, world_size=self.world_size)
         per_rank = batches.shape[1] // self.world_size
         self.batches = [b[self.rank * per_rank:(self.rank + 1) * per_rank].to(self.device) for b in batches]
         self.model = model
@@ -98,7 +96,8 @@ class Worker:
         self._kept_matvec = None
         return GroupInfo(index=index, num_workers=self.world_size, num_params=self.space.numel,
                          load_seconds=time.perf_counter() - started, peak_rss_mib_per_rank=[_peak_rss_mib()],
-                         pids=[os.getpid()], nodes=[ray.get_runtime_context().get_node_id()])
+                         pids=[os.getpid()], nodes=[ray.get_runtime_context().get_node_id()],
+                         loading_per_rank=[loading], load_memory_per_rank=[load_memory.as_dict()])
 
     def _operator(self, eps: float, scheme: str) -> FiniteDifferenceHVP:
         """The rank's one HVP operator (built once: it keeps the parameter backup buffer), set to eps/scheme."""

@@ -103,7 +103,8 @@ class Recorder:
             row["cause"] = cause
         if info is not None:
             row.update(nodes=info.nodes, pids=info.pids, load_seconds=info.load_seconds,
-                       peak_rss_mib_per_rank=info.peak_rss_mib_per_rank)
+                       peak_rss_mib_per_rank=info.peak_rss_mib_per_rank, loading_per_rank=info.loading_per_rank,
+                       load_memory_per_rank=info.load_memory_per_rank)
             self.info["num_params"] = info.num_params
         self.info["groups"].append(row)
         self.save_info()
