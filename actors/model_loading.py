@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hessian_core import float64_rmsnorm
+from hessian_core.router_precision import float64_routers
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -30,6 +31,17 @@ class ModelSpec:
     loading: str = "auto"  # auto | full | sharded (see choose_loading)
 
 
+def hf_kwargs(spec: ModelSpec) -> dict:
+    """Keyword arguments for ``from_pretrained`` / ``from_config``: dtype, attention, and on transformers 5 the
+    mixture-of-experts kernel: its default ``grouped_mm`` has no float64, so float64 uses the eager loop."""
+    from transformers import PretrainedConfig
+
+    kwargs = {"dtype": DTYPES[spec.dtype], "attn_implementation": spec.attn_implementation}
+    if spec.dtype == "float64" and hasattr(PretrainedConfig(), "_experts_implementation"):
+        kwargs["experts_implementation"] = "eager"
+    return kwargs
+
+
 def has_weights(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, name)) for name in WEIGHT_FILES)
 
@@ -40,7 +52,6 @@ def load_model(spec: ModelSpec) -> torch.nn.Module:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per rank would drown the driver's progress output
-    dtype = DTYPES[spec.dtype]
     if spec.init == "random":
         if spec.path:
             config = AutoConfig.from_pretrained(spec.path, revision=spec.revision, **spec.config_overrides)
@@ -48,14 +59,14 @@ def load_model(spec: ModelSpec) -> torch.nn.Module:
             overrides = dict(spec.config_overrides)
             config = AutoConfig.for_model(overrides.pop("model_type"), **overrides)
         torch.manual_seed(spec.seed)  # every rank draws the same weights
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=spec.attn_implementation)
+        model = AutoModelForCausalLM.from_config(config, **hf_kwargs(spec))
     else:
-        model = AutoModelForCausalLM.from_pretrained(spec.path, revision=spec.revision, dtype=dtype,
-                                                     attn_implementation=spec.attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(spec.path, revision=spec.revision, **hf_kwargs(spec))
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
     float64_rmsnorm(model)
+    float64_routers(model)
     return model
 
 

@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from hessian_core import float64_rmsnorm, shard_model
+from hessian_core.router_precision import float64_routers
 
-from .model_loading import DTYPES, ModelSpec
+from .model_loading import ModelSpec, hf_kwargs
 
 DCP_METADATA = ".metadata"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -87,12 +88,12 @@ def build_on_meta(spec: ModelSpec) -> nn.Module:
     hf_logging.disable_progress_bar()
     config = model_config(spec)
     with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[spec.dtype],
-                                                 attn_implementation=spec.attn_implementation)
+        model = AutoModelForCausalLM.from_config(config, **hf_kwargs(spec))
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
     float64_rmsnorm(model)
+    float64_routers(model)
     return model
 
 

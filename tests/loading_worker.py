@@ -134,17 +134,17 @@ def hvp_of_loads(rank: int, world: int, port: int, specs: dict, out_dir: str) ->
         torch.save(out, os.path.join(out_dir, f"hvp-w{world}-rank{rank}.pt"))
 
 
-def wrapped_modules(rank: int, world: int, port: int, configs: dict, out_dir: str) -> None:
-    """Which modules ``shard_model`` wraps with fully_shard, and the block names, for each named HF config."""
+def wrapped_modules(rank: int, world: int, port: int, specs: dict, out_dir: str) -> None:
+    """For each named spec loaded with ``load_for_rank``: the modules wrapped by fully_shard, the block names
+    and how the model was loaded."""
     from torch.distributed.fsdp import FSDPModule
-    from transformers import AutoModelForCausalLM
+
+    from actors.model_loading import load_for_rank
 
     with process_group(rank, world, port):
         out = {}
-        for name, config in configs.items():
-            torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float64).eval()
-            shard_model(model, mesh=mesh_for(world))
+        for name, spec in specs.items():
+            model, how = load_for_rank(spec, device=torch.device("cpu"), world_size=world)
             out[name] = {"wrapped": [n for n, m in model.named_modules() if isinstance(m, FSDPModule)],
-                         "blocks": list(parameter_blocks(model, ParamSpace(model)))}
+                         "blocks": list(parameter_blocks(model, ParamSpace(model))), "how": how}
         torch.save(out, os.path.join(out_dir, f"wrapped-rank{rank}.pt"))
