@@ -15,7 +15,9 @@ def _declared_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     names = set(getattr(model, "_no_split_modules", None) or ())
     found: list[tuple[str, nn.Module]] = []
     for path, module in model.named_modules():
-        if type(module).__name__ not in names or not any(True for _ in module.parameters()):
+        # by MRO: fully_shard swaps a module's class for a subclass (FSDPLlamaDecoderLayer)
+        declared = any(cls.__name__ in names for cls in type(module).__mro__)
+        if not declared or not any(True for _ in module.parameters()):
             continue
         if any(path.startswith(outer + ".") for outer, _ in found):
             continue  # inside a block already found (named_modules is pre-order)

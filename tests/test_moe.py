@@ -54,6 +54,8 @@ class _Model(nn.Module):
 def test_declared_blocks_win_over_a_longer_expert_list():
     model = _Model()
     assert [path for path, _ in transformer_blocks(model)] == ["layers.0", "layers.1"]
+    model.layers[1].__class__ = type("FSDP_Layer", (_Layer,), {})  # what fully_shard does to a module's class
+    assert [path for path, _ in transformer_blocks(model)] == ["layers.0", "layers.1"]
     model._no_split_modules = None  # the fallback rule alone would split per expert (transformers 4's layout)
     assert [path for path, _ in transformer_blocks(model)] == [f"layers.0.experts.{i}" for i in range(8)]
 
