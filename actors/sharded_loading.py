@@ -46,13 +46,15 @@ def checkpoint_format(path: str | None) -> str:
 
 
 def model_config(spec: ModelSpec):
-    """The HF config of the architecture: from ``config_path``, else the model folder, else ``config_overrides``."""
+    """The HF config of the architecture: a Hugging Face model folder's own (as ``from_pretrained`` reads it);
+    for a DCP checkpoint, ``config_path``'s with ``config_overrides`` applied, or ``config_overrides`` alone."""
     from transformers import AutoConfig
 
+    if spec.path and checkpoint_format(spec.path) != "dcp":
+        return AutoConfig.from_pretrained(spec.path, revision=spec.revision)
     overrides = dict(spec.config_overrides)
-    source = spec.config_path or (spec.path if checkpoint_format(spec.path) != "dcp" else None)
-    if source:
-        return AutoConfig.from_pretrained(source, revision=spec.revision, **overrides)
+    if spec.config_path:
+        return AutoConfig.from_pretrained(spec.config_path, **overrides)
     if "model_type" not in overrides:
         raise ValueError(f"model.path {spec.path!r} is a DCP checkpoint: set model.config_path (a folder with the "
                          f"HF config.json) or model.config with model_type")

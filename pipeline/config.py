@@ -30,6 +30,8 @@ class ModelConfig:
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     config: dict | None = None  # HF config kwargs for init=random without a path (must include model_type)
     seed: int = 0  # weights for init=random
+    config_path: str | None = None  # HF config folder (and tokenizer) of a DCP checkpoint's architecture
+    loading: Literal["auto", "full", "sharded"] = "auto"  # auto: sharded on 2+ ranks or for DCP, else full
 
 
 @dataclass(kw_only=True)
@@ -286,6 +288,9 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"cluster.worker_resources.{name} must be a positive number, got {amount!r}")
     if config.model.init == "pretrained" and not config.model.path:
         raise ConfigError("model.path is required when model.init is 'pretrained'")
+    if config.model.loading == "sharded" and config.model.init == "random":
+        raise ConfigError("model.loading=sharded reads pretrained weights; with model.init=random set "
+                          "model.loading=auto or full")
     if config.model.init == "random" and not config.model.path and not (config.model.config or {}).get("model_type"):
         raise ConfigError("model.init=random needs model.path (a folder with config.json) or model.config.model_type")
     if not config.data.path:

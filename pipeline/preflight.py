@@ -74,28 +74,71 @@ def preflight(config: RunConfig, *, fresh: bool = False) -> Prepared:
         demo_model, demo_data = demo.ensure_demo(log)
         model_path = demo_model if model_path == demo.DEMO else model_path
         data_path = demo_data if data_path == demo.DEMO else data_path
+    arch_path = model_path  # the folder with config.json and the tokenizer
     if model_path and looks_local(model_path):
+        from actors.sharded_loading import checkpoint_format
+
         if not os.path.isdir(model_path):
             raise ConfigError(f"model.path {model_path!r} does not exist (expected a local model folder or hub id)")
-        if not os.path.exists(os.path.join(model_path, "config.json")):
+        if checkpoint_format(model_path) == "dcp":
+            arch_path = _check_dcp(config, model_path)
+        elif not os.path.exists(os.path.join(model_path, "config.json")):
             raise ConfigError(f"model.path {model_path!r} has no config.json; it is not a Hugging Face model folder")
-        from actors.model_loading import WEIGHT_FILES, has_weights
+        elif config.model.init == "pretrained" and not _has_weights(model_path):
+            from actors.model_loading import WEIGHT_FILES
 
-        if config.model.init == "pretrained" and not has_weights(model_path):
             raise ConfigError(f"model.path {model_path!r} has no weights ({', '.join(WEIGHT_FILES)}); "
                               f"set model.init=random to analyse random weights")
+    if config.model.loading != "auto":
+        from actors.model_loading import choose_loading
+
+        try:
+            choose_loading(model_spec(Prepared(config, model_path, torch.zeros(0))),
+                           world_size=config.cluster.num_workers)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     data = config.data
     if data_path != data.path:
         data = replace(data, path=data_path)
-    sequences = load_sequences(data, tokenizer_path=model_path, revision=config.model.revision)
+    sequences = load_sequences(data, tokenizer_path=arch_path, revision=config.model.revision)
     batches = analysis_batches(sequences, data)
-    vocab = _vocab_size(config, model_path)
+    vocab = _vocab_size(config, arch_path)
     if vocab is not None and int(batches.max()) >= vocab:
         raise ConfigError(f"data.path {data.path!r} has token id {int(batches.max())} but the model's vocab_size is "
                           f"{vocab}; the data was tokenized for another model")
     _check_address(config.cluster.address)
     check_output_dir(config, fresh=fresh)
     return Prepared(config, model_path, batches)
+
+
+def _has_weights(path: str) -> bool:
+    from actors.model_loading import has_weights
+
+    return has_weights(path)
+
+
+def _check_dcp(config: RunConfig, model_path: str) -> str | None:
+    """A DCP checkpoint as model.path: its architecture (model.config_path or model.config) and its keys, checked
+    against the model built on the meta device (nothing is read but metadata). Returns the config folder."""
+    m = config.model
+    if m.init != "pretrained" or m.loading == "full":
+        key = "model.init" if m.init != "pretrained" else "model.loading"
+        raise ConfigError(f"model.path {model_path!r} is a DCP checkpoint, which loads only as pretrained weights "
+                          f"and sharded; {key}={getattr(m, key.split('.')[1])!r} is not valid with it")
+    if m.config_path:
+        if not os.path.isfile(os.path.join(m.config_path, "config.json")):
+            raise ConfigError(f"model.config_path {m.config_path!r} has no config.json (expected the Hugging Face "
+                              f"config folder of the DCP checkpoint's architecture)")
+    elif not (m.config or {}).get("model_type"):
+        raise ConfigError(f"model.path {model_path!r} is a DCP checkpoint and holds no architecture: set "
+                          f"model.config_path (a folder with config.json) or model.config with model_type")
+    from actors.sharded_loading import check_checkpoint
+
+    try:
+        check_checkpoint(model_spec(Prepared(config, model_path, torch.zeros(0))))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return m.config_path
 
 
 def _vocab_size(config: RunConfig, model_path: str | None) -> int | None:
@@ -128,4 +171,5 @@ def model_spec(prepared: Prepared):
 
     m = prepared.config.model
     return ModelSpec(path=prepared.model_path, revision=m.revision, init=m.init, dtype=m.dtype,
-                     attn_implementation=m.attn_implementation, config_overrides=m.config or {}, seed=m.seed)
+                     attn_implementation=m.attn_implementation, config_overrides=m.config or {}, seed=m.seed,
+                     config_path=m.config_path, loading=m.loading)
