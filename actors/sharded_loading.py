@@ -1,10 +1,10 @@
 """Sharded loading: build the model on the meta device, shard it, materialise only this rank's shards, then
 fill them from Hugging Face safetensors or a torch.distributed.checkpoint (DCP) folder.
 
-No rank ever holds a full copy of a parameter it does not own: both formats are read by DCP's planner, which
-asks each storage reader only for the slices that overlap the rank's shards (safetensors through
-``HuggingFaceStorageReader``, i.e. ``safe_open(...).get_slice``; DCP through its byte ranges). Each slice is
-converted to the model's dtype as it is copied into the shard.
+No rank ever holds a full copy of a parameter it does not own: safetensors are read row-block by row-block
+straight into the shards (``safetensors_slices``: positioned reads, no memory map); DCP checkpoints (and any
+tensor whose shard is not a block of rows) through DCP's planner, which asks the storage reader only for the
+pieces that overlap the rank's shards. Each slice is converted to the model's dtype as it is copied in.
 
 Checkpoint key layout (both formats): the model's own state-dict names as ``model.state_dict()`` (or
 ``torch.distributed.checkpoint.state_dict.get_model_state_dict``) gives them, e.g.
@@ -212,13 +212,21 @@ def _tied_pairs(model: nn.Module) -> list[tuple[tuple[str, str], tuple[str, str]
 
 
 def fill_from_checkpoint(model: nn.Module, path: str, *, names: dict[str, str]) -> None:
-    """Read this rank's slices of the tensors ``names`` maps (model key -> stored key) into the model."""
+    """Read this rank's slices of the tensors ``names`` maps (model key -> stored key) into the model: rows of
+    safetensors by positioned reads (``safetensors_slices``), anything else through DCP's planner."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
+    from .safetensors_slices import read_into
+
     full = model.state_dict()  # DTensors of the local shards (FSDP2) or the tensors themselves: filled in place
     state = {stored: full[key] for key, stored in names.items()}
-    reader = None if checkpoint_format(path) == "dcp" else dcp.HuggingFaceStorageReader(path)
+    reader = None
+    if checkpoint_format(path) != "dcp":
+        state = {key: state[key] for key in read_into(state, path)}
+        reader = dcp.HuggingFaceStorageReader(path)
+    if not state:
+        return
     with warnings.catch_warnings():  # one process: DCP plans locally, and would warn that it does
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=path, storage_reader=reader, no_dist=not dist.is_initialized())
