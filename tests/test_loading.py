@@ -203,3 +203,28 @@ def test_hf_renamed_keys_are_read_under_their_stored_names(tmp_path):
     full = load_model(ModelSpec(path=path, dtype="float64"))
     out, ref = model.get_output_embeddings().weight, full.get_output_embeddings().weight  # embed_out on transformers 4
     assert how == "sharded" and torch.equal(out, ref)
+
+
+# -- load memory ----------------------------------------------------------------------------------------------
+
+def test_sharded_load_grows_each_rank_by_its_half_only(tmp_path):
+    """bench/load_memory.py's ranks on a 29M-parameter Llama (116 MB in 2 files): each rank's peak RSS growth
+    while loading sharded is its half of the float32 bytes plus a fixed overhead (measured 12 MiB at 102M
+    parameters), and below the full load's peak (every rank reads the whole model first)."""
+    import json
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))  # spawned ranks too
+    import load_memory as bench
+
+    folder = str(tmp_path / "model")
+    numel = bench.build_and_save(folder, hidden=512, layers=4, vocab=16000, shard_size="80MB")
+    mib = numel * 4 / 2**20
+    growth = {}
+    for loading in ("full", "sharded"):
+        mp.spawn(bench.rank_main, args=(2, free_port(), folder, loading, str(tmp_path)), nprocs=2, join=True)
+        rows = [json.load(open(tmp_path / f"{loading}-rank{r}.json")) for r in range(2)]
+        assert all(r["loading"] == loading for r in rows) and all(r["method"].startswith("VmHWM") for r in rows)
+        growth[loading] = max(r["peak_growth_mib"] for r in rows)
+    assert growth["sharded"] <= 0.5 * mib + 24, (growth, mib)
+    assert growth["sharded"] < growth["full"], (growth, mib)
