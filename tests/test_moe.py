@@ -1,4 +1,4 @@
-"""Mixture-of-experts models: FSDP2 blocks and block-analysis names are the decoder layers the model declares
+"""Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE): FSDP2 blocks and block-analysis names are the decoder layers the model declares
 (``_no_split_modules``), never its experts, and the FD HVP matches the dense Hessian.
 
 Top-k routing makes the loss non-smooth where two router logits tie (a measure-zero set): a finite difference
@@ -22,7 +22,7 @@ MOE_VOCAB = 8
 
 
 def moe_config(kind: str, *, layers: int, hidden: int = 4, experts: int = 4):
-    from transformers import MixtralConfig, Qwen2MoeConfig
+    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
     common = dict(vocab_size=MOE_VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
                   num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False,
@@ -32,6 +32,9 @@ def moe_config(kind: str, *, layers: int, hidden: int = 4, experts: int = 4):
     if kind == "qwen2_moe":
         return Qwen2MoeConfig(**common, intermediate_size=2, moe_intermediate_size=2,
                               shared_expert_intermediate_size=2, num_experts=experts)
+    if kind == "qwen3_moe":
+        return Qwen3MoeConfig(**common, head_dim=hidden // 2, intermediate_size=2, moe_intermediate_size=2,
+                              num_experts=experts)
     raise ValueError(kind)
 
 
@@ -76,7 +79,7 @@ def test_moe_models_are_sharded_and_named_per_decoder_layer(tmp_path):
     from actors.model_loading import ModelSpec
 
     specs = {kind: ModelSpec(path=save_moe(tmp_path / kind, kind, layers=2), dtype="float64")
-             for kind in ("mixtral", "qwen2_moe")}
+             for kind in ("mixtral", "qwen2_moe", "qwen3_moe")}
     mp.spawn(wrapped_modules, args=(2, free_port(), specs, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         got = torch.load(tmp_path / f"wrapped-rank{rank}.pt")
