@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from hessian_core import (FiniteDifferenceHVP, LanczosState, ParamSpace, accumulate_gradient, block_diagonal_metrics,
                           calibrate_eps, lanczos, lanczos_start, latest_complete_step, load_lanczos_state,
-                          parameter_blocks, probe_vector, shard_model)
+                          parameter_blocks, probe_vector)
 from hessian_core.checkpoint import CheckpointWriter
 
 from .memory import PhaseMemory
