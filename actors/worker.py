@@ -23,7 +23,7 @@ from hessian_core import (FiniteDifferenceHVP, LanczosState, ParamSpace, accumul
 from hessian_core.checkpoint import CheckpointWriter
 
 from .memory import PhaseMemory
-from .model_loading import DTYPES, ModelSpec, load_for_rank
+from .model_loading import DTYPES, ModelSpec, import_model_code, load_for_rank
 from .records import (BlockResult, BlockTask, Calibration, GroupInfo, ProbeResult, ProbeTask, ProgressEvent)
 
 
@@ -87,6 +87,7 @@ class Worker:
             addr, port = rendezvous
             dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=self.rank,
                                     world_size=self.world_size, timeout=datetime.timedelta(seconds=timeout_seconds))
+        import_model_code(spec)  # the imports are not the load's memory
         with PhaseMemory(self.device) as load_memory:  # sharded, or full then sharded (model_loading.choose_loading)
             model, loading = load_for_rank(spec, device=self.device, world_size=self.world_size)
         per_rank = batches.shape[1] // self.world_size

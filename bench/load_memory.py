@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
 import math
 import json
 import os
@@ -55,17 +54,15 @@ def rank_main(rank: int, world: int, port: int, folder: str, loading: str, out: 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=600))
     try:
-        for module in ("torch.distributed.checkpoint", "transformers.models.llama.modeling_llama"):
-            importlib.import_module(module)  # imports are not the load's cost
-
         from actors.memory import PhaseMemory
-        from actors.model_loading import ModelSpec, load_for_rank
+        from actors.model_loading import ModelSpec, import_model_code, load_for_rank
         from hessian_core import ParamSpace
 
+        spec = ModelSpec(path=folder, loading=loading)
+        import_model_code(spec)  # imports are not the load's cost (as in Worker.setup)
         dist.barrier()
         with PhaseMemory() as memory:
-            model, how = load_for_rank(ModelSpec(path=folder, loading=loading), device=torch.device("cpu"),
-                                       world_size=world)
+            model, how = load_for_rank(spec, device=torch.device("cpu"), world_size=world)
         space = ParamSpace(model)
         record = {"rank": rank, "loading": how, "local_numel": space.local_numel, "numel": space.numel,
                   **memory.as_dict()}
