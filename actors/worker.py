@@ -104,7 +104,8 @@ class Worker:
         """The rank's one HVP operator (built once: it keeps the parameter backup buffer), set to eps/scheme."""
         if self.op is None:
             self.op = FiniteDifferenceHVP(self.model, self.batches, eps=eps, scheme=scheme, space=self.space)
-        self.op.eps, self.op.scheme = float(eps), scheme
+        elif (self.op.eps, self.op.scheme) != (float(eps), scheme):
+            self.op = self.op.with_eps(eps).with_scheme(scheme)  # copies share the backup buffer
         return self.op
 
     def _start_vector(self, *, seed: int, probe_id: int, vector_dtype: str) -> LanczosState:
