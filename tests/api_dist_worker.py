@@ -11,6 +11,7 @@ import torch.distributed as dist
 from conftest import make_batches, make_tiny_model
 from hessian_core import analyze, shard_model
 from test_api import prepare_training, train_step
+from test_masked_loss import masked_batches
 
 
 def run_rank(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -38,7 +39,12 @@ def run_rank(rank: int, world: int, port: int, out_dir: str) -> None:
                 and all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(grads_a, grads_b))
                 and all(torch.equal(a.to_local(), b.to_local())
                         for a, b in zip(with_analysis.parameters(), without.parameters())))
+        # masked batches whose two halves count different numbers of tokens: the loss is the global token mean
+        masked = [{k: t[rank::world] for k, t in b.items()} for b in masked_batches()]
+        plain = shard_model(copy.deepcopy(base), mesh=mesh)
+        spectrum = analyze(plain, masked, probes=1, steps=4, eps=1e-4, reorth="full")
         torch.save({"untouched": untouched, "same": same, "lambda_max": result.lambda_max,
-                    "num_params": result.num_params}, f"{out_dir}/rank{rank}.pt")
+                    "num_params": result.num_params, "masked_alphas": spectrum.lanczos[0].alphas,
+                    "masked_loss": spectrum.loss}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -138,4 +138,15 @@ def test_two_rank_fsdp2_training_step_is_untouched_by_analyze(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert all(r["untouched"] and r["same"] for r in ranks), ranks
     assert ranks[0]["lambda_max"] == ranks[1]["lambda_max"]  # one global spectrum, agreed by all ranks
-    assert ranks[0]["num_params"] == sum(p.numel() for p in make_tiny_model("gpt_neox").parameters())
+    model = make_tiny_model("gpt_neox")
+    assert ranks[0]["num_params"] == sum(p.numel() for p in model.parameters())
+    from test_masked_loss import masked_batches
+
+    single = analyze(model, masked_batches(), probes=1, steps=4, eps=1e-4, reorth="full")
+    halves = [[{k: t[r::2] for k, t in b.items()} for b in masked_batches()] for r in range(2)]
+    from hessian_core import counted_tokens
+
+    assert [sum(map(counted_tokens, h)) for h in halves] == [7, 6]  # unequal: a per-rank mean would differ
+    for r in ranks:
+        assert abs(r["masked_loss"] - single.loss) <= 1e-12 * single.loss
+        assert float((r["masked_alphas"] - single.lanczos[0].alphas).norm() / single.lanczos[0].alphas.norm()) <= 1e-9
