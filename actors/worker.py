@@ -21,6 +21,7 @@ from hessian_core import (FiniteDifferenceHVP, LanczosState, ParamSpace, accumul
                           calibrate_eps, lanczos, lanczos_start, latest_complete_step, load_lanczos_state,
                           parameter_blocks, probe_vector, shard_model)
 from hessian_core.checkpoint import CheckpointWriter
+from hessian_core.loss import BatchSet, rank_batches
 
 from .model_loading import DTYPES, ModelSpec, load_model
 from .records import (BlockResult, BlockTask, Calibration, GroupInfo, ProbeResult, ProbeTask, ProgressEvent)
@@ -74,7 +75,7 @@ class Worker:
         host = ray.util.get_node_ip_address()
         return host, free_port(host)
 
-    def setup(self, *, index: int, rendezvous: tuple[str, int] | None, spec: ModelSpec, batches: torch.Tensor,
+    def setup(self, *, index: int, rendezvous: tuple[str, int] | None, spec: ModelSpec, batches: torch.Tensor | BatchSet,
               timeout_seconds: float) -> GroupInfo:
         """Form the process group (none for one rank), build and shard the model, keep this rank's slice of
         every batch."""
@@ -91,8 +92,7 @@ class Worker:
             from torch.distributed.device_mesh import init_device_mesh
 
             shard_model(model, mesh=init_device_mesh(self.device.type, (self.world_size,)))
-        per_rank = batches.shape[1] // self.world_size
-        self.batches = [b[self.rank * per_rank:(self.rank + 1) * per_rank].to(self.device) for b in batches]
+        self.batches = rank_batches(batches, self.rank, self.world_size, device=self.device)
         self.model = model
         self.space = ParamSpace(model)
         self._kept_matvec = None

@@ -9,7 +9,7 @@ from .eps import (DEFAULT_EPS, EpsChoice, HVPErrorStudy, calibrate_eps, default_
                   predicted_error)
 from .hvp import ExactHVPUnavailable, FiniteDifferenceHVP, exact_hvp
 from .lanczos import LanczosResult, LanczosState, lanczos, lanczos_start, lanczos_step
-from .loss import (IGNORE_INDEX, AnalysisLoss, accumulate_gradient, as_batch, causal_lm_loss, counted_tokens,
+from .loss import (IGNORE_INDEX, AnalysisLoss, BatchSet, accumulate_gradient, as_batch, causal_lm_loss, counted_tokens,
                    evaluate_loss, token_loss_sum)
 from .numerics import float64_rmsnorm
 from .quadrature import (Density, Extremes, RitzRule, SpectralMeasure, TraceEstimate, extreme_eigenvalues,
@@ -27,7 +27,7 @@ __all__ = [
     "predicted_error",
     "ExactHVPUnavailable", "FiniteDifferenceHVP", "exact_hvp",
     "LanczosResult", "LanczosState", "lanczos", "lanczos_start", "lanczos_step",
-    "IGNORE_INDEX", "AnalysisLoss", "accumulate_gradient", "as_batch", "causal_lm_loss", "counted_tokens",
+    "IGNORE_INDEX", "AnalysisLoss", "BatchSet", "accumulate_gradient", "as_batch", "causal_lm_loss", "counted_tokens",
     "evaluate_loss", "token_loss_sum", "float64_rmsnorm",
     "Density", "Extremes", "RitzRule", "SpectralMeasure", "TraceEstimate", "extreme_eigenvalues", "ritz_rule",
     "smoothed_density", "trace_estimate", "wasserstein1",

@@ -144,3 +144,40 @@ def evaluate_loss(model: torch.nn.Module, batches: Sequence[Batch], *, space: Pa
     reshard(model)
     world = torch.distributed.get_world_size(space.group) if space.group is not None else 1
     return float(space.all_reduce(torch.tensor([local], dtype=torch.float64))[0]) / world
+
+
+class BatchSet:
+    """A whole analysis set of equal-shape batches, as the pipeline sends it to the ranks: ``input_ids``
+    [num_batches, batch, seq_len] and optional ``attention_mask`` / ``labels`` of the same shape."""
+
+    def __init__(self, input_ids: Tensor, *, attention_mask: Tensor | None = None, labels: Tensor | None = None):
+        if input_ids.dim() != 3:
+            raise ValueError(f"input_ids must be [num_batches, batch, seq_len], got shape {tuple(input_ids.shape)}")
+        for name, t in (("attention_mask", attention_mask), ("labels", labels)):
+            if t is not None and t.shape != input_ids.shape:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, input_ids {tuple(input_ids.shape)}")
+        self.input_ids, self.attention_mask, self.labels = input_ids, attention_mask, labels
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.input_ids.shape
+
+    def max_token_id(self) -> int:
+        return int(self.input_ids.max())
+
+    def rank_batches(self, rank: int, world: int, *, device: torch.device | str = "cpu") -> list[Batch]:
+        """This rank's contiguous slice of every batch: plain tensors when there is no mask, else dicts."""
+        per_rank = self.shape[1] // world
+        rows = slice(rank * per_rank, (rank + 1) * per_rank)
+        out: list[Batch] = []
+        for k in range(self.shape[0]):
+            parts = {"input_ids": self.input_ids[k, rows], "attention_mask": None if self.attention_mask is None
+                     else self.attention_mask[k, rows], "labels": None if self.labels is None else self.labels[k, rows]}
+            parts = {key: t.to(device) for key, t in parts.items() if t is not None}
+            out.append(parts["input_ids"] if len(parts) == 1 else parts)
+        return out
+
+
+def rank_batches(batches: Tensor | BatchSet, rank: int, world: int, *, device: torch.device | str = "cpu") -> list[Batch]:
+    """A rank's slices of an analysis set given as a [num_batches, batch, seq_len] tensor or a BatchSet."""
+    return (batches if isinstance(batches, BatchSet) else BatchSet(batches)).rank_batches(rank, world, device=device)

@@ -39,7 +39,13 @@ class DataConfig:
     seq_len: int = 128
     batch_size: int = 8
     num_batches: int = 1
-    shuffle_seed: int | None = None
+    shuffle_seed: int | None = None  # null: the first sequences, read lazily; a seed reads the whole source
+    split: str = "train"  # dataset split (hub datasets and folders whose file names name splits)
+    name: str | None = None  # dataset config name (hub datasets, folders with configs)
+    format: Literal["text", "chat"] = "text"  # chat: a messages column rendered with the chat template
+    messages_column: str = "messages"
+    packing: bool = True  # true: join samples and cut seq_len sequences; false: one padded sample per sequence
+    loss: Literal["causal_lm", "masked"] = "causal_lm"  # masked: assistant tokens only (format: chat)
 
 
 @dataclass(kw_only=True)
@@ -288,6 +294,11 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("model.path is required when model.init is 'pretrained'")
     if config.model.init == "random" and not config.model.path and not (config.model.config or {}).get("model_type"):
         raise ConfigError("model.init=random needs model.path (a folder with config.json) or model.config.model_type")
+    if config.data.loss == "masked" and config.data.format != "chat":
+        raise ConfigError("data.loss=masked counts assistant tokens only, which needs data.format=chat; "
+                          "use data.loss=causal_lm for text")
+    if not config.data.split:
+        raise ConfigError("data.split must be a split name such as 'train' or 'validation'")
     if not config.data.path:
         raise ConfigError("data.path is required (a local file or folder, a hub dataset id, or builtin:demo)")
     if config.cluster.use_gpu:
