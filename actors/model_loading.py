@@ -53,3 +53,23 @@ def load_model(spec: ModelSpec) -> torch.nn.Module:
         p.requires_grad_(True)
     float64_rmsnorm(model)
     return model
+
+
+def block_names(spec: ModelSpec) -> list[str]:
+    """The model's blocks (hessian_core.parameter_blocks), from a weightless copy on the meta device: what the
+    driver needs to queue per-block tasks before any rank has loaded the model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hessian_core import ParamSpace, parameter_blocks
+
+    if spec.path:
+        config = AutoConfig.from_pretrained(spec.path, revision=spec.revision,
+                                            **(spec.config_overrides if spec.init == "random" else {}))
+    else:
+        overrides = dict(spec.config_overrides)
+        config = AutoConfig.for_model(overrides.pop("model_type"), **overrides)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[spec.dtype])
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return list(parameter_blocks(model, ParamSpace(model)))

@@ -20,11 +20,13 @@ import torch.distributed as dist
 from hessian_core import (FiniteDifferenceHVP, LanczosState, ParamSpace, accumulate_gradient, block_diagonal_metrics,
                           calibrate_eps, lanczos, lanczos_start, latest_complete_step, load_lanczos_state,
                           parameter_blocks, probe_vector, shard_model)
+from hessian_core.block_spectra import block_spectrum
 from hessian_core.checkpoint import CheckpointWriter
 from hessian_core.loss import BatchSet, rank_batches
 
 from .model_loading import DTYPES, ModelSpec, load_model
-from .records import (BlockResult, BlockTask, Calibration, GroupInfo, ProbeResult, ProbeTask, ProgressEvent)
+from .records import (BlockResult, BlockSpectrumResult, BlockSpectrumTask, BlockTask, Calibration, GroupInfo,
+                      ProbeResult, ProbeTask, ProgressEvent)
 
 
 # checkpoint.every=auto: the next save comes when the steps since the last one took 1/AUTO_CHECKPOINT_COST times
@@ -240,6 +242,22 @@ class Worker:
         m = block_diagonal_metrics(op.matvec, v, space=self.space, blocks=blocks)
         return BlockResult(probe_id=task.probe_id, blocks=m.blocks, rel_error=m.rel_error, cosine=m.cosine,
                            whole_rel_error=m.whole_rel_error, hvp_count=1 + len(blocks))
+
+    def run_block_spectrum(self, *, task: BlockSpectrumTask) -> BlockSpectrumResult:
+        """One SLQ probe of the diagonal block ``task.block`` (hessian_core.block_spectra)."""
+        blocks = parameter_blocks(self.model, self.space)
+        if task.block not in blocks:
+            raise ValueError(f"block {task.block!r} is not a block of this model; blocks: {', '.join(blocks)}")
+        op = self._operator(task.eps, task.scheme)
+        calls = op.calls
+        idx = blocks[task.block]
+        run = block_spectrum(op.matvec, space=self.space, indices=idx, probe_id=task.probe_id, seed=task.seed,
+                             steps=task.steps, reorth=task.reorth, window=task.window,
+                             vector_dtype=DTYPES[task.vector_dtype])
+        return BlockSpectrumResult(block=task.block, probe_id=task.probe_id,
+                                   block_size=sum(self.space.shards[i].global_shape.numel() for i in idx),
+                                   alphas=run.alphas.tolist(), betas=run.betas.tolist(), stopped=run.stopped,
+                                   hvp_count=op.calls - calls)
 
     def hvp_errors(self, *, eps_values: list[float], seed: int, scheme: str) -> dict:
         """The FD HVP along probe 0 at every eps, against the exact HVP and the most stable FD (hessian_core.eps)."""

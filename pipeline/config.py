@@ -88,7 +88,9 @@ class DensityConfig:
 @dataclass(kw_only=True)
 class BlocksConfig:
     enabled: bool = False
-    probes: int = 2
+    probes: int = 2  # Gaussian probes of the block analysis, and SLQ probes per block with spectra
+    spectra: bool = False  # SLQ of every diagonal block H_bb: one task per (block, probe), block_ritz.parquet
+    spectra_steps: int | None = None  # Lanczos steps per block probe (null: lanczos.steps), capped at the block size
 
 
 @dataclass(kw_only=True)
@@ -266,7 +268,9 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"{key} must be >= 0, got {_get(config, key)}")
     if config.checkpoint.every != "auto" and config.checkpoint.every < 0:
         raise ConfigError(f"checkpoint.every must be >= 0 or 'auto', got {config.checkpoint.every}")
-    if config.lanczos.probes == 0 and not config.blocks.enabled:
+    if config.blocks.spectra_steps is not None and config.blocks.spectra_steps < 1:
+        raise ConfigError(f"blocks.spectra_steps must be >= 1 or null, got {config.blocks.spectra_steps}")
+    if config.lanczos.probes == 0 and not config.blocks.enabled and not config.blocks.spectra:
         raise ConfigError("lanczos.probes=0 and blocks.enabled=false leave nothing to compute; "
                           "set lanczos.probes >= 1 or blocks.enabled=true")
     if config.data.seq_len < 2:

@@ -18,7 +18,7 @@ from hessian_core.loss import BatchSet
 from .data import analysis_set, looks_local, read_sequences
 from .progress import log
 
-OUTPUT_FILES = ("run.json", "lanczos.parquet", "ritz.parquet", "density.parquet", "blocks.parquet",
+OUTPUT_FILES = ("run.json", "lanczos.parquet", "ritz.parquet", "density.parquet", "blocks.parquet", "block_ritz.parquet",
                 "density.png", "blocks.png")
 CHECKPOINTS = "checkpoints"
 
