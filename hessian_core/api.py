@@ -97,14 +97,15 @@ class SpectrumResult:
                          "residual": np.concatenate([r.residuals for r in self.ritz])})
 
     def block_ritz_arrow(self):
-        """Per-block rules as a pyarrow Table: block, probe_id, value, weight (the ``block_ritz.parquet`` layout)."""
+        """Per-block rules as a pyarrow Table: block, probe_id, value, weight, block_size (``block_ritz.parquet``)."""
         import pyarrow as pa
 
-        rows = [(name, k, float(v), float(w)) for name, rules in self.block_ritz.items()
+        rows = [(name, k, float(v), float(w), self.block_sizes[name]) for name, rules in self.block_ritz.items()
                 for k, r in enumerate(rules) for v, w in zip(r.values, r.weights)]
-        names, ids, values, weights = zip(*rows) if rows else ((), (), (), ())
+        names, ids, values, weights, sizes = zip(*rows) if rows else ((), (), (), (), ())
         return pa.table({"block": pa.array(names, pa.string()), "probe_id": pa.array(ids, pa.int32()),
-                         "value": pa.array(values, pa.float64()), "weight": pa.array(weights, pa.float64())})
+                         "value": pa.array(values, pa.float64()), "weight": pa.array(weights, pa.float64()),
+                         "block_size": pa.array(sizes, pa.int64())})
 
 
 @contextlib.contextmanager

@@ -54,3 +54,19 @@ def test_each_block_ritz_values_are_the_dense_block_eigenvalues(llama_blocks):
         worst[name] = max(max(np.abs(eig - r).min() for r in values), max(np.abs(values - e).min() for e in eig))
     assert set(worst) == {"model.embed_tokens", "model.layers.0", "model.norm", "lm_head"}
     assert max(worst.values()) <= 1e-8, worst
+
+
+def test_analyze_block_spectra_match_the_dense_blocks(llama_blocks):
+    model, batches, hessian = llama_blocks
+    from hessian_core import analyze
+
+    result = analyze(model, batches, probes=1, steps=8, eps=1e-6, reorth="full", block_spectra=True, block_steps=8)
+    space = ParamSpace(model)
+    blocks = parameter_blocks(model, space)
+    assert list(result.block_ritz) == list(blocks)
+    norm = dense_block(model, hessian, space, blocks["model.norm"])  # 8 parameters: resolved entirely in 8 steps
+    eig = torch.linalg.eigvalsh(norm).numpy()
+    assert np.abs(np.sort(result.block_ritz["model.norm"][0].values) - eig).max() <= 1e-8
+    table = result.block_ritz_arrow()
+    assert table.column_names == ["block", "probe_id", "value", "weight", "block_size"]
+    assert dict(zip(table.column("block").to_pylist(), table.column("block_size").to_pylist()))["lm_head"] == 256
