@@ -16,7 +16,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .model_loading import ModelSpec
-from .records import BlockTask, GroupInfo, ProbeTask
+from .records import BlockSpectrumTask, BlockTask, GroupInfo, ProbeTask
 from .worker import Worker
 
 RemoteWorker = ray.remote(Worker)
@@ -72,6 +72,9 @@ class WorkerGroup:
 
     def run_blocks(self, task: BlockTask) -> list[ray.ObjectRef]:
         return [w.run_blocks.remote(task=task) for w in self.workers]
+
+    def run_block_spectrum(self, task: BlockSpectrumTask) -> list[ray.ObjectRef]:
+        return [w.run_block_spectrum.remote(task=task) for w in self.workers]
 
     def gradient_seconds(self, *, repeats: int, warmup: bool = True) -> list[ray.ObjectRef]:
         return [w.gradient_seconds.remote(repeats=repeats, warmup=warmup) for w in self.workers]

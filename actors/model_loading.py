@@ -139,3 +139,26 @@ def import_model_code(spec: ModelSpec) -> None:
         AutoModelForCausalLM._model_mapping[type(config)]  # resolving the class imports its module
     except Exception:  # a bad config or an unreachable hub id: the load itself reports it, in full
         pass
+
+
+def block_names(spec: ModelSpec) -> list[str]:
+    """The model's blocks (hessian_core.parameter_blocks), from a weightless copy on the meta device: what the
+    driver needs to queue per-block tasks before any rank has loaded the model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hessian_core import ParamSpace, parameter_blocks
+
+    from .sharded_loading import model_config
+
+    if spec.init == "random" and spec.path:
+        config = AutoConfig.from_pretrained(spec.path, revision=spec.revision, **spec.config_overrides)
+    elif spec.init == "random":
+        overrides = dict(spec.config_overrides)
+        config = AutoConfig.for_model(overrides.pop("model_type"), **overrides)
+    else:  # a Hugging Face folder's own config, or a DCP checkpoint's model.config_path / model.config
+        config = model_config(spec)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[spec.dtype])
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return list(parameter_blocks(model, ParamSpace(model)))

@@ -79,6 +79,36 @@ class BlockTask:
 
 
 @dataclass(frozen=True, kw_only=True)
+class BlockSpectrumTask:
+    """One SLQ probe of a diagonal block H_bb (``blocks.spectra``): Lanczos over the block's parameters."""
+
+    block: str
+    probe_id: int
+    seed: int
+    eps: float
+    scheme: str
+    steps: int  # capped at the block's size by the worker
+    reorth: str
+    window: int
+    vector_dtype: str
+
+    @property
+    def label(self) -> str:
+        return f"block {self.block} probe {self.probe_id}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockSpectrumResult:
+    block: str
+    probe_id: int
+    block_size: int
+    alphas: list[float]
+    betas: list[float]
+    stopped: str
+    hvp_count: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class ProbeResult:
     probe_id: int
     alphas: list[float]

@@ -20,11 +20,14 @@ import torch.distributed as dist
 from hessian_core import (FiniteDifferenceHVP, LanczosState, ParamSpace, accumulate_gradient, block_diagonal_metrics,
                           calibrate_eps, lanczos, lanczos_start, latest_complete_step, load_lanczos_state,
                           parameter_blocks, probe_vector)
+from hessian_core.block_spectra import block_spectrum
 from hessian_core.checkpoint import CheckpointWriter
+from hessian_core.loss import BatchSet, rank_batches
 
 from .memory import PhaseMemory
 from .model_loading import DTYPES, ModelSpec, import_model_code, load_for_rank
-from .records import (BlockResult, BlockTask, Calibration, GroupInfo, ProbeResult, ProbeTask, ProgressEvent)
+from .records import (BlockResult, BlockSpectrumResult, BlockSpectrumTask, BlockTask, Calibration, GroupInfo,
+                      ProbeResult, ProbeTask, ProgressEvent)
 
 
 # checkpoint.every=auto: the next save comes when the steps since the last one took 1/AUTO_CHECKPOINT_COST times
@@ -75,7 +78,7 @@ class Worker:
         host = ray.util.get_node_ip_address()
         return host, free_port(host)
 
-    def setup(self, *, index: int, rendezvous: tuple[str, int] | None, spec: ModelSpec, batches: torch.Tensor,
+    def setup(self, *, index: int, rendezvous: tuple[str, int] | None, spec: ModelSpec, batches: torch.Tensor | BatchSet,
               timeout_seconds: float) -> GroupInfo:
         """Form the process group (none for one rank), build and shard the model, keep this rank's slice of
         every batch."""
@@ -90,8 +93,7 @@ class Worker:
         import_model_code(spec)  # the imports are not the load's memory
         with PhaseMemory(self.device) as load_memory:  # sharded, or full then sharded (model_loading.choose_loading)
             model, loading = load_for_rank(spec, device=self.device, world_size=self.world_size)
-        per_rank = batches.shape[1] // self.world_size
-        self.batches = [b[self.rank * per_rank:(self.rank + 1) * per_rank].to(self.device) for b in batches]
+        self.batches = rank_batches(batches, self.rank, self.world_size, device=self.device)
         self.model = model
         self.space = ParamSpace(model)
         self._kept_matvec = None
@@ -104,7 +106,8 @@ class Worker:
         """The rank's one HVP operator (built once: it keeps the parameter backup buffer), set to eps/scheme."""
         if self.op is None:
             self.op = FiniteDifferenceHVP(self.model, self.batches, eps=eps, scheme=scheme, space=self.space)
-        self.op.eps, self.op.scheme = float(eps), scheme
+        elif (self.op.eps, self.op.scheme) != (float(eps), scheme):
+            self.op = self.op.with_eps(eps).with_scheme(scheme)  # copies share the backup buffer
         return self.op
 
     def _start_vector(self, *, seed: int, probe_id: int, vector_dtype: str) -> LanczosState:
@@ -239,6 +242,22 @@ class Worker:
         m = block_diagonal_metrics(op.matvec, v, space=self.space, blocks=blocks)
         return BlockResult(probe_id=task.probe_id, blocks=m.blocks, rel_error=m.rel_error, cosine=m.cosine,
                            whole_rel_error=m.whole_rel_error, hvp_count=1 + len(blocks))
+
+    def run_block_spectrum(self, *, task: BlockSpectrumTask) -> BlockSpectrumResult:
+        """One SLQ probe of the diagonal block ``task.block`` (hessian_core.block_spectra)."""
+        blocks = parameter_blocks(self.model, self.space)
+        if task.block not in blocks:
+            raise ValueError(f"block {task.block!r} is not a block of this model; blocks: {', '.join(blocks)}")
+        op = self._operator(task.eps, task.scheme)
+        calls = op.calls
+        idx = blocks[task.block]
+        run = block_spectrum(op.matvec, space=self.space, indices=idx, probe_id=task.probe_id, seed=task.seed,
+                             steps=task.steps, reorth=task.reorth, window=task.window,
+                             vector_dtype=DTYPES[task.vector_dtype])
+        return BlockSpectrumResult(block=task.block, probe_id=task.probe_id,
+                                   block_size=sum(self.space.shards[i].global_shape.numel() for i in idx),
+                                   alphas=run.alphas.tolist(), betas=run.betas.tolist(), stopped=run.stopped,
+                                   hvp_count=op.calls - calls)
 
     def hvp_errors(self, *, eps_values: list[float], seed: int, scheme: str) -> dict:
         """The FD HVP along probe 0 at every eps, against the exact HVP and the most stable FD (hessian_core.eps)."""

@@ -83,9 +83,9 @@ def _distance(op: FiniteDifferenceHVP, a: Sequence[Tensor], b: Sequence[Tensor])
 def calibrate_eps(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, eps: float | None = None) -> EpsChoice:
     """Pick eps for ``op`` along the unit probe v, or (``eps`` given) assess that fixed step.
 
-    Leaves ``op.eps`` as it was; costs one gradient and 1 + k HVPs (k <= LADDER_TRIES tries). An auto eps is
-    rounded to ``EPS_DIGITS`` significant digits: the optimum is flat, and the rounding makes the choice the same
-    on any layout (reduction order moves the estimate in its last digits).
+    ``op`` is immutable (steps are tried on ``op.with_eps`` copies); costs one gradient and 1 + k HVPs
+    (k <= LADDER_TRIES tries). An auto eps is rounded to ``EPS_DIGITS`` significant digits: the optimum is flat,
+    and the rounding makes the choice the same on any layout (reduction order moves the estimate in its last digits).
     """
     dtype = op.space.dtype
     eps_mach = float(torch.finfo(dtype).eps)
@@ -95,28 +95,22 @@ def calibrate_eps(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, eps: float | 
     grad_seconds = time.perf_counter() - started
     grad_norm = op.space.norm(grad)
     del grad
-    saved_eps = op.eps
     third = float("nan")
     hv_norm = float("nan")
-    try:
-        # pairs (2e, e), then (4*2e, 2e), ...: each try after the first reuses the previous larger step's HVP
-        e_small = LADDER_START * fallback / 2.0
-        op.eps = e_small
-        h_small = op.matvec(v)
-        e_big = LADDER_START * fallback
-        for _ in range(LADDER_TRIES):
-            op.eps = e_big
-            h_big = op.matvec(v)
-            signal = _distance(op, h_big, h_small)
-            hv_norm = op.space.norm(h_small)
-            noise = eps_mach * grad_norm / e_small
-            if math.isfinite(signal) and signal > SIGNAL_TO_NOISE * noise:
-                third = 6.0 * signal / (e_big * e_big - e_small * e_small)
-                break
-            e_small, h_small = e_big, h_big
-            e_big *= LADDER_GROWTH
-    finally:
-        op.eps = saved_eps
+    # pairs (2e, e), then (4*2e, 2e), ...: each try after the first reuses the previous larger step's HVP
+    e_small = LADDER_START * fallback / 2.0
+    h_small = op.with_eps(e_small).matvec(v)
+    e_big = LADDER_START * fallback
+    for _ in range(LADDER_TRIES):
+        h_big = op.with_eps(e_big).matvec(v)
+        signal = _distance(op, h_big, h_small)
+        hv_norm = op.space.norm(h_small)
+        noise = eps_mach * grad_norm / e_small
+        if math.isfinite(signal) and signal > SIGNAL_TO_NOISE * noise:
+            third = 6.0 * signal / (e_big * e_big - e_small * e_small)
+            break
+        e_small, h_small = e_big, h_big
+        e_big *= LADDER_GROWTH
 
     measured = math.isfinite(third) and third > 0 and grad_norm > 0
     if eps is not None:
@@ -190,7 +184,6 @@ def hvp_error_study(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, eps_values:
     eps_values = sorted(float(e) for e in eps_values)
     if len(eps_values) < 2 or eps_values[0] <= 0:
         raise ValueError(f"need at least two positive eps values, got {eps_values}")
-    saved_eps = op.eps
     auto = calibrate_eps(op, v)
     try:
         exact, reason = exact_hvp(op.model, op.batches, v=v), None
@@ -200,13 +193,7 @@ def hvp_error_study(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, eps_values:
         exact, reason = None, "the exact (double-backward) HVP ran out of memory"
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    results = []
-    try:
-        for eps in eps_values + [auto.eps]:
-            op.eps = eps
-            results.append(op.matvec(v))
-    finally:
-        op.eps = saved_eps
+    results = [op.with_eps(eps).matvec(v) for eps in eps_values + [auto.eps]]
     fd, at_auto = results[:-1], results[-1]
     norms = [op.space.norm(h) for h in fd]  # each a pass and an all-reduce: computed once
     exact_norm = op.space.norm(exact) if exact is not None else float("nan")

@@ -7,12 +7,13 @@ reference for unsharded models, used by tests and by step-size calibration.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from .loss import accumulate_gradient, causal_lm_loss
+from .loss import AnalysisLoss, Batch, LossFn, accumulate_gradient
 from .vectors import FlatVector, ParamSpace, Vector
 
 # (gradient coefficient, step in units of eps) and the divisor in units of eps for each scheme.
@@ -27,9 +28,24 @@ class ExactHVPUnavailable(RuntimeError):
     """The exact (double-backward) HVP cannot run for this model; the message says why."""
 
 
+def _check_step(eps: float, scheme: str) -> None:
+    if scheme not in STENCILS:
+        raise ValueError(f"hvp scheme {scheme!r}: expected one of {sorted(STENCILS)}")
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+
+
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """Gradients are differenced in at least float32: a bfloat16 difference would lose the signal."""
     return torch.promote_types(dtype, torch.float32)
+
+
+class _Shared:
+    """What the copies of one operator share: the parameter backup buffer and the HVP count."""
+
+    def __init__(self):
+        self.backup: Vector | None = None
+        self.calls = 0
 
 
 class FiniteDifferenceHVP:
@@ -38,31 +54,55 @@ class FiniteDifferenceHVP:
     Both passes see the same batches; the parameters are restored bit-exactly from one retained copy of the
     local shards; the result is a list of local shards like the parameters, in ``accumulator_dtype``.
     Entries of ``v`` may be ``None`` for parameters where v is zero (block masks).
+
+    The operator is immutable: ``with_eps`` / ``with_scheme`` return copies that share the model, the loss
+    and the backup buffer (and the ``calls`` count), so a different step costs no new allocation. L is the
+    analysis loss of ``hessian_core.loss`` (token mean of the whole set, or the mean of ``loss_fn``).
+    Building it on a sharded model is a collective call (the global token count).
     """
 
-    def __init__(self, model: torch.nn.Module, batches: Sequence[Tensor], *, eps: float, scheme: str = "central",
-                 space: ParamSpace | None = None):
-        if scheme not in STENCILS:
-            raise ValueError(f"hvp scheme {scheme!r}: expected one of {sorted(STENCILS)}")
-        if not eps > 0:
-            raise ValueError(f"eps must be positive, got {eps}")
+    def __init__(self, model: torch.nn.Module, batches: Sequence[Batch], *, eps: float, scheme: str = "central",
+                 space: ParamSpace | None = None, loss_fn: LossFn | None = None):
+        _check_step(eps, scheme)
         if model.training:
             raise ValueError("the model must be in eval mode (dropout off) for finite-difference HVPs")
-        self.model = model
-        self.batches = list(batches)
-        self.eps = float(eps)
-        self.scheme = scheme
-        self.space = space or ParamSpace(model)
-        self.out_dtype = accumulator_dtype(self.space.dtype)
-        self._backup: Vector | None = None
-        self.calls = 0
+        self._model = model
+        self._batches = tuple(batches)
+        self._eps = float(eps)
+        self._scheme = scheme
+        self._space = space or ParamSpace(model)
+        self._loss = AnalysisLoss(self._batches, loss_fn=loss_fn, space=self._space)
+        self._shared = _Shared()
+
+    model = property(lambda self: self._model)
+    batches = property(lambda self: self._batches)
+    eps = property(lambda self: self._eps)
+    scheme = property(lambda self: self._scheme)
+    space = property(lambda self: self._space)
+    loss = property(lambda self: self._loss)
+    calls = property(lambda self: self._shared.calls)
+    out_dtype = property(lambda self: accumulator_dtype(self._space.dtype))
+
+    def with_eps(self, eps: float) -> FiniteDifferenceHVP:
+        """The same operator at step ``eps``."""
+        _check_step(eps, self._scheme)
+        other = copy.copy(self)
+        other._eps = float(eps)
+        return other
+
+    def with_scheme(self, scheme: str) -> FiniteDifferenceHVP:
+        """The same operator with another difference scheme (``central`` or ``richardson``)."""
+        _check_step(self._eps, scheme)
+        other = copy.copy(self)
+        other._scheme = scheme
+        return other
 
     def _save(self, params: Vector) -> Vector:
-        if self._backup is None:
-            self._backup = [t.clone() for t in params]
+        if self._shared.backup is None:
+            self._shared.backup = [t.clone() for t in params]
         else:
-            torch._foreach_copy_(self._backup, params)
-        return self._backup
+            torch._foreach_copy_(self._shared.backup, params)
+        return self._shared.backup
 
     @torch.no_grad()
     def _set_params(self, params: Vector, backup: Vector, v: Sequence[Tensor | None], step: float, *,
@@ -85,7 +125,7 @@ class FiniteDifferenceHVP:
         try:
             for k, (coeff, step) in enumerate(stencil):
                 self._set_params(params, backup, v, step * self.eps, at_backup=k == 0)
-                accumulate_gradient(self.model, self.batches)
+                accumulate_gradient(self.model, self.batches, loss=self.loss)
                 grads = self.space.local_grads()
                 with torch.no_grad():
                     if k == 0:
@@ -99,14 +139,14 @@ class FiniteDifferenceHVP:
                 torch._foreach_copy_(params, backup)
             self.model.zero_grad(set_to_none=True)
         out.flat.mul_(scale_first / (divisor * self.eps))
-        self.calls += 1
+        self._shared.calls += 1
         return out
 
     __call__ = matvec
 
     def gradient(self) -> tuple[float, Vector]:
         """The analysis loss (this rank's share) and a copy of the gradient's local shards."""
-        loss = accumulate_gradient(self.model, self.batches)
+        loss = accumulate_gradient(self.model, self.batches, loss=self.loss)
         grads = [g.detach().to(self.out_dtype, copy=True) for g in self.space.local_grads()]
         self.model.zero_grad(set_to_none=True)
         return float(loss), grads
@@ -126,8 +166,9 @@ class FiniteDifferenceHVP:
         return float((sums[0] / sums[1]).sqrt()) if sums[1] > 0 else 0.0
 
 
-def exact_hvp(model: torch.nn.Module, batches: Sequence[Tensor], *, v: Sequence[Tensor]) -> Vector:
-    """Hv by double backward through the math SDPA kernel, for unsharded models only."""
+def exact_hvp(model: torch.nn.Module, batches: Sequence[Batch], *, v: Sequence[Tensor],
+              loss_fn: LossFn | None = None) -> Vector:
+    """Hv of the analysis loss by double backward through the math SDPA kernel, for unsharded models only."""
     space = ParamSpace(model)
     if space.sharded:
         raise ExactHVPUnavailable("the exact HVP needs an unsharded model (double backward through FSDP2 is not supported); "
@@ -138,11 +179,11 @@ def exact_hvp(model: torch.nn.Module, batches: Sequence[Tensor], *, v: Sequence[
                                   "load the model with attn_implementation='sdpa' or 'eager'")
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    loss = AnalysisLoss(batches, loss_fn=loss_fn)
     out = [torch.zeros_like(p, dtype=accumulator_dtype(p.dtype)) for p in space.params]
     with sdpa_kernel(SDPBackend.MATH):
         for batch in batches:
-            loss = causal_lm_loss(model, batch) / len(batches)
-            grads = torch.autograd.grad(loss, space.params, create_graph=True)
+            grads = torch.autograd.grad(loss.term(model, batch), space.params, create_graph=True)
             dot = sum((g * t.to(g.dtype)).sum() for g, t in zip(grads, v))
             hv = torch.autograd.grad(dot, space.params)
             torch._foreach_add_(out, [h.to(o.dtype) for h, o in zip(hv, out)])

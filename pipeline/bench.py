@@ -119,13 +119,14 @@ def _eigenthings(prepared, *, eps: float, runs: int, methods=("finite_difference
 
     from actors.model_loading import load_model
     from hessian_core import causal_lm_loss
+    from hessian_core.loss import rank_batches
 
     config = prepared.config
     rows = []
     for method in [m for m in methods for _ in range(runs)]:
         started = time.perf_counter()
         model = load_model(model_spec(prepared))
-        batches = [b for b in prepared.batches]
+        batches = rank_batches(prepared.batches, 0, 1)  # input_ids tensors, or dicts with masks
         op = he.HessianOperator(model, batches, lambda m, b: causal_lm_loss(m, b), method=method,
                                 fd_eps=eps if method == "finite_difference" else None)
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):

@@ -65,8 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="one self-contained report.html for a run, sweep, comparison or hvp-error")
     rp.add_argument("folder")
     rp.add_argument("--output", default=None, help="file to write (default: FOLDER/report.html)")
-    pl = sub.add_parser("plot", help="redraw the plots of a run from its tables")
-    pl.add_argument("run_dir")
+    pl = sub.add_parser("plot", help="redraw the plots of a run from its tables, or draw a time-series Parquet "
+                                     "(column step) or a compare.parquet over checkpoints")
+    pl.add_argument("run_dir", help="a run folder, or a .parquet time series / compare.parquet")
+    pl.add_argument("--output", default=None, help="PNG for a .parquet (default: beside it, same name)")
     s = sub.add_parser("show", help="print a run's summary")
     s.add_argument("run_dir")
     return p
@@ -157,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
             from .report import write_report
 
             print(f"wrote {write_report(args.folder, output=args.output)}")
+        elif args.command == "plot" and args.run_dir.endswith(".parquet"):
+            from .timeseries import plot_timeseries
+
+            if not os.path.isfile(args.run_dir):
+                raise ConfigError(f"{args.run_dir!r} does not exist")
+            print(f"wrote {plot_timeseries(args.run_dir, output=args.output)}")
         elif args.command == "plot":
             from .driver import draw_plots
 

@@ -41,7 +41,13 @@ class DataConfig:
     seq_len: int = 128
     batch_size: int = 8
     num_batches: int = 1
-    shuffle_seed: int | None = None
+    shuffle_seed: int | None = None  # null: the first sequences, read lazily; a seed reads the whole source
+    split: str = "train"  # dataset split (hub datasets and folders whose file names name splits)
+    name: str | None = None  # dataset config name (hub datasets, folders with configs)
+    format: Literal["text", "chat"] = "text"  # chat: a messages column rendered with the chat template
+    messages_column: str = "messages"
+    packing: bool = True  # true: join samples and cut seq_len sequences; false: one padded sample per sequence
+    loss: Literal["causal_lm", "masked"] = "causal_lm"  # masked: assistant tokens only (format: chat)
 
 
 @dataclass(kw_only=True)
@@ -84,7 +90,9 @@ class DensityConfig:
 @dataclass(kw_only=True)
 class BlocksConfig:
     enabled: bool = False
-    probes: int = 2
+    probes: int = 2  # Gaussian probes of the block analysis, and SLQ probes per block with spectra
+    spectra: bool = False  # SLQ of every diagonal block H_bb: one task per (block, probe), block_ritz.parquet
+    spectra_steps: int | None = None  # Lanczos steps per block probe (null: lanczos.steps), capped at the block size
 
 
 @dataclass(kw_only=True)
@@ -262,7 +270,9 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"{key} must be >= 0, got {_get(config, key)}")
     if config.checkpoint.every != "auto" and config.checkpoint.every < 0:
         raise ConfigError(f"checkpoint.every must be >= 0 or 'auto', got {config.checkpoint.every}")
-    if config.lanczos.probes == 0 and not config.blocks.enabled:
+    if config.blocks.spectra_steps is not None and config.blocks.spectra_steps < 1:
+        raise ConfigError(f"blocks.spectra_steps must be >= 1 or null, got {config.blocks.spectra_steps}")
+    if config.lanczos.probes == 0 and not config.blocks.enabled and not config.blocks.spectra:
         raise ConfigError("lanczos.probes=0 and blocks.enabled=false leave nothing to compute; "
                           "set lanczos.probes >= 1 or blocks.enabled=true")
     if config.data.seq_len < 2:
@@ -293,6 +303,11 @@ def validate(config: RunConfig) -> None:
                           "model.loading=auto or full")
     if config.model.init == "random" and not config.model.path and not (config.model.config or {}).get("model_type"):
         raise ConfigError("model.init=random needs model.path (a folder with config.json) or model.config.model_type")
+    if config.data.loss == "masked" and config.data.format != "chat":
+        raise ConfigError("data.loss=masked counts assistant tokens only, which needs data.format=chat; "
+                          "use data.loss=causal_lm for text")
+    if not config.data.split:
+        raise ConfigError("data.split must be a split name such as 'train' or 'validation'")
     if not config.data.path:
         raise ConfigError("data.path is required (a local file or folder, a hub dataset id, or builtin:demo)")
     if config.cluster.use_gpu:

@@ -1,10 +1,22 @@
-"""The analysis set: fixed-length token sequences from a local file or folder or a hub dataset, via HF datasets."""
+"""The analysis set from a local file or folder or a hub dataset, via HF datasets, reading only what it needs.
+
+Rows are streamed (``streaming=True``) and tokenized one by one until ``num_batches * batch_size`` sequences
+are complete; only a ``shuffle_seed`` reads the whole source (a shuffle needs every sequence). Samples are
+text (``text_column``) or chat conversations (``messages_column`` rendered with the tokenizer's chat template),
+or pre-tokenized ``input_ids``. With ``packing`` they are joined (text samples end with EOS) and cut into
+``seq_len`` sequences; without it each sample is one sequence, truncated or right-padded with an attention
+mask. ``loss: masked`` labels only the assistant turns of chat samples (the rest is -100).
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
+
+from hessian_core.loss import IGNORE_INDEX, BatchSet
 
 from .config import ConfigError, DataConfig
 
@@ -17,95 +29,291 @@ def looks_local(path: str) -> bool:
             or os.path.splitext(path)[1] in BUILDERS)
 
 
-def _load_dataset(path: str):
-    import datasets
-
-    datasets.disable_progress_bars()
-    if not os.path.exists(path):
-        return _load_hub(path)
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
-        raise ConfigError(f"data.path {path!r} is empty")
-    try:
-        return _load_local(path)
-    except ConfigError:
-        raise
-    except Exception as e:  # noqa: BLE001 - datasets raises many types for unreadable files
-        raise ConfigError(f"data.path {path!r} could not be read: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}") from None
+@dataclass
+class Sample:
+    ids: list[int]
+    labels: list[int] | None  # None: every token counts
 
 
-def _load_local(path: str):
-    import datasets
+@dataclass
+class ReadStats:
+    """What a read cost: rows taken from the source and sequences made (the "only what is needed" figures)."""
 
+    rows: int = 0
+    sequences: int = 0
+
+
+# -- opening the source ----------------------------------------------------------------------------------------
+
+def _one_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _local_kind(path: str) -> str:
     if os.path.isfile(path):
+        if os.path.getsize(path) == 0:
+            raise ConfigError(f"data.path {path!r} is empty")
         ext = os.path.splitext(path)[1].lower()
         if ext not in BUILDERS:
             raise ConfigError(f"data.path {path!r}: unsupported file type {ext!r}; use one of {', '.join(BUILDERS)}")
-        return datasets.load_dataset(BUILDERS[ext], data_files=path, split="train")
-    files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
-                   if os.path.splitext(f)[1].lower() in BUILDERS)
+        return BUILDERS[ext]
+    files = [f for _, _, names in os.walk(path) for f in names if os.path.splitext(f)[1].lower() in BUILDERS]
     if not files:
         raise ConfigError(f"data.path {path!r}: the folder holds no {', '.join(BUILDERS)} files")
     kinds = {BUILDERS[os.path.splitext(f)[1].lower()] for f in files}
     if len(kinds) > 1:
         raise ConfigError(f"data.path {path!r}: mixed file types {sorted(kinds)}; keep one kind per folder")
-    return datasets.load_dataset(kinds.pop(), data_files=files, split="train")
+    return kinds.pop()
 
 
-def _load_hub(path: str):
+def open_source(data: DataConfig, *, streaming: bool):
+    """The split as a datasets (Iterable)Dataset. A file is one 'train' split; a folder's splits come from its file
+    names (train-*.jsonl, validation/...); a hub id takes ``data.name`` and ``data.split``."""
     import datasets
 
-    if looks_local(path):
+    datasets.disable_progress_bars()
+    path = data.path
+    if os.path.exists(path):
+        kind = _local_kind(path)
+        if os.path.isfile(path):
+            if data.split != "train" or data.name:
+                raise ConfigError(f"data.path {path!r} is one file, i.e. one 'train' split with no configs; "
+                                  f"data.split/data.name apply to folders and hub datasets")
+            args, kwargs = (kind,), {"data_files": path}
+        else:
+            args, kwargs = (path,), {"name": data.name}
+    elif looks_local(path):
         raise ConfigError(f"data.path {path!r} does not exist (expected a local file or folder, or a hub id)")
+    else:
+        args, kwargs = (path,), {"name": data.name}
     try:
-        return datasets.load_dataset(path, split="train")
-    except Exception as e:  # noqa: BLE001 - hub ids fail offline with many exception types
-        raise ConfigError(f"data.path {path!r} is neither a local file/folder nor a loadable hub dataset: "
-                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        return datasets.load_dataset(*args, **kwargs, split=data.split, streaming=streaming)
+    except ValueError as e:
+        if "split" in str(e).lower():
+            raise ConfigError(f"data.split={data.split!r} is not a split of {path!r}: {_one_line(e)}") from None
+        raise ConfigError(f"data.path {path!r} could not be read: {_one_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - datasets raises many types for unreadable files and offline hub ids
+        raise ConfigError(f"data.path {path!r} could not be read (as a local file/folder or hub dataset): "
+                          f"{type(e).__name__}: {_one_line(e)}") from None
 
 
-def load_sequences(data: DataConfig, *, tokenizer_path: str | None, revision: str | None = None) -> torch.Tensor:
-    """All fixed-length sequences of the data, in order: [N, seq_len] int64."""
-    ds = _load_dataset(data.path)
-    if len(ds) == 0:
-        raise ConfigError(f"data.path {data.path!r} is empty")
-    if "input_ids" in ds.column_names:
-        rows = ds["input_ids"]
-        lengths = {len(r) for r in rows}
-        if len(lengths) != 1:
-            raise ConfigError(f"data.path {data.path!r}: input_ids rows have unequal lengths "
-                              f"({min(lengths)}..{max(lengths)}); pre-chunk them to one length")
-        (length,) = lengths
-        if length != data.seq_len:
-            raise ConfigError(f"data.seq_len={data.seq_len} but the input_ids rows of {data.path!r} have length "
-                              f"{length}; set data.seq_len={length}")
-        return torch.tensor(rows, dtype=torch.int64)
-    if data.text_column not in ds.column_names:
-        raise ConfigError(f"data.text_column={data.text_column!r} is not a column of {data.path!r}; "
-                          f"columns: {', '.join(ds.column_names)}")
+def _rows(ds, data: DataConfig) -> Iterator[dict]:
+    """Rows of the source; read errors (streaming reads lazily) become one-line ConfigErrors."""
+    it = iter(ds)
+    while True:
+        try:
+            row = next(it)
+        except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"data.path {data.path!r} could not be read: {type(e).__name__}: {_one_line(e)}") from None
+        yield row
+
+
+# -- samples ---------------------------------------------------------------------------------------------------
+
+def chat_sample(tokenizer, messages: list[dict], *, masked: bool) -> Sample:
+    """One conversation rendered with the chat template; with ``masked`` only assistant turns are labelled.
+
+    A token is an assistant token when it starts inside an assistant turn's characters: from the end of the
+    rendering of the turns before it with the generation prompt, to the end of the rendering through it (its
+    content and end-of-turn marker). The template must render each prefix of a conversation as a prefix."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if not masked:
+        return Sample(list(enc["input_ids"]), None)
+    spans = []
+    for i, m in enumerate(messages):
+        if m.get("role") != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        through = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
+        if not (text.startswith(through) and through.startswith(before)):
+            raise ConfigError("data.format=chat: the tokenizer's chat template does not render a conversation's "
+                              "turns as prefixes of it, so assistant tokens cannot be located; use data.loss=causal_lm")
+        spans.append((len(before), len(through)))
+    labels = [tok if any(lo <= start < hi for lo, hi in spans) else IGNORE_INDEX
+              for tok, (start, _) in zip(enc["input_ids"], enc["offset_mapping"])]
+    return Sample(list(enc["input_ids"]), labels)
+
+
+def _tokenizer(tokenizer_path: str | None, revision: str | None, *, chat: bool):
     if not tokenizer_path:
         raise ConfigError("text data needs a tokenizer: set model.path to a folder or hub id with one")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, revision=revision)
+    if chat and not tokenizer.chat_template:
+        raise ConfigError(f"data.format=chat: the tokenizer of {tokenizer_path!r} has no chat template")
+    if chat and not tokenizer.is_fast:
+        raise ConfigError(f"data.format=chat needs a fast tokenizer (offsets); {tokenizer_path!r} has a slow one")
+    return tokenizer
+
+
+def samples(rows: Iterator[dict], data: DataConfig, columns: list[str], *, tokenizer_path: str | None,
+            revision: str | None) -> Iterator[Sample]:
+    """Samples in source order, tokenized one row at a time (a generator: nothing past what is consumed)."""
+    if "input_ids" in columns:
+        for row in rows:
+            yield Sample(list(row["input_ids"]), None)
+        return
+    column = data.messages_column if data.format == "chat" else data.text_column
+    if column not in columns:
+        key = "data.messages_column" if data.format == "chat" else "data.text_column"
+        raise ConfigError(f"{key}={column!r} is not a column of {data.path!r}; columns: {', '.join(columns)}")
+    tokenizer = _tokenizer(tokenizer_path, revision, chat=data.format == "chat")
     eos = tokenizer.eos_token_id
+    for row in rows:
+        value = row[column]
+        if not value:
+            continue
+        if data.format == "chat":
+            yield chat_sample(tokenizer, list(value), masked=data.loss == "masked")
+        else:
+            ids = tokenizer(value, add_special_tokens=False)["input_ids"]
+            yield Sample(ids + ([eos] if eos is not None else []), None)
+
+
+# -- sequences -------------------------------------------------------------------------------------------------
+
+@dataclass
+class Sequences:
+    """Fixed-length sequences [N, seq_len] with optional attention mask and labels."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+
+def _packed(stream: Iterator[Sample], seq_len: int, limit: int | None, stats: ReadStats) -> Sequences:
     ids: list[int] = []
-    for text in ds[data.text_column]:
-        if text:
-            ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-            if eos is not None:
-                ids.append(eos)
-    usable = len(ids) // data.seq_len * data.seq_len
-    return torch.tensor(ids[:usable], dtype=torch.int64).reshape(-1, data.seq_len)
+    labels: list[int] = []
+    any_labels = False
+    for s in stream:
+        stats.rows += 1
+        ids.extend(s.ids)
+        labels.extend(s.ids if s.labels is None else s.labels)
+        any_labels |= s.labels is not None
+        if limit is not None and len(ids) >= limit * seq_len:
+            break
+    n = len(ids) // seq_len if limit is None else min(len(ids) // seq_len, limit)
+    cut = n * seq_len
+    out = Sequences(torch.tensor(ids[:cut], dtype=torch.int64).reshape(n, seq_len))
+    if any_labels:
+        out.labels = torch.tensor(labels[:cut], dtype=torch.int64).reshape(n, seq_len)
+    return out
+
+
+def _padded(stream: Iterator[Sample], seq_len: int, limit: int | None, pad_id: int, stats: ReadStats) -> Sequences:
+    """One sample per sequence: truncated to seq_len, right-padded; samples that count no target are skipped."""
+    rows_ids, rows_mask, rows_labels = [], [], []
+    for s in stream:
+        stats.rows += 1
+        ids = s.ids[:seq_len]
+        labels = (s.ids if s.labels is None else s.labels)[:seq_len]
+        if len(ids) < 2 or all(t == IGNORE_INDEX for t in labels[1:]):
+            continue
+        pad = seq_len - len(ids)
+        rows_ids.append(ids + [pad_id] * pad)
+        rows_mask.append([1] * len(ids) + [0] * pad)
+        rows_labels.append(labels + [IGNORE_INDEX] * pad)
+        if limit is not None and len(rows_ids) >= limit:
+            break
+    shape = (len(rows_ids), seq_len)
+    return Sequences(torch.tensor(rows_ids, dtype=torch.int64).reshape(shape),
+                     torch.tensor(rows_mask, dtype=torch.int64).reshape(shape),
+                     torch.tensor(rows_labels, dtype=torch.int64).reshape(shape))
+
+
+def _pad_id(tokenizer_path: str | None, revision: str | None) -> int:
+    if not tokenizer_path:
+        return 0
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer_path, revision=revision)
+    except Exception:  # noqa: BLE001 - pre-tokenized data with a model folder that has no tokenizer
+        return 0
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return 0 if pad is None else int(pad)
+
+
+def read_sequences(data: DataConfig, *, tokenizer_path: str | None, revision: str | None = None,
+                   stats: ReadStats | None = None) -> Sequences:
+    """The sequences the analysis needs: the first num_batches * batch_size (all of them with a shuffle_seed)."""
+    stats = stats if stats is not None else ReadStats()
+    needed = data.num_batches * data.batch_size
+    limit = needed if data.shuffle_seed is None else None
+    ds = open_source(data, streaming=limit is not None)
+    columns = list(ds.column_names or [])  # a stream of json may not know its columns before its first row
+    rows = _rows(ds, data)
+    first = next(rows, None)
+    if first is None:
+        raise ConfigError(f"data.path {data.path!r} is empty")
+    columns = columns or list(first)
+
+    def all_rows():
+        yield first
+        yield from rows
+
+    stream = samples(all_rows(), data, columns, tokenizer_path=tokenizer_path, revision=revision)
+    if data.packing:
+        if "input_ids" in columns:
+            return _pretokenized(stream, data, limit, stats)
+        out = _packed(stream, data.seq_len, limit, stats)
+    else:
+        out = _padded(stream, data.seq_len, limit, _pad_id(tokenizer_path, revision), stats)
+    stats.sequences = out.input_ids.shape[0]
+    return out
+
+
+def _pretokenized(stream: Iterator[Sample], data: DataConfig, limit: int | None, stats: ReadStats) -> Sequences:
+    rows = []
+    for s in stream:
+        stats.rows += 1
+        rows.append(s.ids)
+        if limit is not None and len(rows) >= limit:
+            break
+    lengths = {len(r) for r in rows}
+    if len(lengths) != 1:
+        raise ConfigError(f"data.path {data.path!r}: input_ids rows have unequal lengths "
+                          f"({min(lengths)}..{max(lengths)}); pre-chunk them to one length or set data.packing=false")
+    (length,) = lengths
+    if length != data.seq_len:
+        raise ConfigError(f"data.seq_len={data.seq_len} but the input_ids rows of {data.path!r} have length "
+                          f"{length}; set data.seq_len={length}")
+    stats.sequences = len(rows)
+    return Sequences(torch.tensor(rows, dtype=torch.int64))
+
+
+def load_sequences(data: DataConfig, *, tokenizer_path: str | None, revision: str | None = None) -> torch.Tensor:
+    """The input_ids of ``read_sequences`` [N, seq_len] (text, packed, unmasked: what a plain run needs)."""
+    return read_sequences(data, tokenizer_path=tokenizer_path, revision=revision).input_ids
+
+
+def analysis_set(sequences: Sequences | torch.Tensor, data: DataConfig) -> torch.Tensor | BatchSet:
+    """The first num_batches * batch_size sequences (after an optional seeded shuffle), [B, batch, seq_len]: a
+    tensor of input_ids when nothing is masked, else a BatchSet with attention_mask / labels."""
+    if isinstance(sequences, torch.Tensor):
+        sequences = Sequences(sequences)
+    needed = data.num_batches * data.batch_size
+    count = sequences.input_ids.shape[0]
+    if count < needed:
+        raise ConfigError(f"data.path {data.path!r} gives {count} sequences of {data.seq_len} tokens, "
+                          f"fewer than data.num_batches * data.batch_size = {needed}")
+    order = torch.arange(count)
+    if data.shuffle_seed is not None:
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(data.shuffle_seed))
+    shape = (data.num_batches, data.batch_size, data.seq_len)
+
+    def take(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[order][:needed].reshape(shape).contiguous()
+
+    ids, mask, labels = take(sequences.input_ids), take(sequences.attention_mask), take(sequences.labels)
+    return ids if mask is None and labels is None else BatchSet(ids, attention_mask=mask, labels=labels)
 
 
 def analysis_batches(sequences: torch.Tensor, data: DataConfig) -> torch.Tensor:
-    """The first num_batches * batch_size sequences (after an optional seeded shuffle): [B, batch, seq_len]."""
-    needed = data.num_batches * data.batch_size
-    if sequences.shape[0] < needed:
-        raise ConfigError(f"data.path {data.path!r} gives {sequences.shape[0]} sequences of {data.seq_len} tokens, "
-                          f"fewer than data.num_batches * data.batch_size = {needed}")
-    if data.shuffle_seed is not None:
-        order = torch.randperm(sequences.shape[0], generator=torch.Generator().manual_seed(data.shuffle_seed))
-        sequences = sequences[order]
-    return sequences[:needed].reshape(data.num_batches, data.batch_size, data.seq_len).contiguous()
+    """The unmasked analysis set as [num_batches, batch_size, seq_len] input_ids."""
+    out = analysis_set(sequences, data)
+    return out if isinstance(out, torch.Tensor) else out.input_ids

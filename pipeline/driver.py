@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import threading
 
-from actors.records import BlockResult, BlockTask, Calibration, ProbeResult, ProbeTask
+from actors.records import (BlockResult, BlockSpectrumResult, BlockSpectrumTask, BlockTask, Calibration, ProbeResult,
+                            ProbeTask)
 
 from .eps_policy import calibration_task, known_calibration
-from .preflight import Prepared, preflight
+from .preflight import Prepared, model_spec, preflight
 from .progress import Progress, log, set_run_name
 from .ray_connection import connect_ray
 from .recorder import Recorder, block_summary, draw_plots
 from .scheduler import CalibrationTask, Scheduler
 
 BLOCK_SEED_OFFSET = 1_000_003  # block probes are Gaussian and drawn from their own seed stream
+BLOCK_SPECTRA_SEED_OFFSET = 2_000_003  # and the per-block SLQ probes from another
 
 
 def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
@@ -75,6 +77,21 @@ def _use_calibration(calibration: Calibration, prepared: Prepared, recorder: Rec
         scheduler.queue.extend(BlockTask(probe_id=pid, seed=lz.seed + BLOCK_SEED_OFFSET, eps=calibration.eps,
                                          scheme=prepared.config.hvp.scheme)
                                for pid in range(blocks.probes) if pid not in recorder.block_probes)
+    if blocks.spectra:
+        scheduler.queue.extend(block_spectrum_tasks(prepared, recorder, eps=calibration.eps))
+
+
+def block_spectrum_tasks(prepared: Prepared, recorder: Recorder, *, eps: float) -> list[BlockSpectrumTask]:
+    """One task per (block, probe) not finished yet, probe-major so that every block gets its first probe early."""
+    from actors.model_loading import block_names
+
+    config = prepared.config
+    lz, blocks = config.lanczos, config.blocks
+    names = block_names(model_spec(prepared))
+    return [BlockSpectrumTask(block=name, probe_id=pid, seed=lz.seed + BLOCK_SPECTRA_SEED_OFFSET, eps=eps,
+                              scheme=config.hvp.scheme, steps=blocks.spectra_steps or lz.steps, reorth=lz.reorth,
+                              window=lz.window, vector_dtype=lz.vector_dtype)
+            for pid in range(blocks.probes) for name in names if (name, pid) not in recorder.block_spectra]
 
 
 def _on_result(task, result, group: int, prepared: Prepared, recorder: Recorder, scheduler: Scheduler) -> None:
@@ -84,6 +101,10 @@ def _on_result(task, result, group: int, prepared: Prepared, recorder: Recorder,
         recorder.add_probe(result, group=group)
         resumed = f", resumed at step {result.resumed_at_step}" if result.resumed_at_step else ""
         log(f"probe {result.probe_id} done on group {group}: {len(result.alphas)} steps ({result.stopped}{resumed})")
+    elif isinstance(result, BlockSpectrumResult):
+        recorder.add_block_spectrum(result)
+        scheduler.progress.update(probe_id=result.probe_id, step=1, steps=1, hvp_seconds=None)
+        log(f"block {result.block} probe {result.probe_id} done: {len(result.alphas)} steps ({result.stopped})")
     elif isinstance(result, BlockResult):
         recorder.add_block_probe(result)
         scheduler.progress.update(probe_id=result.probe_id, step=1, steps=1, hvp_seconds=None)
@@ -105,7 +126,12 @@ def _remaining_steps(prepared: Prepared, recorder: Recorder) -> int:
     slq = sum(config.lanczos.steps - done.get(str(pid), 0)
               for pid in range(config.lanczos.probes) if pid not in recorder.probes)
     blocks = config.blocks.probes - len(recorder.block_probes) if config.blocks.enabled else 0
-    return slq + blocks
+    spectra = 0
+    if config.blocks.spectra:  # one progress step per (block, probe) task; the block count needs the model
+        from actors.model_loading import block_names
+
+        spectra = len(block_names(model_spec(prepared))) * config.blocks.probes - len(recorder.block_spectra)
+    return slq + blocks + spectra
 
 
 __all__ = ["preflight", "run", "draw_plots", "block_summary", "Prepared", "log", "probe_task"]

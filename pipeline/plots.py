@@ -35,12 +35,21 @@ def _pyplot():
 
 
 @exclusive
-def plot_density(path: str, *, grid: np.ndarray, density: np.ndarray, ritz_values: np.ndarray, title: str) -> None:
-    """Linear and log density panels, with the Ritz values as a rug."""
+def plot_density(path: str, *, grid: np.ndarray, density: np.ndarray, ritz_values: np.ndarray, title: str,
+                 blocks: dict[str, np.ndarray] | None = None) -> None:
+    """Linear and log density panels, with the Ritz values as a rug; ``blocks`` (block -> its density on
+    ``grid`` scaled by its share of the parameters) overlays the diagonal blocks' spectra and their sum, the
+    spectrum of the block-diagonal approximation."""
     plt = _pyplot()
     fig, (lin, log) = plt.subplots(1, 2, figsize=(11, 4))
     for ax, scale in ((lin, "linear"), (log, "log")):
-        ax.plot(grid, density, color="tab:blue", lw=1.2)
+        ax.plot(grid, density, color="tab:blue", lw=1.2, label="full H")
+        if blocks:
+            for k, (name, values) in enumerate(blocks.items()):
+                ax.plot(grid, np.maximum(values, 1e-300), lw=0.7, alpha=0.6, color=f"C{(k % 8) + 2}",
+                        label=name if len(blocks) <= 8 else None)
+            ax.plot(grid, np.maximum(sum(blocks.values()), 1e-300), color="black", ls="--", lw=1.1,
+                    label="block-diagonal (sum of blocks)")
         ax.set_yscale(scale)
         ax.set_xlabel("eigenvalue")
         ax.set_ylabel("density" + (" (log)" if scale == "log" else ""))
@@ -49,6 +58,8 @@ def plot_density(path: str, *, grid: np.ndarray, density: np.ndarray, ritz_value
     positive = density[density > 0]
     if positive.size:
         log.set_ylim(max(positive.min(), density.max() * 1e-8), density.max() * 3)
+    if blocks:
+        lin.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))

@@ -13,10 +13,12 @@ import torch
 
 from . import demo
 from .config import ConfigError, RunConfig, results_part
-from .data import analysis_batches, load_sequences, looks_local
+from hessian_core.loss import BatchSet
+
+from .data import analysis_set, looks_local, read_sequences
 from .progress import log
 
-OUTPUT_FILES = ("run.json", "lanczos.parquet", "ritz.parquet", "density.parquet", "blocks.parquet",
+OUTPUT_FILES = ("run.json", "lanczos.parquet", "ritz.parquet", "density.parquet", "blocks.parquet", "block_ritz.parquet",
                 "density.png", "blocks.png")
 CHECKPOINTS = "checkpoints"
 
@@ -25,7 +27,7 @@ CHECKPOINTS = "checkpoints"
 class Prepared:
     config: RunConfig
     model_path: str | None
-    batches: torch.Tensor  # [num_batches, batch_size, seq_len]
+    batches: torch.Tensor | BatchSet  # [num_batches, batch_size, seq_len] input_ids, or with masks/labels
     # cores (torch threads) per rank when a sweep shares a local Ray's cores among its points; None: the config's
     cpus_per_worker: int | None = None
 
@@ -100,11 +102,12 @@ def preflight(config: RunConfig, *, fresh: bool = False) -> Prepared:
     data = config.data
     if data_path != data.path:
         data = replace(data, path=data_path)
-    sequences = load_sequences(data, tokenizer_path=arch_path, revision=config.model.revision)
-    batches = analysis_batches(sequences, data)
+    sequences = read_sequences(data, tokenizer_path=arch_path, revision=config.model.revision)
+    batches = analysis_set(sequences, data)
     vocab = _vocab_size(config, arch_path)
-    if vocab is not None and int(batches.max()) >= vocab:
-        raise ConfigError(f"data.path {data.path!r} has token id {int(batches.max())} but the model's vocab_size is "
+    top = batches.max_token_id() if isinstance(batches, BatchSet) else int(batches.max())
+    if vocab is not None and top >= vocab:
+        raise ConfigError(f"data.path {data.path!r} has token id {top} but the model's vocab_size is "
                           f"{vocab}; the data was tokenized for another model")
     _check_address(config.cluster.address)
     check_output_dir(config, fresh=fresh)

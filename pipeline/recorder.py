@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from actors.records import BlockResult, Calibration, GroupInfo, ProbeResult, as_dict
+from actors.records import BlockResult, BlockSpectrumResult, Calibration, GroupInfo, ProbeResult, as_dict
 from hessian_core import (SpectralMeasure, extreme_eigenvalues, latest_complete_step, ritz_rule, smoothed_density,
                           trace_estimate)
 from hessian_core.checkpoint import discard_after
@@ -24,7 +24,7 @@ from hessian_core.quadrature import SIGMA_FRACTION
 
 from .preflight import CHECKPOINTS, Prepared
 from .ray_connection import versions
-from .tables import (BLOCKS_SCHEMA, DENSITY_SCHEMA, LANCZOS_SCHEMA, RITZ_SCHEMA, read_table, write_json,
+from .tables import (BLOCK_RITZ_SCHEMA, BLOCKS_SCHEMA, DENSITY_SCHEMA, LANCZOS_SCHEMA, RITZ_SCHEMA, read_table, write_json,
                      write_table)
 
 PHASES = ("startup", "load", "calibration", "probes", "finish")
@@ -44,6 +44,7 @@ class Recorder:
                                      "groups": [], "probes_moved": 0, "probe_groups": {}}
         self.probes: dict[int, dict] = {}  # probe id -> {"alphas": [...], "betas": [...]}
         self.block_probes: dict[int, dict] = {}
+        self.block_spectra: dict[tuple[str, int], dict] = {}  # (block, probe) -> Ritz values, weights, block size
         self.hvp_seconds: list[float] = []
         self.step_seconds: list[float] = []
         self.checkpoint_seconds = 0.0
@@ -76,15 +77,21 @@ class Recorder:
                 self.block_probes[int(pid)] = {"probe_id": int(pid), "blocks": rows.block.tolist(),
                                                "rel_error": rows.rel_error.tolist(), "cosine": rows.cosine.tolist(),
                                                "whole_rel_error": float(rows.whole_rel_error.iloc[0])}
+        if os.path.exists(self.path("block_ritz.parquet")):
+            df = read_table(self.path("block_ritz.parquet")).to_pandas()
+            for (block, pid), rows in df.groupby(["block", "probe_id"], sort=False):
+                self.block_spectra[(block, int(pid))] = {"values": rows.value.tolist(), "weights": rows.weight.tolist(),
+                                                         "block_size": int(rows.block_size.iloc[0])}
         checkpoints = {}
         for pid in range(self.config.lanczos.probes):
             found = latest_complete_step(self.checkpoint_dir(pid))
             if found is not None and pid not in self.probes:
                 checkpoints[pid] = found[0]
-        if self.probes or self.block_probes or checkpoints:
+        if self.probes or self.block_probes or self.block_spectra or checkpoints:
             self.info["resumed"] = True
             self.info["resumed_from"] = {"finished_probes": sorted(self.probes),
                                          "finished_block_probes": sorted(self.block_probes),
+                                         "finished_block_spectra": len(self.block_spectra),
                                          "checkpoint_steps": {str(k): v for k, v in checkpoints.items()}}
 
     # -- phases and events --------------------------------------------------------------------------------
@@ -169,6 +176,25 @@ class Recorder:
         self.write_block_table()
         self.save_info()
 
+    def add_block_spectrum(self, result: BlockSpectrumResult) -> None:
+        rule = ritz_rule(result.alphas, result.betas)
+        self.block_spectra[(result.block, result.probe_id)] = {
+            "values": rule.values.tolist(), "weights": rule.weights.tolist(), "block_size": result.block_size}
+        self.hvp_count += result.hvp_count
+        self.write_block_ritz_table()
+        self.save_info()
+
+    def write_block_ritz_table(self) -> None:
+        cols = {"block": [], "probe_id": [], "value": [], "weight": [], "block_size": []}
+        for (block, pid), res in self.block_spectra.items():
+            n = len(res["values"])
+            cols["block"] += [block] * n
+            cols["probe_id"] += [pid] * n
+            cols["value"] += res["values"]
+            cols["weight"] += res["weights"]
+            cols["block_size"] += [res["block_size"]] * n
+        write_table(self.path("block_ritz.parquet"), cols, schema=BLOCK_RITZ_SCHEMA, config_json=self.config_json)
+
     def write_lanczos_tables(self) -> None:
         ids = sorted(self.probes)
         cols = {"probe_id": [], "step": [], "alpha": [], "beta": []}
@@ -215,7 +241,7 @@ class Recorder:
         text = str(err).strip()
         self.info["error"] = f"{type(err).__name__}: {text.splitlines()[-1] if text else ''}"
         try:
-            if self.probes or self.block_probes:
+            if self.probes or self.block_probes or self.block_spectra:
                 self.finish()
         finally:
             self.save_info()
@@ -240,6 +266,8 @@ class Recorder:
                             schema=DENSITY_SCHEMA, config_json=self.config_json)
         if self.block_probes:
             self.info["blocks"] = block_summary(read_table(self.path("blocks.parquet")).to_pandas())
+        if self.block_spectra:
+            self.info["block_spectra"] = block_spectra_summary(read_table(self.path("block_ritz.parquet")).to_pandas())
         draw_plots(self.out)
 
 
@@ -255,6 +283,26 @@ def block_summary(df) -> dict:
             "per_block": {b: {k: float(v) for k, v in row.items()} for b, row in per_block.iterrows()}}
 
 
+def block_spectra_summary(df) -> dict:
+    """Per block: its size, probes, and the extreme Ritz values of H_bb over its probes."""
+    return {block: {"block_size": int(rows.block_size.iloc[0]), "probes": int(rows.probe_id.nunique()),
+                    "lambda_max": float(rows.value.max()), "lambda_min": float(rows.value.min())}
+            for block, rows in df.groupby("block", sort=False)}
+
+
+def block_densities(df, *, grid: np.ndarray, sigma: float) -> dict[str, np.ndarray]:
+    """Each block's probe-averaged SLQ density on ``grid`` (Gaussian of width sigma), scaled by its share
+    block_size / sum of sizes: the scaled densities add up to the spectrum of the block-diagonal approximation."""
+    total = float(df.groupby("block", sort=False).block_size.first().sum())
+    out = {}
+    for block, rows in df.groupby("block", sort=False):
+        probes = rows.probe_id.nunique()
+        z = (grid[:, None] - rows.value.to_numpy()[None, :]) / sigma
+        dens = (np.exp(-0.5 * z * z) * (rows.weight.to_numpy() / probes)[None, :]).sum(axis=1)
+        out[block] = dens / (sigma * np.sqrt(2 * np.pi)) * float(rows.block_size.iloc[0]) / total
+    return out
+
+
 def draw_plots(run_dir: str) -> list[str]:
     """(Re)draw every plot whose table exists; returns the files written."""
     from .plots import plot_blocks, plot_density
@@ -264,8 +312,15 @@ def draw_plots(run_dir: str) -> list[str]:
     if os.path.exists(density_path):
         dens = read_table(density_path).to_pandas()
         ritz = read_table(os.path.join(run_dir, "ritz.parquet")).to_pandas()
-        plot_density(os.path.join(run_dir, "density.png"), grid=dens.value.to_numpy(),
-                     density=dens.density.to_numpy(), ritz_values=ritz.value.to_numpy(), title=f"Hessian spectral density ({ritz.probe_id.nunique()} probes)")
+        grid = dens.value.to_numpy()
+        overlay = None
+        block_ritz_path = os.path.join(run_dir, "block_ritz.parquet")
+        if os.path.exists(block_ritz_path):
+            sigma = SIGMA_FRACTION * (ritz.value.max() - ritz.value.min()) or 1e-3
+            overlay = block_densities(read_table(block_ritz_path).to_pandas(), grid=grid, sigma=float(sigma))
+        plot_density(os.path.join(run_dir, "density.png"), grid=grid,
+                     density=dens.density.to_numpy(), ritz_values=ritz.value.to_numpy(),
+                     title=f"Hessian spectral density ({ritz.probe_id.nunique()} probes)", blocks=overlay)
         written.append("density.png")
     blocks_path = os.path.join(run_dir, "blocks.parquet")
     if os.path.exists(blocks_path):

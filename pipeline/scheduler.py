@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from actors.group import WorkerGroup
-from actors.records import BlockTask, GroupInfo, ProbeTask, ProgressEvent
+from actors.records import BlockSpectrumTask, BlockTask, GroupInfo, ProbeTask, ProgressEvent
 
 from .preflight import Prepared, model_spec
 from .progress import Progress, log
@@ -44,7 +44,7 @@ class CalibrationTask:
         return "eps calibration"
 
 
-Task = ProbeTask | BlockTask | CalibrationTask
+Task = ProbeTask | BlockTask | BlockSpectrumTask | CalibrationTask
 
 
 class PlacementTimeout(RuntimeError):
@@ -222,6 +222,8 @@ class Scheduler:
             elif isinstance(task, ProbeTask):
                 self.recorder.clear_unfinished_checkpoint(task.probe_id)
                 slot.refs = slot.group.run_probe(task, progress=self._progress_sink())
+            elif isinstance(task, BlockSpectrumTask):
+                slot.refs = slot.group.run_block_spectrum(task)
             else:
                 slot.refs = slot.group.run_blocks(task)
 

@@ -20,6 +20,8 @@ RITZ_SCHEMA = pa.schema([("probe_id", pa.int32()), ("value", pa.float64()), ("we
 DENSITY_SCHEMA = pa.schema([("value", pa.float64()), ("density", pa.float64())])
 BLOCKS_SCHEMA = pa.schema([("probe_id", pa.int32()), ("block", pa.string()), ("rel_error", pa.float64()),
                            ("cosine", pa.float64()), ("whole_rel_error", pa.float64())])
+BLOCK_RITZ_SCHEMA = pa.schema([("block", pa.string()), ("probe_id", pa.int32()), ("value", pa.float64()),
+                               ("weight", pa.float64()), ("block_size", pa.int64())])
 CONFIG_METADATA_KEY = b"hessian_spectrum.config"
 
 

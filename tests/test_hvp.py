@@ -37,7 +37,7 @@ def test_fd_hvp_float32_at_auto_eps(tiny_f64):
     op = FiniteDifferenceHVP(model, batches, eps=1.0)
     choice = calibrate_eps(op, v)
     assert choice.source == "auto" and choice.reliable, choice.message
-    op.eps = choice.eps
+    op = op.with_eps(choice.eps)
     assert rel(flatten(op.matvec(v)), hessian @ flatten(v)) <= 1e-3
 
 
