@@ -3,8 +3,8 @@ Lanczos / stochastic Lanczos quadrature, spectra and block-diagonal analysis. Pu
 
 from .blocks import BlockMetrics, block_diagonal_metrics, parameter_blocks
 from .checkpoint import latest_complete_step, load_lanczos_state, save_lanczos_state
-from .eps import (DEFAULT_EPS, EpsChoice, HVPErrorStudy, calibrate_eps, default_eps, hvp_error_study, optimal_eps,
-                  predicted_error)
+from .eps import (DEFAULT_EPS, EpsChoice, HVPErrorStudy, calibrate_eps, default_eps, error_model, hvp_error_study,
+                  optimal_eps, predicted_error)
 from .hvp import ExactHVPUnavailable, FiniteDifferenceHVP, exact_hvp
 from .lanczos import LanczosResult, LanczosState, lanczos, lanczos_start, lanczos_step
 from .loss import accumulate_gradient, causal_lm_loss, evaluate_loss
@@ -18,7 +18,8 @@ from .vectors import ParamSpace, Vector, block_mask, probe_vector
 __all__ = [
     "BlockMetrics", "block_diagonal_metrics", "parameter_blocks",
     "latest_complete_step", "load_lanczos_state", "save_lanczos_state",
-    "DEFAULT_EPS", "EpsChoice", "HVPErrorStudy", "calibrate_eps", "default_eps", "hvp_error_study", "optimal_eps",
+    "DEFAULT_EPS", "EpsChoice", "HVPErrorStudy", "calibrate_eps", "default_eps", "error_model", "hvp_error_study",
+    "optimal_eps",
     "predicted_error",
     "ExactHVPUnavailable", "FiniteDifferenceHVP", "exact_hvp",
     "LanczosResult", "LanczosState", "lanczos", "lanczos_start", "lanczos_step",
