@@ -103,7 +103,8 @@ class Worker:
         self._kept_matvec = None
         return GroupInfo(index=index, num_workers=self.world_size, num_params=self.space.numel,
                          load_seconds=time.perf_counter() - started, peak_rss_mib_per_rank=[_peak_rss_mib()],
-                         pids=[os.getpid()], nodes=[ray.get_runtime_context().get_node_id()],
+                         pids=[os.getpid()],
+                         nodes=[ray.get_runtime_context().get_node_id() if ray.is_initialized() else None],
                          loading_per_rank=[loading], load_memory_per_rank=[load_memory.as_dict()])
 
     def _operator(self, eps: float, scheme: str) -> FiniteDifferenceHVP:

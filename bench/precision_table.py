@@ -21,10 +21,9 @@ import pyarrow.parquet as pq  # noqa: E402
 def main(config_path: str, dtype: str, compute: str, out_dir: str) -> None:
     import torch
 
-    from actors.model_loading import ModelSpec
     from actors.worker import Worker
     from pipeline.config import load_config
-    from pipeline.driver import preflight
+    from pipeline.preflight import model_spec, preflight
     from pipeline.hvp_error import SCHEMA, format_hvp_error, parse_eps, plot_hvp_error, summarize
     from pipeline.tables import atomic_write, write_json
 
@@ -33,12 +32,9 @@ def main(config_path: str, dtype: str, compute: str, out_dir: str) -> None:
     config = load_config(config_path, overrides)
     prepared = preflight(config)
     m = config.model
-    spec = ModelSpec(path=prepared.model_path, revision=m.revision, init=m.init, dtype=m.dtype,
-                     attn_implementation=m.attn_implementation, config_overrides=m.config or {}, seed=m.seed,
-                     compute_dtype=m.compute_dtype, activation_checkpointing=m.activation_checkpointing)
+    spec = model_spec(prepared)
     worker = Worker(rank=0, world_size=1, use_gpu=False, threads=torch.get_num_threads())
-    setup = worker.setup(master_addr="127.0.0.1", master_port=0, spec=spec, batches=prepared.batches,
-                         timeout_seconds=60)
+    setup = worker.setup(index=0, rendezvous=None, spec=spec, batches=prepared.batches, timeout_seconds=60)
     eps_values = parse_eps(None, m.dtype, m.compute_dtype)
     study = worker.hvp_errors(eps_values=eps_values, seed=config.lanczos.seed, scheme=config.hvp.scheme)
     summary = summarize(study)
@@ -47,7 +43,7 @@ def main(config_path: str, dtype: str, compute: str, out_dir: str) -> None:
                       "perturbation_rounding": study["perturbation_rounding"]}, schema=SCHEMA)
     atomic_write(os.path.join(out_dir, "hvp_error.parquet"), lambda tmp: pq.write_table(table, tmp))
     write_json(os.path.join(out_dir, "hvp_error.json"),
-               {"status": "complete", "kind": "hvp-error", "config": config.to_dict(), "num_params": setup["num_params"],
+               {"status": "complete", "kind": "hvp-error", "config": config.to_dict(), "num_params": setup.num_params,
                 "scheme": config.hvp.scheme, "summary": summary, "auto": study["auto"],
                 "auto_rel_error_exact": study["auto_rel_error_exact"],
                 "auto_rel_error_stable": study["auto_rel_error_stable"],

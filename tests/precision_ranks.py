@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from actors.model_loading import ModelSpec
+from actors.records import ProbeTask, as_dict
 from actors.worker import Worker
 
 TINY = {"model_type": "gpt_neox", "vocab_size": 32, "hidden_size": 16, "num_hidden_layers": 2,
@@ -14,6 +15,11 @@ TINY = {"model_type": "gpt_neox", "vocab_size": 32, "hidden_size": 16, "num_hidd
 
 def tiny_spec(**kw) -> ModelSpec:
     return ModelSpec(path=None, init="random", config_overrides=dict(TINY), seed=3, **kw)
+
+
+def _task(eps: float, steps: int) -> ProbeTask:
+    return ProbeTask(probe_id=0, seed=0, eps=eps, scheme="central", steps=steps, reorth="full", window=4,
+                     vector_dtype="float32", checkpoint_dir=None, checkpoint_every=0)
 
 
 def slq_on_worker(worker: Worker, *, steps: int, eps: float | None = None) -> dict:
@@ -26,17 +32,16 @@ def slq_on_worker(worker: Worker, *, steps: int, eps: float | None = None) -> di
         compute.update(str(p.dtype) for p in module.parameters(recurse=False))
 
     handles = [m.register_forward_pre_hook(hook) for m in worker.model.modules()]
-    choice = worker.calibrate(seed=0, scheme="central", eps=None)
+    choice = as_dict(worker.calibrate(task=_task(1.0, steps), fixed_eps=None))
     for h in handles:
         h.remove()
-    probe = worker.run_probe(probe_id=0, seed=0, eps=eps or choice["eps"], scheme="central", steps=steps, reorth="full",
-                             window=4, vector_dtype="float32")
+    probe = worker.run_probe(task=_task(eps or choice["eps"], steps))
     from hessian_core import accumulate_gradient
 
     accumulate_gradient(worker.model, worker.batches)
     grads = {str(g.dtype) for g in worker.space.local_grads()}
     worker.model.zero_grad(set_to_none=True)
-    return {"choice": choice, "alphas": probe["alphas"], "betas": probe["betas"], "compute_dtypes": sorted(compute),
+    return {"choice": choice, "alphas": probe.alphas, "betas": probe.betas, "compute_dtypes": sorted(compute),
             "shard_dtypes": sorted({str(t.dtype) for t in worker.space.local_params()}), "grad_dtypes": sorted(grads),
             "sharded": worker.space.sharded}
 
@@ -44,7 +49,7 @@ def slq_on_worker(worker: Worker, *, steps: int, eps: float | None = None) -> di
 def run_rank(rank: int, world: int, port: int, out_dir: str, batches: torch.Tensor, steps: int) -> None:
     torch.set_num_threads(1)
     worker = Worker(rank=rank, world_size=world, use_gpu=False)
-    worker.setup(master_addr="127.0.0.1", master_port=port, spec=tiny_spec(dtype="float32", compute_dtype="bfloat16"),
+    worker.setup(index=0, rendezvous=("127.0.0.1", port), spec=tiny_spec(dtype="float32", compute_dtype="bfloat16"),
                  batches=batches, timeout_seconds=60)
     try:
         torch.save(slq_on_worker(worker, steps=steps), f"{out_dir}/rank{rank}.pt")

@@ -45,7 +45,7 @@ def test_two_rank_group_computes_in_bfloat16_on_float32_shards(tmp_path):
     # operators (at this large step both carry the same truncation error, which on this random-init model is
     # large along its top eigenvector: see the README's "Precision")
     plain = Worker(rank=0, world_size=1, use_gpu=False)
-    plain.setup(master_addr="", master_port=0, spec=tiny_spec(dtype="float32"), batches=batches, timeout_seconds=60)
+    plain.setup(index=0, rendezvous=None, spec=tiny_spec(dtype="float32"), batches=batches, timeout_seconds=60)
     reference = slq_on_worker(plain, steps=steps, eps=ranks[0]["choice"]["eps"])
     assert reference["compute_dtypes"] == ["torch.float32"] and not reference["sharded"]
     top = ritz_rule(ranks[0]["alphas"], ranks[0]["betas"]).values[-1]
