@@ -132,3 +132,13 @@ def test_plan_bad_input_exits_2_with_one_line(tmp_path, capsys, args, needle):
 
 def test_parse_size():
     assert parse_size("80GiB") == 80 * 2**30 and parse_size("24 GB") == 24 * 10**9 and parse_size("1024") == 1024
+
+
+def test_run_prints_the_verdict_line(tmp_path):
+    from pipeline.plan import verdict_line
+
+    config = load_config(tiny_run_config(tmp_path))
+    assert verdict_line(config, model_path=None).startswith("plan: fits with")
+    broken = load_config(tiny_run_config(tmp_path), ["model.config.hidden_size=30"])  # not divisible by the heads
+    line = verdict_line(broken, model_path=None)
+    assert line.startswith("plan: unavailable (") and "\n" not in line
