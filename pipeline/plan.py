@@ -92,8 +92,9 @@ def hf_config(config: RunConfig, model_path: str | None):
     if m.path == demo.DEMO:
         return demo._config()
     if model_path:
-        if not os.path.exists(model_path) and (model_path.startswith((".", "/", "~")) or os.sep in model_path
-                                               and not re.fullmatch(r"[\w.-]+/[\w.-]+", model_path)):
+        from .data import looks_local
+
+        if looks_local(model_path) and not os.path.isdir(model_path):
             raise ConfigError(f"model.path {model_path!r} does not exist (expected a local model folder or hub id)")
         if os.path.isdir(model_path) and not os.path.exists(os.path.join(model_path, "config.json")):
             raise ConfigError(f"model.path {model_path!r} has no config.json; it is not a Hugging Face model folder")
