@@ -12,7 +12,8 @@ Per rank, with S the largest local shard (FSDP2 pads dim 0 to a multiple of the 
   none) x S x ``lanczos.vector_dtype``;
 - gathered parameters (FSDP2 or mixed precision only): the root's parameters (embeddings, head, final norm)
   stay gathered through forward and backward, plus two blocks (the current one and the prefetched one), in
-  the compute dtype, and one block's unsharded gradient (compute + reduce dtype) before its reduce-scatter;
+  the compute dtype; and unsharded gradients (compute + reduce dtype) before their reduce-scatter: the
+  root's, held through the whole backward, and one block's;
 - activations of one batch slice ``batch_size / num_workers x seq_len`` (batches are accumulated one at a
   time), plus the backward's transient: twice the largest saved tensor (its gradient and one temporary).
 The total is their sum, a bound for the peak at the start of a backward when gradients from an earlier
@@ -201,8 +202,8 @@ def memory_plan(config: RunConfig, shape: ModelShape, *, pretrained_file_bytes: 
             (f"Lanczos vectors ({kept} rows, {lz.vector_dtype})", kept * s * vector)]
     if sharded:
         gathered = (shape.root_params + 2 * shape.block_params) * compute
-        rows.append(("gathered parameters and one block's unsharded gradient",
-                     gathered + shape.block_params * (compute + max(master, 4))))
+        unsharded_grads = (shape.root_params + shape.block_params) * (compute + max(master, 4))
+        rows.append(("FSDP gathered parameters and unsharded gradients", gathered + unsharded_grads))
     rows.append((f"activations ({config.data.batch_size // cl.num_workers} x {config.data.seq_len}"
                  f"{', checkpointed' if m.activation_checkpointing else ''})",
                  act_ckpt if m.activation_checkpointing else act))
