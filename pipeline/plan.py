@@ -18,7 +18,8 @@ Per rank, with S the largest local shard (FSDP2 pads dim 0 to a multiple of the 
   time), plus the backward's transient: twice the largest saved tensor (its gradient and one temporary).
 The total is their sum, a bound for the peak at the start of a backward when gradients from an earlier
 batch are held. Host memory while loading is one full model in the master dtype plus its shard (plus the
-weight file's pages for a pretrained model); on a CPU run host and device are the same memory, so the peak
+weight file's pages for a pretrained model), or only the shard where the ranks load sharded
+(``actors.model_loading.choose_loading``); on a CPU run host and device are the same memory, so the peak
 is the larger of the two. Checkpoints write the kept Lanczos rows (plus 2) per save, not held in memory.
 """
 
@@ -188,7 +189,8 @@ class MemoryPlan:
     config: RunConfig
 
 
-def memory_plan(config: RunConfig, shape: ModelShape, *, pretrained_file_bytes: int = 0) -> MemoryPlan:
+def memory_plan(config: RunConfig, shape: ModelShape, *, pretrained_file_bytes: int = 0,
+                sharded_loading: bool = False) -> MemoryPlan:
     m, cl, lz = config.model, config.cluster, config.lanczos
     master, compute = DTYPE_BYTES[m.dtype], DTYPE_BYTES[m.compute_dtype or m.dtype]
     accumulator, vector = max(master, 4), DTYPE_BYTES[lz.vector_dtype]
@@ -208,7 +210,9 @@ def memory_plan(config: RunConfig, shape: ModelShape, *, pretrained_file_bytes: 
                  f"{', checkpointed' if m.activation_checkpointing else ''})",
                  act_ckpt if m.activation_checkpointing else act))
     total = sum(b for _, b in rows)
-    loading = shape.num_params * master + (s * master if sharded else 0) + pretrained_file_bytes
+    # a full load holds the whole model (then its shard); a sharded load (actors.model_loading) only the shard
+    loading = (s * master if sharded_loading else
+               shape.num_params * master + (s * master if sharded else 0) + pretrained_file_bytes)
     peak = total if cl.use_gpu else max(total, loading)
     return MemoryPlan(rows=rows, total=total, loading=loading, peak=peak,
                       checkpoint_per_save=(kept + 2) * s * vector, activations=act,
@@ -235,7 +239,20 @@ def plan_run(config: RunConfig, *, model_path: str | None = None) -> MemoryPlan:
     except (TypeError, ValueError, KeyError) as e:
         raise ConfigError(f"model {config.model.path!r}: cannot build it from its config "
                           f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
-    return memory_plan(config, shape, pretrained_file_bytes=_weight_file_bytes(model_path, config.model.init))
+    return memory_plan(config, shape, pretrained_file_bytes=_weight_file_bytes(model_path, config.model.init),
+                       sharded_loading=_loads_sharded(config, model_path))
+
+
+def _loads_sharded(config: RunConfig, model_path: str | None) -> bool:
+    """Whether the ranks will read only their shards (actors.model_loading.choose_loading); False if unknown."""
+    from actors.model_loading import ModelSpec, choose_loading
+
+    m = config.model
+    try:
+        spec = ModelSpec(path=model_path, init=m.init, dtype=m.dtype, loading=m.loading)
+        return choose_loading(spec, world_size=config.cluster.num_workers) == "sharded"
+    except (ValueError, OSError):
+        return False
 
 
 def _with(config: RunConfig, **sections) -> RunConfig:
