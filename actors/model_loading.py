@@ -29,6 +29,8 @@ class ModelSpec:
     seed: int = 0  # random init
     config_path: str | None = None  # HF config folder for the architecture (a DCP model.path has none)
     loading: str = "auto"  # auto | full | sharded (see choose_loading)
+    compute_dtype: str | None = None  # forward/backward dtype (None: dtype); see hessian_core.precision
+    activation_checkpointing: bool = False  # recompute each transformer block in the backward
 
 
 def hf_kwargs(spec: ModelSpec) -> dict:
@@ -101,21 +103,37 @@ def load_for_rank(spec: ModelSpec, *, device: torch.device, world_size: int) -> 
     from .sharded_loading import build_on_meta, checkpoint_format, load_sharded, read_plan
 
     mesh = None
-    if world_size > 1:
+    if world_size > 1 or sharding_options(spec)["mp_policy"] is not None:  # mixed precision: FSDP2 even on 1 rank
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(device.type, (world_size,))
     how = choose_loading(spec, world_size=world_size)
+    model = None
     if how == "sharded":
         model = build_on_meta(spec)
         _, problem = read_plan(model, spec.path)
         if problem is None or spec.loading == "sharded" or checkpoint_format(spec.path) == "dcp":
-            return load_sharded(spec, device=device, mesh=mesh, model=model), "sharded"
-        how = "full (checkpoint keys differ from the model's: " + problem + ")"
-    model = load_model(spec).to(device)
-    if mesh is not None:
-        shard_model(model, mesh=mesh)
+            model = load_sharded(spec, device=device, mesh=mesh, model=model)
+        else:
+            model, how = None, "full (checkpoint keys differ from the model's: " + problem + ")"
+    if model is None:
+        model = load_model(spec).to(device)
+        if mesh is not None:
+            shard_model(model, mesh=mesh, **sharding_options(spec))
+    if mesh is None and spec.activation_checkpointing:
+        from hessian_core.precision import checkpoint_blocks
+
+        checkpoint_blocks(model)
     return model, how
+
+
+def sharding_options(spec: ModelSpec) -> dict:
+    """``shard_model``'s precision keywords for ``spec``: FSDP2 mixed precision when ``compute_dtype`` is lower
+    than ``dtype``, and activation checkpointing (hessian_core.precision)."""
+    from hessian_core.precision import mixed_precision_policy
+
+    return {"mp_policy": mixed_precision_policy(DTYPES[spec.dtype], DTYPES[spec.compute_dtype or spec.dtype]),
+            "activation_checkpointing": spec.activation_checkpointing}
 
 
 def import_model_code(spec: ModelSpec) -> None:

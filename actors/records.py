@@ -41,6 +41,9 @@ class Calibration:
     hvp_count: int = 0  # HVPs that were extra to the probes (the HVP at eps itself is probe 0's first step)
     grad_seconds: float | None = None  # the calibration's one gradient, timed
     first_matvec_kept: bool = False  # the group keeps the HVP at eps along probe 0's start for its first step
+    compute_dtype: str = ""  # forward/backward dtype (model.compute_dtype, or model.dtype)
+    roundoff: float | None = None  # c of the round-off term c / eps (see hessian_core.eps)
+    roundoff_source: str = ""  # eps_mach*|grad| | measured (mixed precision)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -240,7 +240,9 @@ def load_sharded(spec: ModelSpec, *, device: torch.device, mesh=None, model: nn.
     if problem:
         raise ValueError(f"model.path {spec.path!r} {problem}")
     if mesh is not None:
-        shard_model(model, mesh=mesh)
+        from .model_loading import sharding_options
+
+        shard_model(model, mesh=mesh, **sharding_options(spec))
     materialize(model, device=device)
     fill_from_checkpoint(model, spec.path, names=names)
     return model

@@ -24,8 +24,10 @@ from hessian_core.block_spectra import block_spectrum
 from hessian_core.checkpoint import CheckpointWriter
 from hessian_core.loss import BatchSet, rank_batches
 
+from hessian_core.precision import needs_mixed_precision, single_process_group
+
 from .memory import PhaseMemory
-from .model_loading import DTYPES, ModelSpec, import_model_code, load_for_rank
+from .model_loading import DTYPES, ModelSpec, import_model_code, load_for_rank, load_model
 from .records import (BlockResult, BlockSpectrumResult, BlockSpectrumTask, BlockTask, Calibration, GroupInfo,
                       ProbeResult, ProbeTask, ProgressEvent)
 
@@ -90,6 +92,10 @@ class Worker:
             addr, port = rendezvous
             dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=self.rank,
                                     world_size=self.world_size, timeout=datetime.timedelta(seconds=timeout_seconds))
+        self.spec = spec
+        self.compute_dtype = DTYPES[spec.compute_dtype or spec.dtype]
+        if self.world_size == 1 and needs_mixed_precision(DTYPES[spec.dtype], self.compute_dtype):
+            single_process_group(backend)  # mixed precision on one rank: FSDP2 on a 1-rank mesh (hessian_core.precision)
         import_model_code(spec)  # the imports are not the load's memory
         with PhaseMemory(self.device) as load_memory:  # sharded, or full then sharded (model_loading.choose_loading)
             model, loading = load_for_rank(spec, device=self.device, world_size=self.world_size)
@@ -99,7 +105,8 @@ class Worker:
         self._kept_matvec = None
         return GroupInfo(index=index, num_workers=self.world_size, num_params=self.space.numel,
                          load_seconds=time.perf_counter() - started, peak_rss_mib_per_rank=[_peak_rss_mib()],
-                         pids=[os.getpid()], nodes=[ray.get_runtime_context().get_node_id()],
+                         pids=[os.getpid()],
+                         nodes=[ray.get_runtime_context().get_node_id() if ray.is_initialized() else None],
                          loading_per_rank=[loading], load_memory_per_rank=[load_memory.as_dict()])
 
     def _operator(self, eps: float, scheme: str) -> FiniteDifferenceHVP:
@@ -128,7 +135,7 @@ class Worker:
         start = self._start_vector(seed=task.seed, probe_id=task.probe_id, vector_dtype=task.vector_dtype)
         q0 = start.vector(start.rows[0])
         calls = op.calls
-        choice = calibrate_eps(op, q0, eps=fixed_eps)
+        choice = calibrate_eps(op, q0, eps=fixed_eps, compute_dtype=self.compute_dtype)
         op = self._operator(choice.eps, task.scheme)
         self._sync()
         t = time.perf_counter()
@@ -265,7 +272,21 @@ class Worker:
 
         op = self._operator(eps_values[0], scheme)
         v = probe_vector(self.space, seed=seed, probe_index=0, dtype=torch.float64)
-        return hvp_error_study(op, v, eps_values=eps_values).as_dict()
+        reference = self._float64_copy() if self.world_size == 1 else None
+        return hvp_error_study(op, v, eps_values=eps_values, compute_dtype=self.compute_dtype,
+                               reference_model=reference).as_dict()
+
+    def _float64_copy(self) -> torch.nn.Module:
+        """An unsharded float64 model holding this rank's (whole) parameters: the exact reference of hvp-error,
+        so every precision is measured against the same float64 double-backward HVP."""
+        from dataclasses import replace
+
+        copy = load_model(replace(self.spec, dtype="float64", compute_dtype=None,
+                                  activation_checkpointing=False)).to(self.device)
+        with torch.no_grad():
+            for target, source in zip(ParamSpace(copy).params, self.space.local_params()):
+                target.copy_(source.to(torch.float64))
+        return copy
 
     def benchmark(self, *, eps: float, repeats: int, window: int, vector_dtype: str) -> list[dict]:
         """Kernel timings and peak memory on this group (see hessian_core.profiling)."""

@@ -5,6 +5,9 @@ A central difference along a unit probe v errs by truncation ~ eps^2 |D^3 L[v,v]
 |D^3 L[v,v]| / 6 is measured as |HVP(e1) - HVP(e2)| / (e1^2 - e2^2) from two steps in the truncation regime.
 In low precision the step itself can be rounded away (theta + eps v == theta): the calibration measures
 the fraction of the step the parameter dtype keeps, and says so when the HVP cannot be trusted.
+Under mixed precision (float32 master parameters, bfloat16 compute) the round-off term is the compute dtype's:
+its coefficient is measured from one HVP deep in the round-off regime, while the step's rounding is checked
+in the master dtype, where the perturbation lands.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ LADDER_START = 16.0
 LADDER_GROWTH = 4.0
 LADDER_TRIES = 3
 SIGNAL_TO_NOISE = 10.0
+# Mixed precision: the default step is the compute dtype's shrunk by this (storage no longer rounds the step),
+# and the round-off is measured at a step this many times below the ladder's smaller step.
+MIXED_DEFAULT_SHRINK = 4.0
+NOISE_STEP_SHRINK = 64.0
 # Above this estimated relative error (or fraction of the step lost to rounding) the HVP is called unreliable.
 UNRELIABLE = 0.5
 EPS_DIGITS = 2
@@ -44,19 +51,32 @@ class EpsChoice:
     relative_error: float  # estimated relative error of one HVP at eps (nan when unknown)
     grad_norm: float
     third_derivative: float  # |D^3 L[v,v]| estimate (nan when unknown)
-    perturbation_rounding: float  # |round(theta + eps v) - theta - eps v| / |eps v|
+    perturbation_rounding: float  # |round(theta + eps v) - theta - eps v| / |eps v|, in the master dtype
     reliable: bool
     message: str
     grad_seconds: float = float("nan")  # wall time of the calibration's one gradient
+    compute_dtype: str = ""  # the dtype forward/backward ran in ("" in records from before mixed precision)
+    roundoff: float = float("nan")  # c in the round-off term c / eps of one HVP's absolute error
+    roundoff_source: str = ""  # "eps_mach*|grad|" (compute dtype's eps_mach) | "measured" (mixed precision)
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def default_eps(dtype: torch.dtype) -> float:
-    if dtype not in DEFAULT_EPS:
-        raise ValueError(f"no default eps for dtype {dtype}; expected one of {sorted(map(str, DEFAULT_EPS))}")
-    return DEFAULT_EPS[dtype]
+def default_eps(dtype: torch.dtype, compute_dtype: torch.dtype | None = None) -> float:
+    """A safe step for parameters stored in ``dtype``; with a lower ``compute_dtype`` the compute dtype's
+    round-off dominates, so its default, shrunk by MIXED_DEFAULT_SHRINK: the step is not rounded at storage."""
+    for d in (dtype, compute_dtype):
+        if d is not None and d not in DEFAULT_EPS:
+            raise ValueError(f"no default eps for dtype {d}; expected one of {sorted(map(str, DEFAULT_EPS))}")
+    if compute_dtype is None or compute_dtype == dtype:
+        return DEFAULT_EPS[dtype]
+    return max(DEFAULT_EPS[dtype], DEFAULT_EPS[compute_dtype] / MIXED_DEFAULT_SHRINK)
+
+
+def error_model(eps: float, *, roundoff: float, third_derivative: float) -> float:
+    """Theorem 3.1's absolute error of a central FD HVP: truncation eps^2 |D3| / 6 plus round-off c / eps."""
+    return eps * eps * third_derivative / 6.0 + roundoff / eps
 
 
 def round_eps(eps: float, digits: int = EPS_DIGITS) -> float:
@@ -71,7 +91,7 @@ def optimal_eps(*, eps_mach: float, grad_norm: float, third_derivative: float) -
 
 def predicted_error(eps: float, *, eps_mach: float, grad_norm: float, third_derivative: float) -> float:
     """The absolute error bound of Theorem 3.1 at eps."""
-    return eps * eps * third_derivative / 6.0 + eps_mach * grad_norm / eps
+    return error_model(eps, roundoff=eps_mach * grad_norm, third_derivative=third_derivative)
 
 
 def _distance(op: FiniteDifferenceHVP, a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
@@ -80,73 +100,117 @@ def _distance(op: FiniteDifferenceHVP, a: Sequence[Tensor], b: Sequence[Tensor])
     return op.space.norm(diff)
 
 
-def calibrate_eps(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, eps: float | None = None) -> EpsChoice:
+def _hvp_at(op: FiniteDifferenceHVP, v: Sequence[Tensor], eps: float):
+    return op.with_eps(eps).matvec(v)  # the operator is immutable: a copy at eps (sharing its buffers)
+
+
+def _truncation_ladder(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, start: float, roundoff: float):
+    """|D3| from two steps whose HVPs differ SIGNAL_TO_NOISE times above the round-off c / eps.
+
+    Pairs (2e, e), then (4*2e, 2e), ...: each try after the first reuses the previous larger step's HVP.
+    Returns (|D3| or nan, |Hv| at the smaller step, that HVP, the smaller step)."""
+    e_small = start / 2.0
+    h_small = _hvp_at(op, v, e_small)
+    e_big = start
+    hv_norm = float("nan")
+    for _ in range(LADDER_TRIES):
+        h_big = _hvp_at(op, v, e_big)
+        signal = _distance(op, h_big, h_small)
+        hv_norm = op.space.norm(h_small)
+        if math.isfinite(signal) and signal > SIGNAL_TO_NOISE * roundoff / e_small:
+            return 6.0 * signal / (e_big * e_big - e_small * e_small), hv_norm, h_small, e_small
+        e_small, h_small = e_big, h_big
+        e_big *= LADDER_GROWTH
+    return float("nan"), hv_norm, h_small, e_small
+
+
+def _measured_roundoff(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, h_ref, e_ref: float, third: float) -> float:
+    """The round-off coefficient c of c / eps, from one HVP at a step deep in the round-off regime.
+
+    Mixed precision rounds twice in ways eps_mach |grad| does not describe: the gradient is computed in the
+    compute dtype, and casting theta + eps v to it rounds the step to the compute dtype's grid. At a step
+    NOISE_STEP_SHRINK times below e_ref the difference from the HVP at e_ref is round-off (truncation there is
+    NOISE_STEP_SHRINK^2 times smaller than at e_ref), so c = step * |HVP(step) - HVP(e_ref)|."""
+    step = e_ref / NOISE_STEP_SHRINK
+    h = _hvp_at(op, v, step)
+    c = step * _distance(op, h, h_ref)
+    truncation_at_ref = e_ref * e_ref * third / 6.0  # part of the difference that is not round-off
+    return max(c - step * truncation_at_ref, 0.0) if math.isfinite(c) else float("nan")
+
+
+def calibrate_eps(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, eps: float | None = None,
+                  compute_dtype: torch.dtype | None = None) -> EpsChoice:
     """Pick eps for ``op`` along the unit probe v, or (``eps`` given) assess that fixed step.
 
+    ``compute_dtype``: the dtype forward/backward run in when it is lower than the parameters' (FSDP2 mixed
+    precision): its eps_mach sets the round-off term, which is then measured with one more HVP; the rounding
+    of the step itself is checked in the parameters' (master) dtype.
     ``op`` is immutable (steps are tried on ``op.with_eps`` copies); costs one gradient and 1 + k HVPs
-    (k <= LADDER_TRIES tries). An auto eps is rounded to ``EPS_DIGITS`` significant digits: the optimum is flat,
-    and the rounding makes the choice the same on any layout (reduction order moves the estimate in its last digits).
+    (k <= LADDER_TRIES tries), plus one under mixed precision. An auto eps is rounded to ``EPS_DIGITS``
+    significant digits: the optimum is flat, and the rounding makes the choice the same on any layout
+    (reduction order moves the estimate in its last digits).
     """
     dtype = op.space.dtype
-    eps_mach = float(torch.finfo(dtype).eps)
-    fallback = default_eps(dtype)
+    compute = compute_dtype or dtype
+    eps_mach = float(torch.finfo(compute).eps)
+    fallback = default_eps(dtype, compute)
     started = time.perf_counter()
     _, grad = op.gradient()
     grad_seconds = time.perf_counter() - started
     grad_norm = op.space.norm(grad)
     del grad
-    third = float("nan")
-    hv_norm = float("nan")
-    # pairs (2e, e), then (4*2e, 2e), ...: each try after the first reuses the previous larger step's HVP
-    e_small = LADDER_START * fallback / 2.0
-    h_small = op.with_eps(e_small).matvec(v)
-    e_big = LADDER_START * fallback
-    for _ in range(LADDER_TRIES):
-        h_big = op.with_eps(e_big).matvec(v)
-        signal = _distance(op, h_big, h_small)
-        hv_norm = op.space.norm(h_small)
-        noise = eps_mach * grad_norm / e_small
-        if math.isfinite(signal) and signal > SIGNAL_TO_NOISE * noise:
-            third = 6.0 * signal / (e_big * e_big - e_small * e_small)
-            break
-        e_small, h_small = e_big, h_big
-        e_big *= LADDER_GROWTH
-
+    roundoff, roundoff_source = eps_mach * grad_norm, "eps_mach*|grad|"
+    third, hv_norm, h_ref, e_ref = _truncation_ladder(op, v, start=LADDER_START * fallback, roundoff=roundoff)
     measured = math.isfinite(third) and third > 0 and grad_norm > 0
+    if measured and compute != dtype:
+        c = _measured_roundoff(op, v, h_ref=h_ref, e_ref=e_ref, third=third)
+        if math.isfinite(c) and c > 0:
+            roundoff, roundoff_source = c, "measured"
+    del h_ref
     if eps is not None:
         source = "fixed"
     elif measured:
-        eps = round_eps(optimal_eps(eps_mach=eps_mach, grad_norm=grad_norm, third_derivative=third))
-        source = "auto"
+        eps, source = round_eps((3.0 * roundoff / third) ** (1.0 / 3.0)), "auto"
     else:
         eps, source = fallback, "default"
     if measured:
-        abs_err = predicted_error(eps, eps_mach=eps_mach, grad_norm=grad_norm, third_derivative=third)
+        abs_err = error_model(eps, roundoff=roundoff, third_derivative=third)
         rel = abs_err / hv_norm if hv_norm > 0 else float("inf")
     else:
         rel = float("nan")
     rounding = op.perturbation_rounding(v, eps)
     total = (0.0 if math.isnan(rel) else rel) + rounding
     reliable = math.isfinite(total) and total < UNRELIABLE
+    message = _calibration_message(eps=eps, source=source, measured=measured, rel=rel, rounding=rounding,
+                                   reliable=reliable, dtype=dtype, compute=compute)
+    return EpsChoice(eps, source, rel, grad_norm, third, rounding, reliable, message, grad_seconds,
+                     compute_dtype=str(compute).removeprefix("torch."), roundoff=roundoff,
+                     roundoff_source=roundoff_source)
+
+
+def _calibration_message(*, eps: float, source: str, measured: bool, rel: float, rounding: float, reliable: bool,
+                         dtype: torch.dtype, compute: torch.dtype) -> str:
     dtype_name = str(dtype).removeprefix("torch.")
+    precision = dtype_name if compute == dtype else f"{dtype_name} master / {str(compute).removeprefix('torch.')} compute"
     if not measured:
         message = (f"eps={eps:.3g} ({source}): the truncation term could not be measured above "
                    f"round-off; relative error unknown")
     else:
         label = "auto, Theorem 3.1" if source == "auto" else "fixed"
-        message = f"eps={eps:.3g} ({label}): estimated HVP relative error {rel:.2g}"
+        message = f"eps={eps:.3g} ({label}, {precision}): estimated HVP relative error {rel:.2g}"
     low_precision = dtype in (torch.bfloat16, torch.float16)
     if rounding > 0.1:
-        remedy = "use float32 (or float64) parameters" if low_precision else "use a larger eps (or eps: auto)"
+        remedy = ("use float32 (or float64) parameters, e.g. model.dtype=float32 with model.compute_dtype=bfloat16"
+                  if low_precision else "use a larger eps (or eps: auto)")
         message += (f"; {dtype_name} parameters round away {100 * min(rounding, 1.0):.0f}% of the step eps*v, "
                     f"so the HVP is mostly rounding noise: {remedy}")
     elif not reliable:
         if source == "fixed":
             message += "; this fixed eps gives an unreliable HVP: try eps: auto"
         else:
-            message += (f"; at {dtype_name} precision no eps gives a reliable HVP here: "
-                        f"use float32 (or float64) parameters")
-    return EpsChoice(eps, source, rel, grad_norm, third, rounding, reliable, message, grad_seconds)
+            message += (f"; at {precision} precision no eps gives a reliable HVP here: "
+                        f"use float32 (or float64) parameters and compute")
+    return message
 
 
 @dataclass(frozen=True)
@@ -156,7 +220,8 @@ class HVPErrorStudy:
     ``rel_error_exact``: against the double-backward HVP (nan where it cannot run: sharded or flash models).
     ``rel_error_stable``: against the FD HVP at ``stable_eps``, the smaller step of the adjacent pair of grid
     steps whose HVPs agree best; this reference needs no double backward, so it exists at any scale.
-    ``predicted``: Theorem 3.1's bound eps^2 |D3|/6 + eps_mach |g|/eps over |Hv| (central scheme only).
+    ``predicted``: Theorem 3.1's bound eps^2 |D3|/6 + c/eps over |Hv| (central scheme only), with c the
+    calibration's round-off coefficient (eps_mach |g|, or measured under mixed precision).
     """
 
     eps: list[float]  # ascending
@@ -176,17 +241,26 @@ class HVPErrorStudy:
         return out
 
 
-def hvp_error_study(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, eps_values: Sequence[float]) -> HVPErrorStudy:
+def hvp_error_study(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, eps_values: Sequence[float],
+                    compute_dtype: torch.dtype | None = None,
+                    reference_model: torch.nn.Module | None = None) -> HVPErrorStudy:
     """Run ``op`` along the unit probe v at every eps and at the ``auto`` eps. Keeps one HVP per eps in memory
-    (local shards), so it is a diagnostic for models whose shards fit that many times; costs len(eps) + ~6 HVPs."""
+    (local shards), so it is a diagnostic for models whose shards fit that many times; costs len(eps) + ~6 HVPs.
+
+    ``compute_dtype``: as in ``calibrate_eps``. ``reference_model``: an unsharded copy of the model (e.g. in
+    float64) whose double-backward HVP is the exact reference; by default ``op.model``'s own."""
     from .hvp import ExactHVPUnavailable, exact_hvp
 
     eps_values = sorted(float(e) for e in eps_values)
     if len(eps_values) < 2 or eps_values[0] <= 0:
         raise ValueError(f"need at least two positive eps values, got {eps_values}")
-    auto = calibrate_eps(op, v)
+    auto = calibrate_eps(op, v, compute_dtype=compute_dtype)
     try:
-        exact, reason = exact_hvp(op.model, op.batches, v=v), None
+        if reference_model is None:
+            exact, reason = exact_hvp(op.model, op.batches, v=v), None
+        else:
+            ref_dtype = next(reference_model.parameters()).dtype
+            exact, reason = exact_hvp(reference_model, op.batches, v=[t.to(ref_dtype) for t in v]), None
     except ExactHVPUnavailable as e:
         exact, reason = None, str(e)
     except torch.OutOfMemoryError:  # double backward needs ~2x a gradient's memory; the FD study still runs
@@ -205,16 +279,14 @@ def hvp_error_study(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, eps_values:
     finite = [k for k, a in enumerate(agreement) if math.isfinite(a) and norms[k] > 0]
     stable = min(finite, key=lambda k: agreement[k]) if finite else len(fd) - 1
     reference_norm = exact_norm if exact is not None else norms[stable]
-    eps_mach = float(torch.finfo(op.space.dtype).eps)
     measured = math.isfinite(auto.third_derivative) and auto.third_derivative > 0 and op.scheme == "central"
     nan = float("nan")
     return HVPErrorStudy(
         eps=eps_values,
         rel_error_exact=[rel(h, exact, exact_norm) if exact is not None else nan for h in fd],
         rel_error_stable=[rel(h, fd[stable], norms[stable]) for h in fd],
-        predicted=[predicted_error(e, eps_mach=eps_mach, grad_norm=auto.grad_norm,
-                                   third_derivative=auto.third_derivative) / reference_norm if measured else nan
-                   for e in eps_values],
+        predicted=[error_model(e, roundoff=auto.roundoff, third_derivative=auto.third_derivative) / reference_norm
+                   if measured else nan for e in eps_values],
         perturbation_rounding=[op.perturbation_rounding(v, e) for e in eps_values],
         stable_eps=eps_values[stable],
         auto=auto,

@@ -1,4 +1,4 @@
-"""The ``hessian-spectrum`` command: run, sweep, hvp-error, bench, compare, report, plot, show.
+"""The ``hessian-spectrum`` command: run, sweep, hvp-error, bench, plan, compare, report, plot, show.
 
 Exit status 0 success, 2 invalid input (before anything expensive starts), 1 other failure."""
 
@@ -69,6 +69,13 @@ def _parser() -> argparse.ArgumentParser:
                                      "(column step) or a compare.parquet over checkpoints")
     pl.add_argument("run_dir", help="a run folder, or a .parquet time series / compare.parquet")
     pl.add_argument("--output", default=None, help="PNG for a .parquet (default: beside it, same name)")
+    pn = sub.add_parser("plan", help="per-rank memory, HVP count and wall time of a config, without Ray or weights")
+    pn.add_argument("config")
+    pn.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    pn.add_argument("--device-memory", default=None, metavar="SIZE",
+                    help="memory per rank to check against, e.g. 80GiB (default: this GPU's, or host RAM / ranks)")
+    pn.add_argument("--from", dest="from_run", default=None, metavar="RUN_DIR",
+                    help="an earlier run whose timing.grad_seconds predicts the wall time")
     s = sub.add_parser("show", help="print a run's summary")
     s.add_argument("run_dir")
     return p
@@ -100,8 +107,11 @@ def format_summary(info: dict) -> str:
         lines.append(f"eps: {info['eps']:.4g}  ({info.get('eps_calibration', {}).get('message', '')})")
     s = info.get("summary")
     if s:
-        lines.append(f"lambda_max: {s['lambda_max']:.6g} (residual bound {s['lambda_max_residual']:.2g})")
-        lines.append(f"lambda_min: {s['lambda_min']:.6g} (residual bound {s['lambda_min_residual']:.2g})")
+        from hessian_core.error_bars import extreme_error_bars, format_error_bar
+
+        rel = s.get("hvp_relative_error", (info.get("eps_calibration") or {}).get("relative_error"))
+        for name, bar in extreme_error_bars(s, hvp_relative_error=rel).items():
+            lines.append(format_error_bar(name, bar))
         stderr = f" +- {s['trace_stderr']:.3g}" if s.get("trace_stderr") is not None else ""
         lines.append(f"trace: {s['trace']:.6g}{stderr}  ({s['probes']} probes)")
     b = info.get("blocks")
@@ -130,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
 
             config = load_config(args.config, args.overrides)
             prepared = preflight(config, fresh=args.fresh)
+            from .plan import verdict_line
+
+            print(verdict_line(config, model_path=prepared.model_path), file=sys.stderr, flush=True)
             info = run(prepared)
             print(format_summary(info))
             print(f"results in {config.output_dir}")
@@ -171,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
             _read_run(args.run_dir)
             written = draw_plots(args.run_dir)
             print("wrote " + (", ".join(written) if written else "nothing (no tables yet)"))
+        elif args.command == "plan":
+            from .plan import plan_command
+
+            print(plan_command(load_config(args.config, args.overrides), device_memory=args.device_memory,
+                               from_run=args.from_run))
         elif args.command == "show":
             print(format_summary(_read_run(args.run_dir)))
         return EXIT_OK

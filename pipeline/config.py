@@ -32,6 +32,10 @@ class ModelConfig:
     seed: int = 0  # weights for init=random
     config_path: str | None = None  # HF config folder (and tokenizer) of a DCP checkpoint's architecture
     loading: Literal["auto", "full", "sharded"] = "auto"  # auto: sharded on 2+ ranks or for DCP, else full
+    # forward/backward dtype; null: model.dtype. Lower than model.dtype: FSDP2 mixed precision over the
+    # model.dtype master shards (the FD step and the HVP stay in model.dtype)
+    compute_dtype: Literal["float64", "float32", "bfloat16"] | None = None
+    activation_checkpointing: bool = False  # recompute each transformer block in the backward
 
 
 @dataclass(kw_only=True)
@@ -296,6 +300,7 @@ def validate(config: RunConfig) -> None:
     for name, amount in (config.cluster.worker_resources or {}).items():
         if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount <= 0:
             raise ConfigError(f"cluster.worker_resources.{name} must be a positive number, got {amount!r}")
+    _check_precision(config.model)
     if config.model.init == "pretrained" and not config.model.path:
         raise ConfigError("model.path is required when model.init is 'pretrained'")
     if config.model.loading == "sharded" and config.model.init == "random":
@@ -315,3 +320,13 @@ def validate(config: RunConfig) -> None:
 
         if not torch.cuda.is_available() and config.cluster.address is None:
             raise ConfigError("cluster.use_gpu is true but this machine has no CUDA GPU; set cluster.use_gpu=false")
+
+
+_BITS = {"float64": 64, "float32": 32, "bfloat16": 16}
+
+
+def _check_precision(model: ModelConfig) -> None:
+    compute = model.compute_dtype
+    if compute is not None and _BITS[compute] > _BITS[model.dtype]:
+        raise ConfigError(f"model.compute_dtype={compute} is wider than model.dtype={model.dtype}; set "
+                          f"model.dtype={compute} (the master parameters) or a compute_dtype of at most {model.dtype}")

@@ -25,14 +25,14 @@ SCHEMA = pa.schema([("eps", pa.float64()), ("rel_error_exact", pa.float64()), ("
                     ("predicted_rel_error", pa.float64()), ("perturbation_rounding", pa.float64())])
 
 
-def parse_eps(text: str | None, dtype: str) -> list[float]:
-    """``--eps 1e-6,1e-5`` or, by default, 6 decades at 3 per decade around the dtype's default step."""
+def parse_eps(text: str | None, dtype: str, compute_dtype: str | None = None) -> list[float]:
+    """``--eps 1e-6,1e-5`` or, by default, 6 decades at 3 per decade around the dtypes' default step."""
     if text is None:
         import torch
 
         from hessian_core import default_eps
 
-        centre = default_eps(getattr(torch, dtype))
+        centre = default_eps(getattr(torch, dtype), getattr(torch, compute_dtype) if compute_dtype else None)
         exponents = np.arange(-EPS_DECADES_BELOW * EPS_PER_DECADE, EPS_DECADES_ABOVE * EPS_PER_DECADE + 1)
         return [float(f"{centre * 10.0 ** (k / EPS_PER_DECADE):.3g}") for k in exponents]
     values = []
@@ -82,7 +82,7 @@ def hvp_error(config: RunConfig, *, eps_text: str | None, out_dir: str | None) -
     from .progress import log
     from .ray_connection import one_group, versions
 
-    eps_values = parse_eps(eps_text, config.model.dtype)
+    eps_values = parse_eps(eps_text, config.model.dtype, config.model.compute_dtype)
     out_dir = out_dir or os.path.join(config.output_dir, "hvp-error")
     config = replace(config, output_dir=out_dir, cluster=replace(config.cluster, num_groups=1))
     prepared = preflight(config)

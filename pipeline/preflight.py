@@ -175,4 +175,5 @@ def model_spec(prepared: Prepared):
     m = prepared.config.model
     return ModelSpec(path=prepared.model_path, revision=m.revision, init=m.init, dtype=m.dtype,
                      attn_implementation=m.attn_implementation, config_overrides=m.config or {}, seed=m.seed,
-                     config_path=m.config_path, loading=m.loading)
+                     config_path=m.config_path, loading=m.loading, compute_dtype=m.compute_dtype,
+                     activation_checkpointing=m.activation_checkpointing)

@@ -21,6 +21,7 @@ from hessian_core import (SpectralMeasure, extreme_eigenvalues, latest_complete_
                           trace_estimate)
 from hessian_core.checkpoint import discard_after
 from hessian_core.quadrature import SIGMA_FRACTION
+from hessian_core.error_bars import summary_error_fields
 
 from .preflight import CHECKPOINTS, Prepared
 from .ray_connection import versions
@@ -258,6 +259,9 @@ class Recorder:
                 "trace": trace.trace, "trace_stderr": None if np.isnan(trace.stderr) else trace.stderr,
                 "probes": len(rules),
             }
+            # error bars: Ritz residual + the FD HVP's Weyl bound (hessian_core.error_bars)
+            relative = (self.info.get("eps_calibration") or {}).get("relative_error")
+            self.info["summary"].update(summary_error_fields(self.info["summary"], hvp_relative_error=relative))
             if self.config.density.enabled:
                 measure = SpectralMeasure.from_rules(rules)
                 dens = smoothed_density(measure, grid_size=self.config.density.grid_size)

@@ -1,0 +1,144 @@
+"""``hessian-spectrum plan``: the fake-tensor trace against real forwards, the memory arithmetic, the verdict
+and its suggestion, the wall-time prediction, and bad input (exit 2, one line)."""
+
+import math
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_config
+from hessian_core import causal_lm_loss
+from hessian_core.precision import checkpoint_blocks
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.plan import (activation_bytes, memory_plan, parse_size, plan_run, predicted_seconds, suggestion,
+                           trace_model, verdict)
+
+TINY = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128,
+        "tie_word_embeddings": False}
+
+
+def tiny_run_config(tmp_path, **sections) -> str:
+    config = {"model": {"init": "random", "dtype": "float32", "config": dict(TINY)},
+              "data": {"path": "builtin:demo", "seq_len": 64, "batch_size": 4, "num_batches": 2},
+              "cluster": {"num_workers": 2, "num_groups": 1},
+              "lanczos": {"steps": 10, "probes": 4, "window": 8},
+              "output_dir": str(tmp_path / "out")}
+    for key, value in sections.items():
+        config[key] = {**config.get(key, {}), **value}
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def real_saved_bytes(model, ids) -> int:
+    """Bytes autograd saves for the backward of the loss, storages counted once, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen, keep = {}, []
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+            keep.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        causal_lm_loss(model, ids)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama", "qwen2"])
+def test_fake_trace_counts_the_bytes_a_real_forward_saves(arch):
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(arch, hidden=32, layers=2, vocab=64)
+    cfg.max_position_embeddings = 128
+    shape = trace_model(cfg, world=1, compute_dtype="float32", attn="sdpa", batch=2, seq_len=96)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa").eval()
+    real = real_saved_bytes(model, torch.zeros(2, 96, dtype=torch.long))
+    traced = shape.saved_outside_blocks + sum(shape.saved_per_block)
+    assert abs(traced - real) <= 0.05 * real, (traced, real)
+    assert shape.num_params == sum(p.numel() for p in model.parameters())
+    assert shape.num_blocks == 2 and len(shape.block_inputs) == 2
+
+    checkpoint_blocks(model)  # with checkpointing a block keeps only its inputs until its backward
+    real_ckpt = real_saved_bytes(model, torch.zeros(2, 96, dtype=torch.long))
+    assert real_ckpt < real
+    traced_ckpt = shape.saved_outside_blocks + sum(shape.block_inputs)
+    assert traced_ckpt <= real_ckpt * 1.05 and real_ckpt <= traced_ckpt * 2, (traced_ckpt, real_ckpt)
+    assert activation_bytes(shape, checkpointing=True) < activation_bytes(shape, checkpointing=False)
+
+
+def test_memory_plan_arithmetic(tmp_path):
+    config = load_config(tiny_run_config(tmp_path, model={"compute_dtype": "bfloat16"}))
+    plan = plan_run(config)
+    s = plan.shape.local_params
+    rows = dict(plan.rows)
+    assert s >= plan.shape.num_params / 2 and s < plan.shape.num_params / 2 + 200  # dim-0 padding only
+    assert rows["parameter shard"] == rows["gradient shard"] == rows["FD HVP retained copy"] == 4 * s
+    assert rows["Lanczos vectors (8 rows, float32)"] == 8 * s * 4
+    assert plan.total == sum(rows.values())
+    assert plan.checkpoint_per_save == 10 * s * 4
+    assert plan.loading == plan.shape.num_params * 4 + 4 * s
+    assert plan.peak == max(plan.total, plan.loading)  # a CPU run: host and device are one memory
+
+
+def test_verdict_and_a_suggestion_that_fits(tmp_path):
+    config = load_config(tiny_run_config(tmp_path, data={"seq_len": 128, "batch_size": 8}, cluster={"num_workers": 1}))
+    plan = plan_run(config)
+    assert verdict(plan, plan.peak + 2**30).startswith("fits with 1 GiB spare")
+    tight = int(plan.peak * 0.8)
+    fix = suggestion(plan, tight)
+    assert fix is not None and verdict(plan, tight).endswith(f"set {fix}") and "does not fit" in verdict(plan, tight)
+    key, value = fix.split("=")
+    fixed = plan_run(load_config(tiny_run_config(tmp_path, data={"seq_len": 128, "batch_size": 8},
+                                                 cluster={"num_workers": 1}), [fix]))
+    assert fixed.peak <= tight, (fix, fixed.peak, tight)
+    assert verdict(plan, 1000).endswith("use larger devices")
+
+
+def test_predicted_wall_time(tmp_path):
+    config = load_config(tiny_run_config(tmp_path, lanczos={"probes": 4, "steps": 10}, cluster={"num_groups": 2}))
+    # the same layout measured 1 s per gradient: 6 calibration gradients, then 2 probes per group x 10 HVPs x 2
+    assert math.isclose(predicted_seconds(config, 2, grad_seconds=1.0, measured_with=config), 6 + 2 * 10 * 2)
+    # measured on half the sequences per rank: twice the time per gradient
+    half = load_config(tiny_run_config(tmp_path, data={"batch_size": 2}))
+    assert math.isclose(predicted_seconds(config, 2, grad_seconds=1.0, measured_with=half), 2 * (6 + 40))
+
+
+def test_plan_command_prints_memory_count_and_verdict(tmp_path, capsys):
+    assert main(["plan", tiny_run_config(tmp_path), "--device-memory", "1GiB"]) == 0
+    out = capsys.readouterr().out
+    for text in ("parameter shard", "Lanczos vectors", "activations", "host memory while loading",
+                 "checkpoint per save", "HVPs: 40", "verdict: fits with"):
+        assert text in out
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--set", "lanczos.stepz=3"], "lanczos.stepz"),
+    (["--set", "model.compute_dtype=float64"], "model.compute_dtype"),
+    (["--device-memory", "lots"], "--device-memory"),
+    (["--from", "/nonexistent/run"], "--from"),
+    (["--set", "model.path=/nonexistent/model", "--set", "model.init=pretrained"], "model.path"),
+])
+def test_plan_bad_input_exits_2_with_one_line(tmp_path, capsys, args, needle):
+    assert main(["plan", tiny_run_config(tmp_path), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+
+
+def test_parse_size():
+    assert parse_size("80GiB") == 80 * 2**30 and parse_size("24 GB") == 24 * 10**9 and parse_size("1024") == 1024
+
+
+def test_run_prints_the_verdict_line(tmp_path):
+    from pipeline.plan import verdict_line
+
+    config = load_config(tiny_run_config(tmp_path))
+    assert verdict_line(config, model_path=None).startswith("plan: fits with")
+    broken = load_config(tiny_run_config(tmp_path), ["model.config.hidden_size=30"])  # not divisible by the heads
+    line = verdict_line(broken, model_path=None)
+    assert line.startswith("plan: unavailable (") and "\n" not in line
