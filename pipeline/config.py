@@ -40,6 +40,7 @@ class DataConfig:
     batch_size: int = 8
     num_batches: int = 1
     shuffle_seed: int | None = None
+    tokenizer: str | None = None  # folder or hub id of the tokenizer for text data (null: model.path's)
 
 
 @dataclass(kw_only=True)
@@ -141,6 +142,7 @@ def results_part(config: dict) -> dict:
 
 POSITIVE = ["data.seq_len", "data.batch_size", "data.num_batches", "cluster.num_workers", "cluster.num_groups",
             "lanczos.steps", "blocks.probes", "density.grid_size"]
+MAX_LANCZOS_STEPS = 10_000
 NON_NEGATIVE = ["lanczos.window", "lanczos.probes", "cluster.max_failures"]
 
 
@@ -258,6 +260,11 @@ def validate(config: RunConfig) -> None:
     for key in NON_NEGATIVE:
         if _get(config, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {_get(config, key)}")
+    if config.lanczos.steps > MAX_LANCZOS_STEPS:
+        raise ConfigError(f"lanczos.steps={config.lanczos.steps} is more than {MAX_LANCZOS_STEPS}: SLQ's density and "
+                          f"extreme eigenvalues settle within a few hundred steps, each step costs 2-4 gradient "
+                          f"passes, and Lanczos in floating point loses orthogonality long before; use <= "
+                          f"{MAX_LANCZOS_STEPS}")
     if config.checkpoint.every != "auto" and config.checkpoint.every < 0:
         raise ConfigError(f"checkpoint.every must be >= 0 or 'auto', got {config.checkpoint.every}")
     if config.lanczos.probes == 0 and not config.blocks.enabled:

@@ -7,6 +7,7 @@ import os
 import torch
 
 from .config import ConfigError, DataConfig
+from .sanity import load_tokenizer
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
@@ -83,11 +84,14 @@ def load_sequences(data: DataConfig, *, tokenizer_path: str | None, revision: st
     if data.text_column not in ds.column_names:
         raise ConfigError(f"data.text_column={data.text_column!r} is not a column of {data.path!r}; "
                           f"columns: {', '.join(ds.column_names)}")
+    if data.tokenizer:
+        tokenizer_path, key, revision = data.tokenizer, "data.tokenizer", None
+    else:
+        key = "model.path"
     if not tokenizer_path:
-        raise ConfigError("text data needs a tokenizer: set model.path to a folder or hub id with one")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, revision=revision)
+        raise ConfigError("text data needs a tokenizer: set data.tokenizer (or model.path) to a folder or hub id "
+                          "with one, or give data with an input_ids column")
+    tokenizer = load_tokenizer(tokenizer_path, revision=revision, key=key)
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for text in ds[data.text_column]:

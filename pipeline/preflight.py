@@ -15,6 +15,7 @@ from . import demo
 from .config import ConfigError, RunConfig, results_part
 from .data import analysis_batches, load_sequences, looks_local
 from .progress import log
+from .sanity import check_context, check_token_statistics, check_weight_files
 
 OUTPUT_FILES = ("run.json", "lanczos.parquet", "ritz.parquet", "density.parquet", "blocks.parquet",
                 "density.png", "blocks.png")
@@ -84,12 +85,18 @@ def preflight(config: RunConfig, *, fresh: bool = False) -> Prepared:
         if config.model.init == "pretrained" and not has_weights(model_path):
             raise ConfigError(f"model.path {model_path!r} has no weights ({', '.join(WEIGHT_FILES)}); "
                               f"set model.init=random to analyse random weights")
+        if config.model.init == "pretrained":
+            check_weight_files(model_path)
+    hf_config = _hf_config(config, model_path)
+    if hf_config is not None:
+        check_context(hf_config, config.data.seq_len)
     data = config.data
     if data_path != data.path:
         data = replace(data, path=data_path)
     sequences = load_sequences(data, tokenizer_path=model_path, revision=config.model.revision)
     batches = analysis_batches(sequences, data)
-    vocab = _vocab_size(config, model_path)
+    check_token_statistics(batches, data_path=data.path)
+    vocab = getattr(hf_config, "vocab_size", None)
     if vocab is not None and int(batches.max()) >= vocab:
         raise ConfigError(f"data.path {data.path!r} has token id {int(batches.max())} but the model's vocab_size is "
                           f"{vocab}; the data was tokenized for another model")
@@ -98,15 +105,18 @@ def preflight(config: RunConfig, *, fresh: bool = False) -> Prepared:
     return Prepared(config, model_path, batches)
 
 
-def _vocab_size(config: RunConfig, model_path: str | None) -> int | None:
-    if model_path:
-        from transformers import AutoConfig
+def _hf_config(config: RunConfig, model_path: str | None):
+    """The model's HF config with the run's overrides (vocab size, context), or None where it cannot be read
+    without the network (a hub id offline: the ranks report it when loading)."""
+    from transformers import AutoConfig
 
-        try:
-            return getattr(AutoConfig.from_pretrained(model_path, revision=config.model.revision), "vocab_size", None)
-        except Exception:  # a hub id unreachable offline: the ranks will report it when loading
-            return None
-    return (config.model.config or {}).get("vocab_size")
+    overrides = dict(config.model.config or {}) if config.model.init == "random" else {}
+    try:
+        if model_path:
+            return AutoConfig.from_pretrained(model_path, revision=config.model.revision, **overrides)
+        return AutoConfig.for_model(overrides.pop("model_type"), **overrides)
+    except Exception:  # noqa: BLE001 - offline hub ids and unknown model types raise many types
+        return None
 
 
 def _check_address(address: str | None) -> None:
