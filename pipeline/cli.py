@@ -1,6 +1,7 @@
 """The ``hessian-spectrum`` command: run, sweep, hvp-error, bench, compare, report, plot, show.
 
-Exit status 0 success, 2 invalid input (before anything expensive starts), 1 other failure."""
+Exit status 0 success, 2 invalid input (before anything expensive starts), 1 other failure, 128 + the signal's
+number when stopped by SIGINT (130) or SIGTERM (143)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import json
 import os
 import sys
 
+from . import signals
 from .config import ConfigError, load_config
+from .signals import Interrupted
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
@@ -105,13 +108,23 @@ def format_summary(info: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    signals.install()
     try:
         if args.command == "run":
-            from .driver import preflight, run
+            from .output_lock import OutputLock
 
             config = load_config(args.config, args.overrides)
-            prepared = preflight(config, fresh=args.fresh)
-            info = run(prepared)
+            with OutputLock(config.output_dir):  # before the heavy imports: a second run is refused at once
+                from .driver import preflight, run
+                from .preflight import finished_run
+
+                info = None if args.fresh else finished_run(config)
+                if info is not None:
+                    print(format_summary(info))
+                    print(f"{config.output_dir} already holds this run, complete; --fresh recomputes it")
+                    return EXIT_OK
+                prepared = preflight(config, fresh=args.fresh)
+                info = run(prepared)
             print(format_summary(info))
             print(f"results in {config.output_dir}")
         elif args.command == "bench":
@@ -149,9 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"hessian-spectrum: error: {e}", file=sys.stderr)
         return EXIT_INVALID
-    except KeyboardInterrupt:
-        print("hessian-spectrum: interrupted", file=sys.stderr)
-        return EXIT_FAILED
+    except KeyboardInterrupt as e:
+        name = e.signal_name if isinstance(e, Interrupted) else "SIGINT"
+        print(f"hessian-spectrum: interrupted by {name}; finished results and checkpoints are kept: run the same "
+              f"command again to resume", file=sys.stderr)
+        return e.exit_code if isinstance(e, Interrupted) else Interrupted().exit_code
     except Exception as e:  # noqa: BLE001 - the top level reports any failure in one line plus its type
         if os.environ.get("HESSIAN_SPECTRUM_DEBUG"):
             raise

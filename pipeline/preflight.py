@@ -67,6 +67,17 @@ def check_output_dir(config: RunConfig, *, fresh: bool) -> None:
         shutil.rmtree(os.path.join(out, CHECKPOINTS), ignore_errors=True)
 
 
+def finished_run(config: RunConfig) -> dict | None:
+    """run.json of a complete run of this config in its output_dir (rerunning it is a no-op), else None."""
+    try:
+        with open(os.path.join(config.output_dir, "run.json")) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    same = info.get("config") is not None and results_part(info["config"]) == config.result_dict()
+    return info if same and info.get("status") == "complete" else None
+
+
 def preflight(config: RunConfig, *, fresh: bool = False) -> Prepared:
     """Everything that can be refused before Ray starts or a model is loaded: paths, data, sizes, vocab."""
     model_path = config.model.path

@@ -202,6 +202,18 @@ class Recorder:
         finally:
             self.save_info()
 
+    def interrupted(self, signal_name: str) -> None:
+        """Stopped by a signal: what finished is kept, checkpoints too, and the same command resumes."""
+        self.info["status"] = "interrupted"
+        self.info["signal"] = signal_name
+        self.info.pop("error", None)
+        self.info["interrupted_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        try:
+            if self.probes or self.block_probes:
+                self.finish()
+        finally:
+            self.save_info()
+
     def finish(self) -> None:
         """Summary, density table and plots from what the probes produced."""
         if self.probes:

@@ -25,6 +25,7 @@ from actors.records import BlockTask, GroupInfo, ProbeTask, ProgressEvent
 from .preflight import Prepared, model_spec
 from .progress import Progress, log
 from .recorder import Recorder
+from .signals import Interrupted
 
 POLL_SECONDS = 0.5
 PEER_GRACE_SECONDS = 10.0  # after one rank fails, how long to wait for its peers' fate (a dead peer means a loss)
@@ -250,7 +251,8 @@ class Scheduler:
         import ray
 
         if self.cancel is not None and self.cancel.is_set():
-            raise KeyboardInterrupt("the sweep running this run was interrupted")
+            reason = getattr(self.cancel, "reason", None)  # the sweep's own Interrupted, naming the signal
+            raise Interrupted(reason.signum) if isinstance(reason, Interrupted) else Interrupted()
         if not self.own_ray and not ray.is_initialized():
             raise RuntimeError("Ray was shut down by the sweep running this run")
 
