@@ -12,7 +12,7 @@ import sys
 
 from . import signals
 from .config import ConfigError, load_config
-from .signals import Interrupted
+from .signals import as_interrupted
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
@@ -163,10 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hessian-spectrum: error: {e}", file=sys.stderr)
         return EXIT_INVALID
     except KeyboardInterrupt as e:
-        name = e.signal_name if isinstance(e, Interrupted) else "SIGINT"
-        print(f"hessian-spectrum: interrupted by {name}; finished results and checkpoints are kept: run the same "
-              f"command again to resume", file=sys.stderr)
-        return e.exit_code if isinstance(e, Interrupted) else Interrupted().exit_code
+        stop = as_interrupted(e)
+        print(f"hessian-spectrum: interrupted by {stop.signal_name}; finished results and checkpoints are kept: run "
+              f"the same command again to resume", file=sys.stderr)
+        return stop.exit_code
     except Exception as e:  # noqa: BLE001 - the top level reports any failure in one line plus its type
         if os.environ.get("HESSIAN_SPECTRUM_DEBUG"):
             raise

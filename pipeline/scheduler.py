@@ -25,7 +25,7 @@ from actors.records import BlockTask, GroupInfo, ProbeTask, ProgressEvent
 from .preflight import Prepared, model_spec
 from .progress import Progress, log
 from .recorder import Recorder
-from .signals import Interrupted
+from .signals import Interrupted, as_interrupted
 
 POLL_SECONDS = 0.5
 PEER_GRACE_SECONDS = 10.0  # after one rank fails, how long to wait for its peers' fate (a dead peer means a loss)
@@ -252,7 +252,8 @@ class Scheduler:
 
         if self.cancel is not None and self.cancel.is_set():
             reason = getattr(self.cancel, "reason", None)  # the sweep's own Interrupted, naming the signal
-            raise Interrupted(reason.signum) if isinstance(reason, Interrupted) else Interrupted()
+            stop = as_interrupted(reason if isinstance(reason, KeyboardInterrupt) else KeyboardInterrupt())
+            raise Interrupted(stop.signum)  # a new one per point: the points' threads raise it at once
         if not self.own_ray and not ray.is_initialized():
             raise RuntimeError("Ray was shut down by the sweep running this run")
 

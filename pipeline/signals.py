@@ -30,7 +30,12 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum
 
 
+_received: list[int] = []  # signals received, in order: Ray turns an exception raised inside ray.wait/get
+# into a plain KeyboardInterrupt, which loses the signal; this keeps it
+
+
 def _handler(signum, frame) -> None:
+    _received.append(signum)
     raise Interrupted(signum)
 
 
@@ -41,6 +46,13 @@ def install() -> None:
             signal.signal(sig, _handler)
 
 
-def signal_of(err: BaseException) -> str:
-    """The signal's name for run.json: an ``Interrupted`` names its own; a plain KeyboardInterrupt is SIGINT."""
-    return err.signal_name if isinstance(err, Interrupted) else "SIGINT"
+def as_interrupted(err: KeyboardInterrupt) -> Interrupted:
+    """``err`` as an ``Interrupted`` naming its signal: its own, else the first one received, else SIGINT."""
+    if isinstance(err, Interrupted):
+        return err
+    return Interrupted(_received[0] if _received else signal.SIGINT)
+
+
+def signal_of(err: KeyboardInterrupt) -> str:
+    """The signal's name for run.json."""
+    return as_interrupted(err).signal_name

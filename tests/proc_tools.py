@@ -40,7 +40,8 @@ def _listening() -> dict[int, tuple[str, int]]:
             if v6:
                 raw = bytes.fromhex(addr_hex)
                 words = [raw[i:i + 4][::-1] for i in range(0, 16, 4)]
-                addr = str(ipaddress.IPv6Address(b"".join(words)))
+                v6addr = ipaddress.IPv6Address(b"".join(words))
+                addr = str(v6addr.ipv4_mapped or v6addr)  # ::ffff:127.0.0.1 is 127.0.0.1
             else:
                 addr = ".".join(str(b) for b in bytes.fromhex(addr_hex)[::-1])
             out[int(parts[9])] = (addr, int(port_hex, 16))

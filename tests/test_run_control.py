@@ -47,7 +47,7 @@ def test_second_run_refused_local_ray_on_loopback_and_complete_is_final(tmp_path
     model, data = assets(str(tmp_path))
     out = str(tmp_path / "run")
     cfg = write_config(str(tmp_path / "run.yaml"), model=model, data=data, output_dir=out,
-                       lanczos={"steps": 40, "probes": 2, "reorth": "window", "window": 4})
+                       lanczos={"steps": 20, "probes": 2, "reorth": "window", "window": 4})
     first = _cli(cfg)
     tree = set()
     try:
@@ -92,7 +92,7 @@ def test_second_run_refused_local_ray_on_loopback_and_complete_is_final(tmp_path
 def test_sigterm_mid_probe_exits_143_cleanly_and_resumes(tmp_path, capsys):
     model, data = assets(str(tmp_path))
     out = str(tmp_path / "run")
-    steps = 150
+    steps = 60
     cfg = write_config(str(tmp_path / "run.yaml"), model=model, data=data, output_dir=out,
                        lanczos={"steps": steps, "probes": 2, "reorth": "window", "window": 4})
     proc = _cli(cfg, stderr=subprocess.PIPE)
