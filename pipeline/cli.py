@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--output", default="compare", help="folder for compare.parquet and compare.png")
     c.add_argument("--reference", default=None, help="run (path or folder name) to measure distances to "
                                                      "(default: the first)")
+    c.add_argument("--include-partial", action="store_true",
+                   help="also compare runs that are not complete (interrupted, killed, failed) on what they hold")
     rp = sub.add_parser("report", help="one self-contained report.html for a run, sweep, comparison or hvp-error")
     rp.add_argument("folder")
     rp.add_argument("--output", default=None, help="file to write (default: FOLDER/report.html)")
@@ -76,8 +78,14 @@ def _read_run(run_dir: str) -> dict:
         return json.load(f)
 
 
-def format_summary(info: dict) -> str:
-    lines = [f"status: {info.get('status')}" + (f" ({info['error']})" if info.get("error") else "")]
+def format_summary(info: dict, run_dir: str | None = None) -> str:
+    """The summary of run.json; with ``run_dir``, the first line says what became of the run and what it holds."""
+    if run_dir is not None:
+        from .run_state import describe_run
+
+        lines = [describe_run(run_dir, info)]
+    else:
+        lines = [f"status: {info.get('status')}" + (f" ({info['error']})" if info.get("error") else "")]
     if "num_params" in info:
         lines.append(f"parameters: {info['num_params']:,}")
     if "eps" in info:
@@ -93,7 +101,10 @@ def format_summary(info: dict) -> str:
         o = b["overall"]
         lines.append("block-diagonal analysis (mean +- std over probes):")
         lines.append(f"  {'block':<40} {'rel. error':>18} {'cosine':>18}")
-        for name, row in b["per_block"].items():
+        from .run_state import block_order
+
+        for name in block_order(b):
+            row = b["per_block"][name]
             lines.append(f"  {name:<40} {row['rel_error_mean']:>9.3f} +- {row['rel_error_std']:<5.3f} "
                          f"{row['cosine_mean']:>9.3f} +- {row['cosine_std']:<5.3f}")
         lines.append(f"  {'overall':<40} {o['rel_error_mean']:>9.3f} +- {o['rel_error_std']:<5.3f} "
@@ -145,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "compare":
             from .compare import compare
 
-            compare(args.run_dirs, out_dir=args.output, reference=args.reference)
+            compare(args.run_dirs, out_dir=args.output, reference=args.reference, include_partial=args.include_partial)
         elif args.command == "report":
             from .report import write_report
 
@@ -157,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             written = draw_plots(args.run_dir)
             print("wrote " + (", ".join(written) if written else "nothing (no tables yet)"))
         elif args.command == "show":
-            print(format_summary(_read_run(args.run_dir)))
+            print(format_summary(_read_run(args.run_dir), args.run_dir))
         return EXIT_OK
     except ConfigError as e:
         print(f"hessian-spectrum: error: {e}", file=sys.stderr)

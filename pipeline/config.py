@@ -237,19 +237,28 @@ def load_config(path: str | None, overrides: list[str] | None = None, *, check: 
     A sweep's base config is only type-checked: its grid may supply what it lacks (a fixed eps, a model path)."""
     tree: dict = {}
     if path is not None:
+        if os.path.isdir(path):
+            raise ConfigError(f"config file {path!r} is a directory; give a YAML file (see configs/)")
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!r} does not exist")
         with open(path) as f:
             try:
                 tree = yaml.safe_load(f) or {}
             except yaml.YAMLError as e:
-                raise ConfigError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+                raise ConfigError(f"config file {path!r} is not valid YAML: {_yaml_problem(e)}") from None
     for assignment in overrides or []:
         _set_override(tree, assignment)
     config = _build(RunConfig, tree, "")
     if check:
         validate(config)
     return config
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """The problem with its line and column (1-based), e.g. "line 3, column 9: mapping values are not allowed"."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
 
 
 def validate(config: RunConfig) -> None:

@@ -246,7 +246,8 @@ def block_summary(df) -> dict:
     return {"overall": {"rel_error_mean": float(df.rel_error.mean()), "rel_error_std": float(df.rel_error.std()),
                         "cosine_mean": float(df.cosine.mean()), "cosine_std": float(df.cosine.std()),
                         "whole_rel_error_mean": float(whole.mean())},
-            "per_block": {b: {k: float(v) for k, v in row.items()} for b, row in per_block.iterrows()}}
+            "per_block": {b: {k: float(v) for k, v in row.items()} for b, row in per_block.iterrows()},
+            "order": [str(b) for b in per_block.index]}  # model order (run.json's keys are written sorted)
 
 
 def draw_plots(run_dir: str) -> list[str]:
@@ -255,11 +256,18 @@ def draw_plots(run_dir: str) -> list[str]:
 
     written = []
     density_path = os.path.join(run_dir, "density.parquet")
-    if os.path.exists(density_path):
-        dens = read_table(density_path).to_pandas()
-        ritz = read_table(os.path.join(run_dir, "ritz.parquet")).to_pandas()
-        plot_density(os.path.join(run_dir, "density.png"), grid=dens.value.to_numpy(),
-                     density=dens.density.to_numpy(), ritz_values=ritz.value.to_numpy(), title=f"Hessian spectral density ({ritz.probe_id.nunique()} probes)")
+    ritz_path = os.path.join(run_dir, "ritz.parquet")
+    if os.path.exists(ritz_path):
+        ritz = read_table(ritz_path).to_pandas()
+        title = f"Hessian spectral density ({ritz.probe_id.nunique()} probes)"
+        if os.path.exists(density_path):
+            dens = read_table(density_path).to_pandas()
+            grid, density = dens.value.to_numpy(), dens.density.to_numpy()
+        else:  # a run stopped before its end: the density of the probes it finished, not written as a table
+            grid, density = _density_of(ritz)
+            title += ", partial run"
+        plot_density(os.path.join(run_dir, "density.png"), grid=grid, density=density,
+                     ritz_values=ritz.value.to_numpy(), title=title)
         written.append("density.png")
     blocks_path = os.path.join(run_dir, "blocks.parquet")
     if os.path.exists(blocks_path):
@@ -271,3 +279,12 @@ def draw_plots(run_dir: str) -> list[str]:
                     title="Block-diagonal approximation: per-block error of H v")
         written.append("blocks.png")
     return written
+
+
+def _density_of(ritz) -> tuple[np.ndarray, np.ndarray]:
+    from hessian_core import RitzRule
+
+    rules = [RitzRule(g.value.to_numpy(), g.weight.to_numpy(), g.residual.to_numpy())
+             for _, g in ritz.sort_values(["probe_id", "value"]).groupby("probe_id")]
+    dens = smoothed_density(SpectralMeasure.from_rules(rules), grid_size=1000)
+    return dens.grid, dens.density

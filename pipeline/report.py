@@ -74,17 +74,17 @@ def _config_and_versions(info: dict) -> str:
 def _run_section(run_dir: str, info: dict, *, heading: str) -> str:
     from .cli import format_summary
 
-    status = info.get("status")
+    from .run_state import block_order, describe_run
+
     out = [f"<h2>{html.escape(heading)}</h2>"]
-    if status != "complete":
-        out.append(f"<p class=\"failed\">this run is {html.escape(str(status))}"
-                   + (f": {html.escape(info['error'])}" if info.get("error") else "") + "</p>")
-    out += [_pre(format_summary(info)),
+    if info.get("status") != "complete":  # interrupted, killed, failed, running: say so, and what it holds
+        out.append(f"<p class=\"failed\">{html.escape(describe_run(run_dir, info))}</p>")
+    out += [_pre(format_summary(info, run_dir)),
            _image(os.path.join(run_dir, "density.png"), "spectral density"),
            _image(os.path.join(run_dir, "blocks.png"), "block-diagonal errors")]
     blocks = info.get("blocks")
     if blocks:
-        rows = [{"block": name, **vals} for name, vals in blocks["per_block"].items()]
+        rows = [{"block": name, **blocks["per_block"][name]} for name in block_order(blocks)]
         rows.append({"block": "overall", **{k: v for k, v in blocks["overall"].items() if k != "whole_rel_error_mean"}})
         out.append(_table(rows, ["block", "rel_error_mean", "rel_error_std", "cosine_mean", "cosine_std"]))
     out.append(_config_and_versions(info))
