@@ -20,6 +20,7 @@ from actors.records import BlockResult, Calibration, GroupInfo, ProbeResult, as_
 from hessian_core import (SpectralMeasure, extreme_eigenvalues, latest_complete_step, ritz_rule, smoothed_density,
                           trace_estimate)
 from hessian_core.quadrature import SIGMA_FRACTION
+from hessian_core.statistics import bulk_interval
 
 from .preflight import CHECKPOINTS, Prepared
 from .ray_connection import versions
@@ -259,15 +260,18 @@ def draw_plots(run_dir: str) -> list[str]:
     ritz_path = os.path.join(run_dir, "ritz.parquet")
     if os.path.exists(ritz_path):
         ritz = read_table(ritz_path).to_pandas()
-        title = f"Hessian spectral density ({ritz.probe_id.nunique()} probes)"
+        probes = ritz.probe_id.nunique()
+        title = f"Hessian spectral density ({probes} probe{'s' if probes != 1 else ''})"
         if os.path.exists(density_path):
             dens = read_table(density_path).to_pandas()
             grid, density = dens.value.to_numpy(), dens.density.to_numpy()
         else:  # a run stopped before its end: the density of the probes it finished, not written as a table
             grid, density = _density_of(ritz)
             title += ", partial run"
+        measure = SpectralMeasure.from_rules(_rules_of(ritz))
         plot_density(os.path.join(run_dir, "density.png"), grid=grid, density=density,
-                     ritz_values=ritz.value.to_numpy(), title=title)
+                     ritz_values=ritz.value.to_numpy(), title=title, atoms=(measure.values, measure.weights),
+                     bulk=bulk_interval(measure))
         written.append("density.png")
     blocks_path = os.path.join(run_dir, "blocks.parquet")
     if os.path.exists(blocks_path):
@@ -281,10 +285,13 @@ def draw_plots(run_dir: str) -> list[str]:
     return written
 
 
-def _density_of(ritz) -> tuple[np.ndarray, np.ndarray]:
+def _rules_of(ritz) -> list:
     from hessian_core import RitzRule
 
-    rules = [RitzRule(g.value.to_numpy(), g.weight.to_numpy(), g.residual.to_numpy())
-             for _, g in ritz.sort_values(["probe_id", "value"]).groupby("probe_id")]
-    dens = smoothed_density(SpectralMeasure.from_rules(rules), grid_size=1000)
+    return [RitzRule(g.value.to_numpy(), g.weight.to_numpy(), g.residual.to_numpy())
+            for _, g in ritz.sort_values(["probe_id", "value"]).groupby("probe_id")]
+
+
+def _density_of(ritz) -> tuple[np.ndarray, np.ndarray]:
+    dens = smoothed_density(SpectralMeasure.from_rules(_rules_of(ritz)), grid_size=1000)
     return dens.grid, dens.density

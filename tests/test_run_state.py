@@ -86,3 +86,19 @@ def test_config_file_messages(tmp_path, capsys):
     assert "line 3, column 12" in capsys.readouterr().err
     assert main(["run", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_report_opens_with_the_key_figures(tmp_path):
+    summary = {"lambda_max": 4.5, "lambda_max_residual": 3e-6, "lambda_min": -3.1, "lambda_min_residual": 5e-20,
+               "trace": 33.2, "trace_stderr": 2.2, "probes": 4}
+    run = _run_folder(tmp_path / "done", status="complete", probes_done=4, summary=summary,
+                      eps_calibration={"relative_error": 1.1e-7, "message": "fixed"})
+    assert main(["plot", run]) == 0  # the CDF panel needs only the Ritz table
+    assert main(["report", run, "--output", str(tmp_path / "r.html")]) == 0
+    page = open(tmp_path / "r.html").read()
+    key = page[page.index('<table class="key">'):]
+    key = key[:key.index("</table>")]
+    assert page.index('<table class="key">') < page.index("full summary") < page.index("<img")
+    for text in ("lambda_max", "4.5", "bound 3e-06", "33.2 +- 2.2", "bulk", "outliers", "negative mass",
+                 "estimated HVP relative error 1.1e-07"):
+        assert text in key, text
