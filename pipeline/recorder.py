@@ -24,8 +24,8 @@ from hessian_core.statistics import bulk_interval
 
 from .preflight import CHECKPOINTS, Prepared
 from .ray_connection import versions
-from .tables import (BLOCKS_SCHEMA, DENSITY_SCHEMA, LANCZOS_SCHEMA, RITZ_SCHEMA, read_table, write_json,
-                     write_table)
+from .tables import (BLOCKS_SCHEMA, DENSITY_SCHEMA, LANCZOS_SCHEMA, RITZ_SCHEMA, read_json, read_table,
+                     write_json, write_table)
 
 PHASES = ("startup", "load", "calibration", "probes", "finish")
 
@@ -258,7 +258,9 @@ def draw_plots(run_dir: str) -> list[str]:
     written = []
     density_path = os.path.join(run_dir, "density.parquet")
     ritz_path = os.path.join(run_dir, "ritz.parquet")
-    if os.path.exists(ritz_path):
+    info = read_json(os.path.join(run_dir, "run.json")) or {}
+    wanted = ((info.get("config") or {}).get("density") or {}).get("enabled", True)
+    if os.path.exists(ritz_path) and (wanted or os.path.exists(density_path)):
         ritz = read_table(ritz_path).to_pandas()
         probes = ritz.probe_id.nunique()
         title = f"Hessian spectral density ({probes} probe{'s' if probes != 1 else ''})"
