@@ -130,17 +130,39 @@ def _hf_config(config: RunConfig, model_path: str | None):
         return None
 
 
+def _auto_address(address: str | None) -> tuple[str | None, str]:
+    """The address a null or ``auto`` cluster.address will join (RAY_ADDRESS, else for ``auto`` the address
+    file that `ray start` leaves in Ray's temp dir) and where it came from; None: nothing to check."""
+    env = os.environ.get("RAY_ADDRESS")
+    if env == "auto":
+        address, env = "auto", None
+    if env and env != "local":
+        return (env if "://" not in env or env.startswith("ray://") else None), "RAY_ADDRESS"
+    if address == "auto":
+        from ray._private.utils import get_ray_address_file, read_ray_address
+
+        return read_ray_address(), f"the address file {get_ray_address_file(None)}"
+    return None, ""
+
+
 def _check_address(address: str | None) -> None:
-    """Refuse a ray://host:port or host:port nobody listens on within seconds (Ray itself retries for long)."""
+    """Refuse a ray://host:port or host:port nobody listens on within seconds (Ray itself retries for minutes),
+    including the one that ``auto`` or RAY_ADDRESS leads to (a killed `ray start` leaves its address file)."""
     if address is None or address == "auto":
-        return
+        found, origin = _auto_address(address)
+        if found is None:
+            return
+        source = f"cluster.address {address!r} via {origin}, which names {found!r},"
+        address = found
+    else:
+        source = f"cluster.address {address!r}"
     target = address[len("ray://"):] if address.startswith("ray://") else address
     host, _, port = target.rpartition(":")
     try:
         socket.create_connection((host or target, int(port) if host else 10001), timeout=10).close()
     except (OSError, ValueError) as e:
-        raise ConfigError(f"cluster.address {address!r} is unreachable ({e}); use null for a local Ray, 'auto', "
-                          f"host:port of a running head node, or ray://host:port of its client server") from None
+        raise ConfigError(f"{source} is unreachable ({e}); use null for a private local Ray (without RAY_ADDRESS), "
+                          f"'auto', host:port of a running head node, or ray://host:port of its client server") from None
 
 
 def model_spec(prepared: Prepared):

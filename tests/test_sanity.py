@@ -13,7 +13,7 @@ import pytest
 from hessian_core import files as hfiles
 from hessian_core.files import atomic_text
 from pipeline.cli import main
-from pipeline_fixtures import write_config, write_model
+from pipeline_fixtures import write_config, write_input_ids, write_model
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +120,28 @@ def test_disk_full_names_the_path(tmp_path, monkeypatch):
         hfiles.atomic_write(target, failing)
     atomic_text(target, "ok")
     assert open(target).read() == "ok"
+
+
+def test_auto_address_to_a_dead_cluster_is_refused_before_ray(assets, tmp_path, capsys, monkeypatch):
+    """A killed `ray start` leaves its address file; `auto` (or RAY_ADDRESS) pointing at nothing is refused in
+    seconds, naming where the address came from, instead of Ray retrying for minutes."""
+    import ray
+    import ray._private.utils as ray_utils
+
+    from actors.worker import free_port
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before the address was checked"))
+    dead = f"127.0.0.1:{free_port()}"
+    config = write_config(str(tmp_path / "c.yaml"), model=assets["neox"],
+                          data=write_input_ids(str(tmp_path / "ids.parquet")), output_dir=str(tmp_path / "out"),
+                          cluster={"address": "auto"})
+    overrides = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray_utils, "read_ray_address", lambda temp_dir=None: dead)
+    assert main(["run", config] + overrides) == 2
+    err = capsys.readouterr().err
+    assert "address file" in err and dead in err and "unreachable" in err, err
+    monkeypatch.setenv("RAY_ADDRESS", dead)
+    assert main(["run", config, "--set", "cluster.address=null"] + overrides) == 2
+    err = capsys.readouterr().err
+    assert "RAY_ADDRESS" in err and dead in err, err
