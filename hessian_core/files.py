@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
+
+FULL_DISK_BYTES = 1 << 20  # less free space than this after a failed write: the disk filled up
 
 
 def atomic_write(path: str, write: Callable[[str], None], *, sync: bool = False) -> None:
@@ -22,10 +26,29 @@ def atomic_write(path: str, write: Callable[[str], None], *, sync: bool = False)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        full = _disk_full(err, folder)  # before the temporary is removed and frees its space
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if full:
+            raise OSError(errno.ENOSPC, "No space left on device", path) from err
         raise
+
+
+def _free_bytes(folder: str) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def _disk_full(err: BaseException, folder: str) -> bool:
+    """Writers report a full disk in their own words (torch.save: "unexpected pos"); name it for what it is."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    if not isinstance(err, Exception):
+        return False
+    try:
+        return _free_bytes(folder) < FULL_DISK_BYTES
+    except OSError:
+        return False
 
 
 def atomic_text(path: str, text: str, *, sync: bool = False) -> None:

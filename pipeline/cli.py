@@ -1,6 +1,7 @@
 """The ``hessian-spectrum`` command: run, sweep, hvp-error, bench, plan, compare, report, plot, show.
 
-Exit status 0 success, 2 invalid input (before anything expensive starts), 1 other failure."""
+Exit status 0 success, 2 invalid input (before anything expensive starts), 1 other failure, 128 + the signal's
+number when stopped by SIGINT (130) or SIGTERM (143)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import json
 import os
 import sys
 
+from . import signals
 from .config import ConfigError, load_config
+from .signals import as_interrupted
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
@@ -62,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--output", default="compare", help="folder for compare.parquet and compare.png")
     c.add_argument("--reference", default=None, help="run (path or folder name) to measure distances to "
                                                      "(default: the first)")
+    c.add_argument("--include-partial", action="store_true",
+                   help="also compare runs that are not complete (interrupted, killed, failed) on what they hold")
     rp = sub.add_parser("report", help="one self-contained report.html for a run, sweep, comparison or hvp-error")
     rp.add_argument("folder")
     rp.add_argument("--output", default=None, help="file to write (default: FOLDER/report.html)")
@@ -99,8 +104,14 @@ def _read_run(run_dir: str) -> dict:
         return json.load(f)
 
 
-def format_summary(info: dict) -> str:
-    lines = [f"status: {info.get('status')}" + (f" ({info['error']})" if info.get("error") else "")]
+def format_summary(info: dict, run_dir: str | None = None) -> str:
+    """The summary of run.json; with ``run_dir``, the first line says what became of the run and what it holds."""
+    if run_dir is not None:
+        from .run_state import describe_run
+
+        lines = [describe_run(run_dir, info)]
+    else:
+        lines = [f"status: {info.get('status')}" + (f" ({info['error']})" if info.get("error") else "")]
     if "num_params" in info:
         lines.append(f"parameters: {info['num_params']:,}")
     if "eps" in info:
@@ -119,7 +130,10 @@ def format_summary(info: dict) -> str:
         o = b["overall"]
         lines.append("block-diagonal analysis (mean +- std over probes):")
         lines.append(f"  {'block':<40} {'rel. error':>18} {'cosine':>18}")
-        for name, row in b["per_block"].items():
+        from .run_state import block_order
+
+        for name in block_order(b):
+            row = b["per_block"][name]
             lines.append(f"  {name:<40} {row['rel_error_mean']:>9.3f} +- {row['rel_error_std']:<5.3f} "
                          f"{row['cosine_mean']:>9.3f} +- {row['cosine_std']:<5.3f}")
         lines.append(f"  {'overall':<40} {o['rel_error_mean']:>9.3f} +- {o['rel_error_std']:<5.3f} "
@@ -134,16 +148,25 @@ def format_summary(info: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    signals.install()
     try:
         if args.command == "run":
-            from .driver import preflight, run
+            from .output_lock import OutputLock
 
             config = load_config(args.config, args.overrides)
-            prepared = preflight(config, fresh=args.fresh)
-            from .plan import verdict_line
+            with OutputLock(config.output_dir):  # before the heavy imports: a second run is refused at once
+                from .driver import preflight, run
+                from .plan import verdict_line
+                from .preflight import finished_run
 
-            print(verdict_line(config, model_path=prepared.model_path), file=sys.stderr, flush=True)
-            info = run(prepared)
+                info = None if args.fresh else finished_run(config)
+                if info is not None:
+                    print(format_summary(info))
+                    print(f"{config.output_dir} already holds this run, complete; --fresh recomputes it")
+                    return EXIT_OK
+                prepared = preflight(config, fresh=args.fresh)
+                print(verdict_line(config, model_path=prepared.model_path), file=sys.stderr, flush=True)
+                info = run(prepared)
             print(format_summary(info))
             print(f"results in {config.output_dir}")
         elif args.command == "bench":
@@ -167,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "compare":
             from .compare import compare
 
-            compare(args.run_dirs, out_dir=args.output, reference=args.reference)
+            compare(args.run_dirs, out_dir=args.output, reference=args.reference, include_partial=args.include_partial)
         elif args.command == "report":
             from .report import write_report
 
@@ -190,14 +213,16 @@ def main(argv: list[str] | None = None) -> int:
             print(plan_command(load_config(args.config, args.overrides), device_memory=args.device_memory,
                                from_run=args.from_run))
         elif args.command == "show":
-            print(format_summary(_read_run(args.run_dir)))
+            print(format_summary(_read_run(args.run_dir), args.run_dir))
         return EXIT_OK
     except ConfigError as e:
         print(f"hessian-spectrum: error: {e}", file=sys.stderr)
         return EXIT_INVALID
-    except KeyboardInterrupt:
-        print("hessian-spectrum: interrupted", file=sys.stderr)
-        return EXIT_FAILED
+    except KeyboardInterrupt as e:
+        stop = as_interrupted(e)
+        print(f"hessian-spectrum: interrupted by {stop.signal_name}; finished results and checkpoints are kept: run "
+              f"the same command again to resume", file=sys.stderr)
+        return stop.exit_code
     except Exception as e:  # noqa: BLE001 - the top level reports any failure in one line plus its type
         if os.environ.get("HESSIAN_SPECTRUM_DEBUG"):
             raise

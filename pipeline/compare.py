@@ -56,6 +56,26 @@ def expand_run_dirs(paths: list[str]) -> list[str]:
     return out
 
 
+def _leave_out_partial(run_dirs: list[str], *, include_partial: bool) -> list[str]:
+    from .progress import log
+    from .run_state import describe_run
+
+    kept = []
+    for run_dir in run_dirs:
+        info = read_json(os.path.join(run_dir, "run.json"))
+        if info is None or info.get("status") == "complete":
+            kept.append(run_dir)  # not a run folder: load_rules says so
+        elif include_partial:
+            log(f"compare: including the partial run {run_dir} ({describe_run(run_dir, info)})")
+            kept.append(run_dir)
+        else:
+            log(f"compare: leaving out {run_dir}, which is not complete ({describe_run(run_dir, info)}); "
+                f"--include-partial compares what it holds")
+    if not kept:
+        raise ConfigError("compare: none of the runs is complete; pass --include-partial to compare what they hold")
+    return kept
+
+
 def _pick_reference(run_dirs: list[str], reference: str | None) -> list[str]:
     """Move the reference run to the front; it may be named by path or by folder name."""
     if reference is None:
@@ -72,11 +92,14 @@ def _pick_reference(run_dirs: list[str], reference: str | None) -> list[str]:
     return [run_dirs[i]] + run_dirs[:i] + run_dirs[i + 1:]
 
 
-def compare(run_dirs: list[str], *, out_dir: str, reference: str | None = None) -> list[dict]:
-    """Statistics of each run and its distance to the reference (default: the first run)."""
+def compare(run_dirs: list[str], *, out_dir: str, reference: str | None = None,
+            include_partial: bool = False) -> list[dict]:
+    """Statistics of each run and its distance to the reference (default: the first run). Runs that are not
+    complete (interrupted, killed, failed, still running) are left out, and named, unless ``include_partial``."""
     if not run_dirs:
         raise ConfigError("compare needs at least one run folder")
-    run_dirs = _pick_reference(expand_run_dirs(run_dirs), reference)
+    run_dirs = _leave_out_partial(expand_run_dirs(run_dirs), include_partial=include_partial)
+    run_dirs = _pick_reference(run_dirs, reference)
     loaded = [load_rules(d) for d in run_dirs]
     reference_measure = SpectralMeasure.from_rules(loaded[0][0])
     rows = []

@@ -52,6 +52,7 @@ class DataConfig:
     messages_column: str = "messages"
     packing: bool = True  # true: join samples and cut seq_len sequences; false: one padded sample per sequence
     loss: Literal["causal_lm", "masked"] = "causal_lm"  # masked: assistant tokens only (format: chat)
+    tokenizer: str | None = None  # folder or hub id of the tokenizer for text data (null: model.path's)
 
 
 @dataclass(kw_only=True)
@@ -155,6 +156,7 @@ def results_part(config: dict) -> dict:
 
 POSITIVE = ["data.seq_len", "data.batch_size", "data.num_batches", "cluster.num_workers", "cluster.num_groups",
             "lanczos.steps", "blocks.probes", "density.grid_size"]
+MAX_LANCZOS_STEPS = 10_000
 NON_NEGATIVE = ["lanczos.window", "lanczos.probes", "cluster.max_failures"]
 
 
@@ -249,19 +251,28 @@ def load_config(path: str | None, overrides: list[str] | None = None, *, check: 
     A sweep's base config is only type-checked: its grid may supply what it lacks (a fixed eps, a model path)."""
     tree: dict = {}
     if path is not None:
+        if os.path.isdir(path):
+            raise ConfigError(f"config file {path!r} is a directory; give a YAML file (see configs/)")
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!r} does not exist")
         with open(path) as f:
             try:
                 tree = yaml.safe_load(f) or {}
             except yaml.YAMLError as e:
-                raise ConfigError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+                raise ConfigError(f"config file {path!r} is not valid YAML: {_yaml_problem(e)}") from None
     for assignment in overrides or []:
         _set_override(tree, assignment)
     config = _build(RunConfig, tree, "")
     if check:
         validate(config)
     return config
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """The problem with its line and column (1-based), e.g. "line 3, column 9: mapping values are not allowed"."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
 
 
 def validate(config: RunConfig) -> None:
@@ -272,6 +283,11 @@ def validate(config: RunConfig) -> None:
     for key in NON_NEGATIVE:
         if _get(config, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {_get(config, key)}")
+    if config.lanczos.steps > MAX_LANCZOS_STEPS:
+        raise ConfigError(f"lanczos.steps={config.lanczos.steps} is more than {MAX_LANCZOS_STEPS}: SLQ's density and "
+                          f"extreme eigenvalues settle within a few hundred steps, each step costs 2-4 gradient "
+                          f"passes, and Lanczos in floating point loses orthogonality long before; use <= "
+                          f"{MAX_LANCZOS_STEPS}")
     if config.checkpoint.every != "auto" and config.checkpoint.every < 0:
         raise ConfigError(f"checkpoint.every must be >= 0 or 'auto', got {config.checkpoint.every}")
     if config.blocks.spectra_steps is not None and config.blocks.spectra_steps < 1:

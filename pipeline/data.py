@@ -19,6 +19,7 @@ import torch
 from hessian_core.loss import IGNORE_INDEX, BatchSet
 
 from .config import ConfigError, DataConfig
+from .sanity import load_tokenizer
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
@@ -137,12 +138,15 @@ def chat_sample(tokenizer, messages: list[dict], *, masked: bool) -> Sample:
     return Sample(list(enc["input_ids"]), labels)
 
 
-def _tokenizer(tokenizer_path: str | None, revision: str | None, *, chat: bool):
+def _tokenizer(data: DataConfig, tokenizer_path: str | None, revision: str | None, *, chat: bool):
+    """data.tokenizer's, else the model's (``tokenizer_path``); refused when missing or without a vocabulary."""
+    key = "model.path"
+    if data.tokenizer:
+        tokenizer_path, key, revision = data.tokenizer, "data.tokenizer", None
     if not tokenizer_path:
-        raise ConfigError("text data needs a tokenizer: set model.path to a folder or hub id with one")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, revision=revision)
+        raise ConfigError("text data needs a tokenizer: set data.tokenizer (or model.path) to a folder or hub id "
+                          "with one, or give data with an input_ids column")
+    tokenizer = load_tokenizer(tokenizer_path, revision=revision, key=key)
     if chat and not tokenizer.chat_template:
         raise ConfigError(f"data.format=chat: the tokenizer of {tokenizer_path!r} has no chat template")
     if chat and not tokenizer.is_fast:
@@ -161,7 +165,7 @@ def samples(rows: Iterator[dict], data: DataConfig, columns: list[str], *, token
     if column not in columns:
         key = "data.messages_column" if data.format == "chat" else "data.text_column"
         raise ConfigError(f"{key}={column!r} is not a column of {data.path!r}; columns: {', '.join(columns)}")
-    tokenizer = _tokenizer(tokenizer_path, revision, chat=data.format == "chat")
+    tokenizer = _tokenizer(data, tokenizer_path, revision, chat=data.format == "chat")
     eos = tokenizer.eos_token_id
     for row in rows:
         value = row[column]
@@ -262,7 +266,7 @@ def read_sequences(data: DataConfig, *, tokenizer_path: str | None, revision: st
             return _pretokenized(stream, data, limit, stats)
         out = _packed(stream, data.seq_len, limit, stats)
     else:
-        out = _padded(stream, data.seq_len, limit, _pad_id(tokenizer_path, revision), stats)
+        out = _padded(stream, data.seq_len, limit, _pad_id(data.tokenizer or tokenizer_path, revision), stats)
     stats.sequences = out.input_ids.shape[0]
     return out
 

@@ -14,6 +14,7 @@ from .progress import Progress, log, set_run_name
 from .ray_connection import connect_ray
 from .recorder import Recorder, block_summary, draw_plots
 from .scheduler import CalibrationTask, Scheduler
+from .signals import signal_of
 
 BLOCK_SEED_OFFSET = 1_000_003  # block probes are Gaussian and drawn from their own seed stream
 BLOCK_SPECTRA_SEED_OFFSET = 2_000_003  # and the per-block SLQ probes from another
@@ -33,6 +34,7 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
     recorder = Recorder(prepared)
     recorder.save_info()
     scheduler = progress = None
+    stopped = False  # a signal or the sweep asked the run to stop: its groups are killed, not drained
     try:
         if own_ray:
             connect_ray(prepared.config)
@@ -51,6 +53,10 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
         scheduler.run(lambda task, result, slot: _on_result(task, result, slot.index, prepared, recorder, scheduler))
         recorder.complete(failures_recovered=scheduler.failures)
         return recorder.info
+    except KeyboardInterrupt as err:
+        stopped = True
+        recorder.interrupted(signal_of(err))
+        raise
     except BaseException as err:
         recorder.failed(err)
         raise
@@ -58,7 +64,7 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
         if progress is not None:
             progress.close()
         if scheduler is not None:
-            scheduler.shutdown(graceful=not (cancel is not None and cancel.is_set()))
+            scheduler.shutdown(graceful=not (stopped or (cancel is not None and cancel.is_set())))
         if own_ray and ray.is_initialized():
             ray.shutdown()
 

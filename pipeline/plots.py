@@ -36,30 +36,50 @@ def _pyplot():
 
 @exclusive
 def plot_density(path: str, *, grid: np.ndarray, density: np.ndarray, ritz_values: np.ndarray, title: str,
-                 blocks: dict[str, np.ndarray] | None = None) -> None:
-    """Linear and log density panels, with the Ritz values as a rug; ``blocks`` (block -> its density on
-    ``grid`` scaled by its share of the parameters) overlays the diagonal blocks' spectra and their sum, the
-    spectrum of the block-diagonal approximation."""
+                 atoms: tuple[np.ndarray, np.ndarray] | None = None,
+                 bulk: tuple[float, float] | None = None, blocks: dict[str, np.ndarray] | None = None) -> None:
+    """Left: the cumulative spectral distribution of the SLQ measure (``atoms``: sorted values and weights), with
+    the bulk shaded and the outliers beyond it marked; a linear density is a single spike at zero for a Hessian
+    (its bulk), while the CDF shows the bulk's share and each outlier's. Right: the log density, with the Ritz
+    values as a rug. Without ``atoms`` the left panel is the linear density. ``blocks`` (block -> its density on
+    ``grid`` scaled by its share of the parameters) overlays, on the log density, the diagonal blocks' spectra and
+    their sum, the spectrum of the block-diagonal approximation."""
     plt = _pyplot()
     fig, (lin, log) = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, scale in ((lin, "linear"), (log, "log")):
-        ax.plot(grid, density, color="tab:blue", lw=1.2, label="full H")
-        if blocks:
-            for k, (name, values) in enumerate(blocks.items()):
-                ax.plot(grid, np.maximum(values, 1e-300), lw=0.7, alpha=0.6, color=f"C{(k % 8) + 2}",
-                        label=name if len(blocks) <= 8 else None)
-            ax.plot(grid, np.maximum(sum(blocks.values()), 1e-300), color="black", ls="--", lw=1.1,
-                    label="block-diagonal (sum of blocks)")
-        ax.set_yscale(scale)
-        ax.set_xlabel("eigenvalue")
-        ax.set_ylabel("density" + (" (log)" if scale == "log" else ""))
-        ax.plot(ritz_values, np.zeros_like(ritz_values) if scale == "linear" else
-                np.full_like(ritz_values, max(density.max() * 1e-8, 1e-300)), "|", color="tab:red", ms=8, alpha=0.5)
+    if atoms is not None:
+        values, weights = atoms
+        lin.step(values, np.cumsum(weights), where="post", color="tab:blue", lw=1.2)
+        lin.set_ylim(-0.02, 1.02)
+        lin.set_ylabel("fraction of eigenvalues <= x")
+        if bulk is not None:
+            lin.axvspan(bulk[0], bulk[1], color="tab:green", alpha=0.15, label=f"bulk [{bulk[0]:.3g}, {bulk[1]:.3g}]")
+            out = (values < bulk[0]) | (values > bulk[1])
+            lin.plot(values[out], np.cumsum(weights)[out], "o", ms=3, color="tab:red",
+                     label=f"outside the bulk: {weights[out].sum():.2g} of the mass")
+            lin.legend(fontsize=8, loc="upper left")
+        lin.set_title("cumulative spectral distribution", fontsize=10)
+    else:
+        lin.plot(grid, density, color="tab:blue", lw=1.2)
+        lin.plot(ritz_values, np.zeros_like(ritz_values), "|", color="tab:red", ms=8, alpha=0.5)
+        lin.set_ylabel("density")
+    log.plot(grid, density, color="tab:blue", lw=1.2, label="full H")
+    if blocks:
+        for k, (name, values) in enumerate(blocks.items()):
+            log.plot(grid, np.maximum(values, 1e-300), lw=0.7, alpha=0.6, color=f"C{(k % 8) + 2}",
+                     label=name if len(blocks) <= 8 else None)
+        log.plot(grid, np.maximum(sum(blocks.values()), 1e-300), color="black", ls="--", lw=1.1,
+                 label="block-diagonal (sum of blocks)")
+        log.legend(fontsize=7)
+    log.set_yscale("log")
+    log.set_ylabel("density (log)")
+    log.set_title("smoothed density", fontsize=10)
+    log.plot(ritz_values, np.full_like(ritz_values, max(density.max() * 1e-8, 1e-300)), "|", color="tab:red", ms=8,
+             alpha=0.5)
     positive = density[density > 0]
     if positive.size:
         log.set_ylim(max(positive.min(), density.max() * 1e-8), density.max() * 3)
-    if blocks:
-        lin.legend(fontsize=7)
+    for ax in (lin, log):
+        ax.set_xlabel("eigenvalue")
     fig.suptitle(title)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))

@@ -17,6 +17,7 @@ from hessian_core.loss import BatchSet
 
 from .data import analysis_set, looks_local, read_sequences
 from .progress import log
+from .sanity import check_context, check_token_statistics, check_weight_files
 
 OUTPUT_FILES = ("run.json", "lanczos.parquet", "ritz.parquet", "density.parquet", "blocks.parquet", "block_ritz.parquet",
                 "density.png", "blocks.png")
@@ -68,6 +69,17 @@ def check_output_dir(config: RunConfig, *, fresh: bool) -> None:
         shutil.rmtree(os.path.join(out, CHECKPOINTS), ignore_errors=True)
 
 
+def finished_run(config: RunConfig) -> dict | None:
+    """run.json of a complete run of this config in its output_dir (rerunning it is a no-op), else None."""
+    try:
+        with open(os.path.join(config.output_dir, "run.json")) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    same = info.get("config") is not None and results_part(info["config"]) == config.result_dict()
+    return info if same and info.get("status") == "complete" else None
+
+
 def preflight(config: RunConfig, *, fresh: bool = False) -> Prepared:
     """Everything that can be refused before Ray starts or a model is loaded: paths, data, sizes, vocab."""
     model_path = config.model.path
@@ -91,6 +103,8 @@ def preflight(config: RunConfig, *, fresh: bool = False) -> Prepared:
 
             raise ConfigError(f"model.path {model_path!r} has no weights ({', '.join(WEIGHT_FILES)}); "
                               f"set model.init=random to analyse random weights")
+        elif config.model.init == "pretrained":
+            check_weight_files(model_path)
     if config.model.loading != "auto":
         from actors.model_loading import choose_loading
 
@@ -99,12 +113,20 @@ def preflight(config: RunConfig, *, fresh: bool = False) -> Prepared:
                            world_size=config.cluster.num_workers)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    hf_config = _hf_config(config, arch_path)
+    if hf_config is not None:
+        check_context(hf_config, config.data.seq_len)
     data = config.data
     if data_path != data.path:
         data = replace(data, path=data_path)
     sequences = read_sequences(data, tokenizer_path=arch_path, revision=config.model.revision)
     batches = analysis_set(sequences, data)
-    vocab = _vocab_size(config, arch_path)
+    if isinstance(batches, BatchSet):  # the tokens the model attends to (padding is not data)
+        attended = batches.input_ids if batches.attention_mask is None else batches.input_ids[batches.attention_mask > 0]
+    else:
+        attended = batches
+    check_token_statistics(attended, data_path=data.path)
+    vocab = getattr(hf_config, "vocab_size", None)
     top = batches.max_token_id() if isinstance(batches, BatchSet) else int(batches.max())
     if vocab is not None and top >= vocab:
         raise ConfigError(f"data.path {data.path!r} has token id {top} but the model's vocab_size is "
@@ -144,28 +166,53 @@ def _check_dcp(config: RunConfig, model_path: str) -> str | None:
     return m.config_path
 
 
-def _vocab_size(config: RunConfig, model_path: str | None) -> int | None:
-    if model_path:
-        from transformers import AutoConfig
+def _hf_config(config: RunConfig, model_path: str | None):
+    """The model's HF config with the run's overrides (vocab size, context), or None where it cannot be read
+    without the network (a hub id offline: the ranks report it when loading)."""
+    from transformers import AutoConfig
 
-        try:
-            return getattr(AutoConfig.from_pretrained(model_path, revision=config.model.revision), "vocab_size", None)
-        except Exception:  # a hub id unreachable offline: the ranks will report it when loading
-            return None
-    return (config.model.config or {}).get("vocab_size")
+    overrides = dict(config.model.config or {}) if config.model.init == "random" else {}
+    try:
+        if model_path:
+            return AutoConfig.from_pretrained(model_path, revision=config.model.revision, **overrides)
+        return AutoConfig.for_model(overrides.pop("model_type"), **overrides)
+    except Exception:  # noqa: BLE001 - offline hub ids and unknown model types raise many types
+        return None
+
+
+def _auto_address(address: str | None) -> tuple[str | None, str]:
+    """The address a null or ``auto`` cluster.address will join (RAY_ADDRESS, else for ``auto`` the address
+    file that `ray start` leaves in Ray's temp dir) and where it came from; None: nothing to check."""
+    env = os.environ.get("RAY_ADDRESS")
+    if env == "auto":
+        address, env = "auto", None
+    if env and env != "local":
+        return (env if "://" not in env or env.startswith("ray://") else None), "RAY_ADDRESS"
+    if address == "auto":
+        from ray._private.utils import get_ray_address_file, read_ray_address
+
+        return read_ray_address(), f"the address file {get_ray_address_file(None)}"
+    return None, ""
 
 
 def _check_address(address: str | None) -> None:
-    """Refuse a ray://host:port or host:port nobody listens on within seconds (Ray itself retries for long)."""
+    """Refuse a ray://host:port or host:port nobody listens on within seconds (Ray itself retries for minutes),
+    including the one that ``auto`` or RAY_ADDRESS leads to (a killed `ray start` leaves its address file)."""
     if address is None or address == "auto":
-        return
+        found, origin = _auto_address(address)
+        if found is None:
+            return
+        source = f"cluster.address {address!r} via {origin}, which names {found!r},"
+        address = found
+    else:
+        source = f"cluster.address {address!r}"
     target = address[len("ray://"):] if address.startswith("ray://") else address
     host, _, port = target.rpartition(":")
     try:
         socket.create_connection((host or target, int(port) if host else 10001), timeout=10).close()
     except (OSError, ValueError) as e:
-        raise ConfigError(f"cluster.address {address!r} is unreachable ({e}); use null for a local Ray, 'auto', "
-                          f"host:port of a running head node, or ray://host:port of its client server") from None
+        raise ConfigError(f"{source} is unreachable ({e}); use null for a private local Ray (without RAY_ADDRESS), "
+                          f"'auto', host:port of a running head node, or ray://host:port of its client server") from None
 
 
 def model_spec(prepared: Prepared):

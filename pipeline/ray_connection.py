@@ -9,8 +9,12 @@ import platform
 
 import torch
 
+from . import signals
 from .config import ConfigError, RunConfig
 from .preflight import Prepared, model_spec
+
+LOOPBACK = "127.0.0.1"
+CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's servers bind to loopback only
 
 
 def connect_ray(config: RunConfig, *, need_cpus: int | None = None) -> None:
@@ -20,13 +24,37 @@ def connect_ray(config: RunConfig, *, need_cpus: int | None = None) -> None:
     if address is None and not os.environ.get("RAY_ADDRESS"):
         need = need_cpus or config.cluster.num_workers * config.cluster.num_groups * config.cpus_per_worker()
         # "local": always a new private Ray, never one that `ray start` (or a test cluster) left on this machine
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
-                 logging_level="ERROR", configure_logging=True)
+        with _loopback_only():
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
+                     _node_ip_address=LOOPBACK, logging_level="ERROR", configure_logging=True)
+        signals.install()  # ray.init replaced the SIGTERM handler
         return
     try:
         ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level="ERROR")
     except (ConnectionError, RuntimeError) as e:
         raise ConfigError(f"cluster.address {address!r}: cannot join a Ray cluster ({str(e).splitlines()[0]})") from None
+    signals.install()
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """Every server of the local Ray (GCS, raylet, object manager, agents, each worker's gRPC) on 127.0.0.1:
+    an unauthenticated Ray on a network interface runs code for anyone who reaches it. Ray binds to loopback when
+    clusters are disabled (its macOS/Windows default), which the env var (read by the processes it starts) and
+    the constant (read by this process) do; both are restored once the processes run, so a later join of a
+    real cluster in this process advertises a routable address."""
+    import ray._private.ray_constants as ray_constants
+
+    saved_env, saved_flag = os.environ.get(CLUSTER_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[CLUSTER_ENV], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(CLUSTER_ENV, None)
+        else:
+            os.environ[CLUSTER_ENV] = saved_env
 
 
 def versions() -> dict:

@@ -22,11 +22,12 @@ from hessian_core import (SpectralMeasure, extreme_eigenvalues, latest_complete_
 from hessian_core.checkpoint import discard_after
 from hessian_core.quadrature import SIGMA_FRACTION
 from hessian_core.error_bars import summary_error_fields
+from hessian_core.statistics import bulk_interval
 
 from .preflight import CHECKPOINTS, Prepared
 from .ray_connection import versions
-from .tables import (BLOCK_RITZ_SCHEMA, BLOCKS_SCHEMA, DENSITY_SCHEMA, LANCZOS_SCHEMA, RITZ_SCHEMA, read_table, write_json,
-                     write_table)
+from .tables import (BLOCK_RITZ_SCHEMA, BLOCKS_SCHEMA, DENSITY_SCHEMA, LANCZOS_SCHEMA, RITZ_SCHEMA, read_json,
+                     read_table, write_json, write_table)
 
 PHASES = ("startup", "load", "calibration", "probes", "finish")
 
@@ -247,6 +248,18 @@ class Recorder:
         finally:
             self.save_info()
 
+    def interrupted(self, signal_name: str) -> None:
+        """Stopped by a signal: what finished is kept, checkpoints too, and the same command resumes."""
+        self.info["status"] = "interrupted"
+        self.info["signal"] = signal_name
+        self.info.pop("error", None)
+        self.info["interrupted_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        try:
+            if self.probes or self.block_probes:
+                self.finish()
+        finally:
+            self.save_info()
+
     def finish(self) -> None:
         """Summary, density table and plots from what the probes produced."""
         if self.probes:
@@ -284,7 +297,8 @@ def block_summary(df) -> dict:
     return {"overall": {"rel_error_mean": float(df.rel_error.mean()), "rel_error_std": float(df.rel_error.std()),
                         "cosine_mean": float(df.cosine.mean()), "cosine_std": float(df.cosine.std()),
                         "whole_rel_error_mean": float(whole.mean())},
-            "per_block": {b: {k: float(v) for k, v in row.items()} for b, row in per_block.iterrows()}}
+            "per_block": {b: {k: float(v) for k, v in row.items()} for b, row in per_block.iterrows()},
+            "order": [str(b) for b in per_block.index]}  # model order (run.json's keys are written sorted)
 
 
 def block_spectra_summary(df) -> dict:
@@ -313,18 +327,28 @@ def draw_plots(run_dir: str) -> list[str]:
 
     written = []
     density_path = os.path.join(run_dir, "density.parquet")
-    if os.path.exists(density_path):
-        dens = read_table(density_path).to_pandas()
-        ritz = read_table(os.path.join(run_dir, "ritz.parquet")).to_pandas()
-        grid = dens.value.to_numpy()
+    ritz_path = os.path.join(run_dir, "ritz.parquet")
+    info = read_json(os.path.join(run_dir, "run.json")) or {}
+    wanted = ((info.get("config") or {}).get("density") or {}).get("enabled", True)
+    if os.path.exists(ritz_path) and (wanted or os.path.exists(density_path)):
+        ritz = read_table(ritz_path).to_pandas()
+        probes = ritz.probe_id.nunique()
+        title = f"Hessian spectral density ({probes} probe{'s' if probes != 1 else ''})"
+        if os.path.exists(density_path):
+            dens = read_table(density_path).to_pandas()
+            grid, density = dens.value.to_numpy(), dens.density.to_numpy()
+        else:  # a run stopped before its end: the density of the probes it finished, not written as a table
+            grid, density = _density_of(ritz)
+            title += ", partial run"
+        measure = SpectralMeasure.from_rules(_rules_of(ritz))
         overlay = None
         block_ritz_path = os.path.join(run_dir, "block_ritz.parquet")
         if os.path.exists(block_ritz_path):
             sigma = SIGMA_FRACTION * (ritz.value.max() - ritz.value.min()) or 1e-3
             overlay = block_densities(read_table(block_ritz_path).to_pandas(), grid=grid, sigma=float(sigma))
-        plot_density(os.path.join(run_dir, "density.png"), grid=grid,
-                     density=dens.density.to_numpy(), ritz_values=ritz.value.to_numpy(),
-                     title=f"Hessian spectral density ({ritz.probe_id.nunique()} probes)", blocks=overlay)
+        plot_density(os.path.join(run_dir, "density.png"), grid=grid, density=density,
+                     ritz_values=ritz.value.to_numpy(), title=title, atoms=(measure.values, measure.weights),
+                     bulk=bulk_interval(measure), blocks=overlay)
         written.append("density.png")
     blocks_path = os.path.join(run_dir, "blocks.parquet")
     if os.path.exists(blocks_path):
@@ -336,3 +360,15 @@ def draw_plots(run_dir: str) -> list[str]:
                     title="Block-diagonal approximation: per-block error of H v")
         written.append("blocks.png")
     return written
+
+
+def _rules_of(ritz) -> list:
+    from hessian_core import RitzRule
+
+    return [RitzRule(g.value.to_numpy(), g.weight.to_numpy(), g.residual.to_numpy())
+            for _, g in ritz.sort_values(["probe_id", "value"]).groupby("probe_id")]
+
+
+def _density_of(ritz) -> tuple[np.ndarray, np.ndarray]:
+    dens = smoothed_density(SpectralMeasure.from_rules(_rules_of(ritz)), grid_size=1000)
+    return dens.grid, dens.density

@@ -25,6 +25,8 @@ td:first-child, th:first-child { text-align: left; }
 pre { background: #f7f7f7; padding: 0.7em; font-size: 0.8em; overflow-x: auto; }
 img { max-width: 100%; border: 1px solid #eee; } .failed { color: #b00; }
 details { margin: 0.7em 0; } summary { cursor: pointer; font-weight: 600; }
+table.key { font-size: 1em; } table.key td:nth-child(2) { font-weight: 600; font-variant-numeric: tabular-nums; }
+table.key td:nth-child(3), table.key th:nth-child(3) { text-align: left; color: #555; }
 """
 
 
@@ -74,17 +76,18 @@ def _config_and_versions(info: dict) -> str:
 def _run_section(run_dir: str, info: dict, *, heading: str) -> str:
     from .cli import format_summary
 
-    status = info.get("status")
+    from .run_state import block_order, describe_run
+
     out = [f"<h2>{html.escape(heading)}</h2>"]
-    if status != "complete":
-        out.append(f"<p class=\"failed\">this run is {html.escape(str(status))}"
-                   + (f": {html.escape(info['error'])}" if info.get("error") else "") + "</p>")
-    out += [_pre(format_summary(info)),
+    if info.get("status") != "complete":  # interrupted, killed, failed, running: say so, and what it holds
+        out.append(f"<p class=\"failed\">{html.escape(describe_run(run_dir, info))}</p>")
+    out += [_key_figures(run_dir, info),
+            "<details><summary>full summary</summary>" + _pre(format_summary(info, run_dir)) + "</details>",
            _image(os.path.join(run_dir, "density.png"), "spectral density"),
            _image(os.path.join(run_dir, "blocks.png"), "block-diagonal errors")]
     blocks = info.get("blocks")
     if blocks:
-        rows = [{"block": name, **vals} for name, vals in blocks["per_block"].items()]
+        rows = [{"block": name, **blocks["per_block"][name]} for name in block_order(blocks)]
         rows.append({"block": "overall", **{k: v for k, v in blocks["overall"].items() if k != "whole_rel_error_mean"}})
         out.append(_table(rows, ["block", "rel_error_mean", "rel_error_std", "cosine_mean", "cosine_std"]))
     out.append(_config_and_versions(info))
@@ -92,6 +95,39 @@ def _run_section(run_dir: str, info: dict, *, heading: str) -> str:
     if os.path.exists(os.path.join(study, "hvp_error.json")):
         out.append(_hvp_error_section(study, heading="HVP error against eps"))
     return "".join(out)
+
+
+def _key_figures(run_dir: str, info: dict) -> str:
+    """The figures a reader wants first, as a table: the extremes with their Ritz residual bounds, the trace with
+    its standard error, the bulk and what lies outside it, the negative mass, and eps with its estimated error."""
+    from hessian_core.statistics import spectrum_statistics
+
+    from .compare import load_rules
+
+    s = info.get("summary")
+    if not s or "num_params" not in info or not os.path.exists(os.path.join(run_dir, "ritz.parquet")):
+        return ""
+    rules, _ = load_rules(run_dir)
+    st = spectrum_statistics(rules, dimension=info["num_params"])
+    se = s.get("trace_stderr")
+    cal = info.get("eps_calibration") or {}
+    err = cal.get("relative_error")
+    rows = [
+        ("lambda_max", f"{s['lambda_max']:.6g}", f"Ritz residual bound {s['lambda_max_residual']:.2g}"),
+        ("lambda_min", f"{s['lambda_min']:.6g}", f"Ritz residual bound {s['lambda_min_residual']:.2g}"),
+        ("trace", f"{s['trace']:.6g}" + (f" +- {se:.3g}" if se is not None else ""),
+         f"{s['probes']} probes" + ("" if se is not None else " (one probe: no standard error)")),
+        ("bulk", f"[{st.bulk_lower:.4g}, {st.bulk_upper:.4g}]", "extreme atoms where the density is >= 1e-3 of its peak"),
+        ("outliers", f"{st.outlier_count:.3g} per probe", f"converged Ritz values beyond the bulk; mass "
+                                                             f"{st.outlier_mass:.3g} of the spectrum"),
+        ("negative mass", f"{st.negative_mass:.3g}", "fraction of eigenvalues below -1% of the spread"),
+        ("eps", f"{info['eps']:.4g}" if info.get("eps") is not None else "",
+         f"estimated HVP relative error {err:.2g}" if isinstance(err, float) else cal.get("message", "")),
+    ]
+    body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td><td>{html.escape(n)}</td></tr>"
+                   for k, v, n in rows)
+    return ("<div class=\"scroll\"><table class=\"key\"><thead><tr><th>key figure</th><th>value</th><th>note</th>"
+            f"</tr></thead><tbody>{body}</tbody></table></div>")
 
 
 def _hvp_error_section(folder: str, *, heading: str) -> str:

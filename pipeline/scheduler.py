@@ -25,6 +25,7 @@ from actors.records import BlockSpectrumTask, BlockTask, GroupInfo, ProbeTask, P
 from .preflight import Prepared, model_spec
 from .progress import Progress, log
 from .recorder import Recorder
+from .signals import Interrupted, as_interrupted
 
 POLL_SECONDS = 0.5
 PEER_GRACE_SECONDS = 10.0  # after one rank fails, how long to wait for its peers' fate (a dead peer means a loss)
@@ -264,7 +265,9 @@ class Scheduler:
         import ray
 
         if self.cancel is not None and self.cancel.is_set():
-            raise KeyboardInterrupt("the sweep running this run was interrupted")
+            reason = getattr(self.cancel, "reason", None)  # the sweep's own Interrupted, naming the signal
+            stop = as_interrupted(reason if isinstance(reason, KeyboardInterrupt) else KeyboardInterrupt())
+            raise Interrupted(stop.signum)  # a new one per point: the points' threads raise it at once
         if not self.own_ray and not ray.is_initialized():
             raise RuntimeError("Ray was shut down by the sweep running this run")
 

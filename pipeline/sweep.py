@@ -10,6 +10,7 @@ After the points finish, the sweep is compared (``compare.parquet``, ``compare.p
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -24,6 +25,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from .config import ConfigError, RunConfig, load_config, results_part
+from .output_lock import OutputLock
 from .tables import atomic_text, atomic_write, read_json, write_json
 
 SWEEP_FILE = "sweep.json"
@@ -164,16 +166,23 @@ def format_index(rows: list[dict]) -> str:
 def sweep(config_path: str, overrides: list[str], grid_specs: list[str], *, parallel: int | None = None,
           fresh: bool = False, reference: str | None = None) -> list[dict]:
     """Run (or resume) every point; returns the index rows. Raises RuntimeError if any point failed."""
-    from .driver import run
-    from .preflight import preflight
-    from .progress import log
-    from .ray_connection import connect_ray
-
     grid = parse_grid(grid_specs)
     base, points, concurrency = plan(config_path, overrides, grid, parallel=parallel)
     if reference is not None and reference not in [p.name for p in points]:
         raise ConfigError(f"--reference {reference!r} is not a point of this sweep; points: "
                           f"{', '.join(p.name for p in points)}")
+    with OutputLock(base.output_dir, label="sweep folder"), contextlib.ExitStack() as point_locks:
+        return _sweep(config_path, overrides, grid, base, points, concurrency, point_locks, fresh=fresh,
+                      reference=reference)
+
+
+def _sweep(config_path, overrides, grid, base, points, concurrency, point_locks, *, fresh, reference) -> list[dict]:
+    """The sweep with its folder locked; each point's folder is locked too before it is preflighted."""
+    from .driver import run
+    from .preflight import preflight
+    from .progress import log
+    from .ray_connection import connect_ray
+
     out_dir = base.output_dir
     if os.path.exists(os.path.join(out_dir, "run.json")) and not fresh:
         raise ConfigError(f"output_dir {out_dir!r} holds a single run; use another output_dir for a sweep")
@@ -196,6 +205,7 @@ def sweep(config_path: str, overrides: list[str], grid_specs: list[str], *, para
         if done is not None:
             rows[point.name] = _row(point, done, None)
             continue
+        point_locks.enter_context(OutputLock(point.config.output_dir, label=f"sweep point {point.name}"))
         try:
             prepared = preflight(point.config, fresh=fresh)
         except ConfigError as e:
@@ -238,9 +248,10 @@ def sweep(config_path: str, overrides: list[str], grid_specs: list[str], *, para
                                             error)
                     _write_index(out_dir, grid, ordered())
                     log(f"sweep: {sum(r['status'] == 'complete' for r in rows.values())}/{len(points)} complete")
-            except BaseException:
-                # Ctrl-C: the running points stop at their next poll, keeping their checkpoints for a resume;
-                # Ray is shut down only after them (a thread touching Ray after shutdown kills the process)
+            except BaseException as err:
+                # Ctrl-C or SIGTERM: the running points stop at their next poll, keeping their checkpoints for a
+                # resume; Ray is shut down only after them (a thread touching Ray after shutdown kills the process)
+                cancel.reason = err  # the points record the signal that stopped them
                 cancel.set()
                 log("sweep: interrupted; stopping the running points (Ctrl-C again to stop at once)")
                 pool.shutdown(wait=True, cancel_futures=True)

@@ -12,7 +12,9 @@ import pyarrow.parquet as pq
 
 from hessian_core import latest_complete_step
 from pipeline.cli import main
+from pipeline.output_lock import LOCK_NAME
 from pipeline_fixtures import assets, write_config
+from proc_tools import alive, descendants, kill_all
 
 STEPS = 200
 
@@ -26,17 +28,25 @@ def test_resume_after_driver_sigkill_gives_identical_alpha_beta_with_fewer_hvps(
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     killed_at = None
+    tree = set()
     while time.monotonic() < deadline and proc.poll() is None:
         found = latest_complete_step(str(out / "checkpoints" / "probe-00001"))
         if (out / "lanczos.parquet").exists() and found and found[0] >= 10:
+            tree = descendants(proc.pid)
             os.kill(proc.pid, signal.SIGKILL)
             killed_at = found[0]
             break
         time.sleep(0.02)
     proc.wait(timeout=60)
+    # the local Ray the killed driver started is orphaned: stop exactly its processes (its session, by PID),
+    # never `ray stop`, which would kill every Ray on the machine
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    kill_all(alive(tree))
     assert killed_at is not None, "the driver finished or stalled before it could be killed mid-probe"
-    # the local Ray the killed driver started is orphaned; stop it the way a user would
-    subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+    assert (out / LOCK_NAME).exists()  # the killed run's lock is left behind; the rerun takes it over
 
     interrupted = json.load(open(out / "run.json"))
     assert interrupted["status"] == "running"  # never "complete" for an incomplete run
@@ -86,10 +96,11 @@ def test_ctrl_c_stops_a_sweep_promptly_and_the_same_command_resumes_it(tmp_path)
         time.sleep(0.02)
     assert interrupted_at is not None, "the sweep finished or stalled before it could be interrupted"
     _, err = proc.communicate(timeout=60)
-    assert time.monotonic() - interrupted_at < 30 and proc.returncode == 1
-    assert "interrupted" in err
+    assert time.monotonic() - interrupted_at < 30 and proc.returncode == 130
+    assert "interrupted by SIGINT" in err
     for p in points:
-        assert json.load(open(p / "run.json"))["status"] != "complete"
+        info = json.load(open(p / "run.json"))
+        assert info["status"] == "interrupted" and info["signal"] == "SIGINT"
         assert latest_complete_step(str(p / "checkpoints" / "probe-00000")) is not None
 
     assert main(["sweep", cfg, *grid]) == 0

@@ -1,0 +1,75 @@
+"""What a run folder holds and what became of its run, read-only, for show, report, plot and compare: complete,
+running (its lock is alive), killed (run.json says running but no live process holds the lock), interrupted
+(with the signal) or failed, and how many probes are finished or checkpointed."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from hessian_core import latest_complete_step
+
+from .output_lock import OutputLock, describe
+from .preflight import CHECKPOINTS
+from .tables import read_table
+
+
+def status(run_dir: str, info: dict) -> str:
+    """``info['status']``, with a ``running`` whose holder is gone told as ``killed``."""
+    state = info.get("status")
+    if state == "running":
+        lock = OutputLock(run_dir)
+        holder = lock.read()
+        if holder is None or lock.stale(holder):
+            return "killed"
+    return str(state)
+
+
+def holdings(run_dir: str, info: dict) -> str:
+    """e.g. "1 of 4 probes finished, probe 1 checkpointed at step 12"."""
+    config = info.get("config") or {}
+    probes = (config.get("lanczos") or {}).get("probes", 0)
+    done = _probe_ids(os.path.join(run_dir, "lanczos.parquet"))
+    parts = [f"{len(done)} of {probes} probes finished"] if probes else []
+    for pid in range(probes):
+        found = None if pid in done else latest_complete_step(os.path.join(run_dir, CHECKPOINTS, f"probe-{pid:05d}"))
+        if found is not None:
+            parts.append(f"probe {pid} checkpointed at step {found[0]}")
+    blocks = config.get("blocks") or {}
+    if blocks.get("enabled"):
+        parts.append(f"{len(_probe_ids(os.path.join(run_dir, 'blocks.parquet')))} of {blocks.get('probes')} "
+                     f"block probes finished")
+    return ", ".join(parts)
+
+
+def describe_run(run_dir: str, info: dict) -> str:
+    """One line: what became of the run and, unless complete, what it holds and what to do."""
+    state = status(run_dir, info)
+    if state == "complete":
+        return "status: complete"
+    what = holdings(run_dir, info)
+    if state == "running":
+        return f"status: running, held by {describe(OutputLock(run_dir).read() or {})}; so far {what}"
+    if state == "killed":
+        return (f"status: killed (run.json says running, but no live process holds {run_dir}); it holds {what}; "
+                f"run the same command again to resume")
+    if state == "interrupted":
+        return (f"status: interrupted by {info.get('signal', 'a signal')}; it holds {what}; run the same command "
+                f"again to resume")
+    return f"status: {state}" + (f" ({info['error']})" if info.get("error") else "") + (f"; it holds {what}"
+                                                                                     if what else "")
+
+
+def _probe_ids(path: str) -> set[int]:
+    if not os.path.exists(path):
+        return set()
+    return {int(p) for p in read_table(path).column("probe_id").to_pylist()}
+
+
+def block_order(blocks: dict) -> list[str]:
+    """The blocks in model order: as recorded (``order``), else numbers compared as numbers (layers.2 before
+    layers.10) for a run.json written before the order was kept."""
+    if blocks.get("order"):
+        return list(blocks["order"])
+    return sorted(blocks["per_block"], key=lambda name: [int(t) if t.isdigit() else t
+                                                           for t in re.split(r"(\d+)", name)])
