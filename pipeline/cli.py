@@ -156,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(args.config, args.overrides)
             with OutputLock(config.output_dir):  # before the heavy imports: a second run is refused at once
                 from .driver import preflight, run
-                from .plan import verdict_line
                 from .preflight import finished_run
 
                 info = None if args.fresh else finished_run(config)
@@ -165,7 +164,6 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{config.output_dir} already holds this run, complete; --fresh recomputes it")
                     return EXIT_OK
                 prepared = preflight(config, fresh=args.fresh)
-                print(verdict_line(config, model_path=prepared.model_path), file=sys.stderr, flush=True)
                 info = run(prepared)
             print(format_summary(info))
             print(f"results in {config.output_dir}")

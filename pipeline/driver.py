@@ -38,6 +38,10 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
     try:
         if own_ray:
             connect_ray(prepared.config)
+        if name is None:  # a sweep's points share one plan
+            from .plan import verdict_line
+
+            log(verdict_line(prepared.config, model_path=prepared.model_path))
         cl = prepared.config.cluster
         log(f"requesting {cl.num_groups} group(s) x {cl.num_workers} worker(s) (at least {prepared.config.min_groups()} "
             f"alive)")
