@@ -64,6 +64,11 @@ def load_model(spec: ModelSpec) -> torch.nn.Module:
         model = AutoModelForCausalLM.from_config(config, **hf_kwargs(spec))
     else:
         model = AutoModelForCausalLM.from_pretrained(spec.path, revision=spec.revision, **hf_kwargs(spec))
+    return prepare_for_analysis(model)
+
+
+def prepare_for_analysis(model: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode (dropout off), every parameter trainable, float64 norms and routers kept in float64."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)

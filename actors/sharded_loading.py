@@ -24,10 +24,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from hessian_core import float64_rmsnorm, shard_model
-from hessian_core.router_precision import float64_routers
+from hessian_core import shard_model
 
-from .model_loading import ModelSpec, hf_kwargs
+from .model_loading import ModelSpec, hf_kwargs, prepare_for_analysis
 
 DCP_METADATA = ".metadata"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -91,12 +90,7 @@ def build_on_meta(spec: ModelSpec) -> nn.Module:
     config = model_config(spec)
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, **hf_kwargs(spec))
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    float64_rmsnorm(model)
-    float64_routers(model)
-    return model
+    return prepare_for_analysis(model)
 
 
 def state_keys(model: nn.Module) -> tuple[list[str], set[str]]:
