@@ -119,7 +119,7 @@ class Worker:
 
     def _start_vector(self, *, seed: int, probe_id: int, vector_dtype: str) -> LanczosState:
         """Probe ``probe_id``'s Lanczos start, exactly as ``lanczos`` would make it."""
-        v0 = probe_vector(self.space, seed=seed, probe_index=probe_id, dtype=DTYPES[vector_dtype])
+        v0 = self._probe(seed=seed, probe_id=probe_id, vector_dtype=vector_dtype)
         return lanczos_start(v0, space=self.space, vector_dtype=DTYPES[vector_dtype])
 
     def calibrate(self, *, task: ProbeTask, fixed_eps: float | None, assess: bool = True) -> Calibration:
