@@ -4,7 +4,8 @@ A probe's folder holds each Lanczos vector once, split by the rank that owns eac
 checkpointed step that names the vectors it needs::
 
     vectors/q-000012/rank-00000-of-00002.pt   this rank's elements of q_12, keyed by parameter name and offset
-    step-000012/meta.json                     alphas, betas, the vector indices, the writers' world size, meta
+    step-000012/meta.json                     alphas, betas, the vector indices and their rows, the writers'
+                                              world size, meta
     step-000012/rank-00000-of-00002.done      this rank's vectors for step 12 are in place
     step-000012/COMPLETE                      every rank's are: the step can be resumed
 
@@ -84,7 +85,7 @@ class CheckpointWriter:
         if self.pinned:
             torch.cuda.current_stream().synchronize()
         scalars = {"alphas": list(state.alphas), "betas": list(state.betas), "stopped": state.stopped,
-                   "vectors": indices, "step": state.steps_done}
+                   "vectors": indices, "rows": list(state.order), "step": state.steps_done}
         self._pending = self._pool.submit(self._write, staged, scalars)
         self._written.update(i for i, _ in new)
         self._written.intersection_update(indices)
@@ -205,7 +206,8 @@ def load_lanczos_state(folder: str, *, step: int, space: ParamSpace, device: tor
         basis.append(_gather_vector(folder, index, meta["world_size"], space, dtype))
     shapes = [p.shape for p in space.local_params()]
     return LanczosState.from_basis(basis, shapes=shapes, alphas=meta["alphas"], betas=meta["betas"],
-                                   stopped=meta["stopped"], capacity=capacity, device=device or space.device)
+                                   stopped=meta["stopped"], capacity=capacity, device=device or space.device,
+                                   order=meta.get("rows"))
 
 
 def save_lanczos_state(state: LanczosState, *, folder: str, space: ParamSpace, rank: int = 0, world_size: int = 1,

@@ -47,13 +47,19 @@ class LanczosState:
     @classmethod
     def from_basis(cls, basis: Sequence[Tensor], *, shapes: Sequence[torch.Size], alphas: Sequence[float] = (),
                    betas: Sequence[float] = (), stopped: str | None = None, capacity: int = 0,
-                   device: torch.device | None = None) -> LanczosState:
-        """A state holding ``basis`` (oldest first), copied once into rows allocated for ``capacity`` vectors."""
+                   device: torch.device | None = None, order: Sequence[int] | None = None) -> LanczosState:
+        """A state holding ``basis`` (oldest first), copied once into rows allocated for ``capacity`` vectors;
+        ``order`` puts basis[j] in row order[j] (default: row j). A resumed state must keep the rows where the
+        interrupted run had them: the reorthogonalization sums over rows in row order, so another placement
+        changes the last bits of every later step."""
+        order = list(range(len(basis))) if order is None else list(order)
+        if sorted(order) != list(range(len(basis))):
+            raise ValueError(f"order must be a permutation of 0..{len(basis) - 1}, got {order}")
         rows = torch.empty((max(capacity, len(basis)), basis[0].numel()), dtype=basis[0].dtype,
                            device=device or basis[0].device)
-        for row, b in zip(rows, basis):
-            row.copy_(b.reshape(-1))
-        return cls(list(alphas), list(betas), rows, list(range(len(basis))), list(shapes), stopped)
+        for row, b in zip(order, basis):
+            rows[row].copy_(b.reshape(-1))
+        return cls(list(alphas), list(betas), rows, order, list(shapes), stopped)
 
     def reserve(self, capacity: int) -> None:
         """Make room for ``capacity`` vectors at once, so that pushes never grow the matrix."""
