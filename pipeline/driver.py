@@ -113,11 +113,11 @@ def _on_result(task, result, group: int, prepared: Prepared, recorder: Recorder,
         log(f"probe {result.probe_id} done on group {group}: {len(result.alphas)} steps ({result.stopped}{resumed})")
     elif isinstance(result, BlockSpectrumResult):
         recorder.add_block_spectrum(result)
-        scheduler.progress.update(probe_id=result.probe_id, step=1, steps=1, hvp_seconds=None)
+        scheduler.progress.task_done(f"block {result.block} probe {result.probe_id}")
         log(f"block {result.block} probe {result.probe_id} done: {len(result.alphas)} steps ({result.stopped})")
     elif isinstance(result, BlockResult):
         recorder.add_block_probe(result)
-        scheduler.progress.update(probe_id=result.probe_id, step=1, steps=1, hvp_seconds=None)
+        scheduler.progress.task_done(f"block probe {result.probe_id}")
         log(f"block probe {result.probe_id} done: whole block-diagonal error {result.whole_rel_error:.3f}")
 
 

@@ -25,6 +25,7 @@ class Progress:
     def __init__(self, total: int, *, bar: bool = True):
         self.total, self.done, self.last_line = total, 0, 0.0
         self.groups = ""
+        self._high: dict[int, int] = {}  # probe id -> the highest step it has reported
         self.bar = None
         if bar and sys.stderr.isatty():
             from tqdm import tqdm
@@ -35,16 +36,28 @@ class Progress:
         self.groups = f"groups {alive}/{most}"
 
     def update(self, *, probe_id: int, step: int, steps: int, hvp_seconds: float | None) -> None:
-        self.done += 1
-        text = f"probe {probe_id} step {step}/{steps}"
+        """Probe ``probe_id`` finished Lanczos step ``step``. A probe that resumes from a checkpoint after its
+        group was lost redoes the steps since that checkpoint: they are shown but not counted twice."""
+        first_seen = self._high.setdefault(probe_id, step - 1)
+        new = step > first_seen
+        self._high[probe_id] = max(first_seen, step)
+        text = f"probe {probe_id} step {step}/{steps}" + ("" if new else " (redone after a lost group)")
         if hvp_seconds is not None:
             text += f" | last HVP {hvp_seconds:.3f}s"
+        self._advance(text, int(new), last=step == steps)
+
+    def task_done(self, text: str) -> None:
+        """One whole task (a block probe) finished: one progress step."""
+        self._advance(text, 1, last=False)
+
+    def _advance(self, text: str, count: int, *, last: bool) -> None:
+        self.done += count
         if self.groups:
             text += f" | {self.groups}"
         if self.bar is not None:
             self.bar.set_postfix_str(text)
-            self.bar.update(1)
-        elif time.monotonic() - self.last_line > 5 or step == steps:
+            self.bar.update(count)
+        elif time.monotonic() - self.last_line > 5 or last:
             self.last_line = time.monotonic()
             log(f"{self.done}/{self.total} HVP steps | {text}")
 
