@@ -29,9 +29,11 @@ DEFAULT_EPS: dict[torch.dtype, float] = {
     torch.bfloat16: 0.2,
     torch.float16: 5e-2,
 }
-# Steps for the truncation estimate start at LADDER_START * default and grow by LADDER_GROWTH until the
-# difference of the two HVPs stands SIGNAL_TO_NOISE times above the predicted round-off.
+# Steps for the truncation estimate start at LADDER_START * default and grow until the difference of the two
+# HVPs stands SIGNAL_TO_NOISE times above the predicted round-off: the first larger step is sized from a guess
+# of |D3| allowed to be GUESS_MARGIN times too large, later ones grow by LADDER_GROWTH.
 LADDER_START = 16.0
+GUESS_MARGIN = 16.0
 LADDER_GROWTH = 4.0
 LADDER_TRIES = 3
 SIGNAL_TO_NOISE = 10.0
@@ -104,15 +106,19 @@ def _hvp_at(op: FiniteDifferenceHVP, v: Sequence[Tensor], eps: float):
     return op.with_eps(eps).matvec(v)  # the operator is immutable: a copy at eps (sharing its buffers)
 
 
-def _truncation_ladder(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, start: float, roundoff: float):
+def _truncation_ladder(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, start: float, roundoff: float,
+                       grad_norm: float):
     """|D3| from two steps whose HVPs differ SIGNAL_TO_NOISE times above the round-off c / eps.
 
-    Pairs (2e, e), then (4*2e, 2e), ...: each try after the first reuses the previous larger step's HVP.
+    The first HVP, at start / 2, also sizes the larger step: |D3| is guessed as |Hv|^2 / |grad| (the loss's
+    scale along v), and the larger step is the one whose signal would clear the bar even if that guess were
+    GUESS_MARGIN times too large (bounded by ``_sized_step``). A pair that fails is followed by
+    (LADDER_GROWTH * e, e) pairs, each reusing the previous larger step's HVP. One pair (2 HVPs) usually does.
     Returns (|D3| or nan, |Hv| at the smaller step, that HVP, the smaller step)."""
     e_small = start / 2.0
     h_small = _hvp_at(op, v, e_small)
-    e_big = start
-    hv_norm = float("nan")
+    hv_norm = op.space.norm(h_small)
+    e_big = _sized_step(e_small, hv_norm=hv_norm, grad_norm=grad_norm, roundoff=roundoff)
     for _ in range(LADDER_TRIES):
         h_big = _hvp_at(op, v, e_big)
         signal = _distance(op, h_big, h_small)
@@ -122,6 +128,20 @@ def _truncation_ladder(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, start: f
         e_small, h_small = e_big, h_big
         e_big *= LADDER_GROWTH
     return float("nan"), hv_norm, h_small, e_small
+
+
+def _sized_step(e_small: float, *, hv_norm: float, grad_norm: float, roundoff: float) -> float:
+    """The larger ladder step for a pair with ``e_small``: signal (e^2 - e_small^2) |D3| / 6 above
+    SIGNAL_TO_NOISE * roundoff / e_small for |D3| = (|Hv|^2 / |grad|) / GUESS_MARGIN.
+
+    It stays between 2x and 32x e_small and below a quarter of the loss's length scale |grad| / |Hv| along v,
+    where the eps^2 truncation model still holds (a step of that scale measures a |D3| that is far too small)."""
+    lo = 2.0 * e_small
+    if not (hv_norm > 0 and grad_norm > 0 and math.isfinite(hv_norm)):
+        return lo
+    third_guess = hv_norm * hv_norm / grad_norm / GUESS_MARGIN
+    wanted = math.sqrt(6.0 * SIGNAL_TO_NOISE * roundoff / (e_small * third_guess) + e_small * e_small)
+    return max(lo, min(wanted, 32.0 * e_small, 0.25 * grad_norm / hv_norm))
 
 
 def _measured_roundoff(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, h_ref, e_ref: float, third: float) -> float:
@@ -160,7 +180,8 @@ def calibrate_eps(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, eps: float | 
     grad_norm = op.space.norm(grad)
     del grad
     roundoff, roundoff_source = eps_mach * grad_norm, "eps_mach*|grad|"
-    third, hv_norm, h_ref, e_ref = _truncation_ladder(op, v, start=LADDER_START * fallback, roundoff=roundoff)
+    third, hv_norm, h_ref, e_ref = _truncation_ladder(op, v, start=LADDER_START * fallback, roundoff=roundoff,
+                                                     grad_norm=grad_norm)
     measured = math.isfinite(third) and third > 0 and grad_norm > 0
     if measured and compute != dtype:
         c = _measured_roundoff(op, v, h_ref=h_ref, e_ref=e_ref, third=third)
