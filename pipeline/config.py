@@ -407,3 +407,20 @@ def _check_precision(model: ModelConfig) -> None:
     if compute is not None and _BITS[compute] > _BITS[model.dtype]:
         raise ConfigError(f"model.compute_dtype={compute} is wider than model.dtype={model.dtype}; set "
                           f"model.dtype={compute} (the master parameters) or a compute_dtype of at most {model.dtype}")
+
+
+def reference_table() -> str:
+    """README.md's configuration table (key | default | meaning), from the declarations, in their order."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{name}` | {_shown_default(f)} | {f.metadata['doc']} |" for name, f, _ in config_keys()]
+    return "\n".join(rows)
+
+
+def _shown_default(f: dataclasses.Field) -> str:
+    """The default as YAML would be written: null, true, 120; "-" for a key that must be given."""
+    if f.metadata["required"] and f.default is None:
+        return "-"
+    value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if value is None or isinstance(value, (bool, dict, list)):
+        return json.dumps(value)
+    return f"{value:g}" if isinstance(value, float) else str(value)

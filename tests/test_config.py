@@ -1,4 +1,5 @@
-"""Config presets parse and validate; overrides are typed; the bounds declared with each key are enforced."""
+"""Config presets parse and validate; overrides are typed; the bounds declared with each key are enforced, and
+the README's configuration table is the one generated from the declarations."""
 
 import glob
 import json
@@ -7,10 +8,11 @@ import re
 
 import pytest
 
-from pipeline.config import ConfigError, config_keys, load_config
+from pipeline.config import ConfigError, config_keys, load_config, reference_table
 
 PRESETS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
 DEMO = ["model.path=builtin:demo", "data.path=builtin:demo"]
+README = os.path.join(os.path.dirname(__file__), "..", "README.md")
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=os.path.basename)
@@ -54,3 +56,15 @@ def test_every_declared_bound_is_enforced():
             if f.metadata[bound] is not None:
                 with pytest.raises(ConfigError, match=rf"^{re.escape(name)} must be "):
                     load_config(None, DEMO + [f"{name}={f.metadata[bound] + step}"])
+
+
+def test_every_key_has_a_one_line_doc():
+    for name, f, _ in config_keys():
+        doc = f.metadata.get("doc", "")
+        assert doc.strip() and "\n" not in doc and "|" not in doc, f"{name}: doc {doc!r}"
+
+
+def test_readme_table_is_the_generated_one():
+    text = open(README).read()
+    table = text.split("<!-- config-table:begin -->\n")[1].split("\n<!-- config-table:end -->")[0]
+    assert table == reference_table(), "README.md is stale: paste `hessian-spectrum config-table` between the markers"
