@@ -1,4 +1,4 @@
-"""The ``hessian-spectrum`` command: run, sweep, hvp-error, bench, plan, compare, report, plot, show.
+"""The ``hessian-spectrum`` command: run, sweep, hvp-error, bench, plan, compare, report, plot, show, config-table.
 
 Exit status 0 success, 2 invalid input (before anything expensive starts), 1 other failure, 128 + the signal's
 number when stopped by SIGINT (130) or SIGTERM (143)."""
@@ -11,7 +11,7 @@ import os
 import sys
 
 from . import signals
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, reference_table
 from .signals import as_interrupted
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
@@ -83,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="an earlier run whose timing.grad_seconds predicts the wall time")
     s = sub.add_parser("show", help="print a run's summary")
     s.add_argument("run_dir")
+    sub.add_parser("config-table", help="print README.md's configuration table from the config's declarations")
     return p
 
 
@@ -212,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                                from_run=args.from_run))
         elif args.command == "show":
             print(format_summary(_read_run(args.run_dir), args.run_dir))
+        elif args.command == "config-table":
+            print(reference_table())
         return EXIT_OK
     except ConfigError as e:
         print(f"hessian-spectrum: error: {e}", file=sys.stderr)
