@@ -4,6 +4,7 @@ recorder of everything that finishes. Each piece is its own module; this one onl
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from actors.records import (BlockResult, BlockSpectrumResult, BlockSpectrumTask, BlockTask, Calibration, ProbeResult,
                             ProbeTask)
@@ -36,12 +37,11 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
     scheduler = progress = None
     stopped = False  # a signal or the sweep asked the run to stop: its groups are killed, not drained
     try:
+        verdict = _plan_verdict_in_background(prepared) if name is None else None  # a sweep's points share one
         if own_ray:
             connect_ray(prepared.config)
-        if name is None:  # a sweep's points share one plan
-            from .plan import verdict_line
-
-            log(verdict_line(prepared.config, model_path=prepared.model_path))
+        if verdict is not None:
+            log(verdict())  # after Ray is up: a refused cluster.address stays a one-line error
         cl = prepared.config.cluster
         log(f"requesting {cl.num_groups} group(s) x {cl.num_workers} worker(s) (at least {prepared.config.min_groups()} "
             f"alive)")
@@ -71,6 +71,22 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
             scheduler.shutdown(graceful=not (stopped or (cancel is not None and cancel.is_set())))
         if own_ray and ray.is_initialized():
             ray.shutdown()
+
+
+def _plan_verdict_in_background(prepared: Prepared) -> Callable[[], str]:
+    """Start the plan's verdict (tracing the model on fake tensors takes seconds) while Ray starts; the returned
+    function waits for the line. A daemon thread: a run that fails meanwhile does not wait for it."""
+    from .plan import verdict_line
+
+    line: list[str] = []
+    thread = threading.Thread(target=lambda: line.append(verdict_line(prepared.config, model_path=prepared.model_path)),
+                              name="plan-verdict", daemon=True)
+    thread.start()
+
+    def result() -> str:
+        thread.join()
+        return line[0] if line else "plan: unavailable"
+    return result
 
 
 def _use_calibration(calibration: Calibration, prepared: Prepared, recorder: Recorder, scheduler: Scheduler) -> None:
