@@ -147,74 +147,92 @@ def format_summary(info: dict, run_dir: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def _run(args) -> None:
+    from .output_lock import OutputLock
+
+    config = load_config(args.config, args.overrides)
+    with OutputLock(config.output_dir):  # before the heavy imports: a second run is refused at once
+        from .driver import preflight, run
+        from .preflight import finished_run
+
+        info = None if args.fresh else finished_run(config)
+        if info is not None:
+            print(format_summary(info))
+            print(f"{config.output_dir} already holds this run, complete; --fresh recomputes it")
+            return
+        info = run(preflight(config, fresh=args.fresh))
+    print(format_summary(info))
+    print(f"results in {config.output_dir}")
+
+
+def _bench(args) -> None:
+    from .bench import bench
+
+    if args.repeats < 1 or args.runs < 1:
+        raise ConfigError(f"--repeats and --runs must be >= 1, got {args.repeats} and {args.runs}")
+    variants = tuple(load_config(args.config, args.overrides + [v]) for v in args.variant)
+    bench(load_config(args.config, args.overrides), repeats=args.repeats, out_dir=args.output, runs=args.runs,
+          layouts=_layouts(args.layouts), kernels=not args.no_kernels,
+          peers=tuple(p for p in args.peers.split(",") if p), variants=variants)
+
+
+def _sweep(args) -> None:
+    from .sweep import sweep
+
+    sweep(args.config, args.overrides, args.grid, parallel=args.parallel, fresh=args.fresh, reference=args.reference)
+
+
+def _hvp_error(args) -> None:
+    from .hvp_error import hvp_error
+
+    hvp_error(load_config(args.config, args.overrides), eps_text=args.eps, out_dir=args.output)
+
+
+def _compare(args) -> None:
+    from .compare import compare
+
+    compare(args.run_dirs, out_dir=args.output, reference=args.reference, include_partial=args.include_partial)
+
+
+def _report(args) -> None:
+    from .report import write_report
+
+    print(f"wrote {write_report(args.folder, output=args.output)}")
+
+
+def _plot(args) -> None:
+    if args.run_dir.endswith(".parquet"):  # a training run's time series
+        from .timeseries import plot_timeseries
+
+        if not os.path.isfile(args.run_dir):
+            raise ConfigError(f"{args.run_dir!r} does not exist")
+        print(f"wrote {plot_timeseries(args.run_dir, output=args.output)}")
+        return
+    from .driver import draw_plots
+
+    _read_run(args.run_dir)
+    written = draw_plots(args.run_dir)
+    print("wrote " + (", ".join(written) if written else "nothing (no tables yet)"))
+
+
+def _plan(args) -> None:
+    from .plan import plan_command
+
+    print(plan_command(load_config(args.config, args.overrides), device_memory=args.device_memory,
+                       from_run=args.from_run))
+
+
+COMMANDS = {"run": _run, "bench": _bench, "sweep": _sweep, "hvp-error": _hvp_error, "compare": _compare,
+            "report": _report, "plot": _plot, "plan": _plan,
+            "show": lambda args: print(format_summary(_read_run(args.run_dir), args.run_dir)),
+            "config-table": lambda args: print(reference_table())}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     signals.install()
     try:
-        if args.command == "run":
-            from .output_lock import OutputLock
-
-            config = load_config(args.config, args.overrides)
-            with OutputLock(config.output_dir):  # before the heavy imports: a second run is refused at once
-                from .driver import preflight, run
-                from .preflight import finished_run
-
-                info = None if args.fresh else finished_run(config)
-                if info is not None:
-                    print(format_summary(info))
-                    print(f"{config.output_dir} already holds this run, complete; --fresh recomputes it")
-                    return EXIT_OK
-                prepared = preflight(config, fresh=args.fresh)
-                info = run(prepared)
-            print(format_summary(info))
-            print(f"results in {config.output_dir}")
-        elif args.command == "bench":
-            from .bench import bench
-
-            if args.repeats < 1 or args.runs < 1:
-                raise ConfigError(f"--repeats and --runs must be >= 1, got {args.repeats} and {args.runs}")
-            variants = tuple(load_config(args.config, args.overrides + [v]) for v in args.variant)
-            bench(load_config(args.config, args.overrides), repeats=args.repeats, out_dir=args.output, runs=args.runs,
-                  layouts=_layouts(args.layouts), kernels=not args.no_kernels,
-                  peers=tuple(p for p in args.peers.split(",") if p), variants=variants)
-        elif args.command == "sweep":
-            from .sweep import sweep
-
-            sweep(args.config, args.overrides, args.grid, parallel=args.parallel, fresh=args.fresh,
-                  reference=args.reference)
-        elif args.command == "hvp-error":
-            from .hvp_error import hvp_error
-
-            hvp_error(load_config(args.config, args.overrides), eps_text=args.eps, out_dir=args.output)
-        elif args.command == "compare":
-            from .compare import compare
-
-            compare(args.run_dirs, out_dir=args.output, reference=args.reference, include_partial=args.include_partial)
-        elif args.command == "report":
-            from .report import write_report
-
-            print(f"wrote {write_report(args.folder, output=args.output)}")
-        elif args.command == "plot" and args.run_dir.endswith(".parquet"):
-            from .timeseries import plot_timeseries
-
-            if not os.path.isfile(args.run_dir):
-                raise ConfigError(f"{args.run_dir!r} does not exist")
-            print(f"wrote {plot_timeseries(args.run_dir, output=args.output)}")
-        elif args.command == "plot":
-            from .driver import draw_plots
-
-            _read_run(args.run_dir)
-            written = draw_plots(args.run_dir)
-            print("wrote " + (", ".join(written) if written else "nothing (no tables yet)"))
-        elif args.command == "plan":
-            from .plan import plan_command
-
-            print(plan_command(load_config(args.config, args.overrides), device_memory=args.device_memory,
-                               from_run=args.from_run))
-        elif args.command == "show":
-            print(format_summary(_read_run(args.run_dir), args.run_dir))
-        elif args.command == "config-table":
-            print(reference_table())
+        COMMANDS[args.command](args)
         return EXIT_OK
     except ConfigError as e:
         print(f"hessian-spectrum: error: {e}", file=sys.stderr)

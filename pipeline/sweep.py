@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import os
 import re
 import threading
@@ -178,26 +177,49 @@ def sweep(config_path: str, overrides: list[str], grid_specs: list[str], *, para
 
 def _sweep(config_path, overrides, grid, base, points, concurrency, point_locks, *, fresh, reference) -> list[dict]:
     """The sweep with its folder locked; each point's folder is locked too before it is preflighted."""
-    from .driver import run
-    from .preflight import preflight
     from .progress import log
-    from .ray_connection import connect_ray
 
+    out_dir = base.output_dir
+    sweep_info = _sweep_record(config_path, overrides, grid, base, points, fresh=fresh)
+    # everything that can be refused is refused before Ray starts: paths, data, each point's folder
+    rows, todo = _prepare_points(points, concurrency, point_locks, fresh=fresh)
+    sweep_info["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    write_json(os.path.join(out_dir, SWEEP_FILE), sweep_info)
+
+    def update(point: Point | None = None, row: dict | None = None) -> None:
+        if point is not None:
+            rows[point.name] = row
+        _write_index(out_dir, grid, [rows[p.name] for p in points])
+
+    update()
+    log(f"sweep: {len(points)} point(s), {len(points) - len(todo)} already finished, "
+        f"{min(concurrency, max(len(todo), 1))} at a time")
+    if todo:
+        _run_points(todo, concurrency, update, total=len(points), rows=rows)
+    return _finish_sweep([rows[p.name] for p in points], sweep_info, out_dir=out_dir, reference=reference)
+
+
+def _sweep_record(config_path, overrides, grid, base, points, *, fresh: bool) -> dict:
+    """sweep.json's content; refuses a folder that holds a single run or (without --fresh) another sweep."""
     out_dir = base.output_dir
     if os.path.exists(os.path.join(out_dir, "run.json")) and not fresh:
         raise ConfigError(f"output_dir {out_dir!r} holds a single run; use another output_dir for a sweep")
     os.makedirs(out_dir, exist_ok=True)
-    sweep_info_path = os.path.join(out_dir, SWEEP_FILE)
     sweep_info = {"config_file": os.path.abspath(config_path), "overrides": list(overrides),
                   "grid": [[k, v] for k, v in grid], "points": [p.name for p in points],
                   "base_config": base.to_dict()}
-    if os.path.exists(sweep_info_path) and not fresh:
-        with open(sweep_info_path) as f:
-            previous = json.load(f)
-        if {k: previous.get(k) for k in ("grid", "base_config")} != {k: sweep_info[k] for k in ("grid", "base_config")}:
-            raise ConfigError(f"output_dir {out_dir!r} holds a different sweep; use another output_dir or --fresh")
+    previous = None if fresh else read_json(os.path.join(out_dir, SWEEP_FILE))
+    if previous is not None and ({k: previous.get(k) for k in ("grid", "base_config")}
+                                 != {k: sweep_info[k] for k in ("grid", "base_config")}):
+        raise ConfigError(f"output_dir {out_dir!r} holds a different sweep; use another output_dir or --fresh")
+    return sweep_info
 
-    # everything that can be refused is refused before Ray starts: paths, data, each point's folder
+
+def _prepare_points(points, concurrency: int, point_locks, *, fresh: bool) -> tuple[dict[str, dict], list]:
+    """Index rows of every point and the (point, Prepared) pairs still to run, each point's folder locked and
+    preflighted (a point's bad input names the point)."""
+    from .preflight import preflight
+
     rows: dict[str, dict] = {}
     todo = []
     for point in points:
@@ -213,65 +235,72 @@ def _sweep(config_path, overrides, grid, base, points, concurrency, point_locks,
         _share_cores(prepared, concurrency)
         todo.append((point, prepared))
         rows[point.name] = _row(point, None, None)
-    sweep_info["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    write_json(sweep_info_path, sweep_info)
+    return rows, todo
 
-    def ordered() -> list[dict]:
-        return [rows[p.name] for p in points]
 
-    _write_index(out_dir, grid, ordered())
-    log(f"sweep: {len(points)} point(s), {len(points) - len(todo)} already finished, "
-        f"{min(concurrency, max(len(todo), 1))} at a time")
+def _run_points(todo, concurrency: int, update, *, total: int, rows: dict[str, dict]) -> None:
+    """The unfinished points, ``concurrency`` at a time on one Ray; ``update(point, row)`` as each ends."""
+    import ray
 
-    if todo:
-        import ray
+    from .ray_connection import connect_ray
 
-        widest = max(p.config.cluster.num_workers * prepared.worker_cpus() for p, prepared in todo)
-        connect_ray(todo[0][0].config, need_cpus=concurrency * widest)
+    widest = max(p.config.cluster.num_workers * prepared.worker_cpus() for p, prepared in todo)
+    connect_ray(todo[0][0].config, need_cpus=concurrency * widest)
+    try:
+        for point, _ in todo:
+            _write_point_config(point)
+        pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sweep")
+        cancel = threading.Event()
         try:
-            for point, _ in todo:
-                _write_point_config(point)
-            pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sweep")
-            cancel = threading.Event()
-            try:
-                futures = {pool.submit(run, prepared, name=point.name, own_ray=False, cancel=cancel): point
-                           for point, prepared in todo}
-                for future in as_completed(futures):
-                    point = futures[future]
-                    error = None
-                    try:
-                        future.result()
-                    except Exception as e:  # noqa: BLE001 - one failed point does not stop the others
-                        error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-                        log(f"sweep point {point.name} failed: {error}")
-                    rows[point.name] = _row(point, read_json(os.path.join(point.config.output_dir, "run.json")),
-                                            error)
-                    _write_index(out_dir, grid, ordered())
-                    log(f"sweep: {sum(r['status'] == 'complete' for r in rows.values())}/{len(points)} complete")
-            except BaseException as err:
-                # Ctrl-C or SIGTERM: the running points stop at their next poll, keeping their checkpoints for a
-                # resume; Ray is shut down only after them (a thread touching Ray after shutdown kills the process)
-                cancel.reason = err  # the points record the signal that stopped them
-                cancel.set()
-                log("sweep: interrupted; stopping the running points (Ctrl-C again to stop at once)")
-                pool.shutdown(wait=True, cancel_futures=True)
-                for point, _ in todo:
-                    info = read_json(os.path.join(point.config.output_dir, "run.json"))
-                    if info is not None:
-                        rows[point.name] = _row(point, info, None)
-                _write_index(out_dir, grid, ordered())
-                raise
-            pool.shutdown()
-        finally:
-            if ray.is_initialized():
-                ray.shutdown()
+            _collect_points(pool, todo, cancel, update, total=total, rows=rows)
+        except BaseException as err:
+            # Ctrl-C or SIGTERM: the running points stop at their next poll, keeping their checkpoints for a
+            # resume; Ray is shut down only after them (a thread touching Ray after shutdown kills the process)
+            from .progress import log
 
-    result = ordered()
+            cancel.reason = err  # the points record the signal that stopped them
+            cancel.set()
+            log("sweep: interrupted; stopping the running points (Ctrl-C again to stop at once)")
+            pool.shutdown(wait=True, cancel_futures=True)
+            for point, _ in todo:
+                info = read_json(os.path.join(point.config.output_dir, "run.json"))
+                if info is not None:
+                    rows[point.name] = _row(point, info, None)
+            update()
+            raise
+        pool.shutdown()
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def _collect_points(pool, todo, cancel, update, *, total: int, rows: dict[str, dict]) -> None:
+    from .driver import run
+    from .progress import log
+
+    futures = {pool.submit(run, prepared, name=point.name, own_ray=False, cancel=cancel): point
+               for point, prepared in todo}
+    for future in as_completed(futures):
+        point = futures[future]
+        error = None
+        try:
+            future.result()
+        except Exception as e:  # noqa: BLE001 - one failed point does not stop the others
+            error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+            log(f"sweep point {point.name} failed: {error}")
+        update(point, _row(point, read_json(os.path.join(point.config.output_dir, "run.json")), error))
+        log(f"sweep: {sum(r['status'] == 'complete' for r in rows.values())}/{total} complete")
+
+
+def _finish_sweep(result: list[dict], sweep_info: dict, *, out_dir: str, reference: str | None) -> list[dict]:
+    """Print the index, record the end in sweep.json and compare the points that have a spectrum."""
+    from .progress import log
+
     print(format_index(result))
     failed = [r["run"] for r in result if r["status"] != "complete"]
     sweep_info["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     sweep_info["failed"] = failed
-    write_json(sweep_info_path, sweep_info)
+    write_json(os.path.join(out_dir, SWEEP_FILE), sweep_info)
     # points without SLQ (lanczos.probes: 0, block studies) have no spectrum to compare
     with_spectrum = [r["run"] for r in result
                      if r["status"] == "complete" and os.path.exists(os.path.join(out_dir, r["run"], "ritz.parquet"))]
@@ -284,7 +313,7 @@ def _sweep(config_path, overrides, grid, base, points, concurrency, point_locks,
         compare([os.path.join(out_dir, n) for n in with_spectrum], out_dir=out_dir,
                 reference=reference if reference in with_spectrum else None)
     if failed:
-        raise RuntimeError(f"{len(failed)} of {len(points)} sweep point(s) failed: {', '.join(failed)}; "
+        raise RuntimeError(f"{len(failed)} of {len(result)} sweep point(s) failed: {', '.join(failed)}; "
                            f"run the same command again to resume them")
     print(f"sweep results in {out_dir}")
     return result
