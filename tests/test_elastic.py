@@ -176,26 +176,39 @@ def more_batches(config: str) -> str:
     return config
 
 
+def _cross_size_common(model: str, data: str, workers: int) -> dict:
+    # full reorthogonalization: a windowed run amplifies reduction-order differences over 60 steps
+    return dict(model=model, data=data, lanczos={"steps": 60, "probes": 1, "reorth": "full"},
+                checkpoint={"every": 1}, cluster={"num_workers": workers, "cpus_per_worker": 1})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The same run on 1 and on 2 ranks, uninterrupted: the references of both directions of a move."""
+    root = tmp_path_factory.mktemp("cross-size")
+    model, _ = assets(str(root))
+    data = write_input_ids(str(root / "more.parquet"), sequences=32)
+    refs = {}
+    for workers in (1, 2):
+        ref = more_batches(write_config(str(root / f"w{workers}.yaml"), output_dir=str(root / f"w{workers}"),
+                                        **_cross_size_common(model, data, workers)))
+        assert main(["run", ref]) == 0
+        refs[workers] = tables(root / f"w{workers}")
+    return model, data, refs
+
+
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
-def test_a_checkpoint_moves_between_group_sizes(tmp_path, before, after):
-    model, _ = assets(str(tmp_path))
-    data = write_input_ids(str(tmp_path / "more.parquet"), sequences=32)
-    common = dict(model=model, data=data,
-                  # full reorthogonalization: a windowed run amplifies reduction-order differences over 60 steps
-                  lanczos={"steps": 60, "probes": 1, "reorth": "full"},
-                  checkpoint={"every": 1}, cluster={"num_workers": before, "cpus_per_worker": 1})
-    config = more_batches(write_config(str(tmp_path / "moved.yaml"), output_dir=str(tmp_path / "moved"), **common))
+def test_a_checkpoint_moves_between_group_sizes(tmp_path, before, after, uninterrupted):
+    model, data, refs = uninterrupted
+    config = more_batches(write_config(str(tmp_path / "moved.yaml"), output_dir=str(tmp_path / "moved"),
+                                       **_cross_size_common(model, data, before)))
     at = _kill_when_checkpointed(config, tmp_path / "moved")
     assert main(["run", config, "--set", f"cluster.num_workers={after}"]) == 0
     info = run_json(tmp_path / "moved")
     assert info["status"] == "complete" and info["resumed_from"]["checkpoint_steps"]["0"] >= at
     moved = tables(tmp_path / "moved")
 
-    for workers, name in ((before, "before"), (after, "after")):
-        ref = more_batches(write_config(str(tmp_path / f"{name}.yaml"), output_dir=str(tmp_path / name),
-                                        **{**common, "cluster": {"num_workers": workers, "cpus_per_worker": 1}}))
-        assert main(["run", ref]) == 0
-    first, second = tables(tmp_path / "before"), tables(tmp_path / "after")
+    first, second = refs[before], refs[after]
     k = info["resumed_from"]["checkpoint_steps"]["0"]
     for m, b, a in zip(moved, first, second):
         assert np.array_equal(m[:k], b[:k])  # the checkpointed steps, as the first group computed them

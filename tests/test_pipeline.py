@@ -23,7 +23,7 @@ def runs(tmp_path_factory):
     out = {}
     for name, (groups, workers) in LAYOUTS.items():
         config = write_config(str(tmp / f"{name}.yaml"), model=model, data=data, output_dir=str(tmp / name),
-                              cluster={"num_groups": groups, "num_workers": workers},
+                              cluster={"num_groups": groups, "num_workers": workers}, hvp={"eps": "auto"},
                               blocks={"enabled": name == "1x2", "probes": 2})
         assert main(["run", config]) == 0
         out[name] = str(tmp / name)
@@ -40,14 +40,24 @@ def lanczos_table(run_dir):
     return pq.read_table(os.path.join(run_dir, "lanczos.parquet")).to_pandas().sort_values(["probe_id", "step"])
 
 
-def test_layouts_give_the_same_alpha_beta(runs):
+def test_layouts_give_the_same_alpha_beta_and_the_same_auto_eps(runs):
     reference = lanczos_table(runs["1x1"])
     assert reference.probe_id.nunique() == 2 and len(reference) == 60
+    eps = {}
+    for name in LAYOUTS:
+        info = json.load(open(os.path.join(runs[name], "run.json")))
+        eps[name] = info["eps"]
+        assert info["eps_calibration"]["source"] == "auto"
+        if name != "1x2":  # (which also runs the block analysis) a fresh auto-eps run: every probe step plus
+            assert 60 + 2 <= info["timing"]["hvp_count"] <= 60 + 4  # only the calibration's extra HVPs (2-4)
+    assert len(set(eps.values())) == 1, eps  # two significant digits: reduction order cannot move it
     for name in ("1x2", "2x1"):
         other = lanczos_table(runs[name])
         for col in ("alpha", "beta"):
             a, b = other[col].to_numpy(), reference[col].to_numpy()
-            assert np.linalg.norm(a - b) / np.linalg.norm(b) <= 1e-10, (name, col)
+            # reduction-order differences of the gradients, divided by the float64 auto eps (~5e-5) and carried
+            # through 30 steps: 2e-10 measured; anything wrong in sharding or in the probes is O(1)
+            assert np.linalg.norm(a - b) / np.linalg.norm(b) <= 1e-9, (name, col)
 
 
 def test_parquet_schemas_and_config_metadata(runs):
@@ -78,7 +88,7 @@ def test_parquet_schemas_and_config_metadata(runs):
 
 def test_run_json_records_status_summary_and_timing(runs):
     info = json.load(open(os.path.join(runs["2x1"], "run.json")))
-    assert info["status"] == "complete" and info["num_params"] == 1128 and info["eps"] == 1e-3
+    assert info["status"] == "complete" and info["num_params"] == 1128 and info["eps"] == info["eps_calibration"]["eps"] > 0
     assert set(info["versions"]) == {"python", "torch", "transformers", "ray"}
     assert set(info["summary"]) >= {"lambda_max", "lambda_min", "trace", "trace_stderr"}
     t = info["timing"]
@@ -173,22 +183,3 @@ def test_a_fixed_eps_without_assessment_costs_exactly_the_slq_hvps(tmp_path):
     assert info["timing"]["grad_seconds"] > 0
 
 
-def test_auto_eps_is_the_same_on_every_layout(tmp_path):
-    model, data = assets(str(tmp_path))
-    tables, eps = {}, {}
-    for name, (groups, workers) in LAYOUTS.items():
-        config = write_config(str(tmp_path / f"{name}.yaml"), model=model, data=data, output_dir=str(tmp_path / name),
-                              cluster={"num_groups": groups, "num_workers": workers}, hvp={"eps": "auto"},
-                              lanczos={"steps": 12, "probes": 1})
-        assert main(["run", config]) == 0
-        info = json.load(open(tmp_path / name / "run.json"))
-        eps[name] = info["eps"]
-        assert info["eps_calibration"]["source"] == "auto"
-        # fresh default run: every probe step plus only the calibration's own extra HVPs (2-4)
-        assert 12 + 2 <= info["timing"]["hvp_count"] <= 12 + 4
-        tables[name] = lanczos_table(str(tmp_path / name))
-    assert len(set(eps.values())) == 1, eps  # two significant digits: reduction order cannot move it
-    for name in ("1x2", "2x1"):
-        for col in ("alpha", "beta"):
-            a, b = tables[name][col].to_numpy(), tables["1x1"][col].to_numpy()
-            assert np.linalg.norm(a - b) / np.linalg.norm(b) <= 1e-9, (name, col)  # the layouts test's measure
