@@ -16,7 +16,7 @@ from pipeline.output_lock import LOCK_NAME
 from pipeline_fixtures import assets, write_config
 from proc_tools import alive, descendants, kill_all
 
-STEPS = 200
+STEPS = 100
 
 
 def test_resume_after_driver_sigkill_gives_identical_alpha_beta_with_fewer_hvps(tmp_path, capsys):

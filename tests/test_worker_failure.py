@@ -18,7 +18,7 @@ def test_run_survives_a_worker_sigkill_mid_probe(tmp_path):
     model, data = assets(str(tmp_path))
     common = dict(model=model, data=data, cluster={"num_workers": 2, "max_failures": 0,
                                                    "collective_timeout_seconds": 30},
-                  lanczos={"steps": 120, "probes": 2, "reorth": "window", "window": 4})
+                  lanczos={"steps": 60, "probes": 2, "reorth": "window", "window": 4})
     killed_cfg = write_config(str(tmp_path / "killed.yaml"), output_dir=str(tmp_path / "killed"), **common)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", killed_cfg], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -49,6 +49,6 @@ def test_run_survives_a_worker_sigkill_mid_probe(tmp_path):
     assert main(["run", clean_cfg]) == 0
     killed = pq.read_table(tmp_path / "killed" / "lanczos.parquet").to_pandas()
     clean = pq.read_table(tmp_path / "clean" / "lanczos.parquet").to_pandas()
-    assert len(killed) == len(clean) == 240
+    assert len(killed) == len(clean) == 120
     for col in ("alpha", "beta"):
         assert np.array_equal(killed[col].to_numpy(), clean[col].to_numpy()), col
