@@ -93,9 +93,21 @@ def test_cli_usage_errors_exit_2(capsys):
     assert info.value.code == 2
 
 
-def test_auto_address_without_a_cluster_is_refused_quickly(files, tmp_path, capsys):
+def test_auto_address_without_a_cluster_is_refused_quickly(files, tmp_path, capsys, monkeypatch):
     import time
 
+    import ray._private.services as services
+    import ray._private.utils as ray_utils
+
+    # a machine without a cluster, even when someone's `ray start` runs beside the tests: "auto" would join any
+    # Ray whose GCS process it finds, or the one in the address file
+    def no_gcs() -> list:
+        return []
+
+    no_gcs.cache_clear = lambda: None  # Ray clears the discovery cache through the function
+    monkeypatch.setattr(services, "find_gcs_addresses", no_gcs)
+    monkeypatch.setattr(ray_utils, "read_ray_address", lambda temp_dir=None: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     config = write_config(str(tmp_path / "c.yaml"), model=files["model"], data=files["data"],
                           output_dir=str(tmp_path / "out"), cluster={"address": "auto"})
     started = time.monotonic()
