@@ -38,9 +38,9 @@ class Progress:
     def update(self, *, probe_id: int, step: int, steps: int, hvp_seconds: float | None) -> None:
         """Probe ``probe_id`` finished Lanczos step ``step``. A probe that resumes from a checkpoint after its
         group was lost redoes the steps since that checkpoint: they are shown but not counted twice."""
-        first_seen = self._high.setdefault(probe_id, step - 1)
-        new = step > first_seen
-        self._high[probe_id] = max(first_seen, step)
+        high = self._high.setdefault(probe_id, step - 1)  # a probe first seen at step s resumed from s - 1
+        new = step > high
+        self._high[probe_id] = max(high, step)
         text = f"probe {probe_id} step {step}/{steps}" + ("" if new else " (redone after a lost group)")
         if hvp_seconds is not None:
             text += f" | last HVP {hvp_seconds:.3f}s"
