@@ -122,10 +122,10 @@ def _truncation_ladder(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, start: f
     for _ in range(LADDER_TRIES):
         h_big = _hvp_at(op, v, e_big)
         signal = _distance(op, h_big, h_small)
-        hv_norm = op.space.norm(h_small)
         if math.isfinite(signal) and signal > SIGNAL_TO_NOISE * roundoff / e_small:
             return 6.0 * signal / (e_big * e_big - e_small * e_small), hv_norm, h_small, e_small
         e_small, h_small = e_big, h_big
+        hv_norm = op.space.norm(h_small)
         e_big *= LADDER_GROWTH
     return float("nan"), hv_norm, h_small, e_small
 
