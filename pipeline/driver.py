@@ -34,7 +34,7 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
     set_run_name(name)
     recorder = Recorder(prepared)
     recorder.save_info()
-    scheduler = progress = None
+    scheduler = progress = stopping_ray = None
     stopped = False  # a signal or the sweep asked the run to stop: its groups are killed, not drained
     try:
         verdict = _plan_verdict_in_background(prepared) if name is None else None  # a sweep's points share one
@@ -55,7 +55,13 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
         else:
             _use_calibration(calibration, prepared, recorder, scheduler)
         scheduler.run(lambda task, result, slot: _on_result(task, result, slot.index, prepared, recorder, scheduler))
-        recorder.complete(failures_recovered=scheduler.failures)
+        failures = scheduler.failures
+        progress.close()
+        scheduler.shutdown(graceful=True)
+        progress = scheduler = None
+        if own_ray:  # Ray's processes take a second or two to stop: meanwhile the tables and plots are written
+            stopping_ray = _shutdown_ray_in_background()
+        recorder.complete(failures_recovered=failures)
         return recorder.info
     except KeyboardInterrupt as err:
         stopped = True
@@ -69,8 +75,18 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
             progress.close()
         if scheduler is not None:
             scheduler.shutdown(graceful=not (stopped or (cancel is not None and cancel.is_set())))
-        if own_ray and ray.is_initialized():
+        if stopping_ray is not None:
+            stopping_ray.join()
+        elif own_ray and ray.is_initialized():
             ray.shutdown()
+
+
+def _shutdown_ray_in_background() -> threading.Thread:
+    import ray
+
+    thread = threading.Thread(target=ray.shutdown, name="ray-shutdown")
+    thread.start()
+    return thread
 
 
 def _plan_verdict_in_background(prepared: Prepared) -> Callable[[], str]:
