@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from hessian_core import (FiniteDifferenceHVP, LanczosState, ParamSpace, accumulate_gradient, block_diagonal_metrics,
-                          calibrate_eps, lanczos, lanczos_start, latest_complete_step, load_lanczos_state,
+                          calibrate, lanczos, lanczos_start, latest_complete_step, load_lanczos_state,
                           parameter_blocks, probe_vector)
 from hessian_core.block_spectra import block_spectrum
 from hessian_core.checkpoint import CheckpointWriter
@@ -135,14 +135,16 @@ class Worker:
         start = self._start_vector(seed=task.seed, probe_id=task.probe_id, vector_dtype=task.vector_dtype)
         q0 = start.vector(start.rows[0])
         calls = op.calls
-        choice = calibrate_eps(op, q0, eps=fixed_eps, compute_dtype=self.compute_dtype)
+        calibrated = calibrate(op, q0, eps=fixed_eps, compute_dtype=self.compute_dtype)
+        choice, hv, seconds = calibrated.choice, calibrated.hvp, calibrated.hvp_seconds
         op = self._operator(choice.eps, task.scheme)
-        self._sync()
-        t = time.perf_counter()
-        hv = op.matvec(q0)
-        self._sync()
-        self._kept_matvec = (task.probe_id, task.seed, task.vector_dtype, choice.eps, task.scheme, hv,
-                             time.perf_counter() - t)
+        if hv is None:  # the chosen eps is none of the ladder's steps: one more HVP, kept all the same
+            self._sync()
+            t = time.perf_counter()
+            hv = op.matvec(q0)
+            self._sync()
+            seconds = time.perf_counter() - t
+        self._kept_matvec = (task.probe_id, task.seed, task.vector_dtype, choice.eps, task.scheme, hv, seconds)
         return Calibration(**choice.as_dict(), hvp_count=op.calls - calls, first_matvec_kept=True)
 
     def gradient_seconds(self, *, repeats: int, warmup: bool = True) -> float:

@@ -5,8 +5,8 @@ from .api import SpectrumResult, analyze, append_row, preserved_state
 from .block_spectra import BlockOperator, block_space, block_spectrum
 from .blocks import BlockMetrics, block_diagonal_metrics, parameter_blocks
 from .checkpoint import latest_complete_step, load_lanczos_state, save_lanczos_state
-from .eps import (DEFAULT_EPS, EpsChoice, HVPErrorStudy, calibrate_eps, default_eps, error_model, hvp_error_study,
-                  optimal_eps, predicted_error)
+from .eps import (DEFAULT_EPS, Calibrated, EpsChoice, HVPErrorStudy, calibrate, calibrate_eps, default_eps,
+                  error_model, hvp_error_study, optimal_eps, predicted_error)
 from .hvp import ExactHVPUnavailable, FiniteDifferenceHVP, exact_hvp
 from .lanczos import LanczosResult, LanczosState, lanczos, lanczos_start, lanczos_step
 from .loss import (IGNORE_INDEX, AnalysisLoss, BatchSet, accumulate_gradient, as_batch, causal_lm_loss, counted_tokens,
@@ -23,8 +23,8 @@ __all__ = [
     "BlockOperator", "block_space", "block_spectrum",
     "BlockMetrics", "block_diagonal_metrics", "parameter_blocks",
     "latest_complete_step", "load_lanczos_state", "save_lanczos_state",
-    "DEFAULT_EPS", "EpsChoice", "HVPErrorStudy", "calibrate_eps", "default_eps", "error_model", "hvp_error_study",
-    "optimal_eps",
+    "DEFAULT_EPS", "Calibrated", "EpsChoice", "HVPErrorStudy", "calibrate", "calibrate_eps", "default_eps",
+    "error_model", "hvp_error_study", "optimal_eps",
     "predicted_error",
     "ExactHVPUnavailable", "FiniteDifferenceHVP", "exact_hvp",
     "LanczosResult", "LanczosState", "lanczos", "lanczos_start", "lanczos_step",

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .hvp import FiniteDifferenceHVP
-from .vectors import axpy_
+from .vectors import Vector, axpy_
 
 DEFAULT_EPS: dict[torch.dtype, float] = {
     torch.float64: 6e-6,
@@ -29,14 +29,22 @@ DEFAULT_EPS: dict[torch.dtype, float] = {
     torch.bfloat16: 0.2,
     torch.float16: 5e-2,
 }
-# Steps for the truncation estimate start at LADDER_START * default and grow until the difference of the two
-# HVPs stands SIGNAL_TO_NOISE times above the predicted round-off: the first larger step is sized from a guess
-# of |D3| allowed to be GUESS_MARGIN times too large, later ones grow by LADDER_GROWTH.
-LADDER_START = 16.0
+# The truncation ladder's first step is FIRST_STEP times the default step (for float32 0.0625: between the
+# optima measured on the demo model, 0.041, and the benchmark model, 0.1, so that the first step is often
+# close enough to be the chosen eps); its HVPs must differ SIGNAL_TO_NOISE times above the predicted
+# round-off: the larger step is sized from a guess of |D3| allowed to be GUESS_MARGIN times too large, later
+# ones grow by LADDER_GROWTH.
+FIRST_STEP = 12.5
+# Under mixed precision the first step stays at 8x the default: the auto eps never is a ladder step there
+# (``_auto_eps``), and at 12.5x the error estimate fell short of the true error on the tests' tiny model.
+MIXED_FIRST_STEP = 8.0
 GUESS_MARGIN = 16.0
 LADDER_GROWTH = 4.0
 LADDER_TRIES = 3
 SIGNAL_TO_NOISE = 10.0
+# An auto eps is one of the ladder's steps (whose HVP is at hand) when that step's predicted error is within
+# this factor of the optimum's: a step within 0.6x-1.6x of it.
+SNAP_TOLERANCE = 1.25
 # Mixed precision: the default step is the compute dtype's shrunk by this (storage no longer rounds the step),
 # and the round-off is measured at a step this many times below the ladder's smaller step.
 MIXED_DEFAULT_SHRINK = 4.0
@@ -56,7 +64,7 @@ class EpsChoice:
     perturbation_rounding: float  # |round(theta + eps v) - theta - eps v| / |eps v|, in the master dtype
     reliable: bool
     message: str
-    grad_seconds: float = float("nan")  # wall time of the calibration's one gradient
+    grad_seconds: float = float("nan")  # wall time of one gradient pass (half the first ladder HVP, central scheme)
     compute_dtype: str = ""  # the dtype forward/backward ran in ("" in records from before mixed precision)
     roundoff: float = float("nan")  # c in the round-off term c / eps of one HVP's absolute error
     roundoff_source: str = ""  # "eps_mach*|grad|" (compute dtype's eps_mach) | "measured" (mixed precision)
@@ -102,32 +110,68 @@ def _distance(op: FiniteDifferenceHVP, a: Sequence[Tensor], b: Sequence[Tensor])
     return op.space.norm(diff)
 
 
-def _hvp_at(op: FiniteDifferenceHVP, v: Sequence[Tensor], eps: float):
-    return op.with_eps(eps).matvec(v)  # the operator is immutable: a copy at eps (sharing its buffers)
+@dataclass
+class _LadderStep:
+    """One HVP of the calibration along its probe: the step, the HVP there, and its wall time."""
+
+    eps: float
+    hvp: Vector
+    seconds: float
 
 
-def _truncation_ladder(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, start: float, roundoff: float,
-                       grad_norm: float):
+def _step_at(op: FiniteDifferenceHVP, v: Sequence[Tensor], eps: float) -> _LadderStep:
+    started = time.perf_counter()
+    hvp = op.with_eps(eps).matvec(v)  # the operator is immutable: a copy at eps (sharing its buffers)
+    return _LadderStep(eps, hvp, time.perf_counter() - started)
+
+
+def _first_step(op: FiniteDifferenceHVP, v: Sequence[Tensor], eps: float) -> tuple[_LadderStep, float, float]:
+    """The ladder's first HVP, |grad L| and the seconds of one gradient pass. Under the central scheme the HVP's
+    two passes give |grad L| too (their mean is grad L + O(eps^2)); otherwise a gradient pass of its own."""
+    if op.scheme == "central":
+        started = time.perf_counter()
+        hvp, grad_norm = op.with_eps(eps).matvec_and_gradient_norm(v)
+        seconds = time.perf_counter() - started
+        return _LadderStep(eps, hvp, seconds), grad_norm, seconds / 2.0
+    started = time.perf_counter()
+    _, grad = op.gradient()
+    grad_seconds = time.perf_counter() - started
+    grad_norm = op.space.norm(grad)
+    del grad
+    return _step_at(op, v, eps), grad_norm, grad_seconds
+
+
+@dataclass
+class _Ladder:
+    """What the truncation ladder measured: |D3| (nan if never above round-off), |Hv| at the smaller step, and
+    the last pair's two HVPs (the larger is None when the ladder stopped without one)."""
+
+    third: float
+    hv_norm: float
+    smaller: _LadderStep
+    larger: _LadderStep | None
+
+
+def _truncation_ladder(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, first: _LadderStep, roundoff: float,
+                       grad_norm: float) -> _Ladder:
     """|D3| from two steps whose HVPs differ SIGNAL_TO_NOISE times above the round-off c / eps.
 
-    The first HVP, at start / 2, also sizes the larger step: |D3| is guessed as |Hv|^2 / |grad| (the loss's
+    The first HVP (``first``) also sizes the larger step: |D3| is guessed as |Hv|^2 / |grad| (the loss's
     scale along v), and the larger step is the one whose signal would clear the bar even if that guess were
     GUESS_MARGIN times too large (bounded by ``_sized_step``). A pair that fails is followed by
-    (LADDER_GROWTH * e, e) pairs, each reusing the previous larger step's HVP. One pair (2 HVPs) usually does.
-    Returns (|D3| or nan, |Hv| at the smaller step, that HVP, the smaller step)."""
-    e_small = start / 2.0
-    h_small = _hvp_at(op, v, e_small)
-    hv_norm = op.space.norm(h_small)
-    e_big = _sized_step(e_small, hv_norm=hv_norm, grad_norm=grad_norm, roundoff=roundoff)
+    (LADDER_GROWTH * e, e) pairs, each reusing the previous larger step's HVP. One pair (2 HVPs) usually does."""
+    small = first
+    hv_norm = op.space.norm(small.hvp)
+    e_big = _sized_step(small.eps, hv_norm=hv_norm, grad_norm=grad_norm, roundoff=roundoff)
     for _ in range(LADDER_TRIES):
-        h_big = _hvp_at(op, v, e_big)
-        signal = _distance(op, h_big, h_small)
-        if math.isfinite(signal) and signal > SIGNAL_TO_NOISE * roundoff / e_small:
-            return 6.0 * signal / (e_big * e_big - e_small * e_small), hv_norm, h_small, e_small
-        e_small, h_small = e_big, h_big
-        hv_norm = op.space.norm(h_small)
+        big = _step_at(op, v, e_big)
+        signal = _distance(op, big.hvp, small.hvp)
+        if math.isfinite(signal) and signal > SIGNAL_TO_NOISE * roundoff / small.eps:
+            return _Ladder(6.0 * signal / (big.eps ** 2 - small.eps ** 2), hv_norm, small, big)
+        small = big
+        hv_norm = op.space.norm(small.hvp)
         e_big *= LADDER_GROWTH
-    return float("nan"), hv_norm, h_small, e_small
+    return _Ladder(float("nan"), hv_norm, small, None)
 
 
 def _sized_step(e_small: float, *, hv_norm: float, grad_norm: float, roundoff: float) -> float:
@@ -135,13 +179,15 @@ def _sized_step(e_small: float, *, hv_norm: float, grad_norm: float, roundoff: f
     SIGNAL_TO_NOISE * roundoff / e_small for |D3| = (|Hv|^2 / |grad|) / GUESS_MARGIN.
 
     It stays between 2x and 32x e_small and below a quarter of the loss's length scale |grad| / |Hv| along v,
-    where the eps^2 truncation model still holds (a step of that scale measures a |D3| that is far too small)."""
+    where the eps^2 truncation model still holds (a step of that scale measures a |D3| that is far too small).
+    It is rounded to EPS_DIGITS digits, like the auto eps: the calibration may choose it, and must choose the
+    same step on any layout."""
     lo = 2.0 * e_small
     if not (hv_norm > 0 and grad_norm > 0 and math.isfinite(hv_norm)):
         return lo
     third_guess = hv_norm * hv_norm / grad_norm / GUESS_MARGIN
     wanted = math.sqrt(6.0 * SIGNAL_TO_NOISE * roundoff / (e_small * third_guess) + e_small * e_small)
-    return max(lo, min(wanted, 32.0 * e_small, 0.25 * grad_norm / hv_norm))
+    return round_eps(max(lo, min(wanted, 32.0 * e_small, 0.25 * grad_norm / hv_norm)))
 
 
 def _measured_roundoff(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, h_ref, e_ref: float, third: float) -> float:
@@ -152,48 +198,82 @@ def _measured_roundoff(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, h_ref, e
     NOISE_STEP_SHRINK times below e_ref the difference from the HVP at e_ref is round-off (truncation there is
     NOISE_STEP_SHRINK^2 times smaller than at e_ref), so c = step * |HVP(step) - HVP(e_ref)|."""
     step = e_ref / NOISE_STEP_SHRINK
-    h = _hvp_at(op, v, step)
+    h = op.with_eps(step).matvec(v)
     c = step * _distance(op, h, h_ref)
     truncation_at_ref = e_ref * e_ref * third / 6.0  # part of the difference that is not round-off
     return max(c - step * truncation_at_ref, 0.0) if math.isfinite(c) else float("nan")
 
 
+def _auto_eps(ladder: _Ladder, *, roundoff: float, snap: bool = True) -> float:
+    """Theorem 3.1's eps, rounded to EPS_DIGITS digits; or one of the ladder's own steps when its predicted error
+    is within SNAP_TOLERANCE of the optimum's: the optimum is flat, and that step's HVP is already computed
+    (it becomes the probe's first Lanczos matvec instead of one more HVP). ``snap=False`` under mixed
+    precision: its estimate of the optimum is the least accurate (0.4-0.75x of a sweep's best), and a step
+    up to 1.6x off it could leave the 3x band."""
+    optimum = (3.0 * roundoff / ladder.third) ** (1.0 / 3.0)
+
+    def error(e: float) -> float:
+        return error_model(e, roundoff=roundoff, third_derivative=ladder.third)
+
+    near = [s.eps for s in (ladder.smaller, ladder.larger)
+            if snap and s is not None and error(s.eps) <= SNAP_TOLERANCE * error(optimum)]
+    return min(near, key=error) if near else round_eps(optimum)
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """The calibration's choice, and the HVP along its probe at the chosen eps when the calibration computed
+    one (a ladder step it chose; otherwise None), with that HVP's wall time."""
+
+    choice: EpsChoice
+    hvp: Vector | None
+    hvp_seconds: float
+
+
 def calibrate_eps(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, eps: float | None = None,
                   compute_dtype: torch.dtype | None = None) -> EpsChoice:
+    """Pick eps for ``op`` along the unit probe v, or (``eps`` given) assess that fixed step (see
+    ``calibrate``, which also returns the HVP at the chosen eps when it has one)."""
+    return calibrate(op, v, eps=eps, compute_dtype=compute_dtype).choice
+
+
+def calibrate(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, eps: float | None = None,
+              compute_dtype: torch.dtype | None = None) -> Calibrated:
     """Pick eps for ``op`` along the unit probe v, or (``eps`` given) assess that fixed step.
 
     ``compute_dtype``: the dtype forward/backward run in when it is lower than the parameters' (FSDP2 mixed
     precision): its eps_mach sets the round-off term, which is then measured with one more HVP; the rounding
     of the step itself is checked in the parameters' (master) dtype.
-    ``op`` is immutable (steps are tried on ``op.with_eps`` copies); costs one gradient and 1 + k HVPs
-    (k <= LADDER_TRIES tries), plus one under mixed precision. An auto eps is rounded to ``EPS_DIGITS``
-    significant digits: the optimum is flat, and the rounding makes the choice the same on any layout
-    (reduction order moves the estimate in its last digits).
+    ``op`` is immutable (steps are tried on ``op.with_eps`` copies); costs 1 + k HVPs (k <= LADDER_TRIES
+    tries), plus one under mixed precision, plus a gradient under a scheme other than central. An auto eps
+    is rounded to ``EPS_DIGITS`` significant digits, or is one of the ladder's steps (``_auto_eps``): the
+    optimum is flat, and the rounding makes the choice the same on any layout (reduction order moves the
+    estimate in its last digits).
     """
     dtype = op.space.dtype
     compute = compute_dtype or dtype
     eps_mach = float(torch.finfo(compute).eps)
     fallback = default_eps(dtype, compute)
-    started = time.perf_counter()
-    _, grad = op.gradient()
-    grad_seconds = time.perf_counter() - started
-    grad_norm = op.space.norm(grad)
-    del grad
+    first_step = (FIRST_STEP if compute == dtype else MIXED_FIRST_STEP) * fallback
+    first, grad_norm, grad_seconds = _first_step(op, v, first_step)
     roundoff, roundoff_source = eps_mach * grad_norm, "eps_mach*|grad|"
-    third, hv_norm, h_ref, e_ref = _truncation_ladder(op, v, start=LADDER_START * fallback, roundoff=roundoff,
-                                                     grad_norm=grad_norm)
+    ladder = _truncation_ladder(op, v, first=first, roundoff=roundoff, grad_norm=grad_norm)
+    del first
+    third, hv_norm = ladder.third, ladder.hv_norm
     measured = math.isfinite(third) and third > 0 and grad_norm > 0
     if measured and compute != dtype:
-        c = _measured_roundoff(op, v, h_ref=h_ref, e_ref=e_ref, third=third)
+        ladder.larger = None  # at most two vectors held while the round-off is measured
+        c = _measured_roundoff(op, v, h_ref=ladder.smaller.hvp, e_ref=ladder.smaller.eps, third=third)
         if math.isfinite(c) and c > 0:
             roundoff, roundoff_source = c, "measured"
-    del h_ref
     if eps is not None:
         source = "fixed"
     elif measured:
-        eps, source = round_eps((3.0 * roundoff / third) ** (1.0 / 3.0)), "auto"
+        eps, source = _auto_eps(ladder, roundoff=roundoff, snap=compute == dtype), "auto"
     else:
         eps, source = fallback, "default"
+    kept = next((s for s in (ladder.smaller, ladder.larger) if s is not None and s.eps == eps), None)
+    del ladder
     if measured:
         abs_err = error_model(eps, roundoff=roundoff, third_derivative=third)
         rel = abs_err / hv_norm if hv_norm > 0 else float("inf")
@@ -204,9 +284,10 @@ def calibrate_eps(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, eps: float | 
     reliable = math.isfinite(total) and total < UNRELIABLE
     message = _calibration_message(eps=eps, source=source, measured=measured, rel=rel, rounding=rounding,
                                    reliable=reliable, dtype=dtype, compute=compute)
-    return EpsChoice(eps, source, rel, grad_norm, third, rounding, reliable, message, grad_seconds,
-                     compute_dtype=str(compute).removeprefix("torch."), roundoff=roundoff,
-                     roundoff_source=roundoff_source)
+    choice = EpsChoice(eps, source, rel, grad_norm, third, rounding, reliable, message, grad_seconds,
+                       compute_dtype=str(compute).removeprefix("torch."), roundoff=roundoff,
+                       roundoff_source=roundoff_source)
+    return Calibrated(choice, kept.hvp if kept else None, kept.seconds if kept else float("nan"))
 
 
 def _calibration_message(*, eps: float, source: str, measured: bool, rel: float, rounding: float, reliable: bool,

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .loss import AnalysisLoss, Batch, LossFn, accumulate_gradient
-from .vectors import FlatVector, ParamSpace, Vector
+from .vectors import FlatVector, ParamSpace, Vector, local_sum_norm_sq
 
 # (gradient coefficient, step in units of eps) and the divisor in units of eps for each scheme.
 STENCILS: dict[str, tuple[tuple[tuple[float, float], ...], float]] = {
@@ -114,6 +114,21 @@ class FiniteDifferenceHVP:
             torch._foreach_add_([params[i] for i in idx], [v[i].to(params[i].dtype) for i in idx], alpha=step)
 
     def matvec(self, v: Sequence[Tensor | None]) -> Vector:
+        return self._matvec(v, gradient_norm=False)[0]
+
+    __call__ = matvec
+
+    def matvec_and_gradient_norm(self, v: Sequence[Tensor]) -> tuple[Vector, float]:
+        """The HVP and |grad L| at theta, from the same two passes (central scheme only).
+
+        The mean of the gradients at theta +- eps v is grad L + O(eps^2); the norm of their sum is taken one
+        parameter at a time before they are differenced: no gradient pass and no gradient-sized buffer. The step calibration needs |grad L| only to scale the round-off term, for
+        which the eps^2 bias is far below what matters."""
+        if self.scheme != "central":
+            raise ValueError(f"the gradient norm comes with the central scheme only, not {self.scheme!r}")
+        return self._matvec(v, gradient_norm=True)
+
+    def _matvec(self, v: Sequence[Tensor | None], *, gradient_norm: bool) -> tuple[Vector, float]:
         params = self.space.local_params()
         if len(v) != len(params):
             raise ValueError(f"vector has {len(v)} tensors, the model has {len(params)} parameters")
@@ -132,6 +147,9 @@ class FiniteDifferenceHVP:
                         torch._foreach_copy_(out, grads)
                         scale_first = coeff
                     else:
+                        if gradient_norm:  # out holds the + pass exactly (coefficient 1), grads the - pass
+                            total = self.space.all_reduce(local_sum_norm_sq(out, grads).reshape(1))
+                            mean_grad_norm = 0.5 * float(total[0]) ** 0.5
                         # mixed dtypes (bf16 grads into a float32 sum) need no converted copy of the gradient
                         torch._foreach_add_(out, grads, alpha=coeff / scale_first)
         finally:
@@ -140,9 +158,7 @@ class FiniteDifferenceHVP:
             self.model.zero_grad(set_to_none=True)
         out.flat.mul_(scale_first / (divisor * self.eps))
         self._shared.calls += 1
-        return out
-
-    __call__ = matvec
+        return out, (mean_grad_norm if gradient_norm else float("nan"))
 
     def gradient(self) -> tuple[float, Vector]:
         """The analysis loss (this rank's share) and a copy of the gradient's local shards."""

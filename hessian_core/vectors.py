@@ -150,6 +150,21 @@ def local_dot(x: Sequence[Tensor], y: Sequence[Tensor]) -> Tensor:
     return torch.stack(partials).sum().cpu()  # one device sync per inner product, not one per parameter
 
 
+def local_sum_norm_sq(x: Sequence[Tensor], y: Sequence[Tensor]) -> Tensor:
+    """This rank's partial sum of |x + y|^2, one parameter-sized temporary at a time (summing first keeps
+    the result exact where x and y nearly cancel, which |x|^2 + |y|^2 + 2 x.y would not)."""
+    partials = []
+    for a, b in zip(x, y, strict=True):
+        if a.numel() == 0:
+            continue
+        compute = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+        total = a.reshape(-1).to(compute) + b.reshape(-1).to(compute)
+        partials.append(torch.dot(total, total).double())
+    if not partials:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack(partials).sum().cpu()
+
+
 def cast(x: Sequence[Tensor], dtype: torch.dtype) -> Vector:
     return [t if t.dtype == dtype else t.to(dtype) for t in x]
 

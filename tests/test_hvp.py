@@ -53,6 +53,22 @@ def test_parameters_restored_bit_exactly_and_calls_are_deterministic(tiny_f64):
         assert all(p.grad is None for p in model.parameters())
 
 
+def test_the_gradient_norm_from_an_hvps_two_passes(tiny_f64):
+    """matvec_and_gradient_norm: the HVP bitwise as matvec gives it, and |grad L| from the mean of the two
+    passes within the O(eps^2) bias of the separate gradient pass's norm."""
+    _, model, batches, _ = tiny_f64
+    v = probe(model, 1)
+    op = FiniteDifferenceHVP(model, batches, eps=1e-3)
+    hv, grad_norm = op.matvec_and_gradient_norm(v)
+    assert all(torch.equal(a, b) for a, b in zip(hv, op.matvec(v)))
+    true_norm = op.space.norm(op.gradient()[1])
+    assert abs(grad_norm - true_norm) <= 1e-6 * true_norm, (grad_norm, true_norm)
+    coarse = op.with_eps(0.3).matvec_and_gradient_norm(v)[1]  # the bias is visible at a large step
+    assert abs(coarse - true_norm) > 1e-6 * true_norm
+    with pytest.raises(ValueError, match="central"):
+        op.with_scheme("richardson").matvec_and_gradient_norm(v)
+
+
 def test_both_passes_see_the_same_batches_in_the_loss_mean():
     model = make_tiny_model("gpt_neox")
     batches = make_batches(num_batches=3, batch_size=2, seed=3)
