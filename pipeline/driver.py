@@ -25,7 +25,8 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
         cancel: threading.Event | None = None) -> dict:
     """Execute a prepared run; returns run.json's content. Raises on failure after recording it.
 
-    ``own_ray=False``: Ray is already connected (a sweep running several runs in threads) and stays so;
+    ``own_ray=False``: a sweep's point, run in a thread on the sweep's Ray; ``own_ray=True`` connects to Ray
+    and shuts it down at the end, unless this process was already connected (``connect_ray``);
     ``name`` then tags this run's log lines; setting ``cancel`` stops the run at its next poll, as an
     interruption that keeps its checkpoints.
     """
@@ -35,11 +36,11 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
     recorder = Recorder(prepared)
     recorder.save_info()
     scheduler = progress = stopping_ray = None
+    started_ray = False  # this run connected Ray, and shuts it down
     stopped = False  # a signal or the sweep asked the run to stop: its groups are killed, not drained
     try:
         verdict = _plan_verdict_in_background(prepared) if name is None else None  # a sweep's points share one
-        if own_ray:
-            connect_ray(prepared.config)
+        started_ray = connect_ray(prepared.config) if own_ray else False
         if verdict is not None:
             log(verdict())  # after Ray is up: a refused cluster.address stays a one-line error
         cl = prepared.config.cluster
@@ -59,7 +60,7 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
         progress.close()
         scheduler.shutdown(graceful=True)
         progress = scheduler = None
-        if own_ray:  # Ray's processes take a second or two to stop: meanwhile the tables and plots are written
+        if started_ray:  # Ray's processes take a second or two to stop: meanwhile the tables and plots are written
             stopping_ray = _shutdown_ray_in_background()
         recorder.complete(failures_recovered=failures)
         return recorder.info
@@ -77,7 +78,7 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
             scheduler.shutdown(graceful=not (stopped or (cancel is not None and cancel.is_set())))
         if stopping_ray is not None:
             stopping_ray.join()
-        elif own_ray and ray.is_initialized():
+        elif started_ray and ray.is_initialized():
             ray.shutdown()
 
 

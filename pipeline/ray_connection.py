@@ -17,10 +17,17 @@ LOOPBACK = "127.0.0.1"
 CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's servers bind to loopback only
 
 
-def connect_ray(config: RunConfig, *, need_cpus: int | None = None) -> None:
+def connect_ray(config: RunConfig, *, need_cpus: int | None = None) -> bool:
+    """Connect this process to Ray; True when this call started or joined it (the caller shuts it down), False
+    when the process was already connected (a notebook, a Ray job's script, a test session): that Ray is
+    used as it is and left running, as Ray's own libraries do."""
     import ray
 
     address = config.cluster.address
+    if ray.is_initialized():
+        _check_connected(address)
+        signals.install()
+        return False
     if address is None and not os.environ.get("RAY_ADDRESS"):
         need = need_cpus or config.cluster.num_workers * config.cluster.num_groups * config.cpus_per_worker()
         # "local": always a new private Ray, never one that `ray start` (or a test cluster) left on this machine
@@ -28,12 +35,23 @@ def connect_ray(config: RunConfig, *, need_cpus: int | None = None) -> None:
             ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
                      _node_ip_address=LOOPBACK, logging_level="ERROR", configure_logging=True)
         signals.install()  # ray.init replaced the SIGTERM handler
-        return
+        return True
     try:
         ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level="ERROR")
     except (ConnectionError, RuntimeError) as e:
         raise ConfigError(f"cluster.address {address!r}: cannot join a Ray cluster ({str(e).splitlines()[0]})") from None
     signals.install()
+    return True
+
+
+def _check_connected(address: str | None) -> None:
+    """An explicit cluster.address must be the Ray this process is already connected to."""
+    import ray
+
+    connected = ray.get_runtime_context().gcs_address
+    if address not in (None, "auto", "local") and address != connected:
+        raise ConfigError(f"cluster.address {address!r}: this process is already connected to the Ray at "
+                          f"{connected}; set cluster.address to that, or null, or run in a new process")
 
 
 @contextlib.contextmanager
@@ -74,7 +92,7 @@ def one_group(prepared: Prepared):
     from actors.group import WorkerGroup, rank0
 
     config = prepared.config
-    connect_ray(config)
+    started = connect_ray(config)
     group = None
     try:
         group = WorkerGroup(index=0, num_workers=config.cluster.num_workers, use_gpu=config.cluster.use_gpu,
@@ -90,7 +108,8 @@ def one_group(prepared: Prepared):
     finally:
         if group is not None:
             group.shutdown()
-        ray.shutdown()
+        if started:
+            ray.shutdown()
 
 
 __all__ = ["connect_ray", "one_group", "versions"]

@@ -245,7 +245,7 @@ def _run_points(todo, concurrency: int, update, *, total: int, rows: dict[str, d
     from .ray_connection import connect_ray
 
     widest = max(p.config.cluster.num_workers * prepared.worker_cpus() for p, prepared in todo)
-    connect_ray(todo[0][0].config, need_cpus=concurrency * widest)
+    started = connect_ray(todo[0][0].config, need_cpus=concurrency * widest)
     try:
         for point, _ in todo:
             _write_point_config(point)
@@ -270,7 +270,7 @@ def _run_points(todo, concurrency: int, update, *, total: int, rows: dict[str, d
             raise
         pool.shutdown()
     finally:
-        if ray.is_initialized():
+        if started and ray.is_initialized():
             ray.shutdown()
 
 
