@@ -114,7 +114,7 @@ class HVPConfig:
     eps: float | Literal["auto"] = key("auto", "step size, or `auto`", above=0)
     scheme: Literal["central", "richardson"] = key(
         "central", "`central` (2 passes) or `richardson` (4 passes, O(eps^4))")
-    assess: bool = key(True, "with a fixed `hvp.eps`, estimate its error before the run (1 gradient + 2-6 HVPs); "
+    assess: bool = key(True, "with a fixed `hvp.eps`, estimate its error before the run (2-6 HVPs); "
                              "`false` skips that, e.g. in an eps sweep already measured with `hvp-error`")
 
 
