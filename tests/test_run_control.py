@@ -93,14 +93,19 @@ def test_sigterm_mid_probe_exits_143_cleanly_and_resumes(tmp_path, capsys):
     model, data = assets(str(tmp_path))
     out = str(tmp_path / "run")
     steps = 60
+    # a checkpoint every step: with `auto`, a save slowed by a loaded machine can push the next one past the
+    # probe's end (a tiny model's step is milliseconds), and there is no step 5 to stop at
     cfg = write_config(str(tmp_path / "run.yaml"), model=model, data=data, output_dir=out,
-                       lanczos={"steps": steps, "probes": 2, "reorth": "window", "window": 4})
+                       lanczos={"steps": steps, "probes": 2, "reorth": "window", "window": 4}, checkpoint={"every": 1})
     proc = _cli(cfg, stderr=subprocess.PIPE)
     tree = set()
     try:
         reached = _wait_for(lambda: (latest_complete_step(os.path.join(out, "checkpoints", "probe-00000")) or
                                      (0,))[0] >= 5, proc)
-        assert reached, "the run finished or stalled before it could be stopped mid-probe"
+        if not reached:
+            proc.kill()
+            pytest.fail(f"the run finished or stalled before it could be stopped mid-probe (exit "
+                        f"{proc.wait(timeout=60)}): {proc.stderr.read()[-3000:]}")
         tree = descendants(proc.pid)
         assert len(tree) >= 3, tree
         proc.send_signal(signal.SIGTERM)
