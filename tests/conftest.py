@@ -127,3 +127,22 @@ def tiny_f64(arch):
     model = make_tiny_model(arch)
     batches = make_batches(num_batches=2, batch_size=2, seed=7)
     return arch, model, batches, dense_hessian(model, batches)
+
+
+@pytest.fixture(scope="module")
+def shared_ray():
+    """One private local Ray for a module's in-process runs, which use the Ray this process is connected to
+    and leave it running (``connect_ray``): a Ray start and stop per module instead of per run. Modules whose
+    tests are about a run's own Ray (its start, sockets, shutdown, signals) or that join a simulated cluster
+    do not use it."""
+    import ray
+
+    from pipeline.config import RunConfig
+    from pipeline.ray_connection import connect_ray
+
+    assert not ray.is_initialized(), "another module left Ray connected"
+    connect_ray(RunConfig(), need_cpus=8)  # room for the largest layout a test asks for (logical CPUs)
+    try:
+        yield
+    finally:
+        ray.shutdown()

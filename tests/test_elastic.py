@@ -19,6 +19,9 @@ from hessian_core import latest_complete_step
 from pipeline.cli import main
 from pipeline_fixtures import assets, write_config, write_input_ids
 
+# one worker runs the whole module: the uninterrupted references are built once, and two simulated clusters
+# never compete for the cores
+pytestmark = pytest.mark.xdist_group("elastic")
 SLOT = "hs_test_group"  # a custom resource: each simulated node hosts one group of one worker
 
 

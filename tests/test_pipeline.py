@@ -14,10 +14,12 @@ from pipeline.tables import CONFIG_METADATA_KEY
 from pipeline_fixtures import assets, write_config
 
 LAYOUTS = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1)}  # groups x workers
+# one worker runs the whole module: its runs fixture is built once, on the module's shared Ray
+pytestmark = [pytest.mark.usefixtures("shared_ray"), pytest.mark.xdist_group("pipeline")]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, shared_ray):
     tmp = tmp_path_factory.mktemp("e2e")
     model, data = assets(str(tmp))
     out = {}
@@ -38,6 +40,25 @@ def runs(tmp_path_factory):
 
 def lanczos_table(run_dir):
     return pq.read_table(os.path.join(run_dir, "lanczos.parquet")).to_pandas().sort_values(["probe_id", "step"])
+
+
+def test_runs_in_a_process_connected_to_ray_use_it_and_leave_it_running(runs):
+    """This module's runs ran in a process the ``shared_ray`` fixture had connected: they used that Ray (their
+    groups formed on its node) and left it connected; a cluster.address naming another Ray is refused."""
+    import ray
+
+    from pipeline.config import ClusterConfig, ConfigError, RunConfig
+    from pipeline.ray_connection import connect_ray
+
+    assert ray.is_initialized()
+    node = ray.get_runtime_context().get_node_id()
+    for name in LAYOUTS:
+        groups = json.load(open(os.path.join(runs[name], "run.json")))["groups"]
+        formed = [g for g in groups if g["event"] == "formed"]
+        assert formed and all(set(g["nodes"]) == {node} for g in formed), (name, groups)
+    assert connect_ray(RunConfig()) is False  # nothing started, nothing to shut down
+    with pytest.raises(ConfigError, match="already connected"):
+        connect_ray(RunConfig(cluster=ClusterConfig(address="127.0.0.1:1")))
 
 
 def test_layouts_give_the_same_alpha_beta_and_the_same_auto_eps(runs):
@@ -126,12 +147,8 @@ def test_plots_are_png_and_plot_show_commands_work(runs, capsys):
 def test_parquet_readable_by_ray_data(runs):
     import ray
 
-    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
-    try:
-        ds = ray.data.read_parquet(os.path.join(runs["1x1"], "lanczos.parquet"))
-        assert ds.count() == 60
-    finally:
-        ray.shutdown()
+    ds = ray.data.read_parquet(os.path.join(runs["1x1"], "lanczos.parquet"))  # on the module's shared Ray
+    assert ds.count() == 60
 
 
 def test_nan_in_the_weights_fails_the_run_naming_probe_and_step(tmp_path, capsys):

@@ -23,10 +23,11 @@ from test_data_options import CONVERSATION
 from test_masked_loss import dense_masked_hessian
 
 SEQ_LEN = 24
+pytestmark = [pytest.mark.usefixtures("shared_ray"), pytest.mark.xdist_group("chat_blocks")]
 
 
 @pytest.fixture(scope="module")
-def chat_run(tmp_path_factory):
+def chat_run(tmp_path_factory, shared_ray):
     tmp = tmp_path_factory.mktemp("chat")
     model = write_model(str(tmp / "model"))
     make_tokenizer(model)  # the model folder holds the tiny word-level tokenizer (24 ids < vocab 32)

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from hessian_core import latest_complete_step
 from pipeline.cli import main
@@ -16,6 +17,7 @@ from pipeline.output_lock import LOCK_NAME
 from pipeline_fixtures import assets, write_config
 from proc_tools import alive, descendants, kill_all
 
+pytestmark = pytest.mark.usefixtures("shared_ray")  # the in-process runs; the killed drivers start their own
 STEPS = 100
 SWEEP_STEPS = 200  # a sweep point's probe must still be running when the stop reaches it, on a loaded machine
 

@@ -16,11 +16,13 @@ from pipeline.cli import main
 from pipeline_fixtures import assets, write_config
 
 GRID = ["--grid", "hvp.eps=1e-3,1e-5", "--grid", "data.num_batches=1,2"]
+# one worker runs the whole module: the studies fixture (a sweep and an hvp-error study) is built once
+pytestmark = [pytest.mark.usefixtures("shared_ray"), pytest.mark.xdist_group("studies")]
 POINTS = ["eps=1e-3_num_batches=1", "eps=1e-3_num_batches=2", "eps=1e-5_num_batches=1", "eps=1e-5_num_batches=2"]
 
 
 @pytest.fixture(scope="module")
-def studies(tmp_path_factory):
+def studies(tmp_path_factory, shared_ray):
     tmp = tmp_path_factory.mktemp("studies")
     model, data = assets(str(tmp))
     out = {"tmp": tmp, "model": model, "data": data}
@@ -129,7 +131,11 @@ def test_demo_eps_study_u_shape_and_distances(tmp_path):
 def test_bad_sweeps_exit_2_before_ray_starts(studies, grid, expected, tmp_path, capsys, monkeypatch):
     import ray
 
+    import pipeline.ray_connection as ray_connection
+
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before the sweep was checked"))
+    # (this module's process is already connected to Ray: connecting at all is what must not happen)
+    monkeypatch.setattr(ray_connection, "connect_ray", lambda *a, **k: pytest.fail("Ray used before the sweep was checked"))
     config = write_config(str(tmp_path / "c.yaml"), model=studies["model"], data=studies["data"],
                           output_dir=str(tmp_path / "out"))
     assert main(["sweep", config, *grid]) == 2
