@@ -13,10 +13,13 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray
 import yaml
 
 from hessian_core import latest_complete_step
 from pipeline.cli import main
+from pipeline.config import RunConfig
+from pipeline.ray_connection import connect_ray
 from pipeline_fixtures import assets, write_config, write_input_ids
 
 # one worker runs the whole module: the uninterrupted references are built once, and two simulated clusters
@@ -192,11 +195,15 @@ def uninterrupted(tmp_path_factory):
     model, _ = assets(str(root))
     data = write_input_ids(str(root / "more.parquet"), sequences=32)
     refs = {}
-    for workers in (1, 2):
-        ref = more_batches(write_config(str(root / f"w{workers}.yaml"), output_dir=str(root / f"w{workers}"),
-                                        **_cross_size_common(model, data, workers)))
-        assert main(["run", ref]) == 0
-        refs[workers] = tables(root / f"w{workers}")
+    connect_ray(RunConfig(), need_cpus=4)  # both references on one local Ray, stopped before the other tests
+    try:
+        for workers in (1, 2):
+            ref = more_batches(write_config(str(root / f"w{workers}.yaml"), output_dir=str(root / f"w{workers}"),
+                                            **_cross_size_common(model, data, workers)))
+            assert main(["run", ref]) == 0
+            refs[workers] = tables(root / f"w{workers}")
+    finally:
+        ray.shutdown()
     return model, data, refs
 
 
