@@ -18,13 +18,15 @@ from pipeline_fixtures import assets, write_config
 from proc_tools import alive, descendants, kill_all
 
 pytestmark = pytest.mark.usefixtures("shared_ray")  # the in-process runs; the killed drivers start their own
-STEPS = 100
+STEPS = 60
 SWEEP_STEPS = 200  # a sweep point's probe must still be running when the stop reaches it, on a loaded machine
 
 
 def test_resume_after_driver_sigkill_gives_identical_alpha_beta_with_fewer_hvps(tmp_path, capsys):
     model, data = assets(str(tmp_path))
-    common = dict(model=model, data=data, lanczos={"steps": STEPS, "probes": 2, "reorth": "window", "window": 4})
+    # a checkpoint every step: under load an auto interval can skip past step 10, or past the probe's end
+    common = dict(model=model, data=data, lanczos={"steps": STEPS, "probes": 2, "reorth": "window", "window": 4},
+                  checkpoint={"every": 1})
     cfg = write_config(str(tmp_path / "run.yaml"), output_dir=str(tmp_path / "run"), **common)
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", cfg], stdout=subprocess.DEVNULL,
