@@ -122,8 +122,9 @@ class FiniteDifferenceHVP:
         """The HVP and |grad L| at theta, from the same two passes (central scheme only).
 
         The mean of the gradients at theta +- eps v is grad L + O(eps^2); the norm of their sum is taken one
-        parameter at a time before they are differenced: no gradient pass and no gradient-sized buffer. The step calibration needs |grad L| only to scale the round-off term, for
-        which the eps^2 bias is far below what matters."""
+        parameter at a time before they are differenced: no gradient pass and no gradient-sized buffer. The step
+        calibration needs |grad L| only to scale the round-off term, for which the eps^2 bias is far below what
+        matters."""
         if self.scheme != "central":
             raise ValueError(f"the gradient norm comes with the central scheme only, not {self.scheme!r}")
         return self._matvec(v, gradient_norm=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -137,32 +137,33 @@ class FlatVector(list):
         self.flat = flat
 
 
-def local_dot(x: Sequence[Tensor], y: Sequence[Tensor]) -> Tensor:
-    """This rank's partial sum of <x, y>, accumulated in float64 per tensor (float32 products for low precision)."""
+def _local_sum(x: Sequence[Tensor], y: Sequence[Tensor], term: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """This rank's sum over tensors of term(a, b) (flat, in at least float32), accumulated in float64."""
     partials = []
     for a, b in zip(x, y, strict=True):
         if a.numel() == 0:
             continue
         compute = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
-        partials.append(torch.dot(a.reshape(-1).to(compute), b.reshape(-1).to(compute)).double())
+        partials.append(term(a.reshape(-1).to(compute), b.reshape(-1).to(compute)).double())
     if not partials:
         return torch.zeros((), dtype=torch.float64)
-    return torch.stack(partials).sum().cpu()  # one device sync per inner product, not one per parameter
+    return torch.stack(partials).sum().cpu()  # one device sync per sum, not one per parameter
+
+
+def local_dot(x: Sequence[Tensor], y: Sequence[Tensor]) -> Tensor:
+    """This rank's partial sum of <x, y>, accumulated in float64 per tensor (float32 products for low precision)."""
+    return _local_sum(x, y, torch.dot)
+
+
+def _sum_norm_sq(a: Tensor, b: Tensor) -> Tensor:
+    total = a + b
+    return torch.dot(total, total)
 
 
 def local_sum_norm_sq(x: Sequence[Tensor], y: Sequence[Tensor]) -> Tensor:
     """This rank's partial sum of |x + y|^2, one parameter-sized temporary at a time (summing first keeps
     the result exact where x and y nearly cancel, which |x|^2 + |y|^2 + 2 x.y would not)."""
-    partials = []
-    for a, b in zip(x, y, strict=True):
-        if a.numel() == 0:
-            continue
-        compute = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
-        total = a.reshape(-1).to(compute) + b.reshape(-1).to(compute)
-        partials.append(torch.dot(total, total).double())
-    if not partials:
-        return torch.zeros((), dtype=torch.float64)
-    return torch.stack(partials).sum().cpu()
+    return _local_sum(x, y, _sum_norm_sq)
 
 
 def cast(x: Sequence[Tensor], dtype: torch.dtype) -> Vector:
