@@ -356,7 +356,8 @@ def hvp_error_study(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, eps_values:
     eps_values = sorted(float(e) for e in eps_values)
     if len(eps_values) < 2 or eps_values[0] <= 0:
         raise ValueError(f"need at least two positive eps values, got {eps_values}")
-    auto = calibrate_eps(op, v, compute_dtype=compute_dtype)
+    calibrated = calibrate(op, v, compute_dtype=compute_dtype)
+    auto = calibrated.choice
     try:
         if reference_model is None:
             exact, reason = exact_hvp(op.model, op.batches, v=v), None
@@ -369,8 +370,8 @@ def hvp_error_study(op: FiniteDifferenceHVP, v: Sequence[Tensor], *, eps_values:
         exact, reason = None, "the exact (double-backward) HVP ran out of memory"
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    results = [op.with_eps(eps).matvec(v) for eps in eps_values + [auto.eps]]
-    fd, at_auto = results[:-1], results[-1]
+    fd = [op.with_eps(eps).matvec(v) for eps in eps_values]
+    at_auto = calibrated.hvp if calibrated.hvp is not None else op.with_eps(auto.eps).matvec(v)  # a ladder step
     norms = [op.space.norm(h) for h in fd]  # each a pass and an all-reduce: computed once
     exact_norm = op.space.norm(exact) if exact is not None else float("nan")
 
