@@ -139,11 +139,7 @@ class Worker:
         choice, hv, seconds = calibrated.choice, calibrated.hvp, calibrated.hvp_seconds
         op = self._operator(choice.eps, task.scheme)
         if hv is None:  # the chosen eps is none of the ladder's steps: one more HVP, kept all the same
-            self._sync()
-            t = time.perf_counter()
-            hv = op.matvec(q0)
-            self._sync()
-            seconds = time.perf_counter() - t
+            hv, seconds = self._timed(op.matvec, q0)
         self._kept_matvec = (task.probe_id, task.seed, task.vector_dtype, choice.eps, task.scheme, hv, seconds)
         return Calibration(**choice.as_dict(), hvp_count=op.calls - calls, first_matvec_kept=True)
 
@@ -151,11 +147,7 @@ class Worker:
         """Median wall time of one full gradient over this group's analysis set."""
         times = []
         for _ in range(repeats + int(warmup)):
-            self._sync()
-            t = time.perf_counter()
-            accumulate_gradient(self.model, self.batches)
-            self._sync()
-            times.append(time.perf_counter() - t)
+            times.append(self._timed(accumulate_gradient, self.model, self.batches)[1])
             self.model.zero_grad(set_to_none=True)
         return statistics.median(times[int(warmup):])
 
@@ -182,11 +174,8 @@ class Worker:
                 (out, seconds), kept = kept, None
                 hvp_seconds.append(seconds)
                 return out
-            self._sync()
-            t = time.perf_counter()
-            out = op.matvec(v)
-            self._sync()
-            hvp_seconds.append(time.perf_counter() - t)
+            out, seconds = self._timed(op.matvec, v)
+            hvp_seconds.append(seconds)
             return out
 
         reused = kept is not None
@@ -300,6 +289,14 @@ class Worker:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _timed(self, fn: Callable, *args):
+        """(fn(*args), its wall time), the device synchronized before and after."""
+        self._sync()
+        started = time.perf_counter()
+        out = fn(*args)
+        self._sync()
+        return out, time.perf_counter() - started
 
     def shutdown(self) -> None:
         if dist.is_initialized():
