@@ -146,3 +146,16 @@ def shared_ray():
         yield
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fail the test if the command under test starts Ray or connects to one: input checks come first. Both
+    are patched, as a process already connected (``shared_ray``) would not call ``ray.init`` at all."""
+    import ray
+
+    import pipeline.ray_connection as ray_connection
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before the input was checked"))
+    monkeypatch.setattr(ray_connection, "connect_ray",
+                        lambda *a, **k: pytest.fail("Ray used before the input was checked"))

@@ -58,10 +58,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("model,data,sets,expected", CASES, ids=[f"{c[0]}-{c[1]}-{i}" for i, c in enumerate(CASES)])
-def test_refused_before_ray(assets, model, data, sets, expected, tmp_path, capsys, monkeypatch):
-    import ray
-
-    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before the input was checked"))
+def test_refused_before_ray(assets, model, data, sets, expected, tmp_path, capsys, no_ray):
     config = write_config(str(tmp_path / "c.yaml"), model=assets[model], data=assets[data],
                           output_dir=str(tmp_path / "out"))
     overrides = []
@@ -122,15 +119,13 @@ def test_disk_full_names_the_path(tmp_path, monkeypatch):
     assert open(target).read() == "ok"
 
 
-def test_auto_address_to_a_dead_cluster_is_refused_before_ray(assets, tmp_path, capsys, monkeypatch):
+def test_auto_address_to_a_dead_cluster_is_refused_before_ray(assets, tmp_path, capsys, monkeypatch, no_ray):
     """A killed `ray start` leaves its address file; `auto` (or RAY_ADDRESS) pointing at nothing is refused in
     seconds, naming where the address came from, instead of Ray retrying for minutes."""
-    import ray
     import ray._private.utils as ray_utils
 
     from actors.worker import free_port
 
-    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before the address was checked"))
     dead = f"127.0.0.1:{free_port()}"
     config = write_config(str(tmp_path / "c.yaml"), model=assets["neox"],
                           data=write_input_ids(str(tmp_path / "ids.parquet")), output_dir=str(tmp_path / "out"),

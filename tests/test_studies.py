@@ -128,14 +128,7 @@ def test_demo_eps_study_u_shape_and_distances(tmp_path):
     ([], "at least one --grid"),
     (["--grid", "hvp.eps=1e-3,1e-4", "--reference", "eps=7"], "not a point of this sweep"),
 ])
-def test_bad_sweeps_exit_2_before_ray_starts(studies, grid, expected, tmp_path, capsys, monkeypatch):
-    import ray
-
-    import pipeline.ray_connection as ray_connection
-
-    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before the sweep was checked"))
-    # (this module's process is already connected to Ray: connecting at all is what must not happen)
-    monkeypatch.setattr(ray_connection, "connect_ray", lambda *a, **k: pytest.fail("Ray used before the sweep was checked"))
+def test_bad_sweeps_exit_2_before_ray_starts(studies, grid, expected, tmp_path, capsys, no_ray):
     config = write_config(str(tmp_path / "c.yaml"), model=studies["model"], data=studies["data"],
                           output_dir=str(tmp_path / "out"))
     assert main(["sweep", config, *grid]) == 2
