@@ -5,6 +5,7 @@ it and the sharded load of ``actors.sharded_loading``."""
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -12,6 +13,10 @@ import torch
 from hessian_core import float64_rmsnorm
 from hessian_core.router_precision import float64_routers
 
+# transformers builds a model under a process-wide torch default dtype that it sets and restores: two builds in
+# threads of one process (the driver's plan trace, a sweep's points) can leave it changed for good, and every
+# later tensor with it. Every build from a config in this package and in pipeline/ holds this lock.
+BUILD_LOCK = threading.Lock()
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -61,7 +66,8 @@ def load_model(spec: ModelSpec) -> torch.nn.Module:
             overrides = dict(spec.config_overrides)
             config = AutoConfig.for_model(overrides.pop("model_type"), **overrides)
         torch.manual_seed(spec.seed)  # every rank draws the same weights
-        model = AutoModelForCausalLM.from_config(config, **hf_kwargs(spec))
+        with BUILD_LOCK:
+            model = AutoModelForCausalLM.from_config(config, **hf_kwargs(spec))
     else:
         model = AutoModelForCausalLM.from_pretrained(spec.path, revision=spec.revision, **hf_kwargs(spec))
     return prepare_for_analysis(model)
@@ -180,7 +186,7 @@ def block_names(spec: ModelSpec) -> list[str]:
         config = AutoConfig.for_model(overrides.pop("model_type"), **overrides)
     else:  # a Hugging Face folder's own config, or a DCP checkpoint's model.config_path / model.config
         config = model_config(spec)
-    with torch.device("meta"):
+    with BUILD_LOCK, torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[spec.dtype])
     for p in model.parameters():
         p.requires_grad_(True)

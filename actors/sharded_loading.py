@@ -26,7 +26,7 @@ from torch import nn
 
 from hessian_core import shard_model
 
-from .model_loading import ModelSpec, hf_kwargs, prepare_for_analysis
+from .model_loading import BUILD_LOCK, ModelSpec, hf_kwargs, prepare_for_analysis
 
 DCP_METADATA = ".metadata"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -88,7 +88,7 @@ def build_on_meta(spec: ModelSpec) -> nn.Module:
 
     hf_logging.disable_progress_bar()
     config = model_config(spec)
-    with parameters_on_meta():
+    with BUILD_LOCK, parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, **hf_kwargs(spec))
     return prepare_for_analysis(model)
 

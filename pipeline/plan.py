@@ -118,7 +118,9 @@ def trace_model(cfg, *, world: int, compute_dtype: str, attn: str, batch: int, s
     keep_alive = []  # storages stay referenced so their addresses are not reused during the trace
     current = ["outside"]
     inputs: list[int] = []
-    with FakeTensorMode(allow_non_fake_inputs=True), _no_packed_sequences():
+    from actors.model_loading import BUILD_LOCK
+
+    with BUILD_LOCK, FakeTensorMode(allow_non_fake_inputs=True), _no_packed_sequences():
         model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, compute_dtype), attn_implementation=attn)
         model.eval()
         params = {id(p): p for p in model.parameters()}.values()

@@ -142,3 +142,40 @@ def test_run_prints_the_verdict_line(tmp_path):
     broken = load_config(tiny_run_config(tmp_path), ["model.config.hidden_size=30"])  # not divisible by the heads
     line = verdict_line(broken, model_path=None)
     assert line.startswith("plan: unavailable (") and "\n" not in line
+
+
+def _builds_in_two_threads(rounds: int = 12) -> torch.dtype:
+    """The plan's trace (float32) in a thread while the main thread builds a float64 model for its block names,
+    as a sweep's points or a run's verdict do in one process; returns torch's default dtype afterwards."""
+    import threading
+
+    from actors.model_loading import ModelSpec, block_names
+
+    cfg = tiny_config("gpt_neox", hidden=16, layers=2)
+    spec = ModelSpec(path=None, init="random", dtype="float64", config_overrides=cfg.to_diff_dict())
+    done = threading.Event()
+
+    def trace():
+        while not done.is_set():
+            trace_model(cfg, world=1, compute_dtype="float32", attn="sdpa", batch=1, seq_len=8)
+
+    thread = threading.Thread(target=trace)
+    thread.start()
+    try:
+        for _ in range(rounds):
+            block_names(spec)
+    finally:
+        done.set()
+        thread.join()
+    return torch.get_default_dtype()
+
+
+def test_model_builds_in_threads_leave_the_default_dtype_alone():
+    """transformers sets and restores a process-wide default dtype around a build: two builds interleaved can
+    leave it changed for good (float64 here, so later float32 code ran in float64: 8 tests of a full suite
+    failed that way). Every build holds BUILD_LOCK; with the lock replaced by a null context, 40 rounds left
+    the default at float64 (checked once, not here: a race is not a reliable test)."""
+    try:
+        assert _builds_in_two_threads() == torch.float32
+    finally:
+        torch.set_default_dtype(torch.float32)
