@@ -35,7 +35,7 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
     set_run_name(name)
     recorder = Recorder(prepared)
     recorder.save_info()
-    scheduler = progress = stopping_ray = None
+    scheduler = progress = stopping_ray = verdict = None
     started_ray = False  # this run connected Ray, and shuts it down
     stopped = False  # a signal or the sweep asked the run to stop: its groups are killed, not drained
     try:
@@ -76,6 +76,8 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
             progress.close()
         if scheduler is not None:
             scheduler.shutdown(graceful=not (stopped or (cancel is not None and cancel.is_set())))
+        if verdict is not None:  # its trace holds torch's process-wide default dtype: never left running
+            verdict()
         if stopping_ray is not None:
             stopping_ray.join()
         elif started_ray and ray.is_initialized():
@@ -92,12 +94,13 @@ def _shutdown_ray_in_background() -> threading.Thread:
 
 def _plan_verdict_in_background(prepared: Prepared) -> Callable[[], str]:
     """Start the plan's verdict (tracing the model on fake tensors takes seconds) while Ray starts; the returned
-    function waits for the line. A daemon thread: a run that fails meanwhile does not wait for it."""
+    function waits for the line (``run`` calls it on every exit path: a model build in this process while the
+    trace runs would see transformers' default dtype changed under it)."""
     from .plan import verdict_line
 
     line: list[str] = []
     thread = threading.Thread(target=lambda: line.append(verdict_line(prepared.config, model_path=prepared.model_path)),
-                              name="plan-verdict", daemon=True)
+                              name="plan-verdict")
     thread.start()
 
     def result() -> str:
