@@ -154,8 +154,12 @@ def no_ray(monkeypatch):
     are patched, as a process already connected (``shared_ray``) would not call ``ray.init`` at all."""
     import ray
 
+    import pipeline.driver as driver
     import pipeline.ray_connection as ray_connection
 
+    def used(*args, **kwargs):
+        pytest.fail("Ray used before the input was checked")
+
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before the input was checked"))
-    monkeypatch.setattr(ray_connection, "connect_ray",
-                        lambda *a, **k: pytest.fail("Ray used before the input was checked"))
+    monkeypatch.setattr(ray_connection, "connect_ray", used)
+    monkeypatch.setattr(driver, "connect_ray", used)  # imported by name there
