@@ -3,6 +3,8 @@ mid-run, a node removed mid-probe, no group for too long, and checkpoints moving
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -14,13 +16,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
-import yaml
 
 from hessian_core import latest_complete_step
 from pipeline.cli import main
 from pipeline.config import RunConfig
 from pipeline.ray_connection import connect_ray
-from pipeline_fixtures import assets, write_config, write_input_ids
+from pipeline_fixtures import assets, write_config
 
 # one worker runs the whole module: the uninterrupted references are built once, and two simulated clusters
 # never compete for the cores
@@ -87,13 +88,45 @@ def tables(out) -> tuple[np.ndarray, np.ndarray]:
     return df.alpha.to_numpy(), df.beta.to_numpy()
 
 
-def test_a_node_joining_mid_run_forms_a_group_that_takes_probes(tmp_path, cluster):
+ELASTIC_PROBES, ELASTIC_STEPS = 4, 80  # steps: margin between a check and the pause that follows it
+
+
+def group_pid(out, group: int) -> int:
+    return next(g["pids"][0] for g in formed(run_json(out)) if g["group"] == group)
+
+
+def probe_step(out, group: int) -> int:
+    """The newest checkpointed step of the probe that ``group`` is running (0 when it runs none)."""
+    task = run_json(out).get("running", {}).get(str(group), "")
+    if not task.startswith("probe "):
+        return 0
+    found = latest_complete_step(str(out / "checkpoints" / f"probe-{int(task.split()[1]):05d}"))
+    return found[0] if found is not None else 0
+
+
+@contextlib.contextmanager
+def paused(pid: int):
+    """The test's hold on a run: a group's worker stopped (SIGSTOP) until the test has made its change, so a
+    short run cannot finish before a node joins or leaves."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
+def test_a_node_joining_mid_run_forms_a_group_that_takes_probes(tmp_path, cluster, references):
     add_group_node(cluster)
-    config = elastic_config(tmp_path, cluster, "elastic", probes=6, steps=200, num_groups=3, min_groups=1)
+    config = elastic_config(tmp_path, cluster, "elastic", probes=ELASTIC_PROBES, steps=ELASTIC_STEPS, num_groups=3,
+                            min_groups=1)
     proc = start(config)
     out = tmp_path / "elastic"
-    wait_for(lambda: formed(run_json(out)), what="the first group")
-    add_group_node(cluster)  # the pending placement groups find room on it
+    wait_for(lambda: probe_step(out, 0) >= 2, what="group 0 past step 2 of a probe")
+    with paused(group_pid(out, 0)):  # group 0 holds its probe until the new group has taken one
+        add_group_node(cluster)  # the pending placement groups find room on it
+        wait_for(lambda: any(task.startswith("probe ") for group, task in run_json(out).get("running", {}).items()
+                             if group != "0"), what="a new group running a probe")
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-3000:]
     info = run_json(out)
@@ -101,51 +134,41 @@ def test_a_node_joining_mid_run_forms_a_group_that_takes_probes(tmp_path, cluste
     assert len({g["group"] for g in formed(info)}) == 2, info["groups"]
     assert len({p for p in info["probe_groups"].values()}) == 2, info["probe_groups"]  # both took probes
     assert "group 1 formed" in output or "group 2 formed" in output
-
-    static = elastic_config(tmp_path, cluster, "static", probes=6, steps=200, num_groups=1)
-    assert main(["run", static]) == 0
-    for a, b in zip(tables(out), tables(tmp_path / "static")):
+    for a, b in zip(tables(out), references.static):
         assert np.array_equal(a, b)
 
 
-def test_a_node_removed_mid_probe_moves_the_probe_to_a_survivor(tmp_path, cluster):
+def test_a_node_removed_mid_probe_moves_the_probe_to_a_survivor(tmp_path, cluster, references):
     nodes = [add_group_node(cluster), add_group_node(cluster)]
-    config = elastic_config(tmp_path, cluster, "removed", probes=4, steps=200, num_groups=2, min_groups=1,
-                            max_failures=0)
+    config = elastic_config(tmp_path, cluster, "removed", probes=ELASTIC_PROBES, steps=ELASTIC_STEPS, num_groups=2,
+                            min_groups=1, max_failures=0)
     proc = start(config)
     out = tmp_path / "removed"
-
-    def group_one_mid_probe() -> bool:
-        task = run_json(out).get("running", {}).get("1", "")
-        if not task.startswith("probe "):
-            return False
-        found = latest_complete_step(str(out / "checkpoints" / f"probe-{int(task.split()[1]):05d}"))
-        return found is not None and found[0] >= 5
-
-    wait_for(group_one_mid_probe, what="group 1 past step 5 of a probe")
+    wait_for(lambda: probe_step(out, 1) >= 2, what="group 1 past step 2 of a probe")
     node_of_group_one = next(g["nodes"][0] for g in formed(run_json(out)) if g["group"] == 1)
-    cluster.remove_node(next(n for n in nodes if n.node_id == node_of_group_one), allow_graceful=False)
+    with paused(group_pid(out, 1)):  # still mid-probe when its node goes
+        assert 0 < probe_step(out, 1) < ELASTIC_STEPS
+        cluster.remove_node(next(n for n in nodes if n.node_id == node_of_group_one), allow_graceful=False)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-3000:]
     info = run_json(out)
     assert info["status"] == "complete" and info["worker_failures_recovered"] == 0
     assert info["probes_moved"] >= 1 and any(g["event"] == "lost" for g in info["groups"])
     assert "was lost" in output
-
-    static = elastic_config(tmp_path, cluster, "static", probes=4, steps=200, num_groups=1)
-    assert main(["run", static]) == 0
-    for a, b in zip(tables(out), tables(tmp_path / "static")):
+    for a, b in zip(tables(out), references.static):
         assert np.array_equal(a, b)
 
 
 def test_no_group_for_too_long_fails_keeping_checkpoints_and_the_same_command_resumes(tmp_path, cluster):
     node = add_group_node(cluster)
-    config = elastic_config(tmp_path, cluster, "starved", probes=1, steps=300, placement_timeout_seconds=4)
+    steps = ELASTIC_STEPS
+    config = elastic_config(tmp_path, cluster, "starved", probes=1, steps=steps, placement_timeout_seconds=4)
     proc = start(config)
     out = tmp_path / "starved"
     probe = str(out / "checkpoints" / "probe-00000")
-    wait_for(lambda: (latest_complete_step(probe) or (0,))[0] >= 5, what="a checkpoint at step 5")
-    cluster.remove_node(node, allow_graceful=False)
+    wait_for(lambda: probe_step(out, 0) >= 5, what="a checkpoint at step 5")
+    with paused(group_pid(out, 0)):
+        cluster.remove_node(node, allow_graceful=False)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1, output[-3000:]
     last = [line for line in output.splitlines() if line.startswith("hessian-spectrum: failed")]
@@ -153,72 +176,82 @@ def test_no_group_for_too_long_fails_keeping_checkpoints_and_the_same_command_re
     info = run_json(out)
     assert info["status"] == "failed" and "PlacementTimeout" in info["error"]
     kept = latest_complete_step(probe)
-    assert kept is not None and kept[0] >= 5
+    assert kept is not None and 5 <= kept[0] < steps
 
     add_group_node(cluster)
     assert main(["run", config]) == 0
     info = run_json(out)
     assert info["status"] == "complete" and info["resumed"]
-    assert info["timing"]["hvp_count"] <= 300 - kept[0]
+    assert info["timing"]["hvp_count"] <= steps - kept[0]
 
 
-def _kill_when_checkpointed(config: str, out, *extra: str) -> int:
-    """Start a run, SIGKILL its whole process group (driver and its local Ray) once probe 0 has a checkpoint."""
-    proc = start(config, *extra)
-    probe = str(out / "checkpoints" / "probe-00000")
-    wait_for(lambda: (latest_complete_step(probe) or (0,))[0] >= 8, what="a checkpoint at step 8")
+def _kill_mid_probe(config: str, out) -> int:
+    """Start a run and SIGKILL its whole process group (driver and its local Ray) while probe 0 is past step 8
+    and not finished: its workers are stopped first, so the run cannot end between the check and the kill."""
+    proc = start(config)
+    wait_for(lambda: probe_step(out, 0) >= 8, what="a checkpoint at step 8")
+    for pid in next(g["pids"] for g in formed(run_json(out)) if g["group"] == 0):
+        os.kill(pid, signal.SIGSTOP)
+    at = latest_complete_step(str(out / "checkpoints" / "probe-00000"))[0]
+    assert at < CROSS_SIZE_STEPS
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
-    return latest_complete_step(probe)[0]
+    return at
 
 
-def more_batches(config: str) -> str:
-    """8 batches of 4 sequences: HVPs slow enough for a run to be stopped mid-probe."""
-    with open(config) as f:
-        tree = yaml.safe_load(f)
-    tree["data"]["num_batches"] = 8
-    with open(config, "w") as f:
-        yaml.safe_dump(tree, f)
-    return config
+CROSS_SIZE_STEPS = 60
 
 
-def _cross_size_common(model: str, data: str, workers: int) -> dict:
+def _cross_size_config(path, *, model: str, data: str, output_dir: str, workers: int) -> str:
     # full reorthogonalization: a windowed run amplifies reduction-order differences over 60 steps
-    return dict(model=model, data=data, lanczos={"steps": 60, "probes": 1, "reorth": "full"},
-                checkpoint={"every": 1}, cluster={"num_workers": workers, "cpus_per_worker": 1})
+    return write_config(str(path), model=model, data=data, output_dir=str(output_dir),
+                        lanczos={"steps": CROSS_SIZE_STEPS, "probes": 1, "reorth": "full"}, checkpoint={"every": 1},
+                        cluster={"num_workers": workers, "cpus_per_worker": 1})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class References:
+    static: tuple[np.ndarray, np.ndarray]  # the elastic runs' probes on one group, never interrupted
+    model: str
+    data: str
+    by_workers: dict[int, tuple[np.ndarray, np.ndarray]]  # one probe on 1 and on 2 ranks, uninterrupted
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """The same run on 1 and on 2 ranks, uninterrupted: the references of both directions of a move."""
-    root = tmp_path_factory.mktemp("cross-size")
-    model, _ = assets(str(root))
-    data = write_input_ids(str(root / "more.parquet"), sequences=32)
-    refs = {}
-    connect_ray(RunConfig(), need_cpus=4)  # both references on one local Ray, stopped before the other tests
+def references(tmp_path_factory) -> References:
+    """Uninterrupted runs, all on one local Ray stopped before the tests' clusters start: the elastic runs'
+    reference and both directions of a checkpoint's move between group sizes."""
+    root = tmp_path_factory.mktemp("references")
+    model, data = assets(str(root))
+    connect_ray(RunConfig(), need_cpus=4)
     try:
+        static = write_config(str(root / "static.yaml"), model=model, data=data, output_dir=str(root / "static"),
+                              lanczos={"steps": ELASTIC_STEPS, "probes": ELASTIC_PROBES, "reorth": "window",
+                                       "window": 4}, checkpoint={"every": 1},
+                              cluster={"cpus_per_worker": 1})  # as many torch threads as the elastic runs' workers
+        assert main(["run", static]) == 0
+        by_workers = {}
         for workers in (1, 2):
-            ref = more_batches(write_config(str(root / f"w{workers}.yaml"), output_dir=str(root / f"w{workers}"),
-                                            **_cross_size_common(model, data, workers)))
+            ref = _cross_size_config(root / f"w{workers}.yaml", model=model, data=data,
+                                     output_dir=root / f"w{workers}", workers=workers)
             assert main(["run", ref]) == 0
-            refs[workers] = tables(root / f"w{workers}")
+            by_workers[workers] = tables(root / f"w{workers}")
     finally:
         ray.shutdown()
-    return model, data, refs
+    return References(static=tables(root / "static"), model=model, data=data, by_workers=by_workers)
 
 
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
-def test_a_checkpoint_moves_between_group_sizes(tmp_path, before, after, uninterrupted):
-    model, data, refs = uninterrupted
-    config = more_batches(write_config(str(tmp_path / "moved.yaml"), output_dir=str(tmp_path / "moved"),
-                                       **_cross_size_common(model, data, before)))
-    at = _kill_when_checkpointed(config, tmp_path / "moved")
+def test_a_checkpoint_moves_between_group_sizes(tmp_path, before, after, references):
+    config = _cross_size_config(tmp_path / "moved.yaml", model=references.model, data=references.data,
+                                output_dir=tmp_path / "moved", workers=before)
+    at = _kill_mid_probe(config, tmp_path / "moved")
     assert main(["run", config, "--set", f"cluster.num_workers={after}"]) == 0
     info = run_json(tmp_path / "moved")
     assert info["status"] == "complete" and info["resumed_from"]["checkpoint_steps"]["0"] >= at
     moved = tables(tmp_path / "moved")
 
-    first, second = refs[before], refs[after]
+    first, second = references.by_workers[before], references.by_workers[after]
     k = info["resumed_from"]["checkpoint_steps"]["0"]
     for m, b, a in zip(moved, first, second):
         assert np.array_equal(m[:k], b[:k])  # the checkpointed steps, as the first group computed them
