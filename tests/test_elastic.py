@@ -189,13 +189,15 @@ def _kill_mid_probe(config: str, out) -> int:
     """Start a run and SIGKILL its whole process group (driver and its local Ray) while probe 0 is past step 8
     and not finished: its workers are stopped first, so the run cannot end between the check and the kill."""
     proc = start(config)
-    wait_for(lambda: probe_step(out, 0) >= 8, what="a checkpoint at step 8")
-    for pid in next(g["pids"] for g in formed(run_json(out)) if g["group"] == 0):
-        os.kill(pid, signal.SIGSTOP)
-    at = latest_complete_step(str(out / "checkpoints" / "probe-00000"))[0]
+    try:
+        wait_for(lambda: probe_step(out, 0) >= 8, what="a checkpoint at step 8")
+        for pid in next(g["pids"] for g in formed(run_json(out)) if g["group"] == 0):
+            os.kill(pid, signal.SIGSTOP)
+        at = latest_complete_step(str(out / "checkpoints" / "probe-00000"))[0]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
     assert at < CROSS_SIZE_STEPS
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
     return at
 
 
