@@ -22,6 +22,7 @@ from pipeline.cli import main
 from pipeline.config import RunConfig
 from pipeline.ray_connection import connect_ray
 from pipeline_fixtures import assets, write_config
+from proc_tools import alive, kill_all
 
 # one worker runs the whole module: the uninterrupted references are built once, and two simulated clusters
 # never compete for the cores
@@ -189,14 +190,20 @@ def _kill_mid_probe(config: str, out) -> int:
     """Start a run and SIGKILL its whole process group (driver and its local Ray) while probe 0 is past step 8
     and not finished: its workers are stopped first, so the run cannot end between the check and the kill."""
     proc = start(config)
+    stopped = []
     try:
         wait_for(lambda: probe_step(out, 0) >= 8, what="a checkpoint at step 8")
         for pid in next(g["pids"] for g in formed(run_json(out)) if g["group"] == 0):
             os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
         at = latest_complete_step(str(out / "checkpoints" / "probe-00000"))[0]
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
+        # the workers are the raylet's children, outside the driver's process group; stopped, they could not
+        # notice their raylet's death and would stay behind
+        kill_all(set(stopped))
         proc.wait(timeout=60)
+    wait_for(lambda: not alive(set(stopped)), timeout=30, what="the stopped workers to go")
     assert at < CROSS_SIZE_STEPS
     return at
 
