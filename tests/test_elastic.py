@@ -92,8 +92,8 @@ def tables(out) -> tuple[np.ndarray, np.ndarray]:
 ELASTIC_PROBES, ELASTIC_STEPS = 4, 80  # steps: margin between a check and the pause that follows it
 
 
-def group_pid(out, group: int) -> int:
-    return next(g["pids"][0] for g in formed(run_json(out)) if g["group"] == group)
+def group_pids(out, group: int) -> list[int]:
+    return next(g["pids"] for g in formed(run_json(out)) if g["group"] == group)
 
 
 def probe_step(out, group: int) -> int:
@@ -106,15 +106,17 @@ def probe_step(out, group: int) -> int:
 
 
 @contextlib.contextmanager
-def paused(pid: int):
-    """The test's hold on a run: a group's worker stopped (SIGSTOP) until the test has made its change, so a
+def paused(pids: list[int]):
+    """The test's hold on a run: a group's workers stopped (SIGSTOP) until the test has made its change, so a
     short run cannot finish before a node joins or leaves."""
-    os.kill(pid, signal.SIGSTOP)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
     try:
         yield
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
 
 def test_a_node_joining_mid_run_forms_a_group_that_takes_probes(tmp_path, cluster, references):
@@ -124,7 +126,7 @@ def test_a_node_joining_mid_run_forms_a_group_that_takes_probes(tmp_path, cluste
     proc = start(config)
     out = tmp_path / "elastic"
     wait_for(lambda: probe_step(out, 0) >= 2, what="group 0 past step 2 of a probe")
-    with paused(group_pid(out, 0)):  # group 0 holds its probe until the new group has taken one
+    with paused(group_pids(out, 0)):  # group 0 holds its probe until the new group has taken one
         add_group_node(cluster)  # the pending placement groups find room on it
         wait_for(lambda: any(task.startswith("probe ") for group, task in run_json(out).get("running", {}).items()
                              if group != "0"), what="a new group running a probe")
@@ -147,7 +149,7 @@ def test_a_node_removed_mid_probe_moves_the_probe_to_a_survivor(tmp_path, cluste
     out = tmp_path / "removed"
     wait_for(lambda: probe_step(out, 1) >= 2, what="group 1 past step 2 of a probe")
     node_of_group_one = next(g["nodes"][0] for g in formed(run_json(out)) if g["group"] == 1)
-    with paused(group_pid(out, 1)):  # still mid-probe when its node goes
+    with paused(group_pids(out, 1)):  # still mid-probe when its node goes
         assert 0 < probe_step(out, 1) < ELASTIC_STEPS
         cluster.remove_node(next(n for n in nodes if n.node_id == node_of_group_one), allow_graceful=False)
     output, _ = proc.communicate(timeout=300)
@@ -168,7 +170,7 @@ def test_no_group_for_too_long_fails_keeping_checkpoints_and_the_same_command_re
     out = tmp_path / "starved"
     probe = str(out / "checkpoints" / "probe-00000")
     wait_for(lambda: probe_step(out, 0) >= 5, what="a checkpoint at step 5")
-    with paused(group_pid(out, 0)):
+    with paused(group_pids(out, 0)):
         cluster.remove_node(node, allow_graceful=False)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1, output[-3000:]
@@ -187,21 +189,23 @@ def test_no_group_for_too_long_fails_keeping_checkpoints_and_the_same_command_re
 
 
 def _kill_mid_probe(config: str, out) -> int:
-    """Start a run and SIGKILL its whole process group (driver and its local Ray) while probe 0 is past step 8
-    and not finished: its workers are stopped first, so the run cannot end between the check and the kill."""
+    """Start a run and SIGKILL it (the driver's process group: the driver and its local Ray; and the workers)
+    while probe 0 is past step 8 and not finished: its workers are stopped first, so the run cannot end
+    between the check and the kill."""
     proc = start(config)
-    stopped = []
+    stopped: list[int] = []
     try:
         wait_for(lambda: probe_step(out, 0) >= 8, what="a checkpoint at step 8")
-        for pid in next(g["pids"] for g in formed(run_json(out)) if g["group"] == 0):
-            os.kill(pid, signal.SIGSTOP)
-            stopped.append(pid)
-        at = latest_complete_step(str(out / "checkpoints" / "probe-00000"))[0]
+        stopped = group_pids(out, 0)
+        with paused(stopped):
+            at = latest_complete_step(str(out / "checkpoints" / "probe-00000"))[0]
+            os.killpg(proc.pid, signal.SIGKILL)
+            # Ray gives each worker its own process group, which killpg misses; stopped, a worker could not
+            # notice its raylet's death and would stay behind
+            kill_all(set(stopped))
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        # the workers are the raylet's children, outside the driver's process group; stopped, they could not
-        # notice their raylet's death and would stay behind
-        kill_all(set(stopped))
+        with contextlib.suppress(ProcessLookupError):  # a check failed before the kill
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     wait_for(lambda: not alive(set(stopped)), timeout=30, what="the stopped workers to go")
     assert at < CROSS_SIZE_STEPS
