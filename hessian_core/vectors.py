@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -65,6 +66,30 @@ def _shard_info(name: str, p: Tensor) -> ShardInfo:
     return ShardInfo(name, p.shape, start, local.numel())
 
 
+# How long all_reduce_sum waits for gloo's worker thread to let go of a reduced tensor (it takes microseconds,
+# a few milliseconds at worst on a loaded machine); past this it goes on, as a plain all_reduce would.
+GLOO_RELEASE_WAIT_S = 0.5
+
+
+def all_reduce_sum(scalars: Tensor, group: dist.ProcessGroup) -> None:
+    """Sum ``scalars`` in place over ``group``; on CPU (gloo) return only once gloo has let go of the tensor.
+
+    Gloo's worker thread drops its reference to a collective's tensors just after ``wait()`` returns. If the
+    worker's reference is the last, it frees the tensor's Python object, and for that it takes the GIL; when
+    the process is already exiting (a training script whose last act was ``analyze``), taking the GIL kills the
+    thread and the process aborts with "terminate called without an active exception" (torch 2.13, about one
+    exit in fifteen on a loaded 2-core machine). Holding the tensor here until gloo has dropped it makes the
+    Python side's reference the last one, freed on the caller's thread.
+    """
+    baseline = scalars._use_count()
+    dist.all_reduce(scalars, op=dist.ReduceOp.SUM, group=group)
+    if scalars.device.type != "cpu":
+        return
+    deadline = time.monotonic() + GLOO_RELEASE_WAIT_S
+    while scalars._use_count() > baseline and time.monotonic() < deadline:
+        time.sleep(0)  # lets the worker thread run (and take the GIL, should it need it)
+
+
 class ParamSpace:
     """The trainable parameters of a model, as local shards, and the group their inner products sum over.
 
@@ -109,7 +134,7 @@ class ParamSpace:
         if self.group is not None and dist.get_world_size(self.group) > 1:
             if self.device.type != "cpu":
                 scalars = scalars.to(self.device)
-            dist.all_reduce(scalars, op=dist.ReduceOp.SUM, group=self.group)
+            all_reduce_sum(scalars, self.group)
         return scalars.cpu() if to_host else scalars
 
     def dots(self, pairs: Sequence[tuple[Sequence[Tensor], Sequence[Tensor]]]) -> Tensor:

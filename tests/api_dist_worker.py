@@ -10,8 +10,20 @@ import torch.distributed as dist
 
 from conftest import make_batches, make_tiny_model
 from hessian_core import analyze, shard_model
+from hessian_core.vectors import all_reduce_sum
 from test_api import prepare_training, train_step
 from test_masked_loss import masked_batches
+
+
+def held_after_reduce(calls: int) -> int:
+    """How many of ``calls`` reductions returned while gloo's worker thread still held the reduced tensor."""
+    held = 0
+    for k in range(calls):
+        scalars = torch.tensor([float(k), 1.0], dtype=torch.float64)
+        baseline = scalars._use_count()
+        all_reduce_sum(scalars, dist.group.WORLD)
+        held += scalars._use_count() != baseline or scalars[1].item() != dist.get_world_size()
+    return held
 
 
 def run_rank(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -45,6 +57,7 @@ def run_rank(rank: int, world: int, port: int, out_dir: str) -> None:
         spectrum = analyze(plain, masked, probes=1, steps=4, eps=1e-4, reorth="full")
         torch.save({"untouched": untouched, "same": same, "lambda_max": result.lambda_max,
                     "num_params": result.num_params, "masked_alphas": spectrum.lanczos[0].alphas,
-                    "masked_loss": spectrum.loss}, f"{out_dir}/rank{rank}.pt")
+                    "masked_loss": spectrum.loss, "held_after_reduce": held_after_reduce(200)},
+                   f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

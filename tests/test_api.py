@@ -138,6 +138,8 @@ def test_two_rank_fsdp2_training_step_is_untouched_by_analyze(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert all(r["untouched"] and r["same"] for r in ranks), ranks
     assert ranks[0]["lambda_max"] == ranks[1]["lambda_max"]  # one global spectrum, agreed by all ranks
+    # gloo had let go of every reduced tensor when the reduction returned: a tensor it frees itself at exit aborts
+    assert [r["held_after_reduce"] for r in ranks] == [0, 0]
     model = make_tiny_model("gpt_neox")
     assert ranks[0]["num_params"] == sum(p.numel() for p in model.parameters())
     from test_masked_loss import masked_batches
