@@ -85,13 +85,16 @@ def test_ctrl_c_stops_a_sweep_promptly_and_the_same_command_resumes_it(tmp_path)
     model, data = assets(str(tmp_path))
     cfg = write_config(str(tmp_path / "sweep.yaml"), output_dir=str(tmp_path / "sweep"), model=model, data=data,
                        cluster={"num_groups": 2},
-                       lanczos={"steps": SWEEP_STEPS, "probes": 2, "reorth": "window", "window": 4})
+                       lanczos={"steps": SWEEP_STEPS, "probes": 2, "reorth": "window", "window": 4},
+                       # a checkpoint every step: under load an auto interval can skip past step 10, or past the
+                       # probe's end (which drops its checkpoint), and then the stop below never comes
+                       checkpoint={"every": 1})
     grid = ["--grid", "hvp.eps=1e-3,1e-5"]
     points = [tmp_path / "sweep" / "eps=1e-3", tmp_path / "sweep" / "eps=1e-5"]
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sweep", cfg, *grid], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True, text=True)
     deadline = time.monotonic() + 120
-    interrupted_at = None
+    interrupted_at, found = None, None
     while time.monotonic() < deadline and proc.poll() is None:
         found = [latest_complete_step(str(p / "checkpoints" / "probe-00000")) for p in points]
         if all(f and f[0] >= 10 for f in found):
@@ -99,7 +102,12 @@ def test_ctrl_c_stops_a_sweep_promptly_and_the_same_command_resumes_it(tmp_path)
             interrupted_at = time.monotonic()
             break
         time.sleep(0.02)
-    assert interrupted_at is not None, "the sweep finished or stalled before it could be interrupted"
+    if interrupted_at is None:
+        finished = proc.poll() is not None
+        kill_all({proc.pid, *descendants(proc.pid)})
+        _, err = proc.communicate(timeout=60)
+        pytest.fail(f"the sweep {'finished' if finished else 'stalled'} before it could be "
+                    f"interrupted; probe 0 checkpoints last seen {found}; stderr ends:\n{err[-2000:]}")
     _, err = proc.communicate(timeout=60)
     assert time.monotonic() - interrupted_at < 30 and proc.returncode == 130
     assert "interrupted by SIGINT" in err
