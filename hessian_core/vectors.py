@@ -81,12 +81,13 @@ def all_reduce_sum(scalars: Tensor, group: dist.ProcessGroup) -> None:
     exit in fifteen on a loaded 2-core machine). Holding the tensor here until gloo has dropped it makes the
     Python side's reference the last one, freed on the caller's thread.
     """
-    baseline = scalars._use_count()
+    use_count = getattr(scalars, "_use_count", None)  # private torch API: without it, a plain all-reduce
+    baseline = use_count() if use_count is not None else 0
     dist.all_reduce(scalars, op=dist.ReduceOp.SUM, group=group)
-    if scalars.device.type != "cpu":
+    if scalars.device.type != "cpu" or use_count is None:
         return
     deadline = time.monotonic() + GLOO_RELEASE_WAIT_S
-    while scalars._use_count() > baseline and time.monotonic() < deadline:
+    while use_count() > baseline and time.monotonic() < deadline:
         time.sleep(0)  # lets the worker thread run (and take the GIL, should it need it)
 
 
