@@ -76,7 +76,7 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
             progress.close()
         if scheduler is not None:
             scheduler.shutdown(graceful=not (stopped or (cancel is not None and cancel.is_set())))
-        if verdict is not None:  # its trace holds torch's process-wide default dtype: never left running
+        if verdict is not None:  # its trace changes torch's process-wide default dtype: it never outlives run()
             verdict()
         if stopping_ray is not None:
             stopping_ray.join()
@@ -94,8 +94,9 @@ def _shutdown_ray_in_background() -> threading.Thread:
 
 def _plan_verdict_in_background(prepared: Prepared) -> Callable[[], str]:
     """Start the plan's verdict (tracing the model on fake tensors takes seconds) while Ray starts; the returned
-    function waits for the line (``run`` calls it on every exit path: a model build in this process while the
-    trace runs would see transformers' default dtype changed under it)."""
+    function waits for the line. ``run`` calls it on every exit path: while transformers builds the traced model
+    it changes torch's process-wide default dtype (other builds wait on ``BUILD_LOCK``), and a caller's tensors
+    after ``run`` returns must not see that."""
     from .plan import verdict_line
 
     line: list[str] = []
