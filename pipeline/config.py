@@ -80,12 +80,14 @@ class DataConfig:
     split: str = key("train", "dataset split (hub datasets; folders whose file names name splits)", required=True)
     name: str | None = key(None, "dataset config name (hub datasets; folders with configs)")
     format: Literal["text", "chat"] = key(
-        "text", "`text`, or `chat`: the `messages_column` rendered with the tokenizer's chat template")
+        "text", "`text`, or `chat`: the `messages_column` rendered with the tokenizer's chat template (an "
+                "`input_ids` column beside it is not read)")
     messages_column: str = key("messages", "the conversations' column for `format: chat`")
     packing: bool = key(True, "join samples and cut `seq_len` sequences; `false`: one sample per sequence, "
                               "right-padded with an attention mask")
     loss: Literal["causal_lm", "masked"] = key(
-        "causal_lm", "`causal_lm` (every token), or `masked`: assistant tokens only (`format: chat`)")
+        "causal_lm", "`causal_lm` (every token but padding and a pre-tokenized `labels` column's -100), or `masked`: "
+                     "assistant tokens only (`format: chat`)")
     tokenizer: str | None = key(None, "folder or hub id of the tokenizer for text data (null: `model.path`'s); for a "
                                       "model folder saved without one")
 

@@ -3,9 +3,12 @@
 Rows are streamed (``streaming=True``) and tokenized one by one until ``num_batches * batch_size`` sequences
 are complete; only a ``shuffle_seed`` reads the whole source (a shuffle needs every sequence). Samples are
 text (``text_column``) or chat conversations (``messages_column`` rendered with the tokenizer's chat template),
-or pre-tokenized ``input_ids``. With ``packing`` they are joined (text samples end with EOS) and cut into
-``seq_len`` sequences; without it each sample is one sequence, truncated or right-padded with an attention
-mask. ``loss: masked`` labels only the assistant turns of chat samples (the rest is -100).
+or pre-tokenized ``input_ids`` (Hugging Face layout: optional ``attention_mask`` and ``labels`` columns, whose
+padding and -100 do not count). ``format: chat`` reads only the messages column, even where the source also
+has ``input_ids``. With ``packing`` samples are joined (text samples end with EOS) and cut into ``seq_len``
+sequences (pre-tokenized rows must already be ``seq_len`` long); without it each sample is one sequence,
+truncated or right-padded with an attention mask. ``loss: masked`` labels only the assistant turns of chat
+samples (the rest is -100). A value of the wrong kind is refused naming its column and row, never cast.
 """
 
 from __future__ import annotations
@@ -30,10 +33,14 @@ def looks_local(path: str) -> bool:
             or os.path.splitext(path)[1] in BUILDERS)
 
 
+TOKEN_COLUMNS = ("input_ids", "attention_mask", "labels")  # pre-tokenized data, Hugging Face layout
+
+
 @dataclass
 class Sample:
     ids: list[int]
     labels: list[int] | None  # None: every token counts
+    mask: list[int] | None = None  # a pre-tokenized attention_mask; None: every token is attended
 
 
 @dataclass
@@ -154,26 +161,90 @@ def _tokenizer(data: DataConfig, tokenizer_path: str | None, revision: str | Non
     return tokenizer
 
 
+def pretokenized(data: DataConfig, columns: list[str]) -> bool:
+    """Whether the source is read as token ids: it has ``input_ids`` and ``format`` is not ``chat`` (an explicit
+    chat format reads its messages column, so an ``input_ids`` column beside it never overrides a masked loss)."""
+    return "input_ids" in columns and data.format != "chat"
+
+
+def _where(data: DataConfig, column: str, row: int) -> str:
+    return f"data.path {data.path!r}, column {column!r}, row {row} (from 0)"
+
+
+def _kind(value) -> str:
+    return "null" if value is None else f"a {type(value).__name__} ({str(value)[:40]!r})"
+
+
+def _int_list(value, data: DataConfig, column: str, row: int) -> list[int]:
+    """A pre-tokenized column's list of integers. Anything else is refused, never cast: a float id truncated to
+    an int, or a boolean taken as 0/1, would be analysed as another token."""
+    if isinstance(value, (list, tuple)) and all(type(t) is int for t in value):
+        return list(value)
+    if isinstance(value, (list, tuple)):
+        bad = next(t for t in value if type(t) is not int)
+        got = f"an element {bad!r} ({type(bad).__name__})"
+    else:
+        got = _kind(value)
+    raise ConfigError(f"{_where(data, column, row)}: expected a list of integers, got {got}; token columns must "
+                      f"hold integers (floats and booleans are not cast)")
+
+
+def _token_sample(row: dict, data: DataConfig, columns: list[str], index: int) -> Sample:
+    """One pre-tokenized row: ``input_ids`` and, where the source has them, ``attention_mask`` (1 attended, 0
+    padding) and ``labels`` (aligned with input_ids; -100 not counted)."""
+    ids = _int_list(row["input_ids"], data, "input_ids", index)
+    extra = {c: _int_list(row[c], data, c, index) for c in TOKEN_COLUMNS[1:] if c in columns}
+    for column, values in extra.items():
+        if len(values) != len(ids):
+            raise ConfigError(f"{_where(data, column, index)}: {len(values)} values for {len(ids)} input_ids; "
+                              f"the columns must be aligned")
+        valid = (lambda t: t in (0, 1)) if column == "attention_mask" else (lambda t: t >= 0 or t == IGNORE_INDEX)
+        bad = next((t for t in values if not valid(t)), None)
+        if bad is not None:
+            want = "0 (padding) or 1" if column == "attention_mask" else f"a token id >= 0 or {IGNORE_INDEX} (ignored)"
+            raise ConfigError(f"{_where(data, column, index)}: value {bad}; expected {want}")
+    return Sample(ids, extra.get("labels"), extra.get("attention_mask"))
+
+
+def _conversation(value, data: DataConfig, index: int) -> list[dict]:
+    """A chat row's messages: a list of {role, content} objects, with an assistant turn under a masked loss."""
+    where = _where(data, data.messages_column, index)
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a list of messages ({{role, content}} objects), got {_kind(value)}")
+    for k, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise ConfigError(f"{where}: message {k} is {_kind(m)}, not a {{role, content}} object")
+        if not isinstance(m.get("role"), str):
+            raise ConfigError(f"{where}: message {k} has no 'role' (expected system, user, assistant, ...)")
+    if data.loss == "masked" and not any(m["role"] == "assistant" for m in value):
+        raise ConfigError(f"{where}: no assistant turn, so data.loss=masked would count none of its tokens; drop "
+                          f"the row or use data.loss=causal_lm")
+    return value
+
+
 def samples(rows: Iterator[dict], data: DataConfig, columns: list[str], *, tokenizer_path: str | None,
             revision: str | None) -> Iterator[Sample]:
     """Samples in source order, tokenized one row at a time (a generator: nothing past what is consumed)."""
-    if "input_ids" in columns:
-        for row in rows:
-            yield Sample(list(row["input_ids"]), None)
+    if pretokenized(data, columns):
+        for index, row in enumerate(rows):
+            yield _token_sample(row, data, columns, index)
         return
-    column = data.messages_column if data.format == "chat" else data.text_column
+    chat = data.format == "chat"
+    column = data.messages_column if chat else data.text_column
     if column not in columns:
-        key = "data.messages_column" if data.format == "chat" else "data.text_column"
+        key = "data.messages_column" if chat else "data.text_column"
         raise ConfigError(f"{key}={column!r} is not a column of {data.path!r}; columns: {', '.join(columns)}")
-    tokenizer = _tokenizer(data, tokenizer_path, revision, chat=data.format == "chat")
+    tokenizer = _tokenizer(data, tokenizer_path, revision, chat=chat)
     eos = tokenizer.eos_token_id
-    for row in rows:
+    for index, row in enumerate(rows):
         value = row[column]
-        if not value:
+        if value is None or (chat and value == []):
             continue
-        if data.format == "chat":
-            yield chat_sample(tokenizer, list(value), masked=data.loss == "masked")
-        else:
+        if chat:
+            yield chat_sample(tokenizer, _conversation(value, data, index), masked=data.loss == "masked")
+        elif not isinstance(value, str):
+            raise ConfigError(f"{_where(data, column, index)}: expected text (a string), got {_kind(value)}")
+        elif value:
             ids = tokenizer(value, add_special_tokens=False)["input_ids"]
             yield Sample(ids + ([eos] if eos is not None else []), None)
 
@@ -215,11 +286,12 @@ def _padded(stream: Iterator[Sample], seq_len: int, limit: int | None, pad_id: i
         stats.rows += 1
         ids = s.ids[:seq_len]
         labels = (s.ids if s.labels is None else s.labels)[:seq_len]
-        if len(ids) < 2 or all(t == IGNORE_INDEX for t in labels[1:]):
+        mask = [1] * len(ids) if s.mask is None else s.mask[:seq_len]
+        if len(ids) < 2 or all(t == IGNORE_INDEX or m == 0 for t, m in zip(labels[1:], mask[1:])):
             continue
         pad = seq_len - len(ids)
         rows_ids.append(ids + [pad_id] * pad)
-        rows_mask.append([1] * len(ids) + [0] * pad)
+        rows_mask.append(mask + [0] * pad)
         rows_labels.append(labels + [IGNORE_INDEX] * pad)
         if limit is not None and len(rows_ids) >= limit:
             break
@@ -262,7 +334,7 @@ def read_sequences(data: DataConfig, *, tokenizer_path: str | None, revision: st
 
     stream = samples(all_rows(), data, columns, tokenizer_path=tokenizer_path, revision=revision)
     if data.packing:
-        if "input_ids" in columns:
+        if pretokenized(data, columns):
             return _pretokenized(stream, data, limit, stats)
         out = _packed(stream, data.seq_len, limit, stats)
     else:
@@ -272,13 +344,14 @@ def read_sequences(data: DataConfig, *, tokenizer_path: str | None, revision: st
 
 
 def _pretokenized(stream: Iterator[Sample], data: DataConfig, limit: int | None, stats: ReadStats) -> Sequences:
-    rows = []
+    """Pre-tokenized rows of seq_len tokens as they are, with their attention_mask / labels where given."""
+    rows: list[Sample] = []
     for s in stream:
         stats.rows += 1
-        rows.append(s.ids)
+        rows.append(s)
         if limit is not None and len(rows) >= limit:
             break
-    lengths = {len(r) for r in rows}
+    lengths = {len(r.ids) for r in rows}
     if len(lengths) != 1:
         raise ConfigError(f"data.path {data.path!r}: input_ids rows have unequal lengths "
                           f"({min(lengths)}..{max(lengths)}); pre-chunk them to one length or set data.packing=false")
@@ -287,7 +360,11 @@ def _pretokenized(stream: Iterator[Sample], data: DataConfig, limit: int | None,
         raise ConfigError(f"data.seq_len={data.seq_len} but the input_ids rows of {data.path!r} have length "
                           f"{length}; set data.seq_len={length}")
     stats.sequences = len(rows)
-    return Sequences(torch.tensor(rows, dtype=torch.int64))
+
+    def column(values: list[list[int] | None]) -> torch.Tensor | None:
+        return None if values[0] is None else torch.tensor(values, dtype=torch.int64)
+
+    return Sequences(column([r.ids for r in rows]), column([r.mask for r in rows]), column([r.labels for r in rows]))
 
 
 def load_sequences(data: DataConfig, *, tokenizer_path: str | None, revision: str | None = None) -> torch.Tensor:

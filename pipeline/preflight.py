@@ -13,7 +13,7 @@ import torch
 
 from . import demo
 from .config import ConfigError, RunConfig, results_part
-from hessian_core.loss import BatchSet
+from hessian_core.loss import BatchSet, counted_tokens
 
 from .data import analysis_set, looks_local, read_sequences
 from .progress import log
@@ -121,19 +121,28 @@ def preflight(config: RunConfig, *, fresh: bool = False) -> Prepared:
         data = replace(data, path=data_path)
     sequences = read_sequences(data, tokenizer_path=arch_path, revision=config.model.revision)
     batches = analysis_set(sequences, data)
-    if isinstance(batches, BatchSet):  # the tokens the model attends to (padding is not data)
-        attended = batches.input_ids if batches.attention_mask is None else batches.input_ids[batches.attention_mask > 0]
-    else:
-        attended = batches
-    check_token_statistics(attended, data_path=data.path)
-    vocab = getattr(hf_config, "vocab_size", None)
-    top = batches.max_token_id() if isinstance(batches, BatchSet) else int(batches.max())
-    if vocab is not None and top >= vocab:
-        raise ConfigError(f"data.path {data.path!r} has token id {top} but the model's vocab_size is "
-                          f"{vocab}; the data was tokenized for another model")
+    _check_analysis_set(batches, data.path, vocab=getattr(hf_config, "vocab_size", None))
     _check_address(config.cluster.address)
     check_output_dir(config, fresh=fresh)
     return Prepared(config, model_path, batches)
+
+
+def _check_analysis_set(batches: torch.Tensor | BatchSet, data_path: str, *, vocab: int | None) -> None:
+    """Token statistics of what the model attends to (padding is not data), ids and labels within the vocabulary,
+    and a loss that counts at least one token (else the ranks would fail after the model load)."""
+    if not isinstance(batches, BatchSet):
+        batches = BatchSet(batches)
+    ids, mask, labels = batches.input_ids, batches.attention_mask, batches.labels
+    check_token_statistics(ids if mask is None else ids[mask > 0], data_path=data_path)
+    top = int(max(ids.max(), labels.max())) if labels is not None else batches.max_token_id()
+    if vocab is not None and top >= vocab:
+        raise ConfigError(f"data.path {data_path!r} has token id {top} but the model's vocab_size is "
+                          f"{vocab}; the data was tokenized for another model")
+    flat = {"input_ids": ids.flatten(0, 1), "attention_mask": None if mask is None else mask.flatten(0, 1),
+            "labels": None if labels is None else labels.flatten(0, 1)}
+    if counted_tokens({k: v for k, v in flat.items() if v is not None}) == 0:
+        raise ConfigError(f"data.path {data_path!r}: the analysis set counts no token (every label is -100 or "
+                          f"padded); give rows with labelled, attended tokens")
 
 
 def _has_weights(path: str) -> bool:
