@@ -168,11 +168,11 @@ def pretokenized(data: DataConfig, columns: list[str]) -> bool:
 
 
 def _where(data: DataConfig, column: str, row: int) -> str:
-    return f"data.path {data.path!r}, column {column!r}, row {row} (from 0)"
+    return f"data.path {data.path!r}, column {column!r}, row {row} (counting from 0)"
 
 
 def _kind(value) -> str:
-    return "null" if value is None else f"a {type(value).__name__} ({str(value)[:40]!r})"
+    return "null" if value is None else f"{type(value).__name__} {repr(value)[:40]}"
 
 
 def _int_list(value, data: DataConfig, column: str, row: int) -> list[int]:
@@ -215,7 +215,7 @@ def _conversation(value, data: DataConfig, index: int) -> list[dict]:
         if not isinstance(m, dict):
             raise ConfigError(f"{where}: message {k} is {_kind(m)}, not a {{role, content}} object")
         if not isinstance(m.get("role"), str):
-            raise ConfigError(f"{where}: message {k} has no 'role' (expected system, user, assistant, ...)")
+            raise ConfigError(f"{where}: message {k} has no 'role' string (expected system, user, assistant, ...)")
     if data.loss == "masked" and not any(m["role"] == "assistant" for m in value):
         raise ConfigError(f"{where}: no assistant turn, so data.loss=masked would count none of its tokens; drop "
                           f"the row or use data.loss=causal_lm")

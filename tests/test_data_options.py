@@ -97,3 +97,30 @@ def test_config_refuses_masked_text_in_one_line():
         load_config(None, ["model.path=x", "data.path=y", "data.loss=masked"])
     with pytest.raises(ConfigError, match="data.format"):
         load_config(None, ["model.path=x", "data.path=y", "data.format=html"])
+
+
+def test_chat_format_reads_its_messages_beside_an_input_ids_column(tokenizer_dir, tmp_path):
+    """The documented precedence: an explicit data.format=chat (masked) is never overridden by input_ids."""
+    path = write_jsonl(str(tmp_path / "both.jsonl"), [{"messages": CONVERSATION[1:3], "input_ids": [9, 10, 11, 12]}])
+    seqs = read_sequences(DataConfig(path=path, format="chat", loss="masked", packing=False, seq_len=12, batch_size=1),
+                          tokenizer_path=tokenizer_dir)
+    rendered = ids("<user> hi how are you <end> <assistant> fine thanks <end>")
+    assert seqs.input_ids[0].tolist() == rendered + [0] * 2
+    assert seqs.labels[0].tolist() == [-100] * 7 + rendered[7:] + [-100] * 2
+
+
+def test_pretokenized_masks_and_labels_without_packing(tokenizer_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = str(tmp_path / "tok.parquet")
+    pq.write_table(pa.table({"input_ids": [[7, 8, 9, 10, 0, 0], [11, 12, 13, 0, 0, 0], [14, 15, 16, 17, 18, 19]],
+                             "attention_mask": [[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0], [1] * 6],
+                             "labels": [[-100, -100, 9, 10, -100, -100], [-100] * 6, [-100, 15, 16, 17, 18, 19]]}),
+                   path)
+    seqs = read_sequences(DataConfig(path=path, packing=False, seq_len=5, batch_size=2), tokenizer_path=tokenizer_dir)
+    assert seqs.input_ids.tolist() == [[7, 8, 9, 10, 0], [14, 15, 16, 17, 18]]  # row 1 counts no token: skipped
+    assert seqs.attention_mask.tolist() == [[1, 1, 1, 1, 0], [1] * 5]
+    assert seqs.labels.tolist() == [[-100, -100, 9, 10, -100], [-100, 15, 16, 17, 18]]
+    (batch,) = rank_batches(analysis_set(seqs, DataConfig(path=path, seq_len=5, batch_size=2)), 0, 1)
+    assert counted_tokens(batch) == 2 + 4

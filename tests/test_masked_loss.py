@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from conftest import VOCAB, flatten, make_batches, make_tiny_model, rel
-from hessian_core import FiniteDifferenceHVP, ParamSpace, analyze, causal_lm_loss, counted_tokens, evaluate_loss, probe_vector
+from hessian_core import (FiniteDifferenceHVP, ParamSpace, analyze, causal_lm_loss, counted_tokens, evaluate_loss,
+                          probe_vector)
 
 PAD = 0
 
