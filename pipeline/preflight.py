@@ -133,6 +133,9 @@ def _check_analysis_set(batches: torch.Tensor | BatchSet, data_path: str, *, voc
     if not isinstance(batches, BatchSet):
         batches = BatchSet(batches)
     ids, mask, labels = batches.input_ids, batches.attention_mask, batches.labels
+    if int(ids.min()) < 0:  # padded positions included: the model embeds every position
+        raise ConfigError(f"data.path {data_path!r} has token id {int(ids.min())}; token ids must be >= 0, "
+                          f"padding included")
     check_token_statistics(ids if mask is None else ids[mask > 0], data_path=data_path)
     top = int(max(ids.max(), labels.max())) if labels is not None else batches.max_token_id()
     if vocab is not None and top >= vocab:

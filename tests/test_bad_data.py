@@ -53,6 +53,8 @@ CASES = [
      ["'labels'", "row 0", "float"]),
     ("mask-not-0-or-1", "p.parquet", {"input_ids": IDS, "attention_mask": [[2] * SEQ_LEN] * len(IDS)}, [],
      ["'attention_mask'", "row 0", "value 2"]),
+    ("negative-padding-id", "p.parquet", {"input_ids": [r[:6] + [-1, -1] for r in IDS],
+                                           "attention_mask": [[1] * 6 + [0, 0]] * len(IDS)}, [], ["token id -1"]),
     ("nothing-counted", "p.parquet", {"input_ids": IDS, "labels": [[-100] * SEQ_LEN] * len(IDS)}, [],
      ["counts no token"]),
 ]
