@@ -15,6 +15,7 @@ from hessian_core import (FiniteDifferenceHVP, ParamSpace, analyze, causal_lm_lo
                           probe_vector)
 
 PAD = 0
+pytestmark = pytest.mark.xdist_group("masked_loss")  # with -n: the dense masked Hessian once, on one worker
 
 
 def masked_batches() -> list[dict]:
