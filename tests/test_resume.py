@@ -153,37 +153,36 @@ def test_a_run_whose_lock_is_taken_over_stops_recording_nothing_and_the_new_hold
     from pipeline import output_lock
     from pipeline.config import load_config
     from pipeline.driver import preflight, run
-    from pipeline.recorder import Recorder
+    from pipeline.scheduler import Scheduler
 
     model, data = assets(str(tmp_path))
     out = tmp_path / "run"
     cfg = write_config(str(tmp_path / "run.yaml"), model=model, data=data, output_dir=str(out),
-                       lanczos={"steps": 12, "probes": 2, "reorth": "window", "window": 4}, checkpoint={"every": 1})
+                       lanczos={"steps": 12, "probes": 2, "reorth": "window", "window": 4})
     monkeypatch.setattr(output_lock, "HEARTBEAT_SECONDS", 3600.0)  # the first run's heartbeat has stalled
     monkeypatch.setattr(output_lock, "STALE_SECONDS", 0.1)
-    real_add_probe = Recorder.add_probe
+    real_placed = Scheduler._placed
     taken = {}
 
-    def taken_over_first(self, result, *, group):  # as its first probe finishes, another node's run takes over
+    def taken_over_while_loading(self, slot):  # as its group starts loading, another node's run takes over
         with monkeypatch.context() as m:
             m.setattr(output_lock.socket, "gethostname", lambda: "node-b")
             taken["lock"] = output_lock.OutputLock(str(out)).acquire()
         taken["files"] = _files(out)
-        return real_add_probe(self, result, group=group)
+        real_placed(self, slot)
 
-    monkeypatch.setattr(Recorder, "add_probe", taken_over_first)
+    monkeypatch.setattr(Scheduler, "_placed", taken_over_while_loading)
     capsys.readouterr()
-    assert main(["run", cfg]) == 1
+    assert main(["run", cfg]) == 1  # its poll loop stops it
     err = capsys.readouterr().err
     assert "LockLost" in err and "taken over by another run" in err and "Traceback" not in err, err
-    assert _files(out) == taken["files"]  # nothing written or deleted since: no table, no status, no cleanup
+    assert _files(out) == taken["files"]  # nothing written since: no group event, no status
     assert json.load(open(out / "run.json"))["status"] == "running"
-    monkeypatch.setattr(Recorder, "add_probe", real_add_probe)
+    monkeypatch.setattr(Scheduler, "_placed", real_placed)
     try:  # the new holder runs alone, as `run` does under the lock it took over
         info = run(preflight(load_config(cfg)))
     finally:
         taken["lock"].release()
-    assert info["status"] == "complete" and info["resumed"]
-    assert json.load(open(out / "run.json"))["status"] == "complete"
+    assert info["status"] == "complete" and json.load(open(out / "run.json"))["status"] == "complete"
     assert pq.read_table(out / "lanczos.parquet").to_pandas().probe_id.unique().tolist() == [0, 1]
     assert not (out / LOCK_NAME).exists()
