@@ -10,6 +10,7 @@ from actors.records import (BlockResult, BlockSpectrumResult, BlockSpectrumTask,
                             ProbeTask)
 
 from .eps_policy import calibration_task, known_calibration
+from .output_lock import LockLost
 from .preflight import Prepared, model_spec, preflight
 from .progress import Progress, log, set_run_name
 from .ray_connection import connect_ray
@@ -67,6 +68,9 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
     except KeyboardInterrupt as err:
         stopped = True
         recorder.interrupted(signal_of(err))
+        raise
+    except LockLost:  # another run owns the output_dir now, run.json included: record nothing, stop the groups
+        stopped = True
         raise
     except BaseException as err:
         recorder.failed(err)

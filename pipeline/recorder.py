@@ -24,6 +24,7 @@ from hessian_core.quadrature import SIGMA_FRACTION
 from hessian_core.error_bars import summary_error_fields
 from hessian_core.statistics import bulk_interval
 
+from .output_lock import ensure_held
 from .preflight import CHECKPOINTS, Prepared
 from .ray_connection import versions
 from .tables import (BLOCK_RITZ_SCHEMA, BLOCKS_SCHEMA, DENSITY_SCHEMA, LANCZOS_SCHEMA, RITZ_SCHEMA, read_json,
@@ -121,6 +122,7 @@ class Recorder:
     def clear_unfinished_checkpoint(self, probe_id: int) -> None:
         """Before a probe (re)starts: drop steps and vectors newer than its latest complete checkpoint, which a
         writer killed mid-save (maybe of another group size) left behind."""
+        ensure_held(self.out)  # deletes: not in a folder another run took over
         folder = self.checkpoint_dir(probe_id)
         found = latest_complete_step(folder)
         discard_after(folder, found[0] if found else 0)
@@ -230,6 +232,7 @@ class Recorder:
 
     def complete(self, *, failures_recovered: int) -> None:
         self.info["worker_failures_recovered"] = failures_recovered
+        ensure_held(self.out)  # deletes, then writes: not in a folder another run took over
         shutil.rmtree(self.path(CHECKPOINTS), ignore_errors=True)
         self.phase("finish")
         self.finish()

@@ -22,6 +22,7 @@ import torch
 from actors.group import WorkerGroup
 from actors.records import BlockSpectrumTask, BlockTask, GroupInfo, ProbeTask, ProgressEvent
 
+from .output_lock import ensure_held
 from .preflight import Prepared, model_spec
 from .progress import Progress, log
 from .recorder import Recorder
@@ -262,8 +263,10 @@ class Scheduler:
                 f"{bundle}); checkpoints are kept: run the same command again to resume")
 
     def _check_cancel(self) -> None:
+        """Stop at a cancel (the sweep's), a Ray the sweep shut down, or a lock another run took over."""
         import ray
 
+        ensure_held(self.recorder.out)
         if self.cancel is not None and self.cancel.is_set():
             reason = getattr(self.cancel, "reason", None)  # the sweep's own Interrupted, naming the signal
             stop = as_interrupted(reason if isinstance(reason, KeyboardInterrupt) else KeyboardInterrupt())

@@ -260,7 +260,8 @@ def _run_points(todo, concurrency: int, update, *, total: int, rows: dict[str, d
 
             cancel.reason = err  # the points record the signal that stopped them
             cancel.set()
-            log("sweep: interrupted; stopping the running points (Ctrl-C again to stop at once)")
+            log("sweep: interrupted; stopping the running points (Ctrl-C again to stop at once)"
+                if isinstance(err, KeyboardInterrupt) else f"sweep: {type(err).__name__}; stopping the running points")
             pool.shutdown(wait=True, cancel_futures=True)
             for point, _ in todo:
                 info = read_json(os.path.join(point.config.output_dir, "run.json"))

@@ -1,7 +1,8 @@
 """Result tables (Arrow schemas, Parquet with the run's config in the schema metadata) and atomic file writes.
 
 Every file is written to a temporary name in the same folder and renamed into place, so a crash never
-leaves a truncated file under a final name.
+leaves a truncated file under a final name; and never into a folder whose lock this process held and another
+process took over (``LockLost``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hessian_core.files import atomic_text, atomic_write  # noqa: F401 - the pipeline's writers, re-exported
+from hessian_core import files
+
+from .output_lock import ensure_held
 
 LANCZOS_SCHEMA = pa.schema([("probe_id", pa.int32()), ("step", pa.int32()), ("alpha", pa.float64()),
                             ("beta", pa.float64())])
@@ -23,6 +26,17 @@ BLOCKS_SCHEMA = pa.schema([("probe_id", pa.int32()), ("block", pa.string()), ("r
 BLOCK_RITZ_SCHEMA = pa.schema([("block", pa.string()), ("probe_id", pa.int32()), ("value", pa.float64()),
                                ("weight", pa.float64()), ("block_size", pa.int64())])
 CONFIG_METADATA_KEY = b"hessian_spectrum.config"
+
+
+def atomic_write(path: str, write, *, sync: bool = False) -> None:
+    """``hessian_core.files.atomic_write``, refused where this process's lock on the folder was taken over."""
+    ensure_held(path)
+    files.atomic_write(path, write, sync=sync)
+
+
+def atomic_text(path: str, text: str, *, sync: bool = False) -> None:
+    ensure_held(path)
+    files.atomic_text(path, text, sync=sync)
 
 
 def read_json(path: str) -> dict | None:

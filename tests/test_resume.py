@@ -140,3 +140,49 @@ def test_auto_checkpoint_interval_keeps_writes_under_five_percent_of_compute():
     assert not every.due(2) and every.due(3)
     every.saved(3, 0.5, [0.1])
     assert every.due(6) and not every.due(5)
+
+
+def _files(folder) -> dict[str, tuple[int, int]]:
+    return {os.path.relpath(os.path.join(d, n), folder): (os.stat(os.path.join(d, n)).st_size,
+                                                           os.stat(os.path.join(d, n)).st_mtime_ns)
+            for d, _, names in os.walk(folder) for n in names if not n.startswith(LOCK_NAME)}
+
+
+def test_a_run_whose_lock_is_taken_over_stops_recording_nothing_and_the_new_holder_completes(tmp_path, capsys,
+                                                                                            monkeypatch):
+    from pipeline import output_lock
+    from pipeline.config import load_config
+    from pipeline.driver import preflight, run
+    from pipeline.scheduler import Scheduler
+
+    model, data = assets(str(tmp_path))
+    out = tmp_path / "run"
+    cfg = write_config(str(tmp_path / "run.yaml"), model=model, data=data, output_dir=str(out),
+                       lanczos={"steps": 12, "probes": 2, "reorth": "window", "window": 4})
+    monkeypatch.setattr(output_lock, "HEARTBEAT_SECONDS", 3600.0)  # the first run's heartbeat has stalled
+    monkeypatch.setattr(output_lock, "STALE_SECONDS", 0.1)
+    real_placed = Scheduler._placed
+    taken = {}
+
+    def taken_over_while_loading(self, slot):  # as its group starts loading, another node's run takes over
+        with monkeypatch.context() as m:
+            m.setattr(output_lock.socket, "gethostname", lambda: "node-b")
+            taken["lock"] = output_lock.OutputLock(str(out)).acquire()
+        taken["files"] = _files(out)
+        real_placed(self, slot)
+
+    monkeypatch.setattr(Scheduler, "_placed", taken_over_while_loading)
+    capsys.readouterr()
+    assert main(["run", cfg]) == 1  # its poll loop stops it
+    err = capsys.readouterr().err
+    assert "LockLost" in err and "taken over by another run" in err and "Traceback" not in err, err
+    assert _files(out) == taken["files"]  # nothing written since: no group event, no status
+    assert json.load(open(out / "run.json"))["status"] == "running"
+    monkeypatch.setattr(Scheduler, "_placed", real_placed)
+    try:  # the new holder runs alone, as `run` does under the lock it took over
+        info = run(preflight(load_config(cfg)))
+    finally:
+        taken["lock"].release()
+    assert info["status"] == "complete" and json.load(open(out / "run.json"))["status"] == "complete"
+    assert pq.read_table(out / "lanczos.parquet").to_pandas().probe_id.unique().tolist() == [0, 1]
+    assert not (out / LOCK_NAME).exists()
