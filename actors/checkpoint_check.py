@@ -45,7 +45,8 @@ def check_checkpoint(spec: ModelSpec, *, world_size: int = 1) -> None:
 def saved_layout(model: nn.Module, path: str, stored: StoredTensors) -> tuple[dict[str, list[int]], str | None]:
     """(stored name -> shape of every tensor ``from_pretrained`` fills, None or the first key missing or
     unexpected): the model's tensors as transformers 5 saves them (renamed keys, mixture-of-experts weights
-    unfused per expert; the model's own names on transformers 4), at the top level of the checkpoint."""
+    unfused per expert; the model's own names on transformers 4), at the top level of the checkpoint, where
+    keys without the base model's prefix count with it, as ``from_pretrained`` reads them."""
     expected, aliases = state_keys(model)
     state = model.state_dict()
     tensors = {k: state[k].detach() for k in expected}
@@ -56,8 +57,10 @@ def saved_layout(model: nn.Module, path: str, stored: StoredTensors) -> tuple[di
     else:
         saved = revert_weight_conversion(model, dict(tensors))
     alias_names = set(stored_names(model, sorted(aliases), path=path).values())
-    _, problem = key_mismatch(list(saved), alias_names, list(stored), nested=False, ignored=ignored_on_load(model))
-    return {k: list(t.shape) for k, t in saved.items()}, problem
+    base = getattr(model, "base_model_prefix", "")  # a base model's checkpoint (GPT-2's, without `transformer.`)
+    layout = {(f"{base}.{k}" if base and k not in saved and f"{base}.{k}" in saved else k): k for k in stored}
+    _, problem = key_mismatch(list(saved), alias_names, list(layout), nested=False, ignored=ignored_on_load(model))
+    return {layout.get(k, k): list(t.shape) for k, t in saved.items()}, problem
 
 
 def shape_problem(shapes: dict[str, list[int]], stored: StoredTensors) -> str | None:

@@ -160,6 +160,7 @@ def test_checkpoint_check_follows_the_path_that_will_read_it(tmp_path):
     import transformers
     from safetensors.torch import load_file, save_file
     from test_moe import save_moe
+    from transformers import AutoModelForCausalLM
 
     tied = save_tiny(tmp_path / "tied", "qwen3", tie=True, hidden=4, layers=1, shard_size=None)
     weights = os.path.join(tied, "model.safetensors")
@@ -176,9 +177,26 @@ def test_checkpoint_check_follows_the_path_that_will_read_it(tmp_path):
     save_file({**state, "model.layers.0.mlp.bonus.weight": torch.zeros(2)}, weights, metadata={"format": "pt"})
     with pytest.raises(ValueError, match="unexpected key 'model.layers.0.mlp.bonus.weight'"):
         check_checkpoint(ModelSpec(path=tied, loading="full"))
+    gpt2 = _gpt2_base_layout(tmp_path / "gpt2")
+    _, info = AutoModelForCausalLM.from_pretrained(gpt2, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]  # what the check must accept
+    check_checkpoint(ModelSpec(path=gpt2))
     if int(transformers.__version__.split(".")[0]) >= 5:  # transformers 4 keeps the experts unfused: no conversion
         with pytest.raises(ValueError, match="set model.loading=auto"):
             check_checkpoint(ModelSpec(path=moe, loading="sharded"))
+
+
+def _gpt2_base_layout(path) -> str:
+    """A tiny tied GPT-2 saved as the hub's GPT-2 is: keys without `transformer.`, and the causal-mask buffers
+    `h.N.attn.bias` that older transformers saved."""
+    from safetensors.torch import load_file, save_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=8, n_layer=1, n_head=2, n_positions=16)).save_pretrained(path)
+    weights = os.path.join(path, "model.safetensors")
+    state = {k.removeprefix("transformer."): v for k, v in load_file(weights).items()}
+    save_file({**state, "h.0.attn.bias": torch.ones(1, 1, 16, 16)}, weights, metadata={"format": "pt"})
+    return str(path)
 
 
 # -- tied embeddings ------------------------------------------------------------------------------------------
