@@ -69,7 +69,11 @@ def load_model(spec: ModelSpec) -> torch.nn.Module:
         with BUILD_LOCK:
             model = AutoModelForCausalLM.from_config(config, **hf_kwargs(spec))
     else:
-        model = AutoModelForCausalLM.from_pretrained(spec.path, revision=spec.revision, **hf_kwargs(spec))
+        model, info = AutoModelForCausalLM.from_pretrained(spec.path, revision=spec.revision, output_loading_info=True,
+                                                           **hf_kwargs(spec))
+        if info["missing_keys"]:  # left randomly initialised; the preflight refuses this for local folders it reads
+            raise ValueError(f"model.path {spec.path!r} has no tensor {sorted(info['missing_keys'])[0]!r} "
+                             f"({len(info['missing_keys'])} missing): from_pretrained would leave it random")
     return prepare_for_analysis(model)
 
 

@@ -186,6 +186,19 @@ def test_checkpoint_check_follows_the_path_that_will_read_it(tmp_path):
             check_checkpoint(ModelSpec(path=moe, loading="sharded"))
 
 
+def test_full_load_refuses_a_missing_tensor_itself(tmp_path):
+    """Where the preflight cannot read the keys (a hub id, .bin weights), the full load still refuses to leave
+    a missing tensor randomly initialised."""
+    from safetensors.torch import load_file, save_file
+
+    path = save_tiny(tmp_path / "m", "llama", hidden=4, layers=1, shard_size=None)
+    weights = os.path.join(path, "model.safetensors")
+    save_file({k: v for k, v in load_file(weights).items() if k != "model.norm.weight"}, weights,
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="has no tensor 'model.norm.weight'"):
+        load_model(ModelSpec(path=path))
+
+
 def _gpt2_base_layout(path) -> str:
     """A tiny tied GPT-2 saved as the hub's GPT-2 is: keys without `transformer.`, and the causal-mask buffers
     `h.N.attn.bias` that older transformers saved."""
