@@ -69,7 +69,11 @@ def load_model(spec: ModelSpec) -> torch.nn.Module:
         with BUILD_LOCK:
             model = AutoModelForCausalLM.from_config(config, **hf_kwargs(spec))
     else:
-        model = AutoModelForCausalLM.from_pretrained(spec.path, revision=spec.revision, **hf_kwargs(spec))
+        model, info = AutoModelForCausalLM.from_pretrained(spec.path, revision=spec.revision, output_loading_info=True,
+                                                           **hf_kwargs(spec))
+        if info["missing_keys"]:  # left randomly initialised; the preflight refuses this for local folders it reads
+            raise ValueError(f"model.path {spec.path!r} has no tensor {sorted(info['missing_keys'])[0]!r} "
+                             f"({len(info['missing_keys'])} missing): from_pretrained would leave it random")
     return prepare_for_analysis(model)
 
 
@@ -105,13 +109,24 @@ def choose_loading(spec: ModelSpec, *, world_size: int) -> str:
     return "sharded" if fmt == "dcp" or (fmt == "safetensors" and world_size > 1) else "full"
 
 
+def reads_sharded(spec: ModelSpec, *, world_size: int, problem: str | None) -> bool:
+    """Whether the ranks read their own shards (``actors.sharded_loading``), given ``problem``, the sharded
+    reader's objection to the checkpoint's keys (``read_plan``): a safetensors folder that the automatic choice
+    would read sharded but whose keys only transformers' conversions map (fused experts) loads fully instead."""
+    from .sharded_loading import checkpoint_format
+
+    if choose_loading(spec, world_size=world_size) != "sharded":
+        return False
+    return problem is None or spec.loading == "sharded" or checkpoint_format(spec.path) == "dcp"
+
+
 def load_for_rank(spec: ModelSpec, *, device: torch.device, world_size: int) -> tuple[torch.nn.Module, str]:
     """(model, how it was loaded) for one rank of a group: on ``device``, FSDP2-sharded when ``world_size`` > 1
     (a process group must be initialised). A safetensors folder whose keys differ from the model's (e.g.
     a mixture-of-experts checkpoint that transformers 5 converts while loading) is loaded fully instead."""
     from hessian_core import shard_model
 
-    from .sharded_loading import build_on_meta, checkpoint_format, load_sharded, read_plan
+    from .sharded_loading import build_on_meta, load_sharded, read_plan
 
     mesh = None
     if world_size > 1 or sharding_options(spec)["mp_policy"] is not None:  # mixed precision: FSDP2 even on 1 rank
@@ -123,7 +138,7 @@ def load_for_rank(spec: ModelSpec, *, device: torch.device, world_size: int) -> 
     if how == "sharded":
         model = build_on_meta(spec)
         _, problem = read_plan(model, spec.path)
-        if problem is None or spec.loading == "sharded" or checkpoint_format(spec.path) == "dcp":
+        if reads_sharded(spec, world_size=world_size, problem=problem):
             model = load_sharded(spec, device=device, mesh=mesh, model=model)
         else:
             model, how = None, "full (checkpoint keys differ from the model's: " + problem + ")"

@@ -16,8 +16,8 @@ alias (``lm_head.weight`` when it is the input embedding) may be present or abse
 from __future__ import annotations
 
 import contextlib
-import json
 import os
+import re
 import warnings
 from collections.abc import Iterator
 
@@ -105,42 +105,87 @@ def state_keys(model: nn.Module) -> tuple[list[str], set[str]]:
     return keys, aliases
 
 
-def stored_keys(path: str) -> list[str]:
-    """The tensor keys a checkpoint folder holds, read from its metadata (no tensor data is read)."""
+def read_dcp_metadata(path: str):
+    """The ``.metadata`` of the DCP checkpoint ``path``; ValueError naming the file where it is empty or corrupt."""
+    import pickle
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    file = os.path.join(path, DCP_METADATA)
+    try:
+        metadata = FileSystemReader(path).read_metadata()
+    except (EOFError, pickle.UnpicklingError, AttributeError, ImportError, IndexError, KeyError, TypeError,
+            ValueError, OverflowError) as e:  # what unpickling an empty, truncated or foreign file raises
+        raise ValueError(f"DCP metadata {file!r} is empty or corrupt ({type(e).__name__}); write the checkpoint "
+                         f"again with torch.distributed.checkpoint.save") from None
+    if not isinstance(metadata, Metadata):
+        raise ValueError(f"DCP metadata {file!r} holds a {type(metadata).__name__}, not DCP metadata")
+    return metadata
+
+
+def stored_tensors(path: str) -> dict[str, tuple[list[int] | None, str]]:
+    """Stored key -> (shape, None for a non-tensor entry; the file that describes it), from a DCP checkpoint's
+    ``.metadata`` or the safetensors headers (index-sharded too): no tensor data is read."""
     fmt = checkpoint_format(path)
     if fmt == "dcp":
-        from torch.distributed.checkpoint import FileSystemReader
-
-        return list(FileSystemReader(path).read_metadata().state_dict_metadata)
+        file = os.path.join(path, DCP_METADATA)
+        return {k: (list(m.size) if hasattr(m, "size") else None, file)
+                for k, m in read_dcp_metadata(path).state_dict_metadata.items()}
     if fmt != "safetensors":
         raise ValueError(f"{path!r} is neither a DCP checkpoint ({DCP_METADATA}) nor a safetensors folder")
-    index = os.path.join(path, SAFETENSORS_INDEX)
-    if os.path.isfile(index):
-        with open(index) as f:
-            return list(json.load(f)["weight_map"])
-    from safetensors import safe_open
+    from .safetensors_slices import read_header, weight_files
 
-    with safe_open(os.path.join(path, "model.safetensors"), framework="pt") as f:
-        return list(f.keys())
+    headers: dict[str, dict] = {}
+    out = {}
+    for key, file in weight_files(path).items():
+        if file not in headers:
+            headers[file] = read_header(file)[1]
+        header = headers[file]
+        if key not in header:
+            raise ValueError(f"weight index {os.path.join(path, SAFETENSORS_INDEX)!r} places {key!r} in {file!r}, "
+                             f"whose header does not hold it")
+        out[key] = (list(header[key]["shape"]), file)
+    return out
 
 
-def key_mismatch(expected: list[str], aliases: set[str], stored: list[str]) -> tuple[str, str | None]:
-    """(prefix, problem): the prefix ('' or 'model.') under which ``stored`` holds the model (the layout that
-    holds more of its keys), and None or a one-line description of the first key missing or unexpected.
+def stored_keys(path: str) -> list[str]:
+    """The tensor keys a checkpoint folder holds, read from its metadata (no tensor data is read)."""
+    return list(stored_tensors(path))
 
-    At the top level every stored key must be the model's; under 'model.' only the keys under it are."""
+
+def key_mismatch(expected: list[str], aliases: set[str], stored: list[str], *, nested: bool = True,
+                 ignored: re.Pattern | None = None) -> tuple[str, str | None]:
+    """(prefix, problem): the prefix ('' or, where ``nested``, 'model.') under which ``stored`` holds the model
+    (the layout that holds more of its keys), and None or a one-line description of the first key missing or
+    unexpected. At the top level every stored key must be the model's, a tied alias, or match ``ignored``
+    (keys transformers drops while loading); under 'model.' only the keys under it are checked."""
     stored_set = set(stored)
     top = sum(k in stored_set for k in expected)
-    nested = sum(NESTED_PREFIX + k in stored_set for k in expected)
-    prefix = NESTED_PREFIX if nested > top else ""
+    below = sum(NESTED_PREFIX + k in stored_set for k in expected) if nested else -1
+    prefix = NESTED_PREFIX if below > top else ""
     missing = next((k for k in expected if prefix + k not in stored_set), None)
     if missing is not None:
         return prefix, f"has no key {prefix + missing!r} (the first missing of the model's {len(expected)} keys)"
     allowed = {prefix + k for k in (*expected, *aliases)}
-    unexpected = next((k for k in stored if k.startswith(prefix) and k not in allowed), None)
+    unexpected = next((k for k in stored if k.startswith(prefix) and k not in allowed
+                       and not (ignored and ignored.search(k[len(prefix):]))), None)
     if unexpected is not None:
         return prefix, f"has unexpected key {unexpected!r} (not a parameter or persistent buffer of the model)"
     return prefix, None
+
+
+def ignored_on_load(model: nn.Module) -> re.Pattern | None:
+    """Stored keys that transformers drops while loading ``model`` instead of reporting them unexpected: its
+    ``_keys_to_ignore_on_load_unexpected``, and buffers that older checkpoints saved (``rotary_emb.inv_freq``,
+    ``position_ids``)."""
+    patterns = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    buffers = [name for name, _ in model.named_buffers()]
+    if any(name.endswith("rotary_emb.inv_freq") for name in buffers):
+        patterns.add(r"rotary_emb\.inv_freq")
+    if any(name.endswith("position_ids") for name in buffers):
+        patterns.add(r"(^|\.)position_ids$")
+    return re.compile("|".join(f"({p})" for p in sorted(patterns))) if patterns else None
 
 
 def stored_names(model: nn.Module, keys: list[str], *, path: str) -> dict[str, str]:
@@ -161,21 +206,15 @@ def stored_names(model: nn.Module, keys: list[str], *, path: str) -> dict[str, s
     return {k: by_id.get(id(t), k) for k, t in tensors.items()}
 
 
-def read_plan(model: nn.Module, path: str) -> tuple[dict[str, str], str | None]:
-    """(model key -> stored key of every tensor to read, None or a one-line problem with the checkpoint)."""
+def read_plan(model: nn.Module, path: str, *, stored: list[str] | None = None) -> tuple[dict[str, str], str | None]:
+    """(model key -> stored key of every tensor to read, None or a one-line problem with the checkpoint);
+    ``stored``: the checkpoint's keys where the caller has read them."""
     expected, aliases = state_keys(model)
     names = stored_names(model, [*expected, *aliases], path=path)
-    prefix, problem = key_mismatch([names[k] for k in expected], {names[a] for a in aliases}, stored_keys(path))
+    stored = stored_keys(path) if stored is None else stored
+    prefix, problem = key_mismatch([names[k] for k in expected], {names[a] for a in aliases}, stored,
+                                   ignored=ignored_on_load(model))
     return {k: prefix + names[k] for k in expected}, problem
-
-
-def check_checkpoint(spec: ModelSpec) -> None:
-    """Refuse a DCP or safetensors folder whose keys do not match the model, in one line (ValueError), before
-    any group starts: builds the model on meta (no weights are read or allocated)."""
-    _, problem = read_plan(build_on_meta(spec), spec.path)
-    if problem:
-        raise ValueError(f"model.path {spec.path!r} {problem}; a checkpoint holds the model's state-dict names "
-                         f"at the top level or under 'model.'")
 
 
 def materialize(model: nn.Module, *, device: torch.device) -> None:

@@ -88,6 +88,8 @@ def hf_config(config: RunConfig, model_path: str | None):
     """The model's HF config without weights: from model.path's config.json, model.config, or the demo's."""
     from transformers import AutoConfig
 
+    from actors.sharded_loading import checkpoint_format
+
     from . import demo
 
     m = config.model
@@ -98,12 +100,26 @@ def hf_config(config: RunConfig, model_path: str | None):
 
         if looks_local(model_path) and not os.path.isdir(model_path):
             raise ConfigError(f"model.path {model_path!r} does not exist (expected a local model folder or hub id)")
+        if os.path.isdir(model_path) and checkpoint_format(model_path) == "dcp":
+            return _dcp_architecture(config, model_path)
         if os.path.isdir(model_path) and not os.path.exists(os.path.join(model_path, "config.json")):
             raise ConfigError(f"model.path {model_path!r} has no config.json; it is not a Hugging Face model folder")
         return AutoConfig.from_pretrained(model_path, revision=m.revision,
                                           **(m.config or {} if m.init == "random" else {}))
     overrides = dict(m.config or {})
     return AutoConfig.for_model(overrides.pop("model_type"), **overrides)
+
+
+def _dcp_architecture(config: RunConfig, model_path: str):
+    """A DCP checkpoint's HF config, as the ranks build it: model.config_path's, or model.config alone."""
+    from actors.model_loading import ModelSpec
+    from actors.sharded_loading import model_config
+
+    m = config.model
+    try:
+        return model_config(ModelSpec(path=model_path, config_path=m.config_path, config_overrides=m.config or {}))
+    except (OSError, ValueError) as e:
+        raise ConfigError(str(e).strip().splitlines()[0]) from None
 
 
 def trace_model(cfg, *, world: int, compute_dtype: str, attn: str, batch: int, seq_len: int) -> ModelShape:

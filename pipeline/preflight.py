@@ -105,6 +105,8 @@ def preflight(config: RunConfig, *, fresh: bool = False) -> Prepared:
                               f"set model.init=random to analyse random weights")
         elif config.model.init == "pretrained":
             check_weight_files(model_path)
+            if checkpoint_format(model_path) == "safetensors":
+                _check_keys(config, model_path)
     if config.model.loading != "auto":
         from actors.model_loading import choose_loading
 
@@ -169,13 +171,20 @@ def _check_dcp(config: RunConfig, model_path: str) -> str | None:
     elif not (m.config or {}).get("model_type"):
         raise ConfigError(f"model.path {model_path!r} is a DCP checkpoint and holds no architecture: set "
                           f"model.config_path (a folder with config.json) or model.config with model_type")
-    from actors.sharded_loading import check_checkpoint
+    _check_keys(config, model_path)
+    return m.config_path
+
+
+def _check_keys(config: RunConfig, model_path: str) -> None:
+    """The checkpoint's keys, shapes and (DCP) data files against the model the ranks will build (metadata and
+    headers only): a tensor missing from it would otherwise be loaded randomly initialised, or refused late."""
+    from actors.checkpoint_check import check_checkpoint
 
     try:
-        check_checkpoint(model_spec(Prepared(config, model_path, torch.zeros(0))))
+        check_checkpoint(model_spec(Prepared(config, model_path, torch.zeros(0))),
+                         world_size=config.cluster.num_workers)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return m.config_path
 
 
 def _hf_config(config: RunConfig, model_path: str | None):

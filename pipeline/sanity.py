@@ -108,6 +108,12 @@ def _check_safetensors(path: str) -> None:
             raise ValueError(f"tensors end at byte {8 + length + end} of a {size}-byte file (truncated)")
     except (struct.error, ValueError, KeyError, TypeError, IndexError) as e:
         raise ConfigError(f"weight file {path!r} is corrupt: {e}") from None
+    from actors.safetensors_slices import SAFETENSORS_DTYPES
+
+    for key, entry in header.items():
+        if key != "__metadata__" and entry.get("dtype") not in SAFETENSORS_DTYPES:
+            raise ConfigError(f"weight file {path!r} stores tensor {key!r} as dtype {entry.get('dtype')!r}, which "
+                              f"torch cannot hold; valid: {', '.join(SAFETENSORS_DTYPES)}")
 
 
 def _check_index(folder: str, path: str) -> None:

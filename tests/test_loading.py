@@ -11,7 +11,8 @@ import torch
 import torch.multiprocessing as mp
 
 from actors.model_loading import ModelSpec, choose_loading, load_for_rank, load_model
-from actors.sharded_loading import check_checkpoint, load_sharded
+from actors.checkpoint_check import check_checkpoint
+from actors.sharded_loading import load_sharded
 from actors.worker import free_port
 from conftest import dense_hessian, flatten, make_batches, rel, tiny_config
 from hessian_core import FiniteDifferenceHVP, ParamSpace, parameter_blocks, probe_vector
@@ -149,6 +150,66 @@ def test_dcp_key_mismatch_is_refused_in_one_line_naming_the_key(finetuned, tmp_p
         assert needle in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ValueError, match="model.config_path"):
         check_checkpoint(ModelSpec(path=str(root / "dcp-flat")))  # no architecture given
+
+
+def test_checkpoint_check_follows_the_path_that_will_read_it(tmp_path):
+    """The preflight's key check accepts what each path reads: a tied lm_head present or absent, keys that
+    transformers drops while loading, a mixture-of-experts checkpoint whose experts transformers 5 fuses (the
+    full load; refused where model.loading=sharded asks the sharded reader for it). A key of no parameter is
+    refused by name on the full path too."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+    from test_moe import save_moe
+    from transformers import AutoModelForCausalLM
+
+    tied = save_tiny(tmp_path / "tied", "qwen3", tie=True, hidden=4, layers=1, shard_size=None)
+    weights = os.path.join(tied, "model.safetensors")
+    state = load_file(weights)
+    assert "lm_head.weight" not in state  # save_pretrained drops the tied alias
+    moe = save_moe(tmp_path / "moe", "mixtral", layers=1)
+    for world in (1, 2):
+        check_checkpoint(ModelSpec(path=tied), world_size=world)
+        check_checkpoint(ModelSpec(path=moe), world_size=world)
+    save_file({**state, "lm_head.weight": state["model.embed_tokens.weight"].clone(),
+               "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(1)}, weights, metadata={"format": "pt"})
+    for loading in ("full", "sharded"):
+        check_checkpoint(ModelSpec(path=tied, loading=loading))
+    save_file({**state, "model.layers.0.mlp.bonus.weight": torch.zeros(2)}, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="unexpected key 'model.layers.0.mlp.bonus.weight'"):
+        check_checkpoint(ModelSpec(path=tied, loading="full"))
+    gpt2 = _gpt2_base_layout(tmp_path / "gpt2")
+    _, info = AutoModelForCausalLM.from_pretrained(gpt2, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]  # what the check must accept
+    check_checkpoint(ModelSpec(path=gpt2))
+    if int(transformers.__version__.split(".")[0]) >= 5:  # transformers 4 keeps the experts unfused: no conversion
+        with pytest.raises(ValueError, match="set model.loading=auto"):
+            check_checkpoint(ModelSpec(path=moe, loading="sharded"))
+
+
+def test_full_load_refuses_a_missing_tensor_itself(tmp_path):
+    """Where the preflight cannot read the keys (a hub id, .bin weights), the full load still refuses to leave
+    a missing tensor randomly initialised."""
+    from safetensors.torch import load_file, save_file
+
+    path = save_tiny(tmp_path / "m", "llama", hidden=4, layers=1, shard_size=None)
+    weights = os.path.join(path, "model.safetensors")
+    save_file({k: v for k, v in load_file(weights).items() if k != "model.norm.weight"}, weights,
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="has no tensor 'model.norm.weight'"):
+        load_model(ModelSpec(path=path))
+
+
+def _gpt2_base_layout(path) -> str:
+    """A tiny tied GPT-2 saved as the hub's GPT-2 is: keys without `transformer.`, and the causal-mask buffers
+    `h.N.attn.bias` that older transformers saved."""
+    from safetensors.torch import load_file, save_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=8, n_layer=1, n_head=2, n_positions=16)).save_pretrained(path)
+    weights = os.path.join(path, "model.safetensors")
+    state = {k.removeprefix("transformer."): v for k, v in load_file(weights).items()}
+    save_file({**state, "h.0.attn.bias": torch.ones(1, 1, 16, 16)}, weights, metadata={"format": "pt"})
+    return str(path)
 
 
 # -- tied embeddings ------------------------------------------------------------------------------------------
