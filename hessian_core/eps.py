@@ -126,18 +126,11 @@ def _step_at(op: FiniteDifferenceHVP, v: Sequence[Tensor], eps: float) -> _Ladde
 
 
 def _first_step(op: FiniteDifferenceHVP, v: Sequence[Tensor], eps: float) -> tuple[_LadderStep, float, float]:
-    """The ladder's first HVP, |grad L| and the seconds of one gradient pass. Under the central scheme the HVP's
-    two passes give |grad L| too (their mean is grad L + O(eps^2)); otherwise a gradient pass of its own."""
-    if op.scheme == "central":
-        started = time.perf_counter()
-        hvp, grad_norm = op.with_eps(eps).matvec_and_gradient_norm(v)
-        seconds = time.perf_counter() - started
-        return _LadderStep(eps, hvp, seconds), grad_norm, seconds / 2.0
+    """The ladder's first HVP, |grad L| and the seconds of one gradient pass. |grad L| takes a pass of its own:
+    the HVP accumulates its two gradients into one buffer, so neither is ever held alone."""
     started = time.perf_counter()
-    _, grad = op.gradient()
+    grad_norm = op.gradient_norm()
     grad_seconds = time.perf_counter() - started
-    grad_norm = op.space.norm(grad)
-    del grad
     return _step_at(op, v, eps), grad_norm, grad_seconds
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .loss import AnalysisLoss, Batch, LossFn, accumulate_gradient
-from .vectors import FlatVector, ParamSpace, Vector, local_sum_norm_sq
+from .vectors import FlatVector, ParamSpace, Vector, local_view
 
 # (gradient coefficient, step in units of eps) and the divisor in units of eps for each scheme.
 STENCILS: dict[str, tuple[tuple[tuple[float, float], ...], float]] = {
@@ -113,53 +113,69 @@ class FiniteDifferenceHVP:
         if idx and step != 0.0:
             torch._foreach_add_([params[i] for i in idx], [v[i].to(params[i].dtype) for i in idx], alpha=step)
 
+    def gradient_norm(self) -> float:
+        """|grad L| at theta from one gradient pass, read off the ``.grad`` buffers (no copy of the gradient)."""
+        accumulate_gradient(self.model, self.batches, loss=self.loss)
+        try:
+            return self.space.norm(self.space.local_grads())
+        finally:
+            self.model.zero_grad(set_to_none=True)
+
     def matvec(self, v: Sequence[Tensor | None]) -> Vector:
-        return self._matvec(v, gradient_norm=False)[0]
-
-    __call__ = matvec
-
-    def matvec_and_gradient_norm(self, v: Sequence[Tensor]) -> tuple[Vector, float]:
-        """The HVP and |grad L| at theta, from the same two passes (central scheme only).
-
-        The mean of the gradients at theta +- eps v is grad L + O(eps^2); the norm of their sum is taken one
-        parameter at a time before they are differenced: no gradient pass and no gradient-sized buffer. The step
-        calibration needs |grad L| only to scale the round-off term, for which the eps^2 bias is far below what
-        matters."""
-        if self.scheme != "central":
-            raise ValueError(f"the gradient norm comes with the central scheme only, not {self.scheme!r}")
-        return self._matvec(v, gradient_norm=True)
-
-    def _matvec(self, v: Sequence[Tensor | None], *, gradient_norm: bool) -> tuple[Vector, float]:
         params = self.space.local_params()
         if len(v) != len(params):
             raise ValueError(f"vector has {len(v)} tensors, the model has {len(params)} parameters")
-        stencil, divisor = STENCILS[self.scheme]
         with torch.no_grad():
             backup = self._save(params)
         out = FlatVector(torch.empty(self.space.local_numel, dtype=self.out_dtype, device=self.space.device),
                          [p.shape for p in params])
+        passes = self._passes_in_place if self.space.dtype == self.out_dtype else self._passes_copied
         try:
-            for k, (coeff, step) in enumerate(stencil):
-                self._set_params(params, backup, v, step * self.eps, at_backup=k == 0)
-                accumulate_gradient(self.model, self.batches, loss=self.loss)
-                grads = self.space.local_grads()
-                with torch.no_grad():
-                    if k == 0:
-                        torch._foreach_copy_(out, grads)
-                        scale_first = coeff
-                    else:
-                        if gradient_norm:  # out holds the + pass exactly (coefficient 1), grads the - pass
-                            total = self.space.all_reduce(local_sum_norm_sq(out, grads).reshape(1))
-                            mean_grad_norm = 0.5 * float(total[0]) ** 0.5
-                        # mixed dtypes (bf16 grads into a float32 sum) need no converted copy of the gradient
-                        torch._foreach_add_(out, grads, alpha=coeff / scale_first)
+            scale = passes(out, params, backup, v)
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(params, backup)
             self.model.zero_grad(set_to_none=True)
-        out.flat.mul_(scale_first / (divisor * self.eps))
+        out.flat.mul_(scale)
         self._shared.calls += 1
-        return out, (mean_grad_norm if gradient_norm else float("nan"))
+        return out
+
+    __call__ = matvec
+
+    def _passes_in_place(self, out: FlatVector, params: Vector, backup: Vector, v: Sequence[Tensor | None]) -> float:
+        """The stencil's gradient passes accumulated straight into ``out``, which every pass's backward uses as
+        ``.grad``: pass k backpropagates (c_k / c_0) x the loss, so ``out`` ends as sum_k (c_k / c_0) grad L(theta
+        + s_k eps v) with no gradient-sized buffer beside it. Returns the factor that turns ``out`` into Hv.
+        Negating a loss negates its gradient exactly, but the sum's order differs from differencing two whole
+        gradients (batch by batch instead of gradient by gradient): in float64 it agrees to rounding, not bits."""
+        stencil, divisor = STENCILS[self.scheme]
+        first = stencil[0][0]
+        out.flat.zero_()
+        self.space.attach_grads(out)
+        for k, (coeff, step) in enumerate(stencil):
+            self._set_params(params, backup, v, step * self.eps, at_backup=k == 0)
+            accumulate_gradient(self.model, self.batches, loss=self.loss, weight=coeff / first, into_existing=True)
+        for name, p, mine in zip(self.space.names, self.space.params, out):
+            if mine.numel() and (p.grad is None or local_view(p.grad).data_ptr() != mine.data_ptr()):
+                raise RuntimeError(f"parameter {name}: its gradient was not accumulated in place into the HVP buffer")
+        return first / (divisor * self.eps)
+
+    def _passes_copied(self, out: FlatVector, params: Vector, backup: Vector, v: Sequence[Tensor | None]) -> float:
+        """The stencil's passes with each gradient added into ``out`` after its pass, for gradients in a lower
+        precision than ``out`` (bfloat16 parameters: the difference is taken in float32, where it keeps its
+        signal). Returns the factor that turns ``out`` into Hv."""
+        stencil, divisor = STENCILS[self.scheme]
+        first = stencil[0][0]
+        for k, (coeff, step) in enumerate(stencil):
+            self._set_params(params, backup, v, step * self.eps, at_backup=k == 0)
+            accumulate_gradient(self.model, self.batches, loss=self.loss)
+            grads = self.space.local_grads()
+            with torch.no_grad():
+                if k == 0:
+                    torch._foreach_copy_(out, grads)
+                else:  # mixed dtypes (bf16 grads into a float32 sum) need no converted copy of the gradient
+                    torch._foreach_add_(out, grads, alpha=coeff / first)
+        return first / (divisor * self.eps)
 
     def gradient(self) -> tuple[float, Vector]:
         """The analysis loss (this rank's share) and a copy of the gradient's local shards."""

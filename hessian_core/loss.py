@@ -118,19 +118,24 @@ class AnalysisLoss:
         return token_loss_sum(model, batch) * self.scale
 
 
-def accumulate_gradient(model: torch.nn.Module, batches: Sequence[Batch], *, loss: AnalysisLoss | None = None) -> Tensor:
-    """Backpropagate the analysis loss over ``batches`` into ``.grad``; returns the local loss (this rank's share).
+def accumulate_gradient(model: torch.nn.Module, batches: Sequence[Batch], *, loss: AnalysisLoss | None = None,
+                        weight: float = 1.0, into_existing: bool = False) -> Tensor:
+    """Backpropagate ``weight`` x the analysis loss over ``batches`` into ``.grad``; returns the local loss (this
+    rank's share, unweighted).
 
     Gradients start from zero (``zero_grad``: callers that must keep a training step's gradients stash them,
-    as ``hessian_core.analyze`` does). Without ``loss`` the token count is this rank's own, which under
-    FSDP2 gives the global token mean when every rank counts as many tokens.
+    as ``hessian_core.analyze`` does), unless ``into_existing``: then they are added to the ``.grad`` buffers
+    already there (autograd and FSDP2 both accumulate in place), which is how the finite-difference HVP
+    differences two gradients without a second buffer. Without ``loss`` the token count is this rank's own,
+    which under FSDP2 gives the global token mean when every rank counts as many tokens.
     """
     loss = loss if loss is not None else AnalysisLoss(batches)
-    model.zero_grad(set_to_none=True)
+    if not into_existing:
+        model.zero_grad(set_to_none=True)
     total = None
     for batch in batches:
         term = loss.term(model, batch)
-        term.backward()
+        (term if weight == 1.0 else term * weight).backward()
         total = term.detach().double() if total is None else total + term.detach().double()
     return total.cpu()  # one host sync per gradient, not one per batch
 

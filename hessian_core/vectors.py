@@ -128,6 +128,17 @@ class ParamSpace:
             grads.append(local_view(p.grad))
         return grads
 
+    def attach_grads(self, local: Sequence[Tensor]) -> None:
+        """Make ``local`` (one tensor per parameter, shaped like its local shard and in its dtype) the parameters'
+        ``.grad``, so that the next backward passes accumulate into them in place (autograd's AccumulateGrad for
+        plain parameters, FSDP2's sharded-gradient accumulation for DTensors)."""
+        for p, g in zip(self.params, local, strict=True):
+            if _is_dtensor(p):
+                from torch.distributed.tensor import DTensor
+
+                g = DTensor.from_local(g, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+            p.grad = g
+
     # -- reductions ----------------------------------------------------------------------------------------
     def all_reduce(self, scalars: Tensor, *, to_host: bool = True) -> Tensor:
         """Sum a float64 tensor of partial scalars over the group (one collective call). ``to_host=False``
@@ -179,17 +190,6 @@ def _local_sum(x: Sequence[Tensor], y: Sequence[Tensor], term: Callable[[Tensor,
 def local_dot(x: Sequence[Tensor], y: Sequence[Tensor]) -> Tensor:
     """This rank's partial sum of <x, y>, accumulated in float64 per tensor (float32 products for low precision)."""
     return _local_sum(x, y, torch.dot)
-
-
-def _sum_norm_sq(a: Tensor, b: Tensor) -> Tensor:
-    total = a + b
-    return torch.dot(total, total)
-
-
-def local_sum_norm_sq(x: Sequence[Tensor], y: Sequence[Tensor]) -> Tensor:
-    """This rank's partial sum of |x + y|^2, one parameter-sized temporary at a time (summing first keeps
-    the result exact where x and y nearly cancel, which |x|^2 + |y|^2 + 2 x.y would not)."""
-    return _local_sum(x, y, _sum_norm_sq)
 
 
 def cast(x: Sequence[Tensor], dtype: torch.dtype) -> Vector:

@@ -7,7 +7,8 @@ transformer block (so the same trace gives the figure with activation checkpoint
 
 Per rank, with S the largest local shard (FSDP2 pads dim 0 to a multiple of the ranks):
 - parameter shard, gradient shard, the FD HVP's retained copy: S x the master dtype each;
-- the FD HVP's accumulator: S x max(master, float32);
+- the FD HVP's accumulator, S x float32, only for a bfloat16 master: otherwise the HVP's gradient passes
+  accumulate into the gradient shard itself;
 - Lanczos vectors: the rows ``lanczos`` keeps (``window`` for reorth=window, all steps + 1 for full, 2 for
   none) x S x ``lanczos.vector_dtype``;
 - gathered parameters (FSDP2 or mixed precision only): the root's parameters (embeddings, head, final norm)
@@ -217,9 +218,11 @@ def memory_plan(config: RunConfig, shape: ModelShape, *, pretrained_file_bytes: 
     act = activation_bytes(shape, checkpointing=False)
     act_ckpt = activation_bytes(shape, checkpointing=True)
     kept = _kept_rows(config)
-    rows = [("parameter shard", s * master), ("gradient shard", s * master),
-            ("FD HVP retained copy", s * master), ("FD HVP accumulator", s * accumulator),
-            (f"Lanczos vectors ({kept} rows, {lz.vector_dtype})", kept * s * vector)]
+    rows = [("parameter shard", s * master), ("gradient shard", s * master)]
+    if accumulator != master:  # otherwise the HVP's passes accumulate into the gradient shard (hessian_core.hvp)
+        rows.append(("FD HVP accumulator", s * accumulator))
+    rows += [("FD HVP retained copy", s * master),
+             (f"Lanczos vectors ({kept} rows, {lz.vector_dtype})", kept * s * vector)]
     if sharded:
         gathered = (shape.root_params + 2 * shape.block_params) * compute
         unsharded_grads = (shape.root_params + shape.block_params) * (compute + max(master, 4))

@@ -79,11 +79,18 @@ def test_memory_plan_arithmetic(tmp_path):
     rows = dict(plan.rows)
     assert s >= plan.shape.num_params / 2 and s < plan.shape.num_params / 2 + 200  # dim-0 padding only
     assert rows["parameter shard"] == rows["gradient shard"] == rows["FD HVP retained copy"] == 4 * s
+    assert "FD HVP accumulator" not in rows  # float32 gradients: the HVP's passes accumulate into them
     assert rows["Lanczos vectors (8 rows, float32)"] == 8 * s * 4
     assert plan.total == sum(rows.values())
     assert plan.checkpoint_per_save == 10 * s * 4
     assert plan.loading == plan.shape.num_params * 4 + 4 * s
     assert plan.peak == max(plan.total, plan.loading)  # a CPU run: host and device are one memory
+
+
+def test_a_bfloat16_master_plans_a_float32_hvp_accumulator(tmp_path):
+    plan = plan_run(load_config(tiny_run_config(tmp_path, model={"dtype": "bfloat16"})))
+    rows = dict(plan.rows)
+    assert rows["FD HVP accumulator"] == 4 * plan.shape.local_params == 2 * rows["gradient shard"]
 
 
 def test_verdict_and_a_suggestion_that_fits(tmp_path):
