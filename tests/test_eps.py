@@ -77,6 +77,6 @@ def test_calibration_hands_over_the_hvp_at_a_chosen_ladder_step(tiny_f64):
     calls = op.calls
     kept = calibrate(op, v, eps=first)
     assert kept.choice.eps == first and kept.hvp is not None and kept.hvp_seconds > 0
-    assert op.calls - calls == 2  # the ladder's pair: no gradient pass, no HVP again at the chosen eps
+    assert op.calls - calls == 2  # the ladder's pair, and no HVP again at the chosen eps
     assert all(torch.equal(a, b) for a, b in zip(kept.hvp, op.with_eps(first).matvec(v)))
     assert calibrate(op, v, eps=first * 1.5).hvp is None
