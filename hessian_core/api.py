@@ -3,8 +3,10 @@
 ``analyze`` runs stochastic Lanczos quadrature (and optionally the block-diagonal analysis and per-block
 spectra) on a plain or FSDP2-sharded model, in any program (a notebook, torchrun, a training loop), and
 leaves the model exactly as it found it: each module's training flag, every parameter's ``.grad`` (the
-same tensor objects, untouched), ``requires_grad`` flags, the parameters bitwise, and the torch / CUDA /
-Python / NumPy RNG states. Dropout is off only while it measures.
+same tensor objects, untouched), ``requires_grad`` flags, the parameters bitwise, each module's ``forward``,
+and the torch / CUDA / Python / NumPy RNG states. Dropout is off only while it measures, and a float64 model's
+RMSNorm, MoE routers and attention compute in float64 only while it measures (``numerics.float64_numerics``,
+the fixes the CLI applies to the models it loads).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .eps import EpsChoice, calibrate_eps
 from .hvp import FiniteDifferenceHVP
 from .lanczos import LanczosResult, lanczos
 from .loss import Batch, LossFn, evaluate_loss
+from .numerics import float64_numerics
 from .quadrature import Density, RitzRule, SpectralMeasure, ritz_rule, smoothed_density, trace_estimate
 from .sharding import reshard
 from .statistics import SpectrumStatistics, spectrum_statistics
@@ -110,14 +113,16 @@ class SpectrumResult:
 
 @contextlib.contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no ``.grad`` and grad mode on inside; training flags, the ``.grad`` tensors, ``requires_grad``
-    and every RNG state exactly restored on exit (also on an exception)."""
+    """Eval mode, no ``.grad``, grad mode on and float64 numerics (``float64_numerics``) inside; training flags,
+    the ``.grad`` tensors, ``requires_grad``, every ``forward`` and every RNG state exactly restored on exit
+    (also on an exception)."""
     modes = [(m, m.training) for m in model.modules()]
     params = list(model.parameters())
     grads = [p.grad for p in params]
     flags = [p.requires_grad for p in params]
     rng = (torch.get_rng_state(), random.getstate(), np.random.get_state(),
            torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+    restore_forwards = float64_numerics(model)
     try:
         for p in params:
             p.grad = None  # the FD passes start from zero gradients; the training step's are kept aside
@@ -126,6 +131,7 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
             yield
     finally:
         reshard(model)
+        restore_forwards()
         for p, g, flag in zip(params, grads, flags):
             p.grad = g
             p.requires_grad_(flag)

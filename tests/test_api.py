@@ -100,6 +100,21 @@ def test_analyze_finds_the_dense_extremes_and_respects_filters_and_loss_fn(llama
     assert abs(head.lambda_max - float(sub_eig[-1])) <= 1e-7 * float(sub_eig.abs().max())
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_float64_llama_as_transformers_builds_it_is_measured_in_float64_and_given_back_unchanged(llama_dense, attn):
+    """transformers' RMSNorm and eager softmax compute in float32: analyze switches them to float64 while it
+    measures (as the CLI does for good), and puts the user's forwards back."""
+    model, batches, hessian = llama_dense
+    top = float(torch.linalg.eigvalsh(hessian)[-1])
+    plain = copy.deepcopy(model)
+    for module in plain.modules():
+        module.__dict__.pop("forward", None)  # undo make_tiny_model's float64_rmsnorm: the model as built
+    plain.set_attn_implementation(attn)
+    result = analyze(plain, batches, probes=1, steps=40, eps="auto", reorth="full")
+    assert abs(result.lambda_max - top) <= 1e-6 * abs(top)
+    assert not any("forward" in module.__dict__ for module in plain.modules())
+
+
 def test_auto_eps_and_the_time_series_row(llama_dense, tmp_path):
     model, batches, hessian = llama_dense
     top = float(torch.linalg.eigvalsh(hessian)[-1])
