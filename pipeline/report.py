@@ -118,7 +118,7 @@ def _key_figures(run_dir: str, info: dict) -> str:
         ("trace", f"{s['trace']:.6g}" + (f" +- {se:.3g}" if se is not None else ""),
          f"{s['probes']} probes" + ("" if se is not None else " (one probe: no standard error)")),
         ("bulk", f"[{st.bulk_lower:.4g}, {st.bulk_upper:.4g}]", "extreme atoms where the density is >= 1e-3 of its peak"),
-        ("outliers", f"{st.outlier_count:.3g} per probe", f"converged Ritz values beyond the bulk; mass "
+        ("outliers", f"{st.outlier_count:.3g} per probe", f"distinct converged Ritz values beyond the bulk; mass "
                                                              f"{st.outlier_mass:.3g} of the spectrum"),
         ("negative mass", f"{st.negative_mass:.3g}", "fraction of eigenvalues below -1% of the spread"),
         ("eps", f"{info['eps']:.4g}" if info.get("eps") is not None else "",
