@@ -15,6 +15,7 @@ import contextlib
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -162,6 +163,30 @@ def _choose_eps(op: FiniteDifferenceHVP, eps: float | str, *, seed: int, assess:
     return calibrate_eps(op, v, eps=None if eps == "auto" else float(eps))
 
 
+def _checked_eps(eps: float | str) -> float | str:
+    """``"auto"`` or a finite positive step, refused before any compute otherwise (inf or nan would fail deep
+    inside Lanczos)."""
+    if isinstance(eps, str) and eps == "auto":
+        return eps
+    try:
+        value = float(eps)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"eps must be 'auto' or a finite number > 0, got {eps!r}")
+    return value
+
+
+def _capped_steps(steps: int, dimension: int) -> int:
+    """At most ``dimension`` steps: a Krylov space has no more dimensions, so further steps only add ghosts and
+    a tridiagonal whose eigenvectors can need more memory than the machine has."""
+    if steps <= dimension:
+        return steps
+    warnings.warn(f"steps={steps} exceeds the {dimension} parameters analysed; running {dimension} Lanczos steps "
+                  f"per probe, the most there can be", stacklevel=3)
+    return dimension
+
+
 def analyze(model: nn.Module, batches: Sequence[Batch | Mapping[str, torch.Tensor]], *, loss_fn: LossFn | None = None,
             probes: int = 4, steps: int = 30, eps: float | str = "auto", seed: int = 0, scheme: str = "central",
             reorth: str = "window", window: int = 8, vector_dtype: torch.dtype | None = None,
@@ -177,9 +202,10 @@ def analyze(model: nn.Module, batches: Sequence[Batch | Mapping[str, torch.Tenso
         ``attention_mask`` (0 = padding) and ``labels`` (-100 = ignored), on the model's device.
     loss_fn: ``loss_fn(model, batch) -> scalar``; the analysis loss is then its mean over the batches (and
         ranks). Default: next-token cross-entropy, the mean over the counted tokens of the whole set.
-    probes, steps: SLQ probes (Rademacher, unit norm, a pure function of ``seed``) and Lanczos steps each.
-    eps: the FD step, or ``"auto"`` (Theorem 3.1, ~1 gradient + 2-6 HVPs); ``assess_eps`` also estimates a
-        fixed eps's error. scheme: ``central`` (2 gradient passes per HVP) or ``richardson`` (4).
+    probes, steps: SLQ probes (Rademacher, unit norm, a pure function of ``seed``) and Lanczos steps each;
+        ``steps`` above the number of parameters analysed is capped to it, with a warning.
+    eps: the FD step (finite, > 0), or ``"auto"`` (Theorem 3.1, ~1 gradient + 2-6 HVPs); ``assess_eps`` also
+        estimates a fixed eps's error. scheme: ``central`` (2 gradient passes per HVP) or ``richardson`` (4).
     reorth, window, vector_dtype: Lanczos reorthogonalization (``none``, ``window``, ``full``) and the storage
         dtype of its vectors (default: float64 for float64 parameters, else float32).
     param_filter: ``(name, parameter) -> bool`` restricts the analysis to those trainable parameters (the
@@ -191,9 +217,11 @@ def analyze(model: nn.Module, batches: Sequence[Batch | Mapping[str, torch.Tenso
     """
     if probes < 1 or steps < 1 or block_probes < 1:
         raise ValueError(f"probes, steps and block_probes must be >= 1, got {probes}, {steps}, {block_probes}")
+    eps = _checked_eps(eps)
     started = time.perf_counter()
     with preserved_state(model):
         space = _space(model, param_filter)
+        steps = _capped_steps(steps, space.numel)
         dtype = vector_dtype or (torch.float64 if space.dtype == torch.float64 else torch.float32)
         op = FiniteDifferenceHVP(model, batches, eps=1.0 if eps == "auto" else float(eps), scheme=scheme,
                                  space=space, loss_fn=loss_fn)

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from .config import ConfigError
-from .tables import atomic_text, read_json
+from .tables import atomic_text, read_json, writable_folder
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1150px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -201,8 +201,8 @@ def build_report(folder: str) -> str:
 def write_report(folder: str, *, output: str | None = None) -> str:
     if not os.path.isdir(folder):
         raise ConfigError(f"{folder!r} is not a folder")
-    text = build_report(folder)
     path = output or os.path.join(folder, "report.html")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    writable_folder(os.path.dirname(os.path.abspath(path)), what="report --output folder")
+    text = build_report(folder)
     atomic_text(path, text)
     return path

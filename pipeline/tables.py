@@ -7,11 +7,14 @@ leaves a truncated file under a final name.
 from __future__ import annotations
 
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hessian_core.files import atomic_text, atomic_write  # noqa: F401 - the pipeline's writers, re-exported
+
+from .config import ConfigError
 
 LANCZOS_SCHEMA = pa.schema([("probe_id", pa.int32()), ("step", pa.int32()), ("alpha", pa.float64()),
                             ("beta", pa.float64())])
@@ -23,6 +26,19 @@ BLOCKS_SCHEMA = pa.schema([("probe_id", pa.int32()), ("block", pa.string()), ("r
 BLOCK_RITZ_SCHEMA = pa.schema([("block", pa.string()), ("probe_id", pa.int32()), ("value", pa.float64()),
                                ("weight", pa.float64()), ("block_size", pa.int64())])
 CONFIG_METADATA_KEY = b"hessian_spectrum.config"
+
+
+def writable_folder(folder: str, *, what: str) -> None:
+    """Create ``folder`` if needed and write a file in it, or raise ConfigError naming ``what`` (the option or
+    key that gave it): an unwritable output is refused before any work, not after it."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"{what} {folder!r} cannot be written: {e.strerror or e}") from None
 
 
 def read_json(path: str) -> dict | None:

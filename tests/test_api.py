@@ -143,6 +143,36 @@ def test_bad_arguments_fail_in_one_line(llama_dense):
     assert not model.training  # restored after the failure too
 
 
+def small_problem():
+    """A 50-parameter model and a smooth loss of it."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 10).double()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    return model, [x], lambda m, b: torch.tanh(m(b)).pow(2).mean()
+
+
+@pytest.mark.parametrize("eps", [float("inf"), float("nan"), 0.0, -1e-3, "big"])
+def test_an_eps_that_is_not_finite_and_positive_is_refused_before_any_compute(eps):
+    model, batches, loss_fn = small_problem()
+    with pytest.raises(ValueError):
+        analyze(model, batches, loss_fn=loss_fn, probes=1, steps=4, eps=eps)
+
+
+def test_steps_beyond_the_dimension_are_capped_to_it_with_a_warning():
+    model, batches, loss_fn = small_problem()
+    with pytest.warns(UserWarning):
+        result = analyze(model, batches, loss_fn=loss_fn, probes=1, steps=100_000, eps=1e-5)  # reorth: window
+    assert result.num_params == 50 and result.lanczos[0].steps <= 50 and result.hvp_count <= 50
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def loss_of(theta):
+        weight, bias = theta[:40].reshape(10, 4), theta[40:]
+        return torch.tanh(batches[0] @ weight.T + bias).pow(2).mean()
+
+    top = float(torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss_of, flat))[-1])
+    assert abs(result.lambda_max - top) <= 1e-6 * abs(top)
+
+
 def test_two_rank_fsdp2_training_step_is_untouched_by_analyze(tmp_path):
     import torch.multiprocessing as mp
 
