@@ -7,15 +7,15 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline_fixtures import assets, write_config
+from pipeline.config import ConfigError, load_config
+from pipeline.preflight import check_output_dir
+from pipeline_fixtures import write_config
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cli-refusals")
-    model, data = assets(str(tmp))
-    return {"model": model, "data": data}
+@pytest.fixture
+def files(tmp_path):
+    """Paths that are never read: every refusal here comes before the model or the data is looked at."""
+    return {"model": str(tmp_path / "no-model"), "data": str(tmp_path / "no-data.parquet")}
 
 
 def one_line(capsys) -> str:
@@ -44,15 +44,16 @@ def test_bench_refuses_a_layout_that_cannot_be_placed_before_it_starts(files, tm
     assert not (tmp_path / "out").exists()
 
 
-def test_a_different_config_on_an_output_dir_names_the_first_differing_key(files, tmp_path, capsys, no_ray):
+def test_a_different_config_on_an_output_dir_names_the_first_differing_key(files, tmp_path):
     out = tmp_path / "out"
-    config = write_config(str(tmp_path / "c.yaml"), output_dir=str(out), **files)
-    earlier = load_config(config).to_dict()
+    config = load_config(write_config(str(tmp_path / "c.yaml"), output_dir=str(out), **files))
+    earlier = config.to_dict()
     earlier["lanczos"]["steps"] = 7
     out.mkdir()
     (out / "run.json").write_text(json.dumps({"status": "complete", "config": earlier}))
-    assert main(["run", config]) == 2
-    assert "lanczos.steps: 7 before, 30 now" in one_line(capsys)
+    with pytest.raises(ConfigError) as refused:  # the preflight's last check, after the model and data ones
+        check_output_dir(config, fresh=False)
+    assert "lanczos.steps: 7 before, 30 now" in str(refused.value)
 
 
 def test_sweep_values_that_parse_equal_are_refused(files, tmp_path, capsys, no_ray):
