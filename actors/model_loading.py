@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hessian_core import float64_rmsnorm
-from hessian_core.router_precision import float64_routers
+from hessian_core import float64_numerics
 
 # transformers builds a model under a process-wide torch default dtype that it sets and restores: two builds in
 # threads of one process (the driver's plan trace, a sweep's points) can leave it changed for good, and every
@@ -78,12 +77,12 @@ def load_model(spec: ModelSpec) -> torch.nn.Module:
 
 
 def prepare_for_analysis(model: torch.nn.Module) -> torch.nn.Module:
-    """Eval mode (dropout off), every parameter trainable, float64 norms and routers kept in float64."""
+    """Eval mode (dropout off), every parameter trainable, float64 norms, routers and attention kept in float64
+    (``hessian_core.numerics``, the same fixes ``analyze`` applies)."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
-    float64_rmsnorm(model)
-    float64_routers(model)
+    float64_numerics(model)  # for good: the model exists only for the analysis
     return model
 
 

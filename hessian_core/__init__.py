@@ -11,7 +11,7 @@ from .hvp import ExactHVPUnavailable, FiniteDifferenceHVP, exact_hvp
 from .lanczos import LanczosResult, LanczosState, lanczos, lanczos_start, lanczos_step
 from .loss import (IGNORE_INDEX, AnalysisLoss, BatchSet, accumulate_gradient, as_batch, causal_lm_loss, counted_tokens,
                    evaluate_loss, token_loss_sum)
-from .numerics import float64_rmsnorm
+from .numerics import float64_numerics, float64_rmsnorm
 from .quadrature import (Density, Extremes, RitzRule, SpectralMeasure, TraceEstimate, extreme_eigenvalues,
                          ritz_rule, smoothed_density, trace_estimate, wasserstein1)
 from .statistics import SpectrumStatistics, spectral_distance, spectrum_statistics
@@ -29,7 +29,7 @@ __all__ = [
     "ExactHVPUnavailable", "FiniteDifferenceHVP", "exact_hvp",
     "LanczosResult", "LanczosState", "lanczos", "lanczos_start", "lanczos_step",
     "IGNORE_INDEX", "AnalysisLoss", "BatchSet", "accumulate_gradient", "as_batch", "causal_lm_loss", "counted_tokens",
-    "evaluate_loss", "token_loss_sum", "float64_rmsnorm",
+    "evaluate_loss", "token_loss_sum", "float64_numerics", "float64_rmsnorm",
     "Density", "Extremes", "RitzRule", "SpectralMeasure", "TraceEstimate", "extreme_eigenvalues", "ritz_rule",
     "smoothed_density", "trace_estimate", "wasserstein1",
     "SpectrumStatistics", "spectral_distance", "spectrum_statistics",

@@ -3,8 +3,10 @@
 ``analyze`` runs stochastic Lanczos quadrature (and optionally the block-diagonal analysis and per-block
 spectra) on a plain or FSDP2-sharded model, in any program (a notebook, torchrun, a training loop), and
 leaves the model exactly as it found it: each module's training flag, every parameter's ``.grad`` (the
-same tensor objects, untouched), ``requires_grad`` flags, the parameters bitwise, and the torch / CUDA /
-Python / NumPy RNG states. Dropout is off only while it measures.
+same tensor objects, untouched), ``requires_grad`` flags, the parameters bitwise, each module's ``forward``,
+and the torch / CUDA / Python / NumPy RNG states. Dropout is off only while it measures, and a float64 model's
+RMSNorm, MoE routers and attention compute in float64 only while it measures (``numerics.float64_numerics``,
+the fixes the CLI applies to the models it loads).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -26,6 +29,7 @@ from .eps import EpsChoice, calibrate_eps
 from .hvp import FiniteDifferenceHVP
 from .lanczos import LanczosResult, lanczos
 from .loss import Batch, LossFn, evaluate_loss
+from .numerics import float64_numerics
 from .quadrature import Density, RitzRule, SpectralMeasure, ritz_rule, smoothed_density, trace_estimate
 from .sharding import reshard
 from .statistics import SpectrumStatistics, spectrum_statistics
@@ -110,14 +114,16 @@ class SpectrumResult:
 
 @contextlib.contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no ``.grad`` and grad mode on inside; training flags, the ``.grad`` tensors, ``requires_grad``
-    and every RNG state exactly restored on exit (also on an exception)."""
+    """Eval mode, no ``.grad``, grad mode on and float64 numerics (``float64_numerics``) inside; training flags,
+    the ``.grad`` tensors, ``requires_grad``, every ``forward`` and every RNG state exactly restored on exit
+    (also on an exception)."""
     modes = [(m, m.training) for m in model.modules()]
     params = list(model.parameters())
     grads = [p.grad for p in params]
     flags = [p.requires_grad for p in params]
     rng = (torch.get_rng_state(), random.getstate(), np.random.get_state(),
            torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+    restore_forwards = float64_numerics(model)
     try:
         for p in params:
             p.grad = None  # the FD passes start from zero gradients; the training step's are kept aside
@@ -126,6 +132,7 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
             yield
     finally:
         reshard(model)
+        restore_forwards()
         for p, g, flag in zip(params, grads, flags):
             p.grad = g
             p.requires_grad_(flag)
@@ -156,6 +163,30 @@ def _choose_eps(op: FiniteDifferenceHVP, eps: float | str, *, seed: int, assess:
     return calibrate_eps(op, v, eps=None if eps == "auto" else float(eps))
 
 
+def _checked_eps(eps: float | str) -> float | str:
+    """``"auto"`` or a finite positive step, refused before any compute otherwise (inf or nan would fail deep
+    inside Lanczos)."""
+    if isinstance(eps, str) and eps == "auto":
+        return eps
+    try:
+        value = float(eps)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"eps must be 'auto' or a finite number > 0, got {eps!r}")
+    return value
+
+
+def _capped_steps(steps: int, dimension: int) -> int:
+    """At most ``dimension`` steps: a Krylov space has no more dimensions, so further steps only add ghosts and
+    a tridiagonal whose eigenvectors can need more memory than the machine has."""
+    if steps <= dimension:
+        return steps
+    warnings.warn(f"steps={steps} exceeds the {dimension} parameters analysed; running {dimension} Lanczos steps "
+                  f"per probe, the most there can be", stacklevel=3)
+    return dimension
+
+
 def analyze(model: nn.Module, batches: Sequence[Batch | Mapping[str, torch.Tensor]], *, loss_fn: LossFn | None = None,
             probes: int = 4, steps: int = 30, eps: float | str = "auto", seed: int = 0, scheme: str = "central",
             reorth: str = "window", window: int = 8, vector_dtype: torch.dtype | None = None,
@@ -171,9 +202,10 @@ def analyze(model: nn.Module, batches: Sequence[Batch | Mapping[str, torch.Tenso
         ``attention_mask`` (0 = padding) and ``labels`` (-100 = ignored), on the model's device.
     loss_fn: ``loss_fn(model, batch) -> scalar``; the analysis loss is then its mean over the batches (and
         ranks). Default: next-token cross-entropy, the mean over the counted tokens of the whole set.
-    probes, steps: SLQ probes (Rademacher, unit norm, a pure function of ``seed``) and Lanczos steps each.
-    eps: the FD step, or ``"auto"`` (Theorem 3.1, ~1 gradient + 2-6 HVPs); ``assess_eps`` also estimates a
-        fixed eps's error. scheme: ``central`` (2 gradient passes per HVP) or ``richardson`` (4).
+    probes, steps: SLQ probes (Rademacher, unit norm, a pure function of ``seed``) and Lanczos steps each;
+        ``steps`` above the number of parameters analysed is capped to it, with a warning.
+    eps: the FD step (finite, > 0), or ``"auto"`` (Theorem 3.1, ~1 gradient + 2-6 HVPs); ``assess_eps`` also
+        estimates a fixed eps's error. scheme: ``central`` (2 gradient passes per HVP) or ``richardson`` (4).
     reorth, window, vector_dtype: Lanczos reorthogonalization (``none``, ``window``, ``full``) and the storage
         dtype of its vectors (default: float64 for float64 parameters, else float32).
     param_filter: ``(name, parameter) -> bool`` restricts the analysis to those trainable parameters (the
@@ -185,9 +217,11 @@ def analyze(model: nn.Module, batches: Sequence[Batch | Mapping[str, torch.Tenso
     """
     if probes < 1 or steps < 1 or block_probes < 1:
         raise ValueError(f"probes, steps and block_probes must be >= 1, got {probes}, {steps}, {block_probes}")
+    eps = _checked_eps(eps)
     started = time.perf_counter()
     with preserved_state(model):
         space = _space(model, param_filter)
+        steps = _capped_steps(steps, space.numel)
         dtype = vector_dtype or (torch.float64 if space.dtype == torch.float64 else torch.float32)
         op = FiniteDifferenceHVP(model, batches, eps=1.0 if eps == "auto" else float(eps), scheme=scheme,
                                  space=space, loss_fn=loss_fn)

@@ -43,7 +43,8 @@ class KeepFloat64(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _keeping_float64(forward):
+def keeping_float64(forward):
+    """``forward`` (bound) run under ``KeepFloat64``."""
     @functools.wraps(forward)
     def run(self, *args, **kwargs):
         with KeepFloat64():
@@ -58,6 +59,6 @@ def float64_routers(model: nn.Module) -> int:
     for module in model.modules():
         params = list(module.parameters())
         if ROUTER_CLASS.search(type(module).__name__) and params and params[0].dtype == torch.float64:
-            module.forward = types.MethodType(_keeping_float64(module.forward), module)
+            module.forward = types.MethodType(keeping_float64(module.forward), module)
             changed += 1
     return changed

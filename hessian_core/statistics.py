@@ -11,9 +11,12 @@ Definitions (mu is the probe-averaged SLQ measure: atoms theta_i with weights w_
   (quadrature.smoothed_density) stays >= BULK_LEVEL times its maximum; the bulk edges are the smallest
   and largest atoms inside it (the smoothing itself would widen the interval by a few sigma).
 - outliers: the atoms outside the bulk. outlier mass = their total weight (the estimated fraction of eigenvalues
-  outside the bulk); outlier count = the mean over probes of how many *converged* Ritz values (residual bound
-  <= CONVERGED * width) lie beyond the bulk edges: each is an eigenvalue Lanczos has resolved, appearing once
-  in every probe. Unconverged Ritz values in a sparse tail are quadrature nodes, not eigenvalues, and are not
+  outside the bulk); outlier count = the mean over probes of how many distinct eigenvalues Lanczos resolved
+  beyond the bulk edges: the *converged* Ritz values there (residual bound <= CONVERGED * width), where values
+  that agree within their residual bounds or within CONVERGED * width count once. Without full
+  reorthogonalization a converged eigenvalue comes back as ghost copies (16 of lambda_max at 300 steps with
+  ``reorth: window``), which agree with it to round-off; two eigenvalues closer than 0.1% of the width are not
+  told apart. Unconverged Ritz values in a sparse tail are quadrature nodes, not eigenvalues, and are not
   counted (they still carry outlier mass).
 - distance: the Wasserstein-1 distance between two measures divided by the reference's width
   (lambda_max - lambda_min), so 0.01 means the spectra differ by 1% of the reference's spread.
@@ -64,12 +67,21 @@ def bulk_interval(measure: SpectralMeasure, *, level: float = BULK_LEVEL, grid_s
     return float(inside.min()), float(inside.max())
 
 
+def resolved_outliers(rule: RitzRule, lo: float, hi: float, *, tol: float) -> int:
+    """How many distinct eigenvalues outside [lo, hi] one probe resolved: its converged Ritz values there, one
+    per cluster of values whose neighbours agree within max(tol, the sum of their residual bounds)."""
+    keep = ((rule.values < lo) | (rule.values > hi)) & (rule.residuals <= tol)
+    values, residuals = rule.values[keep], rule.residuals[keep]  # ascending, as the rule's
+    same = np.diff(values) <= np.maximum(tol, residuals[1:] + residuals[:-1])
+    return int(values.size - np.sum(same))
+
+
 def spectrum_statistics(rules: Sequence[RitzRule], *, dimension: int, level: float = BULK_LEVEL) -> SpectrumStatistics:
     measure = SpectralMeasure.from_rules(rules)
     lo, hi = bulk_interval(measure, level=level)
     outside = (measure.values < lo) | (measure.values > hi)
     tol = CONVERGED * measure.width
-    count = float(np.mean([np.sum(((r.values < lo) | (r.values > hi)) & (r.residuals <= tol)) for r in rules]))
+    count = float(np.mean([resolved_outliers(r, lo, hi, tol=tol) for r in rules]))
     return SpectrumStatistics(
         lambda_max=float(measure.values[-1]), lambda_min=float(measure.values[0]),
         trace=float(dimension * np.dot(measure.weights, measure.values)),

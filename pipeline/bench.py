@@ -18,7 +18,7 @@ import time
 
 import pyarrow as pa
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig, validate
 from .driver import run
 from .preflight import model_spec, preflight
 from .progress import log
@@ -74,16 +74,31 @@ def _slq_row(info: dict, wall: float, *, layout: str, label: str) -> dict:
     return row
 
 
+def _layout_config(config: RunConfig, groups: int, workers: int, *, out_dir: str) -> RunConfig:
+    return dataclasses.replace(
+        config, output_dir=os.path.join(out_dir, f"slq-{groups}x{workers}"),
+        cluster=dataclasses.replace(config.cluster, num_groups=groups, num_workers=workers),
+        blocks=dataclasses.replace(config.blocks, enabled=False))
+
+
+def check_layouts(config: RunConfig, layouts) -> None:
+    """Refuse, before anything runs, a layout the config cannot be placed on (e.g. workers that do not divide
+    data.batch_size), naming it and the worker counts that fit."""
+    for groups, workers in layouts:
+        try:
+            validate(_layout_config(config, groups, workers, out_dir=""))
+        except ConfigError as e:
+            size = config.data.batch_size
+            fits = ", ".join(str(w) for w in range(1, size + 1) if size % w == 0)
+            raise ConfigError(f"--layouts {groups}x{workers} cannot be placed: {e} (workers per group that "
+                              f"divide data.batch_size={size}: {fits})") from None
+
+
 def _end_to_end(config: RunConfig, *, out_dir: str, layouts, runs: int) -> list[dict]:
     """The config as the user runs it (its eps and checkpoint settings), per layout, ``runs`` times."""
     rows = []
     for groups, workers in layouts:
-        if config.data.batch_size % workers:
-            continue
-        cfg = dataclasses.replace(
-            config, output_dir=os.path.join(out_dir, f"slq-{groups}x{workers}"),
-            cluster=dataclasses.replace(config.cluster, num_groups=groups, num_workers=workers),
-            blocks=dataclasses.replace(config.blocks, enabled=False))
+        cfg = _layout_config(config, groups, workers, out_dir=out_dir)
         for _ in range(runs):
             started = time.perf_counter()
             info = run(preflight(cfg, fresh=True))
@@ -149,6 +164,8 @@ def bench(config: RunConfig, *, repeats: int = 5, out_dir: str | None = None, ru
           variants: tuple[RunConfig, ...] = ()) -> dict:
     """Kernels, end-to-end SLQ per layout (and per variant config on the first layout), and the peers, in one
     process so that every ratio shares one machine state."""
+    for cfg, its_layouts in ((config, layouts), *((variant, layouts[:1]) for variant in variants)):
+        check_layouts(cfg, its_layouts)
     out_dir = out_dir or os.path.join(config.output_dir, "bench")
     os.makedirs(out_dir, exist_ok=True)
     prepared = preflight(dataclasses.replace(config, output_dir=os.path.join(out_dir, "probe-check")), fresh=True)

@@ -206,6 +206,26 @@ def results_part(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in ("cluster", "output_dir")}
 
 
+class _Absent:
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+_ABSENT = _Absent()
+
+
+def first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
+    """The first key (dotted, in ``new``'s order, then ``old``'s) whose values differ, as
+    "KEY: OLD before, NEW now"; None when they are equal."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in list(new) + [k for k in old if k not in new]:
+            found = first_difference(old.get(key, _ABSENT), new.get(key, _ABSENT), f"{prefix}{key}.")
+            if found:
+                return found
+        return None
+    return None if old == new else f"{prefix.rstrip('.') or 'config'}: {old!r} before, {new!r} now"
+
+
 def _type_name(tp) -> str:
     if typing.get_origin(tp) is Literal:
         return " or ".join(repr(a) for a in typing.get_args(tp))

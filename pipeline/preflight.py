@@ -12,12 +12,13 @@ from dataclasses import dataclass, replace
 import torch
 
 from . import demo
-from .config import ConfigError, RunConfig, results_part
+from .config import ConfigError, RunConfig, first_difference, results_part
 from hessian_core.loss import BatchSet, counted_tokens
 
 from .data import analysis_set, looks_local, read_sequences
 from .progress import log
 from .sanity import check_context, check_token_statistics, check_weight_files
+from .tables import writable_folder
 
 OUTPUT_FILES = ("run.json", "lanczos.parquet", "ritz.parquet", "density.parquet", "blocks.parquet", "block_ritz.parquet",
                 "density.png", "blocks.png")
@@ -38,14 +39,7 @@ class Prepared:
 
 def check_output_dir(config: RunConfig, *, fresh: bool) -> None:
     out = config.output_dir
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".write-test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.unlink(probe)
-    except OSError as e:
-        raise ConfigError(f"output_dir {out!r} cannot be written: {e.strerror or e}") from None
+    writable_folder(out, what="output_dir")
     for name in os.listdir(out):  # temporaries of writes that a crash interrupted
         if name.startswith(".") and name.endswith(".tmp"):
             os.unlink(os.path.join(out, name))
@@ -59,8 +53,10 @@ def check_output_dir(config: RunConfig, *, fresh: bool) -> None:
         except (OSError, ValueError):
             previous = None
         if previous is None or results_part(previous) != config.result_dict():
-            raise ConfigError(f"output_dir {out!r} holds a run with a different config; use another output_dir "
-                              f"or pass --fresh to replace it")
+            what = (first_difference(results_part(previous), config.result_dict()) if previous is not None
+                    else "its run.json holds no readable config")
+            raise ConfigError(f"output_dir {out!r} holds a run with a different config ({what}); use another "
+                              f"output_dir or pass --fresh to replace it")
     if fresh:
         for name in OUTPUT_FILES:
             path = os.path.join(out, name)

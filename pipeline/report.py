@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from .config import ConfigError
-from .tables import atomic_text, read_json
+from .tables import atomic_text, read_json, writable_folder
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1150px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -118,7 +118,7 @@ def _key_figures(run_dir: str, info: dict) -> str:
         ("trace", f"{s['trace']:.6g}" + (f" +- {se:.3g}" if se is not None else ""),
          f"{s['probes']} probes" + ("" if se is not None else " (one probe: no standard error)")),
         ("bulk", f"[{st.bulk_lower:.4g}, {st.bulk_upper:.4g}]", "extreme atoms where the density is >= 1e-3 of its peak"),
-        ("outliers", f"{st.outlier_count:.3g} per probe", f"converged Ritz values beyond the bulk; mass "
+        ("outliers", f"{st.outlier_count:.3g} per probe", f"distinct converged Ritz values beyond the bulk; mass "
                                                              f"{st.outlier_mass:.3g} of the spectrum"),
         ("negative mass", f"{st.negative_mass:.3g}", "fraction of eigenvalues below -1% of the spread"),
         ("eps", f"{info['eps']:.4g}" if info.get("eps") is not None else "",
@@ -201,8 +201,8 @@ def build_report(folder: str) -> str:
 def write_report(folder: str, *, output: str | None = None) -> str:
     if not os.path.isdir(folder):
         raise ConfigError(f"{folder!r} is not a folder")
-    text = build_report(folder)
     path = output or os.path.join(folder, "report.html")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    writable_folder(os.path.dirname(os.path.abspath(path)), what="report --output folder")
+    text = build_report(folder)
     atomic_text(path, text)
     return path

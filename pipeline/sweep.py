@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import re
 import threading
@@ -23,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from .config import ConfigError, RunConfig, load_config, results_part
+from .config import ConfigError, RunConfig, first_difference, load_config, results_part
 from .output_lock import OutputLock
 from .tables import atomic_text, atomic_write, read_json, write_json
 
@@ -84,7 +85,7 @@ def plan(config_path: str, overrides: list[str], grid: list[tuple[str, list[str]
     if concurrency < 1:
         raise ConfigError(f"--parallel must be >= 1, got {concurrency}")
     keys = [k for k, _ in grid]
-    points, names = [], set()
+    points, names, configs = [], set(), {}
     for combo in itertools.product(*(values for _, values in grid)):
         values = dict(zip(keys, combo))
         name = point_name(values)
@@ -99,8 +100,16 @@ def plan(config_path: str, overrides: list[str], grid: list[tuple[str, list[str]
         # absolute, so that `run POINT/config.yaml` resumes the point from any working directory
         config = replace(config, cluster=replace(config.cluster, num_groups=1),
                          output_dir=os.path.abspath(os.path.join(base.output_dir, name)))
+        same = configs.setdefault(_config_key(config), values)
+        if same is not values:  # e.g. lanczos.steps=3,03: two spellings of one value would run twice
+            raise ConfigError(f"--grid values {same} and {values} give the same config; list each value once")
         points.append(Point(name, values, config))
     return base, points, concurrency
+
+
+def _config_key(config: RunConfig) -> str:
+    """A point's whole config but its folder, as text: equal for values that parse equal."""
+    return json.dumps({k: v for k, v in config.to_dict().items() if k != "output_dir"}, sort_keys=True, default=str)
 
 
 def _local_ray(config: RunConfig) -> bool:
@@ -209,9 +218,10 @@ def _sweep_record(config_path, overrides, grid, base, points, *, fresh: bool) ->
                   "grid": [[k, v] for k, v in grid], "points": [p.name for p in points],
                   "base_config": base.to_dict()}
     previous = None if fresh else read_json(os.path.join(out_dir, SWEEP_FILE))
-    if previous is not None and ({k: previous.get(k) for k in ("grid", "base_config")}
-                                 != {k: sweep_info[k] for k in ("grid", "base_config")}):
-        raise ConfigError(f"output_dir {out_dir!r} holds a different sweep; use another output_dir or --fresh")
+    what = None if previous is None else first_difference({k: previous.get(k) for k in ("grid", "base_config")},
+                                                           {k: sweep_info[k] for k in ("grid", "base_config")})
+    if what:
+        raise ConfigError(f"output_dir {out_dir!r} holds a different sweep ({what}); use another output_dir or --fresh")
     return sweep_info
 
 

@@ -8,12 +8,14 @@ process took over (``LockLost``).
 from __future__ import annotations
 
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hessian_core import files
 
+from .config import ConfigError
 from .output_lock import ensure_held
 
 LANCZOS_SCHEMA = pa.schema([("probe_id", pa.int32()), ("step", pa.int32()), ("alpha", pa.float64()),
@@ -37,6 +39,19 @@ def atomic_write(path: str, write, *, sync: bool = False) -> None:
 def atomic_text(path: str, text: str, *, sync: bool = False) -> None:
     ensure_held(path)
     files.atomic_text(path, text, sync=sync)
+
+
+def writable_folder(folder: str, *, what: str) -> None:
+    """Create ``folder`` if needed and write a file in it, or raise ConfigError naming ``what`` (the option or
+    key that gave it): an unwritable output is refused before any work, not after it."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"{what} {folder!r} cannot be written: {e.strerror or e}") from None
 
 
 def read_json(path: str) -> dict | None:

@@ -100,6 +100,41 @@ def test_analyze_finds_the_dense_extremes_and_respects_filters_and_loss_fn(llama
     assert abs(head.lambda_max - float(sub_eig[-1])) <= 1e-7 * float(sub_eig.abs().max())
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_float64_llama_as_transformers_builds_it_is_measured_in_float64_and_given_back_unchanged(llama_dense, attn):
+    """transformers' RMSNorm and eager softmax compute in float32: analyze switches them to float64 while it
+    measures (as the CLI does for good), and puts the user's forwards back."""
+    model, batches, hessian = llama_dense
+    top = float(torch.linalg.eigvalsh(hessian)[-1])
+    plain = copy.deepcopy(model)
+    for module in plain.modules():
+        module.__dict__.pop("forward", None)  # undo make_tiny_model's float64_rmsnorm: the model as built
+    plain.set_attn_implementation(attn)
+    result = analyze(plain, batches, probes=1, steps=40, eps="auto", reorth="full")
+    assert abs(result.lambda_max - top) <= 1e-6 * abs(top)
+    assert not any("forward" in module.__dict__ for module in plain.modules())
+
+
+def test_the_cli_model_preparation_makes_the_same_float64_fixes():
+    """actors.model_loading.prepare_for_analysis applies float64_numerics too: an eager float64 Llama as
+    transformers builds it (float32 RMSNorm and softmax) gets the FD HVP of the float64 model (1.3e-3 off
+    with the RMSNorm fix alone)."""
+    from actors.model_loading import prepare_for_analysis
+    from conftest import flatten, rel
+    from hessian_core import FiniteDifferenceHVP, ParamSpace, exact_hvp, probe_vector
+
+    model = make_tiny_model("llama", train_steps=5)
+    batches = make_batches(num_batches=2, batch_size=2, seed=7)
+    v = probe_vector(ParamSpace(model), seed=0, probe_index=0, dtype=torch.float64)
+    exact = flatten(exact_hvp(model, batches, v=v))
+    for module in model.modules():
+        module.__dict__.pop("forward", None)
+    model.set_attn_implementation("eager")
+    prepare_for_analysis(model)
+    hv = FiniteDifferenceHVP(model, batches, eps=1e-5, space=ParamSpace(model)).matvec(v)
+    assert rel(flatten(hv), exact) <= 1e-6
+
+
 def test_auto_eps_and_the_time_series_row(llama_dense, tmp_path):
     model, batches, hessian = llama_dense
     top = float(torch.linalg.eigvalsh(hessian)[-1])
@@ -126,6 +161,36 @@ def test_bad_arguments_fail_in_one_line(llama_dense):
     with pytest.raises(ValueError, match="input_ids"):
         analyze(model, [{"tokens": batches[0]}])
     assert not model.training  # restored after the failure too
+
+
+def small_problem():
+    """A 50-parameter model and a smooth loss of it."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 10).double()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    return model, [x], lambda m, b: torch.tanh(m(b)).pow(2).mean()
+
+
+@pytest.mark.parametrize("eps", [float("inf"), float("nan"), 0.0, -1e-3, "big"])
+def test_an_eps_that_is_not_finite_and_positive_is_refused_before_any_compute(eps):
+    model, batches, loss_fn = small_problem()
+    with pytest.raises(ValueError):
+        analyze(model, batches, loss_fn=loss_fn, probes=1, steps=4, eps=eps)
+
+
+def test_steps_beyond_the_dimension_are_capped_to_it_with_a_warning():
+    model, batches, loss_fn = small_problem()
+    with pytest.warns(UserWarning):
+        result = analyze(model, batches, loss_fn=loss_fn, probes=1, steps=100_000, eps=1e-5)  # reorth: window
+    assert result.num_params == 50 and result.lanczos[0].steps <= 50 and result.hvp_count <= 50
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def loss_of(theta):
+        weight, bias = theta[:40].reshape(10, 4), theta[40:]
+        return torch.tanh(batches[0] @ weight.T + bias).pow(2).mean()
+
+    top = float(torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss_of, flat))[-1])
+    assert abs(result.lambda_max - top) <= 1e-6 * abs(top)
 
 
 def test_two_rank_fsdp2_training_step_is_untouched_by_analyze(tmp_path):

@@ -6,17 +6,17 @@ import torch
 
 from hessian_core import ParamSpace, SpectralMeasure, lanczos, probe_vector, ritz_rule
 from hessian_core import RitzRule
-from hessian_core.statistics import ZERO_BAND, spectral_distance, spectrum_statistics
+from hessian_core.statistics import CONVERGED, ZERO_BAND, spectral_distance, spectrum_statistics
 
 
-def slq_rules(eigenvalues: torch.Tensor, *, probes: int = 8, steps: int = 60, seed: int = 0):
+def slq_rules(eigenvalues: torch.Tensor, *, probes: int = 8, steps: int = 60, seed: int = 0, reorth: str = "full"):
     holder = torch.nn.Module()
     holder.x = torch.nn.Parameter(torch.zeros(len(eigenvalues), dtype=torch.float64))
     space = ParamSpace(holder)
     rules = []
     for p in range(probes):
         v0 = probe_vector(space, seed=seed, probe_index=p, dtype=torch.float64)
-        res = lanczos(lambda v: [eigenvalues * v[0]], v0, space=space, steps=steps, reorth="full",
+        res = lanczos(lambda v: [eigenvalues * v[0]], v0, space=space, steps=steps, reorth=reorth,
                       vector_dtype=torch.float64)
         rules.append(ritz_rule(res.alphas, res.betas))
     return rules
@@ -79,3 +79,15 @@ def test_only_converged_ritz_values_beyond_the_bulk_count_as_outliers():
     assert stats.bulk_upper == pytest.approx(1.0)
     assert stats.outlier_count == 1.0
     assert stats.outlier_mass == pytest.approx(0.02)
+
+
+def test_ghost_copies_from_window_reorthogonalization_count_once():
+    """reorth=window (the default) at 300 steps: each converged outlier comes back as 10-20 ghost copies."""
+    spikes = (3.0, 5.0, 8.0, 13.0, 20.0)
+    eig = spiked(n=2000, spikes=spikes)
+    rules = slq_rules(eig, probes=2, steps=300, reorth="window")
+    stats = spectrum_statistics(rules, dimension=len(eig))
+    assert stats.outlier_count == len(spikes)
+    tol = CONVERGED * (stats.lambda_max - stats.lambda_min)
+    every_converged = [int(np.sum((r.values > stats.bulk_upper) & (r.residuals <= tol))) for r in rules]
+    assert min(every_converged) > 2 * len(spikes)  # what the count was before ghosts were merged
