@@ -83,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="memory per rank to check against, e.g. 80GiB (default: this GPU's, or host RAM / ranks)")
     pn.add_argument("--from", dest="from_run", default=None, metavar="RUN_DIR",
                     help="an earlier run whose timing.grad_seconds predicts the wall time")
+    pn.add_argument("--host-memory", default=None, metavar="SIZE",
+                    help="host memory per node to check against, e.g. 1TiB")
+    pn.add_argument("--ranks-per-node", type=int, default=None, metavar="N",
+                    help="ranks (GPUs) per node for the host-memory line (default: 8 with use_gpu, else this machine's ranks)")
     s = sub.add_parser("show", help="print a run's summary")
     s.add_argument("run_dir")
     sub.add_parser("config-table", help="print README.md's configuration table from the config's declarations")
@@ -220,8 +224,8 @@ def _plot(args) -> None:
 def _plan(args) -> None:
     from .plan import plan_command
 
-    print(plan_command(load_config(args.config, args.overrides), device_memory=args.device_memory,
-                       from_run=args.from_run))
+    print(plan_command(load_config(args.config, args.overrides, this_machine=False), device_memory=args.device_memory,
+                       from_run=args.from_run, host_memory=args.host_memory, ranks_per_node=args.ranks_per_node))
 
 
 COMMANDS = {"run": _run, "bench": _bench, "sweep": _sweep, "hvp-error": _hvp_error, "compare": _compare,

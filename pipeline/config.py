@@ -311,10 +311,13 @@ def _set_override(tree: dict, assignment: str) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: str | None, overrides: list[str] | None = None, *, check: bool = True) -> RunConfig:
+def load_config(path: str | None, overrides: list[str] | None = None, *, check: bool = True,
+                this_machine: bool = True) -> RunConfig:
     """Read YAML (or start from defaults), apply overrides, type-check and (``check``) validate.
 
-    A sweep's base config is only type-checked: its grid may supply what it lacks (a fixed eps, a model path)."""
+    A sweep's base config is only type-checked: its grid may supply what it lacks (a fixed eps, a model path).
+    ``this_machine=False`` (``plan``, for a cluster planned from elsewhere) skips the checks of this machine's
+    devices."""
     tree: dict = {}
     if path is not None:
         if os.path.isdir(path):
@@ -330,7 +333,7 @@ def load_config(path: str | None, overrides: list[str] | None = None, *, check: 
         _set_override(tree, assignment)
     config = _build(RunConfig, tree, "")
     if check:
-        validate(config)
+        validate(config, this_machine=this_machine)
     return config
 
 
@@ -385,9 +388,10 @@ def _bound_problem(name: str, value: Any, meta: typing.Mapping, tp) -> str | Non
     return None
 
 
-def validate(config: RunConfig) -> None:
+def validate(config: RunConfig, *, this_machine: bool = True) -> None:
     """The declared bounds of every key, then the rules between keys. Checks that need no files, Ray or model;
-    data and model paths are checked by the driver's preflight."""
+    data and model paths are checked by the driver's preflight. ``this_machine``: also that a GPU run has a
+    GPU here (or a cluster address)."""
     for name, f, tp in config_keys():
         problem = _bound_problem(name, _get(config, name), f.metadata, tp)
         if problem:
@@ -414,7 +418,7 @@ def validate(config: RunConfig) -> None:
     if config.data.loss == "masked" and config.data.format != "chat":
         raise ConfigError("data.loss=masked counts assistant tokens only, which needs data.format=chat; "
                           "use data.loss=causal_lm for text")
-    if config.cluster.use_gpu:
+    if config.cluster.use_gpu and this_machine:
         import torch
 
         if not torch.cuda.is_available() and config.cluster.address is None:

@@ -39,7 +39,7 @@ DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2}
 UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6,
          "gb": 10**9, "tb": 10**12}
 GIB = 2**30
-MAX_SUGGESTED_WORKERS = 64
+MAX_SUGGESTED_WORKERS = 256
 # FD HVP calibration before the probes, in gradient passes: one gradient, the ladder's HVPs (2 per try,
 # usually one try), the mixed-precision round-off HVP, and the timed gradient.
 CALIBRATION_GRADIENTS = 1 + 2 * 2 + 1
@@ -240,6 +240,28 @@ def memory_plan(config: RunConfig, shape: ModelShape, *, pretrained_file_bytes: 
                       activations_checkpointed=act_ckpt, shape=shape, config=config)
 
 
+def training_reference(plan: MemoryPlan) -> int:
+    """Per-rank device memory of AdamW training of the same model under the same FSDP2 sharding, compute dtype,
+    activation checkpointing and tokens per rank: parameter and gradient shards and AdamW's two moments in the
+    master dtype (16 bytes a parameter in float32), the same gathered parameters and activations."""
+    s, master = plan.shape.local_params, DTYPE_BYTES[plan.config.model.dtype]
+    shared = [b for what, b in plan.rows if what.startswith(("FSDP gathered", "activations"))]
+    return 4 * s * master + sum(shared)
+
+
+def default_ranks_per_node(config: RunConfig) -> int:
+    """8 GPUs a node for a GPU run (the usual cluster node); a CPU run's ranks on this one machine."""
+    return 8 if config.cluster.use_gpu else config.cluster.num_workers * config.cluster.num_groups
+
+
+def host_bytes_per_node(plan: MemoryPlan, ranks_per_node: int) -> int:
+    """Host memory of one node: each rank's load (the whole model or its shard, see ``memory_plan``) and its
+    checkpoint staging (a save's rows are copied to host memory before they are written); on a CPU run host and
+    device are one memory, so each rank's whole peak."""
+    per_rank = plan.loading + plan.checkpoint_per_save if plan.config.cluster.use_gpu else plan.peak
+    return ranks_per_node * per_rank
+
+
 def _weight_file_bytes(model_path: str | None, init: str) -> int:
     """Bytes of a local pretrained model's weight files (their pages count while loading); 0 otherwise."""
     if init != "pretrained" or not model_path or not os.path.isdir(model_path):
@@ -288,11 +310,11 @@ def suggestion(plan: MemoryPlan, device_bytes: int) -> str | None:
         candidates.append(("model.activation_checkpointing=true", _with(config, model={"activation_checkpointing": True})))
     if config.lanczos.vector_dtype != "bfloat16":
         candidates.append(("lanczos.vector_dtype=bfloat16", _with(config, lanczos={"vector_dtype": "bfloat16"})))
-    workers = config.cluster.num_workers
-    while workers < MAX_SUGGESTED_WORKERS:
-        workers *= 2
-        if config.data.batch_size % workers == 0:
-            candidates.append((f"cluster.num_workers={workers}", _with(config, cluster={"num_workers": workers})))
+    # then the smallest rank count per group that fits, tried in order, each rank keeping its tokens
+    per_rank = config.data.batch_size // config.cluster.num_workers
+    candidates += [(f"cluster.num_workers={w} data.batch_size={w * per_rank}",
+                    _with(config, cluster={"num_workers": w}, data={"batch_size": w * per_rank}))
+                   for w in range(config.cluster.num_workers + 1, MAX_SUGGESTED_WORKERS + 1)]
     for text, candidate in candidates:
         if candidate.cluster.num_workers != config.cluster.num_workers:
             w = candidate.cluster.num_workers
@@ -368,6 +390,7 @@ def format_plan(plan: MemoryPlan, *, device_bytes: int | None, grad: tuple[float
              "per rank:"]
     lines += [f"  {what:<58}{_size(b)}" for what, b in plan.rows]
     lines.append(f"  {'total':<58}{_size(plan.total)}")
+    lines.append(f"  {'reference: AdamW training, same sharding and activations':<58}{_size(training_reference(plan))}")
     lines.append(f"  {'activations without / with activation checkpointing':<58}{_size(plan.activations)} / "
                  f"{_size(plan.activations_checkpointed).strip()}")
     lines.append(f"  {'host memory while loading':<58}{_size(plan.loading)}")
@@ -396,13 +419,32 @@ def default_device_bytes(config: RunConfig) -> int | None:
     return total // (config.cluster.num_workers * config.cluster.num_groups)
 
 
-def plan_command(config: RunConfig, *, device_memory: str | None, from_run: str | None) -> str:
-    """What ``hessian-spectrum plan`` prints."""
+def plan_command(config: RunConfig, *, device_memory: str | None, from_run: str | None,
+                 host_memory: str | None = None, ranks_per_node: int | None = None) -> str:
+    """What ``hessian-spectrum plan`` prints. A GPU run planned on a machine without one needs ``device_memory``
+    (the GPU you will rent); ``host_memory`` (per node) adds a verdict on the nodes' host memory."""
+    if device_memory is None and config.cluster.use_gpu and config.cluster.address is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("plan: cluster.use_gpu=true and this machine has no GPU: pass --device-memory, the "
+                              "memory of one GPU of the cluster (e.g. 80GiB)")
+    if ranks_per_node is not None and ranks_per_node < 1:
+        raise ConfigError(f"plan: --ranks-per-node must be at least 1, got {ranks_per_node}")
     device_bytes = parse_size(device_memory) if device_memory is not None else default_device_bytes(config)
+    host_bytes = parse_size(host_memory) if host_memory is not None else None
     grad = read_grad_seconds(from_run) if from_run else None
-    text = format_plan(plan_run(config), device_bytes=device_bytes, grad=grad)
+    plan = plan_run(config)
+    text = format_plan(plan, device_bytes=device_bytes, grad=grad)
     if device_bytes is None:
         text += "\nverdict: none (pass --device-memory, e.g. 80GiB)"
+    ranks = ranks_per_node or default_ranks_per_node(config)
+    node = host_bytes_per_node(plan, ranks)
+    text += f"\nhost memory per node ({ranks} ranks): {_size(node).strip()}"
+    if host_bytes is not None:
+        spare = host_bytes - node
+        text += (f" - fits with {spare / GIB:.3g} GiB spare" if spare >= 0 else
+                 f" - does not fit in {host_bytes / GIB:.3g} GiB: set model.loading=sharded or fewer ranks per node")
     return text
 
 

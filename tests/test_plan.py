@@ -186,3 +186,41 @@ def test_model_builds_in_threads_leave_the_default_dtype_alone():
         assert _builds_in_two_threads() == torch.float32
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def test_a_gpu_cluster_is_planned_from_a_machine_without_a_gpu(tmp_path, capsys, monkeypatch):
+    """use_gpu without --device-memory where no GPU is: exit 2 asking for it; with it, the plan, the AdamW
+    reference and the host memory of a node of --ranks-per-node ranks against --host-memory."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = tiny_run_config(tmp_path, cluster={"use_gpu": True})
+    assert main(["plan", config]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--device-memory" in err, err
+    assert main(["plan", config, "--device-memory", "80GiB", "--host-memory", "1GiB", "--ranks-per-node", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "verdict: fits" in out and "reference: AdamW training" in out
+    assert "host memory per node (4 ranks)" in out and "fits with" in out.splitlines()[-1]
+
+
+def test_the_adamw_reference_and_the_host_memory_of_a_node(tmp_path):
+    from pipeline.plan import host_bytes_per_node, training_reference
+
+    plan = plan_run(load_config(tiny_run_config(tmp_path, cluster={"use_gpu": True}), this_machine=False))
+    rows, s = dict(plan.rows), plan.shape.local_params
+    shared = rows["FSDP gathered parameters and unsharded gradients"] + rows["activations (2 x 64)"]
+    assert training_reference(plan) == 16 * s + shared  # float32 parameters, gradients and two AdamW moments
+    assert host_bytes_per_node(plan, 8) == 8 * (plan.loading + plan.checkpoint_per_save)
+
+
+def test_the_suggested_rank_count_is_the_smallest_that_fits(tmp_path):
+    """Without settings left to change, the verdict names the smallest rank count (each rank keeping its tokens)
+    whose plan fits: for a budget between the traced plans of 4 and 5 ranks, 5."""
+    def traced(workers: int):
+        return plan_run(load_config(tiny_run_config(tmp_path, cluster={"num_workers": workers, "use_gpu": True},
+                                                    data={"batch_size": workers, "seq_len": 8},
+                                                    model={"activation_checkpointing": True},
+                                                    lanczos={"vector_dtype": "bfloat16"}), this_machine=False))
+
+    four, five = traced(4).peak, traced(5).peak
+    assert five < four
+    assert suggestion(traced(1), (four + five) // 2) == "cluster.num_workers=5 data.batch_size=5"
