@@ -30,6 +30,8 @@ from .tables import (BLOCK_RITZ_SCHEMA, BLOCKS_SCHEMA, DENSITY_SCHEMA, LANCZOS_S
                      read_table, write_json, write_table)
 
 PHASES = ("startup", "load", "calibration", "probes", "finish")
+# run.json's keys about how an invocation ended (or what it was doing), which a new invocation does not inherit
+ENDED_KEYS = ("status", "error", "signal", "interrupted_at", "finished_at")
 
 
 class Recorder:
@@ -43,7 +45,7 @@ class Recorder:
         self.started = time.time()
         self.info: dict[str, Any] = {"status": "running", "config": self.config.to_dict(), "resumed": False,
                                      "versions": versions(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                     "groups": [], "probes_moved": 0, "probe_groups": {}}
+                                     "groups": [], "probes_moved": 0, "probe_groups": {}, "running": {}}
         self.probes: dict[int, dict] = {}  # probe id -> {"alphas": [...], "betas": [...]}
         self.block_probes: dict[int, dict] = {}
         self.block_spectra: dict[tuple[str, int], dict] = {}  # (block, probe) -> Ritz values, weights, block size
@@ -56,6 +58,7 @@ class Recorder:
         self.phase_seconds: dict[str, float] = {}
         self.previous: dict = {}
         self._load_previous()
+        self._keep_previous()
 
     def path(self, name: str) -> str:
         return os.path.join(self.out, name)
@@ -96,6 +99,21 @@ class Recorder:
                                          "finished_block_spectra": len(self.block_spectra),
                                          "checkpoint_steps": {str(k): v for k, v in checkpoints.items()}}
 
+    def _keep_previous(self) -> None:
+        """An earlier invocation's record stays (num_params, eps, its calibration and groups, a summary until the
+        finish rewrites it): a resume never writes less than it read. Only how that invocation ended is
+        dropped, and the lists and counters of events go on from where it left them."""
+        for name, value in self.previous.items():
+            if name not in ENDED_KEYS and name not in self.info:
+                self.info[name] = value
+        self.info["groups"] = list(self.previous.get("groups") or [])
+        self.info["probe_groups"] = dict(self.previous.get("probe_groups") or {})
+        self.info["probes_moved"] = int(self.previous.get("probes_moved") or 0)
+
+    def set_num_params(self, num_params: int) -> None:
+        self.info["num_params"] = num_params
+        self.save_info()
+
     # -- phases and events --------------------------------------------------------------------------------
     def phase(self, name: str) -> None:
         """Start phase ``name`` (one of PHASES); the previous one ends now."""
@@ -114,7 +132,6 @@ class Recorder:
             row.update(nodes=info.nodes, pids=info.pids, load_seconds=info.load_seconds,
                        peak_rss_mib_per_rank=info.peak_rss_mib_per_rank, loading_per_rank=info.loading_per_rank,
                        load_memory_per_rank=info.load_memory_per_rank)
-            self.info["num_params"] = info.num_params
         self.info["groups"].append(row)
         self.save_info()
 
