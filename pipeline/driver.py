@@ -86,15 +86,24 @@ def _compute(prepared: Prepared, recorder: Recorder, calibration: Calibration | 
         stopped = True
         raise
     finally:
-        if progress is not None:
-            progress.close()
-        if scheduler is not None:
-            scheduler.shutdown(graceful=not (stopped or (cancel is not None and cancel.is_set())))
-        scheduler = None
-        if verdict is not None:  # its trace changes torch's process-wide default dtype: it never outlives run()
-            verdict()
+        try:
+            if progress is not None:
+                progress.close()
+            if scheduler is not None:
+                scheduler.shutdown(graceful=not (stopped or (cancel is not None and cancel.is_set())))
+        finally:  # Ray goes down even when a signal cut the groups' shutdown short
+            scheduler = None
+            _stop(started_ray, verdict)
+
+
+def _stop(started_ray: bool, verdict: Callable[[], str] | None) -> None:
+    """Ray down (if this run started it), then the plan's verdict joined, each whatever the other raises."""
+    try:
         if started_ray:
             stop_ray()
+    finally:
+        if verdict is not None:  # its trace changes torch's process-wide default dtype: it never outlives run()
+            verdict()
 
 
 def _plan_verdict_in_background(prepared: Prepared) -> Callable[[], str]:

@@ -56,8 +56,8 @@ def stop_ray() -> None:
     import ray
 
     gc.collect()
-    ray.shutdown()
-    signals.install()  # a Ray whose core worker still restores SIGTERM's default at shutdown
+    with signals.deferred():  # installs the handlers again: a Ray that restores SIGTERM's default action too
+        ray.shutdown()
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ Ray's threads are alive), so ``install()`` is called again right after every ``r
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 
@@ -44,6 +45,31 @@ def install() -> None:
     if threading.current_thread() is threading.main_thread():
         for sig in HANDLED:
             signal.signal(sig, _handler)
+
+
+@contextlib.contextmanager
+def deferred():
+    """SIGINT and SIGTERM received inside are raised as ``Interrupted`` when it ends, not where they land: for
+    a teardown that must not be cut in half (``ray.shutdown`` stopped between tearing down its core worker and
+    dropping its handle leaves a process that any released Ray object ends). The handlers are installed anew
+    at the end. Outside the main thread, where no handler runs, it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum, frame) -> None:
+        _received.append(signum)
+        held.append(signum)
+
+    for sig in HANDLED:
+        signal.signal(sig, hold)
+    try:
+        yield
+    finally:
+        install()
+        if held:
+            raise Interrupted(held[0])
 
 
 def as_interrupted(err: KeyboardInterrupt) -> Interrupted:

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 import pipeline.recorder as recorder
 from pipeline.cli import main
 from pipeline.output_lock import LOCK_NAME
@@ -142,3 +144,16 @@ def test_density_grid_size_is_refused_before_ray(tmp_path, capsys, no_ray):
         assert main(["run", cfg, "--set", f"density.grid_size={value}"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"density.grid_size must be {valid}, got {value}" in err, err
+
+
+def test_a_signal_during_ray_shutdown_is_taken_after_it():
+    from pipeline import signals
+
+    signals.install()
+    with pytest.raises(signals.Interrupted) as stop:
+        with signals.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the handler would have raised here
+            reached = True
+    assert reached and stop.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signals._handler
