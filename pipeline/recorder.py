@@ -100,15 +100,19 @@ class Recorder:
                                          "checkpoint_steps": {str(k): v for k, v in checkpoints.items()}}
 
     def _keep_previous(self) -> None:
-        """An earlier invocation's record stays (num_params, eps, its calibration and groups, a summary until the
-        finish rewrites it): a resume never writes less than it read. Only how that invocation ended is
-        dropped, and the lists and counters of events go on from where it left them."""
-        for name, value in self.previous.items():
+        """An earlier invocation's record stays (num_params, eps, its calibration, a summary until the finish
+        rewrites it): a resume never writes less than it read. Only how that invocation ended is dropped; its
+        groups timeline (times from its own start) moves to ``earlier_groups``, and the probes' groups and
+        moves add up."""
+        previous = self.previous
+        for name, value in previous.items():
             if name not in ENDED_KEYS and name not in self.info:
                 self.info[name] = value
-        self.info["groups"] = list(self.previous.get("groups") or [])
-        self.info["probe_groups"] = dict(self.previous.get("probe_groups") or {})
-        self.info["probes_moved"] = int(self.previous.get("probes_moved") or 0)
+        if previous.get("groups"):
+            self.info["earlier_groups"] = [*previous.get("earlier_groups", []),
+                                           {"started_at": previous.get("started_at"), "groups": previous["groups"]}]
+        self.info["probe_groups"] = dict(previous.get("probe_groups") or {})
+        self.info["probes_moved"] = int(previous.get("probes_moved") or 0)
 
     def set_num_params(self, num_params: int) -> None:
         self.info["num_params"] = num_params
