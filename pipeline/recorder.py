@@ -30,7 +30,7 @@ from .tables import (BLOCK_RITZ_SCHEMA, BLOCKS_SCHEMA, DENSITY_SCHEMA, LANCZOS_S
                      read_table, write_json, write_table)
 
 PHASES = ("startup", "load", "calibration", "probes", "finish")
-# run.json's keys about how an invocation ended (or what it was doing), which a new invocation does not inherit
+# run.json's keys about how an invocation ended, which the next invocation does not inherit
 ENDED_KEYS = ("status", "error", "signal", "interrupted_at", "finished_at")
 
 

@@ -3,7 +3,8 @@ groups and records ``status: interrupted`` with the signal, and the CLI exits 12
 SIGINT, 143 for SIGTERM), which is what ``ray job stop``, Kubernetes, Slurm and ``timeout`` expect.
 
 ``ray.init`` installs its own SIGTERM handler (``sys.exit``, which ends in an abort and a C++ stack dump while
-Ray's threads are alive), so ``install()`` is called again right after every ``ray.init``.
+Ray's threads are alive), so ``install()`` is called again right after every ``ray.init``. ``ray.shutdown``
+runs inside ``deferred()``: a signal then is raised once Ray is down, not halfway through its teardown.
 """
 
 from __future__ import annotations
