@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import pyarrow.parquet as pq
 import pytest
 
 import pipeline.recorder as recorder
@@ -52,6 +53,10 @@ def _stop_in_the_finish(proc: subprocess.Popen, marker: str) -> tuple[int, str]:
 def _read(folder) -> dict:
     with open(os.path.join(folder, "run.json")) as f:
         return json.load(f)
+
+
+def _density(folder):
+    return pq.read_table(os.path.join(folder, "density.parquet"))
 
 
 def _as_killed(folder: str) -> None:
@@ -135,7 +140,7 @@ def test_the_finish_survives_ray_shutdown_a_sigterm_and_a_kill_at_each_point(tmp
         assert main(["run", cfg, "--set", f"output_dir={folder}"]) == 0, point
         info = _read(folder)
         assert info["status"] == "complete" and info["summary"] == done["summary"], point
-        assert os.path.exists(os.path.join(folder, "density.png")), point
+        assert _density(folder).equals(_density(out)) and os.path.exists(os.path.join(folder, "density.png")), point
 
 
 def test_density_grid_size_is_refused_before_ray(tmp_path, capsys, no_ray):
