@@ -187,9 +187,23 @@ def import_model_code(spec: ModelSpec) -> None:
 def block_names(spec: ModelSpec) -> list[str]:
     """The model's blocks (hessian_core.parameter_blocks), from a weightless copy on the meta device: what the
     driver needs to queue per-block tasks before any rank has loaded the model."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from hessian_core import ParamSpace, parameter_blocks
+
+    model = _on_meta(spec)
+    return list(parameter_blocks(model, ParamSpace(model)))
+
+
+def parameter_count(spec: ModelSpec) -> int:
+    """The parameters a group will analyse (``ParamSpace.numel``, tied weights once), counted on a weightless
+    copy on the meta device: the driver records it before any rank loads the model, or without one at all."""
+    from hessian_core import ParamSpace
+
+    return ParamSpace(_on_meta(spec)).numel
+
+
+def _on_meta(spec: ModelSpec) -> torch.nn.Module:
+    """The model built from its config on the meta device, every parameter trainable (no weights are read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from .sharded_loading import model_config
 
@@ -204,4 +218,4 @@ def block_names(spec: ModelSpec) -> list[str]:
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[spec.dtype])
     for p in model.parameters():
         p.requires_grad_(True)
-    return list(parameter_blocks(model, ParamSpace(model)))
+    return model

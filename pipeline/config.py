@@ -137,7 +137,10 @@ class LanczosConfig:
 @dataclass(kw_only=True)
 class DensityConfig:
     enabled: bool = key(True, "write density.parquet / density.png")
-    grid_size: int = key(1000, "density grid points", min=1)
+    grid_size: int = key(1000, "density grid points, 2 to 100000", min=2, max=100_000,
+                         why_min="a density needs at least its two end points",
+                         why_max="the density is evaluated at every grid point for every Ritz value at once, and a "
+                                 "plot is a few thousand pixels wide")
 
 
 @dataclass(kw_only=True)

@@ -13,7 +13,7 @@ from .eps_policy import calibration_task, known_calibration
 from .output_lock import LockLost
 from .preflight import Prepared, model_spec, preflight
 from .progress import Progress, log, set_run_name
-from .ray_connection import connect_ray
+from .ray_connection import connect_ray, stop_ray
 from .recorder import Recorder, block_summary, draw_plots
 from .scheduler import CalibrationTask, Scheduler
 from .signals import signal_of
@@ -27,16 +27,44 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
     """Execute a prepared run; returns run.json's content. Raises on failure after recording it.
 
     ``own_ray=False``: a sweep's point, run in a thread on the sweep's Ray; ``own_ray=True`` connects to Ray
-    and shuts it down at the end, unless this process was already connected (``connect_ray``);
+    and shuts it down before the finish, unless this process was already connected (``connect_ray``);
     ``name`` then tags this run's log lines; setting ``cancel`` stops the run at its next poll, as an
-    interruption that keeps its checkpoints.
+    interruption that keeps its checkpoints. A resumed run whose tasks are all finished goes straight to its
+    finish (summary, density, plots, ``complete``): no Ray, no group, no model load.
     """
-    import ray
+    from actors.model_loading import parameter_count
 
     set_run_name(name)
     recorder = Recorder(prepared)
     recorder.save_info()
-    scheduler = progress = stopping_ray = verdict = None
+    try:
+        recorder.set_num_params(parameter_count(model_spec(prepared)))  # on the meta device, before any group
+        calibration = known_calibration(prepared.config, recorder)
+        if calibration is not None and not unfinished_tasks(prepared, recorder, eps=calibration.eps):
+            log("every task of this run is finished: writing its results")
+            failures = recorder.info.get("worker_failures_recovered", 0)
+        else:
+            failures = _compute(prepared, recorder, calibration, name=name, own_ray=own_ray, cancel=cancel)
+        recorder.complete(failures_recovered=failures)
+        return recorder.info
+    except KeyboardInterrupt as err:
+        recorder.interrupted(signal_of(err))
+        raise
+    except LockLost:  # another run owns the output_dir now, run.json included: record nothing
+        raise
+    except BaseException as err:
+        recorder.failed(err)
+        raise
+
+
+def _compute(prepared: Prepared, recorder: Recorder, calibration: Calibration | None, *, name: str | None,
+             own_ray: bool, cancel: threading.Event | None) -> int:
+    """The unfinished tasks on the groups; returns the group failures recovered. The run's Ray objects are all
+    released, and Ray (when this run started it) shut down, here and in this thread, before the finish begins:
+    nothing runs beside ``ray.shutdown`` that could touch Ray while it tears the core worker down."""
+    import ray
+
+    scheduler = progress = verdict = None
     started_ray = False  # this run connected Ray, and shuts it down
     stopped = False  # a signal or the sweep asked the run to stop: its groups are killed, not drained
     try:
@@ -51,49 +79,34 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
         scheduler = Scheduler(prepared=prepared, recorder=recorder, batches_ref=ray.put(prepared.batches),
                               progress=progress, cancel=cancel, own_ray=own_ray)
         recorder.phase("load")
-        calibration = known_calibration(prepared.config, recorder)
         if calibration is None:
             scheduler.queue.append(calibration_task(prepared.config, probe_task(prepared, recorder, 0, eps=0.0)))
         else:
             _use_calibration(calibration, prepared, recorder, scheduler)
         scheduler.run(lambda task, result, slot: _on_result(task, result, slot.index, prepared, recorder, scheduler))
-        failures = scheduler.failures
-        progress.close()
-        scheduler.shutdown(graceful=True)
-        progress = scheduler = None
-        if started_ray:  # Ray's processes take a second or two to stop: meanwhile the tables and plots are written
-            stopping_ray = _shutdown_ray_in_background()
-        recorder.complete(failures_recovered=failures)
-        return recorder.info
-    except KeyboardInterrupt as err:
+        return scheduler.failures
+    except (KeyboardInterrupt, LockLost):  # stopped by a signal, the sweep, or another run's takeover
         stopped = True
-        recorder.interrupted(signal_of(err))
-        raise
-    except LockLost:  # another run owns the output_dir now, run.json included: record nothing, stop the groups
-        stopped = True
-        raise
-    except BaseException as err:
-        recorder.failed(err)
         raise
     finally:
-        if progress is not None:
-            progress.close()
-        if scheduler is not None:
-            scheduler.shutdown(graceful=not (stopped or (cancel is not None and cancel.is_set())))
+        try:
+            if progress is not None:
+                progress.close()
+            if scheduler is not None:
+                scheduler.shutdown(graceful=not (stopped or (cancel is not None and cancel.is_set())))
+        finally:  # Ray goes down even when a signal cut the groups' shutdown short
+            scheduler = None
+            _stop(started_ray, verdict)
+
+
+def _stop(started_ray: bool, verdict: Callable[[], str] | None) -> None:
+    """Ray down (if this run started it), then the plan's verdict joined, each whatever the other raises."""
+    try:
+        if started_ray:
+            stop_ray()
+    finally:
         if verdict is not None:  # its trace changes torch's process-wide default dtype: it never outlives run()
             verdict()
-        if stopping_ray is not None:
-            stopping_ray.join()
-        elif started_ray and ray.is_initialized():
-            ray.shutdown()
-
-
-def _shutdown_ray_in_background() -> threading.Thread:
-    import ray
-
-    thread = threading.Thread(target=ray.shutdown, name="ray-shutdown")
-    thread.start()
-    return thread
 
 
 def _plan_verdict_in_background(prepared: Prepared) -> Callable[[], str]:
@@ -115,21 +128,25 @@ def _plan_verdict_in_background(prepared: Prepared) -> Callable[[], str]:
 
 
 def _use_calibration(calibration: Calibration, prepared: Prepared, recorder: Recorder, scheduler: Scheduler) -> None:
-    """Record the eps and queue every unfinished probe at it (probe 0 first: its group holds its first HVP)."""
+    """Record the eps and queue every unfinished task at it (probe 0 first: its group holds its first HVP)."""
     recorder.set_calibration(calibration)
     log(calibration.message)
     if calibration.reliable is False:
         log("warning: the HVP at this eps is unreliable; results may be dominated by numerical noise")
     recorder.phase("probes")
+    scheduler.queue.extend(unfinished_tasks(prepared, recorder, eps=calibration.eps))
+
+
+def unfinished_tasks(prepared: Prepared, recorder: Recorder, *, eps: float) -> list:
+    """Every SLQ probe, block probe and (block, probe) spectrum that no invocation has finished yet, at ``eps``."""
     lz, blocks = prepared.config.lanczos, prepared.config.blocks
-    scheduler.queue.extend(probe_task(prepared, recorder, pid, eps=calibration.eps)
-                           for pid in range(lz.probes) if pid not in recorder.probes)
+    tasks: list = [probe_task(prepared, recorder, pid, eps=eps) for pid in range(lz.probes) if pid not in recorder.probes]
     if blocks.enabled:
-        scheduler.queue.extend(BlockTask(probe_id=pid, seed=lz.seed + BLOCK_SEED_OFFSET, eps=calibration.eps,
-                                         scheme=prepared.config.hvp.scheme)
-                               for pid in range(blocks.probes) if pid not in recorder.block_probes)
+        tasks += [BlockTask(probe_id=pid, seed=lz.seed + BLOCK_SEED_OFFSET, eps=eps, scheme=prepared.config.hvp.scheme)
+                  for pid in range(blocks.probes) if pid not in recorder.block_probes]
     if blocks.spectra:
-        scheduler.queue.extend(block_spectrum_tasks(prepared, recorder, eps=calibration.eps))
+        tasks += block_spectrum_tasks(prepared, recorder, eps=eps)
+    return tasks
 
 
 def block_spectrum_tasks(prepared: Prepared, recorder: Recorder, *, eps: float) -> list[BlockSpectrumTask]:

@@ -31,17 +31,50 @@ def connect_ray(config: RunConfig, *, need_cpus: int | None = None) -> bool:
     if address is None and not os.environ.get("RAY_ADDRESS"):
         need = need_cpus or config.cluster.num_workers * config.cluster.num_groups * config.cpus_per_worker()
         # "local": always a new private Ray, never one that `ray start` (or a test cluster) left on this machine
-        with _loopback_only():
+        with _loopback_only(), _no_driver_signal_handlers():
             ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
                      _node_ip_address=LOOPBACK, logging_level="ERROR", configure_logging=True)
         signals.install()  # ray.init replaced the SIGTERM handler
         return True
     try:
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level="ERROR")
+        with _no_driver_signal_handlers():
+            ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level="ERROR")
     except (ConnectionError, RuntimeError) as e:
         raise ConfigError(f"cluster.address {address!r}: cannot join a Ray cluster ({str(e).splitlines()[0]})") from None
     signals.install()
     return True
+
+
+def stop_ray() -> None:
+    """``ray.shutdown()`` in the calling thread, once the Ray objects this process no longer references are
+    released. Garbage such as a lost group's errors (their tracebacks hold its object references) is otherwise
+    collected whenever the garbage collector runs: if that falls inside ``ray.shutdown``, after the core
+    worker is torn down and before Ray drops its handle to it, the release calls into the dead core worker and
+    Ray ends the process (exit 1, "The core worker has already been shutdown")."""
+    import gc
+
+    import ray
+
+    gc.collect()
+    with signals.deferred():  # installs the handlers again: a Ray that restores SIGTERM's default action too
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def _no_driver_signal_handlers():
+    """A driver whose core worker installs no failure signal handlers: Ray's (absl) handler covers SIGTERM, and
+    its shutdown sets SIGTERM back to the default action (die by the signal) rather than to this process's
+    handler, which would turn a SIGTERM during or after ``ray.shutdown`` into a death without a record. Only
+    this process is concerned (the workers read the environment variable, which is left alone); the driver
+    loses the C++ stack dump on a crash of its own."""
+    import ray._private.ray_constants as ray_constants
+
+    saved = ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    try:
+        yield
+    finally:
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = saved
 
 
 def _check_connected(address: str | None) -> None:
@@ -108,8 +141,9 @@ def one_group(prepared: Prepared):
     finally:
         if group is not None:
             group.shutdown()
+        group = None
         if started:
-            ray.shutdown()
+            stop_ray()
 
 
-__all__ = ["connect_ray", "one_group", "versions"]
+__all__ = ["connect_ray", "one_group", "stop_ray", "versions"]

@@ -31,6 +31,8 @@ from .tables import (BLOCK_RITZ_SCHEMA, BLOCKS_SCHEMA, DENSITY_SCHEMA, LANCZOS_S
                      read_table, write_json, write_table)
 
 PHASES = ("startup", "load", "calibration", "probes", "finish")
+# run.json's keys about how an invocation ended, which the next invocation does not inherit
+ENDED_KEYS = ("status", "error", "signal", "interrupted_at", "finished_at")
 
 
 class Recorder:
@@ -44,7 +46,7 @@ class Recorder:
         self.started = time.time()
         self.info: dict[str, Any] = {"status": "running", "config": self.config.to_dict(), "resumed": False,
                                      "versions": versions(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                     "groups": [], "probes_moved": 0, "probe_groups": {}}
+                                     "groups": [], "probes_moved": 0, "probe_groups": {}, "running": {}}
         self.probes: dict[int, dict] = {}  # probe id -> {"alphas": [...], "betas": [...]}
         self.block_probes: dict[int, dict] = {}
         self.block_spectra: dict[tuple[str, int], dict] = {}  # (block, probe) -> Ritz values, weights, block size
@@ -57,6 +59,7 @@ class Recorder:
         self.phase_seconds: dict[str, float] = {}
         self.previous: dict = {}
         self._load_previous()
+        self._keep_previous()
 
     def path(self, name: str) -> str:
         return os.path.join(self.out, name)
@@ -97,6 +100,25 @@ class Recorder:
                                          "finished_block_spectra": len(self.block_spectra),
                                          "checkpoint_steps": {str(k): v for k, v in checkpoints.items()}}
 
+    def _keep_previous(self) -> None:
+        """An earlier invocation's record stays (num_params, eps, its calibration, a summary until the finish
+        rewrites it): a resume never writes less than it read. Only how that invocation ended is dropped; its
+        groups timeline (times from its own start) moves to ``earlier_groups``, and the probes' groups and
+        moves add up."""
+        previous = self.previous
+        for name, value in previous.items():
+            if name not in ENDED_KEYS and name not in self.info:
+                self.info[name] = value
+        if previous.get("groups"):
+            self.info["earlier_groups"] = [*previous.get("earlier_groups", []),
+                                           {"started_at": previous.get("started_at"), "groups": previous["groups"]}]
+        self.info["probe_groups"] = dict(previous.get("probe_groups") or {})
+        self.info["probes_moved"] = int(previous.get("probes_moved") or 0)
+
+    def set_num_params(self, num_params: int) -> None:
+        self.info["num_params"] = num_params
+        self.save_info()
+
     # -- phases and events --------------------------------------------------------------------------------
     def phase(self, name: str) -> None:
         """Start phase ``name`` (one of PHASES); the previous one ends now."""
@@ -115,7 +137,6 @@ class Recorder:
             row.update(nodes=info.nodes, pids=info.pids, load_seconds=info.load_seconds,
                        peak_rss_mib_per_rank=info.peak_rss_mib_per_rank, loading_per_rank=info.loading_per_rank,
                        load_memory_per_rank=info.load_memory_per_rank)
-            self.info["num_params"] = info.num_params
         self.info["groups"].append(row)
         self.save_info()
 

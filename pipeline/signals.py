@@ -3,11 +3,13 @@ groups and records ``status: interrupted`` with the signal, and the CLI exits 12
 SIGINT, 143 for SIGTERM), which is what ``ray job stop``, Kubernetes, Slurm and ``timeout`` expect.
 
 ``ray.init`` installs its own SIGTERM handler (``sys.exit``, which ends in an abort and a C++ stack dump while
-Ray's threads are alive), so ``install()`` is called again right after every ``ray.init``.
+Ray's threads are alive), so ``install()`` is called again right after every ``ray.init``. ``ray.shutdown``
+runs inside ``deferred()``: a signal then is raised once Ray is down, not halfway through its teardown.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 
@@ -44,6 +46,31 @@ def install() -> None:
     if threading.current_thread() is threading.main_thread():
         for sig in HANDLED:
             signal.signal(sig, _handler)
+
+
+@contextlib.contextmanager
+def deferred():
+    """SIGINT and SIGTERM received inside are raised as ``Interrupted`` when it ends, not where they land: for
+    a teardown that must not be cut in half (``ray.shutdown`` stopped between tearing down its core worker and
+    dropping its handle leaves a process that any released Ray object ends). The handlers are installed anew
+    at the end. Outside the main thread, where no handler runs, it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum, frame) -> None:
+        _received.append(signum)
+        held.append(signum)
+
+    for sig in HANDLED:
+        signal.signal(sig, hold)
+    try:
+        yield
+    finally:
+        install()
+        if held:
+            raise Interrupted(held[0])
 
 
 def as_interrupted(err: KeyboardInterrupt) -> Interrupted:

@@ -252,7 +252,7 @@ def _run_points(todo, concurrency: int, update, *, total: int, rows: dict[str, d
     """The unfinished points, ``concurrency`` at a time on one Ray; ``update(point, row)`` as each ends."""
     import ray
 
-    from .ray_connection import connect_ray
+    from .ray_connection import connect_ray, stop_ray
 
     widest = max(p.config.cluster.num_workers * prepared.worker_cpus() for p, prepared in todo)
     started = connect_ray(todo[0][0].config, need_cpus=concurrency * widest)
@@ -282,7 +282,7 @@ def _run_points(todo, concurrency: int, update, *, total: int, rows: dict[str, d
         pool.shutdown()
     finally:
         if started and ray.is_initialized():
-            ray.shutdown()
+            stop_ray()
 
 
 def _collect_points(pool, todo, cancel, update, *, total: int, rows: dict[str, dict]) -> None:

@@ -30,7 +30,8 @@ def test_overrides_are_parsed_as_yaml_and_typed():
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"density.grid_size": 0}, "density.grid_size must be >= 1, got 0"),
+    ({"density.grid_size": 1}, "density.grid_size must be >= 2, got 1: a density needs at least its two end points"),
+    ({"density.grid_size": 100_000_000}, "density.grid_size must be <= 100000, got 100000000"),
     ({"data.seq_len": 1}, "data.seq_len must be >= 2, got 1: a next-token loss needs two tokens"),
     ({"lanczos.steps": 10_001}, "lanczos.steps must be <= 10000, got 10001: SLQ's density"),
     ({"hvp.eps": 0}, "hvp.eps must be > 0 or 'auto', got 0.0"),
