@@ -20,14 +20,6 @@ import os
 import sys
 
 
-def _rss(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024.0
-    return float("nan")
-
-
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--hidden", type=int, default=768)
@@ -42,6 +34,7 @@ def main(argv: list[str]) -> None:
 
     import hessian_core
     from hessian_core import FiniteDifferenceHVP, ParamSpace, probe_vector
+    from plan_check import _rss  # after hessian_core: plan_check puts its own checkout first on sys.path
 
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
