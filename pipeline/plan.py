@@ -443,8 +443,12 @@ def plan_command(config: RunConfig, *, device_memory: str | None, from_run: str 
     text += f"\nhost memory per node ({ranks} ranks): {_size(node).strip()}"
     if host_bytes is not None:
         spare = host_bytes - node
+        # only pretrained weights can be read shard by shard; a random init builds the whole model on each rank
+        loads_whole = plan.loading > plan.shape.local_params * DTYPE_BYTES[config.model.dtype]
+        fix = ("set model.loading=sharded or use fewer ranks per node"
+               if config.model.init == "pretrained" and loads_whole else "use fewer ranks per node")
         text += (f" - fits with {spare / GIB:.3g} GiB spare" if spare >= 0 else
-                 f" - does not fit in {host_bytes / GIB:.3g} GiB: set model.loading=sharded or fewer ranks per node")
+                 f" - does not fit in {host_bytes / GIB:.3g} GiB: {fix}")
     return text
 
 
