@@ -31,7 +31,7 @@ def connect_ray(config: RunConfig, *, need_cpus: int | None = None) -> bool:
     if address is None and not os.environ.get("RAY_ADDRESS"):
         need = need_cpus or config.cluster.num_workers * config.cluster.num_groups * config.cpus_per_worker()
         # "local": always a new private Ray, never one that `ray start` (or a test cluster) left on this machine
-        with _loopback_only(), _no_driver_signal_handlers():
+        with _loopback_only(), _no_driver_signal_handlers(), _own_agent_port():
             ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
                      _node_ip_address=LOOPBACK, logging_level="ERROR", configure_logging=True)
         signals.install()  # ray.init replaced the SIGTERM handler
@@ -75,6 +75,30 @@ def _no_driver_signal_handlers():
         yield
     finally:
         ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = saved
+
+
+@contextlib.contextmanager
+def _own_agent_port():
+    """A private Ray's dashboard agent on a free loopback port. ``ray.init`` has no argument for it and Ray's
+    fixed default (52365) is held by any other Ray on the machine (a second run, a test beside another): the
+    agent then retries for ~3.5 s before giving up its HTTP server, and the raylet waits for it, which made a
+    start beside another Ray 7 s instead of 3-4 s."""
+    from ray._private import parameter
+
+    from actors.worker import free_port
+
+    original = parameter.RayParams
+    port = free_port(LOOPBACK)
+
+    class RayParams(original):
+        def __init__(self, *args, dashboard_agent_listen_port=None, **kwargs):
+            super().__init__(*args, dashboard_agent_listen_port=dashboard_agent_listen_port or port, **kwargs)
+
+    parameter.RayParams = RayParams
+    try:
+        yield
+    finally:
+        parameter.RayParams = original
 
 
 def _check_connected(address: str | None) -> None:

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
+from actors.worker import free_port
 from hessian_core import latest_complete_step
 from pipeline.cli import main
 from pipeline.config import RunConfig
@@ -39,7 +40,8 @@ def cluster(monkeypatch):
     # Ray otherwise rewrites a 127.0.0.1 address to the machine's interface address, where nothing listens
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1"})
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
+                                                      "dashboard_agent_listen_port": free_port()})
     try:
         yield c
     finally:
@@ -47,7 +49,9 @@ def cluster(monkeypatch):
 
 
 def add_group_node(cluster):
-    return cluster.add_node(num_cpus=1, resources={SLOT: 1}, node_ip_address="127.0.0.1")
+    # each node's agent on its own port: on Ray's fixed default every node after the first waits ~3.5 s for it
+    return cluster.add_node(num_cpus=1, resources={SLOT: 1}, node_ip_address="127.0.0.1",
+                            dashboard_agent_listen_port=free_port())
 
 
 def elastic_config(tmp_path, cluster, name: str, *, probes: int, steps: int, **cluster_keys) -> str:
