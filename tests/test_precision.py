@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from actors.worker import Worker, free_port
-from conftest import dense_hessian, flatten, make_batches, make_tiny_model, rel
+from helpers import dense_hessian, flatten, make_batches, make_tiny_model, rel
 from hessian_core import (FiniteDifferenceHVP, ParamSpace, calibrate_eps, lanczos, probe_vector, ritz_rule,
                           extreme_eigenvalues, shard_model)
 from hessian_core.error_bars import extreme_error_bars
