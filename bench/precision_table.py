@@ -1,4 +1,4 @@
-"""The README's "Precision" table: hvp-error's study for one precision, in this process (no Ray).
+"""The precision table of docs/precision.md: hvp-error's study for one precision, in this process (no Ray).
 
     python bench/precision_table.py configs/study-eps.yaml float32 bfloat16 runs/precision/mixed
 

@@ -11,7 +11,7 @@ r is the eps calibration's estimate along one random probe. Along the extreme ei
 curvature itself changes fastest, the step's truncation error is larger: on the tests' tiny GPT-NeoX at the
 auto eps, the extreme eigenvalues moved up to 3.1x (float64), and 4.0x (float32 master / bfloat16 compute,
 lambda_min) further than r ||H||. The bound therefore uses DIRECTION_FACTOR * r: an empirical allowance fitted
-on that one model, not a guarantee (README, "Precision").
+on that one model, not a guarantee (docs/precision.md, "Error bars").
 The reported bar is the sum of the two: lambda = X +- (ritz + fd).
 """
 

@@ -52,7 +52,7 @@ PHASES = ("startup", "load", "calibration", "probes", "finish")
 
 
 def settings_label(config: RunConfig) -> str:
-    """'defaults', or the hvp/checkpoint settings of this row that differ from the README's defaults."""
+    """'defaults', or the hvp/checkpoint settings of this row that differ from the config's defaults."""
     from .config import CheckpointConfig, HVPConfig
 
     changed = [f"hvp.{k}={getattr(config.hvp, k)}" for k in ("eps", "scheme", "assess")

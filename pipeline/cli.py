@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="ranks (GPUs) per node for the host-memory line (default: 8 with use_gpu, else this machine's ranks)")
     s = sub.add_parser("show", help="print a run's summary")
     s.add_argument("run_dir")
-    sub.add_parser("config-table", help="print README.md's configuration table from the config's declarations")
+    sub.add_parser("config-table", help="print docs/config.md's configuration table from the config's declarations")
     return p
 
 

@@ -1,7 +1,7 @@
 """Typed run configuration: YAML plus ``--set key=value`` overrides, validated before Ray or a model starts.
 
 Each key is declared once, with ``key()``: its type (the annotation), default, one-line doc and single-key bounds.
-Type checks (``_build``), bound checks and their messages (``validate``) and the README's configuration table
+Type checks (``_build``), bound checks and their messages (``validate``) and docs/config.md's configuration table
 (``reference_table``) all come from those declarations; only rules between keys are written out in ``validate``.
 Every problem raises ConfigError with a one-line message naming the key and what would be valid.
 """
@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 
 def key(default: Any, doc: str, *, min: float | None = None, max: float | None = None, above: float | None = None,
         required: bool = False, why_min: str | None = None, why_max: str | None = None):
-    """A config key: its default, its doc (markdown, the README table's meaning) and its single-key bounds.
+    """A config key: its default, its doc (markdown, the docs/config.md table's meaning) and its single-key bounds.
 
     ``min``/``max`` are inclusive, ``above`` exclusive; on a mapping they bound each of its values. ``required``:
     null or empty is refused. ``why_min``/``why_max`` end the error message of that bound with the reason."""
@@ -57,11 +57,11 @@ class ModelConfig:
     config_path: str | None = key(None, "HF config folder (`config.json`, tokenizer) of a DCP `model.path`; ignored "
                                         "for an HF folder, which has its own")
     loading: Literal["auto", "full", "sharded"] = key(
-        "auto", "`auto` (sharded on 2+ ranks or from DCP, else full), `full`, `sharded`; see \"Loading a large model\"")
+        "auto", "`auto` (sharded on 2+ ranks or from DCP, else full), `full`, `sharded`; see [models.md](models.md)")
     compute_dtype: Literal["float64", "float32", "bfloat16"] | None = key(
         None, "forward/backward dtype; null: `model.dtype`; lower than `model.dtype` (e.g. `bfloat16` over `float32`): "
               "FSDP2 mixed precision over the `model.dtype` master shards (the FD step and the HVP stay in "
-              "`model.dtype`), see \"Precision\"")
+              "`model.dtype`), see [precision.md](precision.md)")
     activation_checkpointing: bool = key(
         False, "recompute each transformer block in the backward (less activation memory, about one more forward per "
                "gradient)")
@@ -439,7 +439,7 @@ def _check_precision(model: ModelConfig) -> None:
 
 
 def reference_table() -> str:
-    """README.md's configuration table (key | default | meaning), from the declarations, in their order."""
+    """docs/config.md's configuration table (key | default | meaning), from the declarations, in their order."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
     rows += [f"| `{name}` | {_shown_default(f)} | {f.metadata['doc']} |" for name, f, _ in config_keys()]
     return "\n".join(rows)

@@ -154,7 +154,7 @@ def _compare_section(folder: str, *, heading: str) -> str:
         r["run"] = os.path.basename(os.path.normpath(r["run"]))
     return "".join([f"<h2>{html.escape(heading)}</h2>",
                     f"<p>reference: {html.escape(rows[0]['run'])}; distance = W1 between the SLQ measures / the "
-                    f"reference's lambda_max - lambda_min (see the README, 'Studies')</p>",
+                    f"reference's lambda_max - lambda_min (see docs/studies.md, 'Comparisons')</p>",
                     _table(rows), _image(os.path.join(folder, "compare.png"), "densities overlaid")])
 
 

@@ -8,7 +8,7 @@ import datetime
 import torch
 import torch.distributed as dist
 
-from conftest import make_batches, make_tiny_model
+from helpers import make_batches, make_tiny_model
 from hessian_core import analyze, shard_model
 from hessian_core.vectors import all_reduce_sum
 from test_api import prepare_training, train_step

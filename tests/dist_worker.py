@@ -7,7 +7,7 @@ import datetime
 import torch
 import torch.distributed as dist
 
-from conftest import make_batches, make_tiny_model
+from helpers import make_batches, make_tiny_model
 from hessian_core import (ExactHVPUnavailable, FiniteDifferenceHVP, evaluate_loss, exact_hvp, ParamSpace, block_diagonal_metrics, lanczos, parameter_blocks,
                           probe_vector, shard_model)
 

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from conftest import make_batches
+from helpers import make_batches
 from hessian_core import FiniteDifferenceHVP, ParamSpace, lanczos, parameter_blocks, probe_vector, shard_model
 
 # float64: the tiny tied Qwen3 (head_dim 2 under q/k RMSNorm) has a large third derivative, FD error measured

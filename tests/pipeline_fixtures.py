@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from conftest import make_batches, make_tiny_model
+from helpers import make_batches, make_tiny_model
 
 SEQ_LEN = 8
 

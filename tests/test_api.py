@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import dense_hessian, make_batches, make_tiny_model
+from helpers import dense_hessian, make_batches, make_tiny_model
 from hessian_core import analyze, append_row, causal_lm_loss
 
 
@@ -120,7 +120,7 @@ def test_the_cli_model_preparation_makes_the_same_float64_fixes():
     transformers builds it (float32 RMSNorm and softmax) gets the FD HVP of the float64 model (1.3e-3 off
     with the RMSNorm fix alone)."""
     from actors.model_loading import prepare_for_analysis
-    from conftest import flatten, rel
+    from helpers import flatten, rel
     from hessian_core import FiniteDifferenceHVP, ParamSpace, exact_hvp, probe_vector
 
     model = make_tiny_model("llama", train_steps=5)

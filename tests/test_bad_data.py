@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_batches, make_tiny_model
 from data_fixtures import make_tokenizer, write_jsonl
+from helpers import make_batches, make_tiny_model
 from pipeline.cli import main
 from pipeline_fixtures import SEQ_LEN, write_config
 

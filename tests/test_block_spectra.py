@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_batches, make_tiny_model
+from helpers import make_batches, make_tiny_model
 from hessian_core import (BlockOperator, FiniteDifferenceHVP, ParamSpace, block_space, block_spectrum,
                           parameter_blocks, probe_vector, ritz_rule)
 from test_masked_loss import dense_masked_hessian

@@ -3,12 +3,12 @@
 import numpy as np
 import torch
 
-from conftest import flatten
+from helpers import flatten
 from hessian_core import FiniteDifferenceHVP, ParamSpace, block_diagonal_metrics, parameter_blocks, probe_vector
 
 
 def test_gpt_neox_blocks_are_layers_and_outside_modules():
-    from conftest import make_tiny_model
+    from helpers import make_tiny_model
 
     model = make_tiny_model("gpt_neox", train_steps=0, layers=2)
     blocks = parameter_blocks(model, ParamSpace(model))

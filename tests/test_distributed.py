@@ -6,8 +6,8 @@ import torch
 import torch.multiprocessing as mp
 
 from actors.worker import free_port
-from conftest import make_batches, make_tiny_model
 from dist_worker import compute, run_rank
+from helpers import make_batches, make_tiny_model
 
 
 def assemble(rank_results, name_sizes):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import dense_hessian, flatten, make_batches, make_tiny_model, rel
+from helpers import dense_hessian, flatten, make_batches, make_tiny_model, rel
 from hessian_core import FiniteDifferenceHVP, ParamSpace, calibrate, calibrate_eps, default_eps, probe_vector
 from hessian_core.eps import FIRST_STEP, _auto_eps, _Ladder, _LadderStep
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import flatten, make_batches, make_tiny_model, rel
+from helpers import flatten, make_batches, make_tiny_model, rel
 from hessian_core import (ExactHVPUnavailable, FiniteDifferenceHVP, ParamSpace, calibrate_eps, exact_hvp,
                           probe_vector)
 

@@ -14,7 +14,7 @@ from actors.model_loading import ModelSpec, choose_loading, load_for_rank, load_
 from actors.checkpoint_check import check_checkpoint
 from actors.sharded_loading import load_sharded
 from actors.worker import free_port
-from conftest import dense_hessian, flatten, make_batches, rel, tiny_config
+from helpers import dense_hessian, flatten, make_batches, rel, tiny_config
 from hessian_core import FiniteDifferenceHVP, ParamSpace, parameter_blocks, probe_vector
 from loading_worker import HVP_EPS, compare_loads, finetune_and_save, global_batches, hvp_of_loads
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from conftest import VOCAB, flatten, make_batches, make_tiny_model, rel
+from helpers import VOCAB, flatten, make_batches, make_tiny_model, rel
 from hessian_core import (FiniteDifferenceHVP, ParamSpace, analyze, causal_lm_loss, counted_tokens, evaluate_loss,
                           probe_vector)
 
@@ -67,8 +67,9 @@ def dense_masked_hessian(model, batches) -> torch.Tensor:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.MATH):
-        # vectorized: 40x faster here; checked against a double-backward HVP below (conftest's note on
-        # torch.func's asymmetric GPT-NeoX Hessian does not apply to this Llama: it is symmetric to 1e-15)
+        # vectorized: 40x faster here; checked against a double-backward HVP below (the note of
+        # helpers.dense_hessian on torch.func's asymmetric GPT-NeoX Hessian does not apply to this Llama: it is
+        # symmetric to 1e-15)
         return torch.autograd.functional.hessian(loss_of, flat, vectorize=True)
 
 

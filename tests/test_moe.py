@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from actors.worker import free_port
-from conftest import dense_hessian, flatten, make_batches, rel
+from helpers import dense_hessian, flatten, make_batches, rel
 from hessian_core import FiniteDifferenceHVP, ParamSpace, parameter_blocks, probe_vector
 from hessian_core.sharding import transformer_blocks
 from loading_worker import wrapped_modules

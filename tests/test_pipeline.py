@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import dense_hessian, make_batches
+from helpers import dense_hessian, make_batches
 from pipeline.cli import main
 from pipeline.tables import CONFIG_METADATA_KEY
 from pipeline_fixtures import assets, write_config

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_config
+from helpers import tiny_config
 from hessian_core import causal_lm_loss
 from hessian_core.precision import checkpoint_blocks
 from pipeline.cli import main

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from actors.worker import Worker, free_port
-from conftest import dense_hessian, flatten, make_batches, make_tiny_model, rel
+from helpers import dense_hessian, flatten, make_batches, make_tiny_model, rel
 from hessian_core import (FiniteDifferenceHVP, ParamSpace, calibrate_eps, lanczos, probe_vector, ritz_rule,
                           extreme_eigenvalues, shard_model)
 from hessian_core.error_bars import extreme_error_bars
@@ -43,7 +43,7 @@ def test_two_rank_group_computes_in_bfloat16_on_float32_shards(tmp_path):
 
     # the same model on one plain float32 rank at the same step: only bfloat16 round-off separates the two
     # operators (at this large step both carry the same truncation error, which on this random-init model is
-    # large along its top eigenvector: see the README's "Precision")
+    # large along its top eigenvector: see docs/precision.md, "Error bars")
     plain = Worker(rank=0, world_size=1, use_gpu=False)
     plain.setup(index=0, rendezvous=None, spec=tiny_spec(dtype="float32"), batches=batches, timeout_seconds=60)
     reference = slq_on_worker(plain, steps=steps, eps=ranks[0]["choice"]["eps"])
