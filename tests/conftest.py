@@ -55,3 +55,14 @@ def no_ray(monkeypatch):
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before the input was checked"))
     monkeypatch.setattr(ray_connection, "connect_ray", used)
     monkeypatch.setattr(driver, "connect_ray", used)  # imported by name there
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with slow tests first, each module kept whole (its module fixtures are built once): with
+    ``-n 2`` the long tests start early and the short ones fill in at the end, so both workers finish close
+    together instead of one waiting on a long test that started last."""
+    modules = {}
+    for item in items:
+        modules.setdefault(item.module.__name__, []).append(item)
+    slow = {name for name, its in modules.items() if any(it.get_closest_marker("slow") for it in its)}
+    items[:] = [it for name, its in sorted(modules.items(), key=lambda kv: kv[0] not in slow) for it in its]

@@ -35,6 +35,7 @@ def prepare_training(model, batches):
     return opt
 
 
+@pytest.mark.slow
 def test_a_training_step_after_analyze_is_bitwise_the_step_without_it():
     batches = make_batches(num_batches=3, batch_size=2, seed=3)
     base = make_tiny_model("gpt_neox")  # hidden/attention dropout 0.1: the step consumes the RNG
@@ -74,6 +75,7 @@ def llama_dense():
     return model, batches, dense_hessian(model, batches)
 
 
+@pytest.mark.slow
 def test_analyze_finds_the_dense_extremes_and_respects_filters_and_loss_fn(llama_dense):
     model, batches, hessian = llama_dense
     eig = torch.linalg.eigvalsh(hessian)
@@ -100,6 +102,7 @@ def test_analyze_finds_the_dense_extremes_and_respects_filters_and_loss_fn(llama
     assert abs(head.lambda_max - float(sub_eig[-1])) <= 1e-7 * float(sub_eig.abs().max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_a_float64_llama_as_transformers_builds_it_is_measured_in_float64_and_given_back_unchanged(llama_dense, attn):
     """transformers' RMSNorm and eager softmax compute in float32: analyze switches them to float64 while it
@@ -193,6 +196,7 @@ def test_steps_beyond_the_dimension_are_capped_to_it_with_a_warning():
     assert abs(result.lambda_max - top) <= 1e-6 * abs(top)
 
 
+@pytest.mark.slow
 def test_two_rank_fsdp2_training_step_is_untouched_by_analyze(tmp_path):
     import torch.multiprocessing as mp
 

@@ -44,6 +44,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_parquet_writes_leaves_only_complete_files(tmp_path):
     path = tmp_path / "lanczos.parquet"
     for delay in (0.05, 0.13, 0.31, 1.5):

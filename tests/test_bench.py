@@ -7,8 +7,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from pipeline.cli import main
 from pipeline_fixtures import assets, write_config
+
+pytestmark = pytest.mark.slow  # Ray, subprocess runs or simulated clusters: outside `-m "not slow"`
 
 KERNELS = {"gradient", "fd_hvp_central", "fd_hvp_richardson", "exact_hvp", "lanczos_vectors_none",
            "lanczos_vectors_window8", "lanczos_vectors_full16", "lanczos_step", "lanczos_step_checkpoint_every1"}

@@ -11,6 +11,8 @@ from hessian_core import (BlockOperator, FiniteDifferenceHVP, ParamSpace, block_
                           parameter_blocks, probe_vector, ritz_rule)
 from test_masked_loss import dense_masked_hessian
 
+pytestmark = pytest.mark.slow  # Ray, subprocess runs or simulated clusters: outside `-m "not slow"`
+
 
 @pytest.fixture(scope="module")
 def llama_blocks():

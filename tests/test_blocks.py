@@ -1,6 +1,7 @@
 """Block-diagonal metrics against the same quantities computed from the dense Hessian."""
 
 import numpy as np
+import pytest
 import torch
 
 from helpers import flatten
@@ -17,6 +18,7 @@ def test_gpt_neox_blocks_are_layers_and_outside_modules():
     assert sorted(i for idx in blocks.values() for i in idx) == list(range(len(ParamSpace(model).params)))
 
 
+@pytest.mark.slow
 def test_block_metrics_equal_dense_hessian_values(tiny_f64):
     _, model, batches, hessian = tiny_f64
     space = ParamSpace(model)

@@ -22,6 +22,7 @@ def assemble(rank_results, name_sizes):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["gpt_neox", "qwen2"])
 def test_two_rank_fsdp2_matches_single_process(arch, tmp_path):
     world, steps = 2, 6

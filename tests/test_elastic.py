@@ -27,7 +27,7 @@ from proc_tools import alive, kill_all
 
 # one worker runs the whole module: the uninterrupted references are built once, and two simulated clusters
 # never compete for the cores
-pytestmark = pytest.mark.xdist_group("elastic")
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("elastic")]
 SLOT = "hs_test_group"  # a custom resource: each simulated node hosts one group of one worker
 
 

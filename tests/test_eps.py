@@ -33,6 +33,7 @@ def test_auto_eps_within_3x_of_the_sweep_minimum(tiny_f64, case):
     assert measured / 30 <= choice.relative_error <= measured * 30, (choice.relative_error, measured)
 
 
+@pytest.mark.slow
 def test_bfloat16_calibration_is_honest_and_flags_a_step_lost_to_rounding():
     """On a tiny model a unit probe's entries are large enough for bf16 at eps ~ 0.5; the estimate must
     match the measured error, and a small fixed eps (the large-model regime: entries ~ eps / sqrt(P) far
@@ -67,6 +68,7 @@ def test_auto_eps_takes_a_ladder_step_only_near_the_optimum():
     assert _auto_eps(ladder(0.5, 1.1), roundoff=2.0, snap=False) == 1.0  # mixed precision: never a ladder step
 
 
+@pytest.mark.slow
 def test_calibration_hands_over_the_hvp_at_a_chosen_ladder_step(tiny_f64):
     """A fixed eps equal to the ladder's first step: the calibration returns that HVP, bitwise what the
     operator computes there (it becomes a probe's first Lanczos matvec); another fixed eps gets none."""

@@ -8,10 +8,13 @@ import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from actors.worker import free_port
 from pipeline.cli import main
 from pipeline.timeseries import steps_of_runs
+
+pytestmark = pytest.mark.slow  # Ray, subprocess runs or simulated clusters: outside `-m "not slow"`
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -21,6 +21,8 @@ from pipeline.output_lock import LOCK_NAME
 from pipeline_fixtures import assets, write_config
 from proc_tools import alive, descendants, kill_all
 
+pytestmark = pytest.mark.slow  # Ray, subprocess runs or simulated clusters: outside `-m "not slow"`
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
 NUM_PARAMS = 1128  # the tiny GPT-NeoX of pipeline_fixtures

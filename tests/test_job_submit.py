@@ -13,10 +13,14 @@ import subprocess
 import time
 import urllib.request
 
+import pytest
+
 from actors.worker import free_port
 from pipeline.cli import main
 from pipeline_fixtures import assets, write_config
 from proc_tools import alive, descendants, kill_all
+
+pytestmark = pytest.mark.slow  # Ray, subprocess runs or simulated clusters: outside `-m "not slow"`
 
 PORT_FLAGS = ("--port", "--dashboard-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
               "--metrics-export-port", "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port",

@@ -72,6 +72,7 @@ def test_one_rank_sharded_load_equals_full_load_bitwise(arch, tmp_path):
             assert torch.equal(full(input_ids=batch).logits, sharded(input_ids=batch).logits)
 
 
+@pytest.mark.slow
 def test_two_rank_sharded_load_equals_full_load(tmp_path):
     """Shards bitwise (float32, float64); float64 HVP and alpha/beta equal to <= 1e-12 (they are identical)."""
     path = save_tiny(tmp_path / "m", "llama")
@@ -109,6 +110,7 @@ def finetuned(tmp_path_factory):
     return root, config_dir
 
 
+@pytest.mark.slow
 def test_dcp_checkpoint_loads_at_any_world_size_with_the_hf_folders_hvps(finetuned, tmp_path):
     root, config_dir = finetuned
     specs = {"hf": ModelSpec(path=str(root / "hf"), dtype="float64"),
@@ -132,6 +134,7 @@ def test_dcp_checkpoint_loads_at_any_world_size_with_the_hf_folders_hvps(finetun
     assert rel(two[0]["dcp"]["alphas"], one["dcp"]["alphas"]) <= 1e-8
 
 
+@pytest.mark.slow
 def test_dcp_key_mismatch_is_refused_in_one_line_naming_the_key(finetuned, tmp_path):
     import torch.distributed.checkpoint as dcp
 
@@ -214,6 +217,7 @@ def _gpt2_base_layout(path) -> str:
 
 # -- tied embeddings ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_tied_qwen3_survives_meta_build_and_sharding(tmp_path):
     """FD HVP of the sharded-loaded tied model (1 and 2 ranks) against the dense Hessian; unique count."""
     path = save_tiny(tmp_path / "m", "qwen3", tie=True, hidden=4, layers=1, shard_size=None)  # 288 parameters
@@ -268,6 +272,7 @@ def test_hf_renamed_keys_are_read_under_their_stored_names(tmp_path):
 
 # -- load memory ----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sharded_load_grows_each_rank_by_its_half_only(tmp_path):
     """bench/load_memory.py's ranks on a 29M-parameter Llama (116 MB in 2 files): each rank's peak RSS growth
     while loading sharded is its half of the float32 bytes plus a fixed overhead (measured 12 MiB at 102M

@@ -15,7 +15,7 @@ import torch
 from pipeline.cli import main
 from pipeline_fixtures import assets, write_config
 
-pytestmark = pytest.mark.usefixtures("shared_ray")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shared_ray")]
 
 
 @pytest.fixture(scope="module")

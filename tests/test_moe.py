@@ -71,6 +71,7 @@ def save_moe(path, kind: str, *, layers: int) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_moe_models_are_sharded_and_named_per_decoder_layer(tmp_path):
     """Loaded as a worker loads them, on 2 ranks: sharded reads where the checkpoint keys are the model's
     (transformers 4), the full load where transformers 5 fuses the experts while loading."""

@@ -15,7 +15,7 @@ from pipeline_fixtures import assets, write_config
 
 LAYOUTS = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1)}  # groups x workers
 # one worker runs the whole module: its runs fixture is built once, on the module's shared Ray
-pytestmark = [pytest.mark.usefixtures("shared_ray"), pytest.mark.xdist_group("pipeline")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shared_ray"), pytest.mark.xdist_group("pipeline")]
 
 
 @pytest.fixture(scope="module")

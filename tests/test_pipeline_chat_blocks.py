@@ -23,7 +23,7 @@ from test_data_options import CONVERSATION
 from test_masked_loss import dense_masked_hessian
 
 SEQ_LEN = 24
-pytestmark = [pytest.mark.usefixtures("shared_ray"), pytest.mark.xdist_group("chat_blocks")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shared_ray"), pytest.mark.xdist_group("chat_blocks")]
 
 
 @pytest.fixture(scope="module")

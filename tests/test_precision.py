@@ -27,6 +27,7 @@ from hessian_core.precision import (checkpoint_blocks, compute_dtype_of, mixed_p
 from precision_ranks import run_rank, slq_on_worker, tiny_spec
 
 
+@pytest.mark.slow
 def test_two_rank_group_computes_in_bfloat16_on_float32_shards(tmp_path):
     world, steps = 2, 8
     batches = torch.stack(make_batches(num_batches=2, batch_size=4, seed=7))
@@ -103,6 +104,7 @@ def _model(precision: str):
     return model, None
 
 
+@pytest.mark.slow
 def test_auto_eps_for_mixed_precision_within_3x_of_the_sweep_minimum(process_group, dense_case):
     batches, hessian = dense_case
     model, compute = _model("mixed")
@@ -150,6 +152,7 @@ def _error_bars(precision: str, batches):
 @pytest.mark.parametrize("precision,name", [
     ("float64", "lambda_max"), ("float64", "lambda_min"), ("float32", "lambda_max"), ("float32", "lambda_min"),
     ("mixed", "lambda_max"), ("mixed", "lambda_min")])
+@pytest.mark.slow
 def test_error_bars_contain_the_true_extremes(process_group, dense_case, precision, name):
     batches, hessian = dense_case
     truth = torch.linalg.eigvalsh(hessian)

@@ -17,7 +17,7 @@ from pipeline.output_lock import LOCK_NAME
 from pipeline_fixtures import assets, write_config
 from proc_tools import alive, descendants, kill_all
 
-pytestmark = pytest.mark.usefixtures("shared_ray")  # the in-process runs; the killed drivers start their own
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shared_ray")]  # the in-process runs; the killed drivers start their own
 STEPS = 60
 SWEEP_STEPS = 200  # a sweep point's probe must still be running when the stop reaches it, on a loaded machine
 

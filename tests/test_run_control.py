@@ -21,6 +21,8 @@ from pipeline.output_lock import LOCK_NAME, OutputLock
 from pipeline_fixtures import assets, write_config
 from proc_tools import alive, descendants, kill_all, listening_sockets
 
+pytestmark = pytest.mark.slow  # Ray, subprocess runs or simulated clusters: outside `-m "not slow"`
+
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
 

@@ -17,7 +17,7 @@ from pipeline_fixtures import assets, write_config
 
 GRID = ["--grid", "hvp.eps=1e-3,1e-5", "--grid", "data.num_batches=1,2"]
 # one worker runs the whole module: the studies fixture (a sweep and an hvp-error study) is built once
-pytestmark = [pytest.mark.usefixtures("shared_ray"), pytest.mark.xdist_group("studies")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shared_ray"), pytest.mark.xdist_group("studies")]
 POINTS = ["eps=1e-3_num_batches=1", "eps=1e-3_num_batches=2", "eps=1e-5_num_batches=1", "eps=1e-5_num_batches=2"]
 
 

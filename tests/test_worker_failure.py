@@ -14,7 +14,7 @@ import pytest
 from pipeline.cli import main
 from pipeline_fixtures import assets, write_config
 
-pytestmark = pytest.mark.usefixtures("shared_ray")  # the clean run; the killed run's driver starts its own
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shared_ray")]  # the clean run; the killed run's driver starts its own
 
 
 def test_run_survives_a_worker_sigkill_mid_probe(tmp_path):
