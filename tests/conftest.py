@@ -66,3 +66,11 @@ def pytest_collection_modifyitems(config, items):
         modules.setdefault(item.module.__name__, []).append(item)
     slow = {name for name, its in modules.items() if any(it.get_closest_marker("slow") for it in its)}
     items[:] = [it for name, its in sorted(modules.items(), key=lambda kv: kv[0] not in slow) for it in its]
+
+
+def pytest_configure(config):
+    """One torch thread in each pytest process: the models are tiny (threads only add synchronisation), and
+    with ``-n 2`` two processes of two threads each would share the 2 cores that the suite is sized for."""
+    import torch
+
+    torch.set_num_threads(1)
