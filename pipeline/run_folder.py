@@ -5,10 +5,11 @@ writers of the result tables.
 No other module opens a run folder's files by name (tests/test_run_folder.py checks it). The lock file is the
 one exception: ``output_lock`` names it, since it locks sweep folders too.
 
-Recording stays flat as tasks grow: a finished task is one small part file (``parts/``); the whole tables are
-rewritten, and the parts they now hold deleted, only while that costs at most 1/REWRITE_FACTOR of the time
-since the last rewrite, and always at the finish. Every file is written atomically, so a kill at any point
-leaves complete tables plus complete parts, which a resume reads back together (a row in both is one row).
+Recording stays flat as tasks grow: a finished task is one record appended to its table's part log
+(``parts/``); the whole tables are rewritten, and the part logs they now hold deleted, only while that costs at
+most 1/REWRITE_FACTOR of the time since the last rewrite, and always at the finish. Tables are written
+atomically and a part record cut short by a kill is never read, so a kill at any point leaves complete tables
+plus complete parts, which a resume reads back together (a row in both is one row).
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 
 import numpy as np
+import pyarrow as pa
 
 from hessian_core import RitzRule, latest_complete_step, ritz_rule
 from hessian_core.quadrature import SIGMA_FRACTION, block_densities, rules_from_columns
 
 from .config import ConfigError
-from .output_lock import LOCK_NAME
+from .output_lock import LOCK_NAME, ensure_held
 from .tables import (BLOCK_RITZ_SCHEMA, BLOCKS_SCHEMA, DENSITY_SCHEMA, LANCZOS_SCHEMA, RITZ_SCHEMA, read_json,
                      read_table, write_json, write_table)
 
@@ -38,7 +40,8 @@ BLOCK_RITZ = "block_ritz.parquet"
 DENSITY_PNG = "density.png"
 BLOCKS_PNG = "blocks.png"
 CHECKPOINTS = "checkpoints"
-PARTS = "parts"  # finished tasks not yet compacted into the tables
+PARTS = "parts"  # finished tasks not yet compacted into the tables: one append-only log per table
+PART_LOG_SUFFIX = ".arrows"
 SWEEP_JSON = "sweep.json"  # a sweep folder's record: a run folder never holds one
 CONFIG_YAML = "config.yaml"  # a sweep point's config, to resume the point alone
 HVP_ERROR = "hvp-error"  # the hvp-error study's default folder inside a run's output_dir
@@ -213,16 +216,16 @@ class RunFolder:
         path = self.file(table)
         rows = read_table(path).to_pylist() if os.path.exists(path) else []
         for part in self._parts(table):
-            rows += read_table(part).to_pylist()
+            rows += part.to_pylist()
         return rows
 
-    def _parts(self, table: str) -> list[str]:
-        folder = self.file(PARTS)
-        if not os.path.isdir(folder):
-            return []
-        prefix = table.removesuffix(".parquet") + "-"
-        return [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.startswith(prefix)
-                and n.endswith(".parquet")]
+    def _part_log(self, table: str) -> str:
+        return os.path.join(self.file(PARTS), table.removesuffix(".parquet") + PART_LOG_SUFFIX)
+
+    def _parts(self, table: str) -> list[pa.Table]:
+        """The part records appended for ``table`` since its last rewrite, one per finished task."""
+        path = self._part_log(table)
+        return read_part_log(path)[0] if os.path.exists(path) else []
 
     def lanczos_probes(self) -> dict[int, dict]:
         """probe id -> {"alphas": [...], "betas": [...]} of every finished SLQ probe."""
@@ -252,7 +255,7 @@ class RunFolder:
         grouped: dict[tuple[str, int], list[dict]] = {}
         seen_in: dict[tuple[str, int], int] = {}
         sources = [read_table(self.file(BLOCK_RITZ)).to_pylist()] if os.path.exists(self.file(BLOCK_RITZ)) else []
-        sources += [read_table(p).to_pylist() for p in self._parts(BLOCK_RITZ)]
+        sources += [part.to_pylist() for part in self._parts(BLOCK_RITZ)]
         for k, rows in enumerate(sources):
             for row in rows:
                 key = (row["block"], int(row["probe_id"]))
@@ -264,8 +267,8 @@ class RunFolder:
                                    block_size=int(rows[0]["block_size"])) for key, rows in grouped.items()}
 
     def _probe_ids(self, table: str) -> set[int]:
-        paths = ([self.file(table)] if os.path.exists(self.file(table)) else []) + self._parts(table)
-        return {int(p) for path in paths for p in read_table(path).column("probe_id").to_pylist()}
+        tables = ([read_table(self.file(table))] if os.path.exists(self.file(table)) else []) + self._parts(table)
+        return {int(p) for t in tables for p in t.column("probe_id").to_pylist()}
 
     def finished_probe_ids(self) -> set[int]:
         return self._probe_ids(LANCZOS)
@@ -340,9 +343,12 @@ class TableWriter:
         self.block_probes = folder.block_probes()
         self.block_spectra = folder.block_spectra()
         self._rules: dict[int, RitzRule] = {}
-        earlier = {table: folder._parts(table) for table in PART_TABLES}
-        self._dirty = {table for table, parts in earlier.items() if parts}  # rows only in parts yet
-        self._next_part = 1 + max((int(p[-17:-8]) for parts in earlier.values() for p in parts), default=-1)
+        self._dirty = {table for table in PART_TABLES if folder._parts(table)}  # rows only in parts yet
+        for table in PART_TABLES:  # a record a kill cut short is dropped, so that appends follow whole ones
+            path = folder._part_log(table)
+            if os.path.exists(path) and read_part_log(path)[1] < os.path.getsize(path):
+                ensure_held(path)
+                os.truncate(path, read_part_log(path)[1])
         self._last_rewrite = float("-inf")  # the first finished task rewrites at once
         self._rewrite_seconds = 0.0
 
@@ -365,10 +371,7 @@ class TableWriter:
             self.compact()
             return
         os.makedirs(self.folder.file(PARTS), exist_ok=True)
-        name = f"{table.removesuffix('.parquet')}-{self._next_part:09d}.parquet"
-        self._next_part += 1
-        write_table(os.path.join(self.folder.file(PARTS), name), columns, schema=PART_TABLES[table],
-                    config_json=self.config_json)
+        append_part(self.folder._part_log(table), pa.table(columns, schema=PART_TABLES[table]))
 
     def compact(self) -> None:
         """Rewrite the tables that gained rows since the last rewrite, then drop the parts (each is in a table
@@ -388,7 +391,6 @@ class TableWriter:
                         schema=BLOCK_RITZ_SCHEMA, config_json=self.config_json)
         shutil.rmtree(self.folder.file(PARTS), ignore_errors=True)
         self._dirty.clear()
-        self._next_part = 0
         self._last_rewrite = time.monotonic()
         self._rewrite_seconds = self._last_rewrite - started
 
@@ -406,6 +408,36 @@ class TableWriter:
     def write_density(self, grid: np.ndarray, density: np.ndarray) -> None:
         write_table(self.folder.file(DENSITY), {"value": grid, "density": density}, schema=DENSITY_SCHEMA,
                     config_json=self.config_json)
+
+
+def append_part(path: str, table: pa.Table) -> None:
+    """Append one record (an 8-byte little-endian length, then an Arrow IPC stream) to a part log: O(1) per
+    task, where a Parquet table can only be rewritten whole."""
+    ensure_held(path)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    payload = sink.getvalue().to_pybytes()
+    with open(path, "ab") as f:
+        f.write(len(payload).to_bytes(8, "little") + payload)
+
+
+def read_part_log(path: str) -> tuple[list[pa.Table], int]:
+    """The whole records of a part log and their length in bytes; a record a kill cut short (its length or
+    its stream incomplete) ends the log: it never reads as a task's rows."""
+    with open(path, "rb") as f:
+        data = f.read()
+    tables, pos = [], 0
+    while pos + 8 <= len(data):
+        size = int.from_bytes(data[pos:pos + 8], "little")
+        if pos + 8 + size > len(data):
+            break
+        try:
+            tables.append(pa.ipc.open_stream(data[pos + 8:pos + 8 + size]).read_all())
+        except pa.ArrowInvalid:
+            break
+        pos += 8 + size
+    return tables, pos
 
 
 def _lanczos_columns(probes: dict[int, dict]) -> dict:

@@ -93,7 +93,7 @@ def test_parts_read_back_with_the_tables_and_compact_to_the_tables_written_whole
     monkeypatch.setattr(run_folder, "REWRITE_FACTOR", 1e12)  # only the first task rewrites: the rest are parts
     writer = TableWriter(parted, config_json="{}")
     _fill(writer, probes=3)
-    assert len(os.listdir(parted.file(PARTS))) == 3 * 4 - 1
+    assert sum(len(parted._parts(table)) for table in (LANCZOS, BLOCKS, BLOCK_RITZ)) == 3 * 4 - 1
     assert pq.read_table(parted.file(LANCZOS)).column("probe_id").to_pylist() == [0] * 5  # as a kill leaves it
     # a resume (or show, plot, compare) reads what the parts hold
     assert parted.lanczos_probes() == whole.lanczos_probes() and parted.block_probes() == whole.block_probes()
@@ -101,7 +101,7 @@ def test_parts_read_back_with_the_tables_and_compact_to_the_tables_written_whole
     for a, b in zip(parted.ritz_rules(), whole.ritz_rules()):
         np.testing.assert_array_equal(a.values, b.values)
     resumed = TableWriter(parted, config_json="{}")  # a new invocation: appends after the parts it found
-    assert resumed.probes == writer.probes and resumed._next_part == 3 * 4 - 1
+    assert resumed.probes == writer.probes
     resumed.compact()
     assert not os.path.exists(parted.file(PARTS))
     for name, table in _tables(parted).items():
@@ -120,6 +120,26 @@ def test_a_kill_between_the_rewrite_and_dropping_the_parts_reads_each_row_once(t
         (tmp_path / PARTS / name).write_bytes(data)
     assert folder.lanczos_probes() == writer.probes and folder.block_probes() == writer.block_probes
     assert folder.block_spectra() == writer.block_spectra
+
+
+def test_a_part_record_cut_short_by_a_kill_is_never_read_and_the_next_append_follows_the_whole_ones(tmp_path,
+                                                                                                   monkeypatch):
+    folder = RunFolder(str(tmp_path))
+    monkeypatch.setattr(run_folder, "REWRITE_FACTOR", 1e12)
+    writer = TableWriter(folder, config_json="{}")
+    for pid in range(3):
+        writer.add_probe(pid, *_probe(pid))
+    log = folder._part_log(LANCZOS)
+    whole = os.path.getsize(log)
+    writer.add_probe(3, *_probe(3))
+    for cut in (whole + 5, os.path.getsize(log) - 1):  # inside the length, inside the stream
+        with open(log, "r+b") as f:
+            f.truncate(cut)
+        assert folder.finished_probe_ids() == {0, 1, 2}
+    resumed = TableWriter(folder, config_json="{}")
+    assert os.path.getsize(log) == whole and set(resumed.probes) == {0, 1, 2}
+    resumed.add_probe(3, *_probe(3))
+    assert folder.lanczos_probes() == writer.probes
 
 
 def test_a_folder_as_the_earlier_code_left_it_reads_back_and_resumes(tmp_path):
