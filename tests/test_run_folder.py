@@ -16,7 +16,7 @@ from hessian_core.quadrature import block_densities, rules_from_columns, summari
 from pipeline import run_folder
 from pipeline.run_folder import (BLOCK_RITZ, BLOCKS, LANCZOS, PARTS, RITZ, BlockSpectrum, RunFolder, RunInfo,
                                  TableWriter)
-from pipeline.tables import write_json
+from pipeline.tables import LANCZOS_SCHEMA, RITZ_SCHEMA, write_json, write_table
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "actors", "hessian_core")
@@ -143,17 +143,21 @@ def test_a_part_record_cut_short_by_a_kill_is_never_read_and_the_next_append_fol
 
 
 def test_a_folder_as_the_earlier_code_left_it_reads_back_and_resumes(tmp_path):
-    """Tables written whole by the code before parts existed (test_run_state's helper writes them the same
-    way), checkpoints beside them: read back as before, and the next task appends to them."""
-    from test_run_state import _run_folder
-
-    path = _run_folder(tmp_path / "old", status="running", probes_done=2, probes=4)
-    folder = RunFolder(path)
-    assert folder.finished_probe_ids() == {0, 1} and len(folder.ritz_rules()) == 2
+    """Tables written whole after each probe, as the code before part logs left a killed run: read back as
+    before, and the next task appends to them."""
+    folder = RunFolder(str(tmp_path))
+    probes = {pid: dict(zip(("alphas", "betas"), _probe(pid))) for pid in range(2)}
+    rules = {pid: ritz_rule(p["alphas"], p["betas"]) for pid, p in probes.items()}
+    write_table(folder.file(LANCZOS), run_folder._lanczos_columns(probes), schema=LANCZOS_SCHEMA, config_json="{}")
+    write_table(folder.file(RITZ), run_folder._ritz_columns(rules), schema=RITZ_SCHEMA, config_json="{}")
+    write_json(folder.file(run_folder.RUN_JSON), {"status": "running", "config": {"lanczos": {"probes": 4}}})
+    assert folder.lanczos_probes() == probes and folder.finished_probe_ids() == {0, 1}
+    assert [r.values.tolist() for r in folder.ritz_rules()] == [r.values.tolist() for r in rules.values()]
     writer = TableWriter(folder, config_json="{}")
+    assert writer.probes == probes
     writer.add_probe(2, *_probe(2))
     assert folder.finished_probe_ids() == {0, 1, 2}
-    assert pq.read_table(folder.file(RITZ)).column("probe_id").to_pylist().count(2) == 5
+    assert folder.info().probes == 4
 
 
 def test_one_summary_and_one_block_density_for_runs_and_the_api(tmp_path):
