@@ -30,7 +30,7 @@ from .hvp import FiniteDifferenceHVP
 from .lanczos import LanczosResult, lanczos
 from .loss import Batch, LossFn, evaluate_loss
 from .numerics import float64_numerics
-from .quadrature import Density, RitzRule, SpectralMeasure, ritz_rule, smoothed_density, trace_estimate
+from .quadrature import Density, RitzRule, SpectralMeasure, block_densities, ritz_rule, smoothed_density, summarize
 from .sharding import reshard
 from .statistics import SpectrumStatistics, spectrum_statistics
 from .vectors import ParamSpace, probe_vector
@@ -76,6 +76,11 @@ class SpectrumResult:
 
     def density(self, *, grid_size: int = 1000) -> Density:
         return smoothed_density(self.measure, grid_size=grid_size)
+
+    def block_densities(self, *, grid: np.ndarray, sigma: float) -> dict[str, np.ndarray]:
+        """Each block's density on ``grid`` scaled by its share of the parameters (``quadrature.block_densities``:
+        the same computation as a run's blocks overlay in density.png)."""
+        return block_densities(self.block_ritz, self.block_sizes, grid=grid, sigma=sigma)
 
     @property
     def whole_block_rel_error(self) -> float:
@@ -255,14 +260,10 @@ def _block_rules(op: FiniteDifferenceHVP, block_index: dict[str, list[int]], *, 
 def _result(runs: list[LanczosResult], *, space: ParamSpace, op: FiniteDifferenceHVP, choice: EpsChoice | None,
             loss: float, metrics: list[BlockMetrics], block_rules: dict, sizes: dict, seconds: float) -> SpectrumResult:
     rules = [ritz_rule(r.alphas, r.betas) for r in runs]
-    top = max(rules, key=lambda r: r.values[-1])
-    bottom = min(rules, key=lambda r: r.values[0])
-    trace = trace_estimate(rules, dimension=space.numel)
+    s = summarize(rules, dimension=space.numel)
     return SpectrumResult(
-        lambda_max=float(top.values[-1]), lambda_min=float(bottom.values[0]),
-        lambda_max_residual=float(top.residuals[-1]), lambda_min_residual=float(bottom.residuals[0]),
-        trace=trace.trace, trace_stderr=trace.stderr if math.isfinite(trace.stderr) else float("nan"),
-        ritz=rules, lanczos=runs, statistics=spectrum_statistics(rules, dimension=space.numel), eps=op.eps,
+        lambda_max=s.lambda_max, lambda_min=s.lambda_min, lambda_max_residual=s.lambda_max_residual,
+        lambda_min_residual=s.lambda_min_residual, trace=s.trace, trace_stderr=s.trace_stderr, ritz=rules, lanczos=runs, statistics=spectrum_statistics(rules, dimension=space.numel), eps=op.eps,
         eps_choice=choice, loss=loss, num_params=space.numel, param_names=list(space.names), hvp_count=op.calls,
         seconds=seconds, blocks=metrics, block_ritz=block_rules, block_sizes=sizes)
 

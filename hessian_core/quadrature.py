@@ -9,7 +9,7 @@ spectral measure (1/P) sum_k delta(lambda - lambda_k).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,11 +85,42 @@ def smoothed_density(measure: SpectralMeasure, *, grid_size: int = 1000, sigma: 
     if not sigma > 0:
         raise ValueError(f"sigma must be positive, got {sigma}")
     grid = np.linspace(lo - GRID_MARGIN * sigma, hi + GRID_MARGIN * sigma, grid_size)
-    z = (grid[:, None] - measure.values[None, :]) / sigma
-    density = (np.exp(-0.5 * z * z) * measure.weights[None, :]).sum(axis=1) / (sigma * math.sqrt(2 * math.pi))
-    density = np.maximum(density, 0.0)
+    density = np.maximum(gaussian_mixture(grid, measure.values, measure.weights, sigma=sigma), 0.0)
     density /= np.trapezoid(density, grid)
     return Density(grid, density, float(sigma))
+
+
+def gaussian_mixture(grid: np.ndarray, values: np.ndarray, weights: np.ndarray, *, sigma: float) -> np.ndarray:
+    """sum_i weights_i N(grid; values_i, sigma^2): atoms smoothed by a Gaussian of width sigma, not renormalized."""
+    z = (grid[:, None] - np.asarray(values)[None, :]) / sigma
+    return (np.exp(-0.5 * z * z) * np.asarray(weights)[None, :]).sum(axis=1) / (sigma * math.sqrt(2 * math.pi))
+
+
+def block_densities(block_rules: Mapping[str, Sequence[RitzRule]], block_sizes: Mapping[str, int], *,
+                    grid: np.ndarray, sigma: float) -> dict[str, np.ndarray]:
+    """Each block's probe-averaged SLQ density on ``grid`` (Gaussian of width sigma), scaled by its share
+    block_size / sum of sizes: the scaled densities add up to the spectrum of the block-diagonal approximation."""
+    total = float(sum(block_sizes[name] for name in block_rules))
+    out = {}
+    for name, rules in block_rules.items():
+        values = np.concatenate([r.values for r in rules])
+        weights = np.concatenate([r.weights for r in rules]) / len(rules)
+        out[name] = gaussian_mixture(grid, values, weights, sigma=sigma) * float(block_sizes[name]) / total
+    return out
+
+
+def rules_from_columns(probe_ids: Sequence[int], values: Sequence[float], weights: Sequence[float],
+                       residuals: Sequence[float] | None = None) -> list[RitzRule]:
+    """One rule per probe (in probe order, values ascending) from the columns of a Ritz table such as
+    ``SpectrumResult.to_arrow()`` or a run's ritz.parquet; residuals default to zero (a block's Ritz table)."""
+    ids = np.asarray(probe_ids)
+    values, weights = np.asarray(values, np.float64), np.asarray(weights, np.float64)
+    residuals = np.zeros_like(values) if residuals is None else np.asarray(residuals, np.float64)
+    order = np.lexsort((values, ids))
+    ids, values, weights, residuals = ids[order], values[order], weights[order], residuals[order]
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if ids.size else np.array([], dtype=int)
+    bounds = list(starts) + [ids.size]
+    return [RitzRule(values[a:b], weights[a:b], residuals[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 @dataclass(frozen=True)
@@ -119,6 +150,35 @@ def extreme_eigenvalues(rules: Sequence[RitzRule]) -> Extremes:
     top = max(((r.values[-1], r.residuals[-1]) for r in rules), key=lambda x: x[0])
     bottom = min(((r.values[0], r.residuals[0]) for r in rules), key=lambda x: x[0])
     return Extremes(float(top[0]), float(top[1]), float(bottom[0]), float(bottom[1]))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpectrumSummary:
+    """The extremes with their residual bounds and the trace with its standard error (nan for one probe)."""
+
+    lambda_max: float
+    lambda_max_residual: float
+    lambda_min: float
+    lambda_min_residual: float
+    trace: float
+    trace_stderr: float
+    probes: int
+
+    def as_record(self) -> dict:
+        """As run.json's ``summary`` holds it: a missing standard error is null."""
+        record = dict(vars(self))
+        record["trace_stderr"] = None if math.isnan(self.trace_stderr) else self.trace_stderr
+        return record
+
+
+def summarize(rules: Sequence[RitzRule], *, dimension: int) -> SpectrumSummary:
+    """The summary of a run's (or ``analyze``'s) probes: one computation for both."""
+    ext = extreme_eigenvalues(rules)
+    trace = trace_estimate(rules, dimension=dimension)
+    return SpectrumSummary(lambda_max=ext.lambda_max, lambda_max_residual=ext.lambda_max_residual,
+                           lambda_min=ext.lambda_min, lambda_min_residual=ext.lambda_min_residual, trace=trace.trace,
+                           trace_stderr=trace.stderr if math.isfinite(trace.stderr) else float("nan"),
+                           probes=len(rules))
 
 
 def wasserstein1(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import platform
 import time
@@ -23,6 +22,7 @@ from .driver import run
 from .preflight import model_spec, preflight
 from .progress import log
 from .ray_connection import one_group
+from .run_folder import RunFolder
 from .tables import atomic_write, write_json
 
 LAYOUTS = ((1, 1), (1, 2), (2, 1))
@@ -182,7 +182,7 @@ def bench(config: RunConfig, *, repeats: int = 5, out_dir: str | None = None, ru
         runs_e2e += _end_to_end(variant, out_dir=os.path.join(out_dir, f"variant-{k}"), layouts=layouts[:1],
                                 runs=runs)
     if runs_e2e:
-        eps = json.load(open(os.path.join(out_dir, f"slq-{layouts[0][0]}x{layouts[0][1]}", "run.json")))["eps"]
+        eps = RunFolder(os.path.join(out_dir, f"slq-{layouts[0][0]}x{layouts[0][1]}")).info().eps
     elif kernel_rows:
         eps = kernel_rows[0]["eps"]
     runs_e2e += _eigenthings(prepared, eps=eps, runs=runs, methods=peers) if peers else []

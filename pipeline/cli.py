@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import json
 import os
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from . import signals
 from .config import ConfigError, load_config, reference_table
 from .signals import as_interrupted
+
+if TYPE_CHECKING:
+    from .run_folder import RunInfo
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
@@ -103,36 +106,37 @@ def _layouts(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(layouts)
 
 
-def _read_run(run_dir: str) -> dict:
-    path = os.path.join(run_dir, "run.json")
-    if not os.path.exists(path):
-        raise ConfigError(f"{run_dir!r} is not a run folder (no run.json)")
-    with open(path) as f:
-        return json.load(f)
+def _read_run(run_dir: str) -> RunInfo:
+    from .run_folder import RunFolder
+
+    return RunFolder(run_dir).info()
 
 
-def format_summary(info: dict, run_dir: str | None = None) -> str:
+def format_summary(info: RunInfo | dict, run_dir: str | None = None) -> str:
     """The summary of run.json; with ``run_dir``, the first line says what became of the run and what it holds."""
+    from .run_folder import RunInfo
+
+    info = info if isinstance(info, RunInfo) else RunInfo.from_dict(info)
     if run_dir is not None:
         from .run_state import describe_run
 
         lines = [describe_run(run_dir, info)]
     else:
-        lines = [f"status: {info.get('status')}" + (f" ({info['error']})" if info.get("error") else "")]
-    if "num_params" in info:
-        lines.append(f"parameters: {info['num_params']:,}")
-    if "eps" in info:
-        lines.append(f"eps: {info['eps']:.4g}  ({info.get('eps_calibration', {}).get('message', '')})")
-    s = info.get("summary")
+        lines = [f"status: {info.status}" + (f" ({info.error})" if info.error else "")]
+    if info.num_params is not None:
+        lines.append(f"parameters: {info.num_params:,}")
+    if info.eps is not None:
+        lines.append(f"eps: {info.eps:.4g}  ({(info.eps_calibration or {}).get('message', '')})")
+    s = info.summary
     if s:
         from hessian_core.error_bars import extreme_error_bars, format_error_bar
 
-        rel = s.get("hvp_relative_error", (info.get("eps_calibration") or {}).get("relative_error"))
+        rel = s.get("hvp_relative_error", info.hvp_relative_error)
         for name, bar in extreme_error_bars(s, hvp_relative_error=rel).items():
             lines.append(format_error_bar(name, bar))
         stderr = f" +- {s['trace_stderr']:.3g}" if s.get("trace_stderr") is not None else ""
         lines.append(f"trace: {s['trace']:.6g}{stderr}  ({s['probes']} probes)")
-    b = info.get("blocks")
+    b = info.blocks
     if b:
         o = b["overall"]
         lines.append("block-diagonal analysis (mean +- std over probes):")
@@ -146,7 +150,7 @@ def format_summary(info: dict, run_dir: str | None = None) -> str:
         lines.append(f"  {'overall':<40} {o['rel_error_mean']:>9.3f} +- {o['rel_error_std']:<5.3f} "
                      f"{o['cosine_mean']:>9.3f} +- {o['cosine_std']:<5.3f}")
         lines.append(f"  whole block-diagonal approximation: relative error {o['whole_rel_error_mean']:.3f}")
-    t = info.get("timing")
+    t = info.timing
     if t:
         parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.items() if v is not None]
         lines.append("timing: " + ", ".join(parts))

@@ -6,7 +6,6 @@ run) and compare.png (the densities overlaid, linear and log) to the output fold
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -18,35 +17,32 @@ from hessian_core.statistics import spectral_distance, spectrum_statistics
 
 from .config import ConfigError
 from .plots import exclusive
-from .tables import atomic_write, read_json
+from .run_folder import RunFolder, RunInfo
+from .tables import atomic_write
 
 
-def load_rules(run_dir: str) -> tuple[list[RitzRule], dict]:
-    path = os.path.join(run_dir, "ritz.parquet")
-    info_path = os.path.join(run_dir, "run.json")
-    if not os.path.exists(path) or not os.path.exists(info_path):
-        raise ConfigError(f"{run_dir!r} is not a run folder with results (no ritz.parquet or run.json)")
-    with open(info_path) as f:
-        info = json.load(f)
-    df = pq.read_table(path).to_pandas()
-    rules = [RitzRule(g.value.to_numpy(), g.weight.to_numpy(), g.residual.to_numpy())
-             for _, g in df.sort_values(["probe_id", "value"]).groupby("probe_id")]
-    return rules, info
+def load_rules(run_dir: str) -> tuple[list[RitzRule], RunInfo]:
+    """The run's Ritz rules (one per finished probe) and its run.json; ConfigError if it has neither."""
+    folder = RunFolder(run_dir)
+    info = folder.read_info()
+    if info is None or not folder.has_spectrum():
+        raise ConfigError(f"{run_dir!r} is not a run folder with results (no Ritz values or no run.json)")
+    return folder.ritz_rules(), info
 
 
 def _finished_with_spectrum(run_dir: str) -> bool:
-    info = read_json(os.path.join(run_dir, "run.json")) or {}
-    return info.get("status") == "complete" and os.path.exists(os.path.join(run_dir, "ritz.parquet"))
+    folder = RunFolder(run_dir)
+    info = folder.read_info()
+    return info is not None and info.status == "complete" and folder.has_spectrum()
 
 
 def expand_run_dirs(paths: list[str]) -> list[str]:
     """Run folders as given, with a sweep folder replaced by its finished points in grid order."""
     out = []
     for path in paths:
-        sweep_file = os.path.join(path, "sweep.json")
-        if os.path.exists(sweep_file) and not os.path.exists(os.path.join(path, "run.json")):
-            with open(sweep_file) as f:
-                names = json.load(f)["points"]
+        record = RunFolder(path).sweep_record()
+        if record is not None:
+            names = record["points"]
             found = [os.path.join(path, n) for n in names if _finished_with_spectrum(os.path.join(path, n))]
             if not found:
                 raise ConfigError(f"sweep folder {path!r} has no finished points with a spectrum yet")
@@ -62,8 +58,8 @@ def _leave_out_partial(run_dirs: list[str], *, include_partial: bool) -> list[st
 
     kept = []
     for run_dir in run_dirs:
-        info = read_json(os.path.join(run_dir, "run.json"))
-        if info is None or info.get("status") == "complete":
+        info = RunFolder(run_dir).read_info()
+        if info is None or info.status == "complete":
             kept.append(run_dir)  # not a run folder: load_rules says so
         elif include_partial:
             log(f"compare: including the partial run {run_dir} ({describe_run(run_dir, info)})")
@@ -104,10 +100,10 @@ def compare(run_dirs: list[str], *, out_dir: str, reference: str | None = None,
     reference_measure = SpectralMeasure.from_rules(loaded[0][0])
     rows = []
     for run_dir, (rules, info) in zip(run_dirs, loaded):
-        stats = spectrum_statistics(rules, dimension=info["num_params"])
+        stats = spectrum_statistics(rules, dimension=info.num_params)
         rows.append({"run": os.path.abspath(run_dir), **stats.as_dict(),
                      "distance_to_reference": spectral_distance(SpectralMeasure.from_rules(rules), reference_measure),
-                     "probes": len(rules), "eps": info.get("eps")})
+                     "probes": len(rules), "eps": info.eps})
     os.makedirs(out_dir, exist_ok=True)
     table = pa.Table.from_pylist(rows).replace_schema_metadata(
         {b"hessian_spectrum.reference": os.path.abspath(run_dirs[0]).encode()})

@@ -18,7 +18,7 @@ from .scheduler import CalibrationTask
 
 def known_calibration(config: RunConfig, recorder: Recorder) -> Calibration | None:
     """The calibration of the earlier invocation when this one resumes it, else None (a group calibrates)."""
-    previous = recorder.previous.get("eps_calibration")
+    previous = recorder.previous.eps_calibration
     if recorder.info["resumed"] and previous:
         names = {f.name for f in fields(Calibration)}
         kept = {k: v for k, v in previous.items() if k in names}

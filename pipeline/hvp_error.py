@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from .config import ConfigError, RunConfig
 from .plots import exclusive
+from .run_folder import RunFolder
 from .tables import atomic_write, write_json
 
 EPS_DECADES_BELOW, EPS_DECADES_ABOVE, EPS_PER_DECADE = 4, 2, 3
@@ -83,7 +84,7 @@ def hvp_error(config: RunConfig, *, eps_text: str | None, out_dir: str | None) -
     from .ray_connection import one_group, versions
 
     eps_values = parse_eps(eps_text, config.model.dtype, config.model.compute_dtype)
-    out_dir = out_dir or os.path.join(config.output_dir, "hvp-error")
+    out_dir = out_dir or RunFolder(config.output_dir).hvp_error_dir
     config = replace(config, output_dir=out_dir, cluster=replace(config.cluster, num_groups=1))
     prepared = preflight(config)
 

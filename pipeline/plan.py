@@ -26,7 +26,6 @@ is the larger of the two. Checkpoints write the kept Lanczos rows (plus 2) per s
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -368,15 +367,13 @@ def read_grad_seconds(run_dir: str) -> tuple[float, RunConfig]:
     """``timing.grad_seconds`` and the config of an earlier run (``--from RUN_DIR``)."""
     from .config import _build
 
-    path = os.path.join(run_dir, "run.json")
-    if not os.path.exists(path):
-        raise ConfigError(f"--from {run_dir!r} is not a run folder (no run.json)")
-    with open(path) as f:
-        info = json.load(f)
-    grad = (info.get("timing") or {}).get("grad_seconds")
+    from .run_folder import RunFolder
+
+    info = RunFolder(run_dir).info(what="--from ")
+    grad = info.grad_seconds
     if not isinstance(grad, (int, float)) or not grad > 0:
         raise ConfigError(f"--from {run_dir!r}: run.json has no timing.grad_seconds (the run ended before timing)")
-    return float(grad), _build(RunConfig, info["config"], "")
+    return float(grad), _build(RunConfig, info.config, "")
 
 
 def _size(b: int) -> str:

@@ -3,9 +3,7 @@ the cluster address. ``preflight`` turns a validated config into a ``Prepared`` 
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import socket
 from dataclasses import dataclass, replace
 
@@ -17,12 +15,10 @@ from hessian_core.loss import BatchSet, counted_tokens
 
 from .data import analysis_set, looks_local, read_sequences
 from .progress import log
+from .run_folder import RunFolder, RunInfo
 from .sanity import check_context, check_token_statistics, check_weight_files
 from .tables import writable_folder
 
-OUTPUT_FILES = ("run.json", "lanczos.parquet", "ritz.parquet", "density.parquet", "blocks.parquet", "block_ritz.parquet",
-                "density.png", "blocks.png")
-CHECKPOINTS = "checkpoints"
 
 
 @dataclass
@@ -40,40 +36,29 @@ class Prepared:
 def check_output_dir(config: RunConfig, *, fresh: bool) -> None:
     out = config.output_dir
     writable_folder(out, what="output_dir")
-    for name in os.listdir(out):  # temporaries of writes that a crash interrupted
-        if name.startswith(".") and name.endswith(".tmp"):
-            os.unlink(os.path.join(out, name))
-    if os.path.exists(os.path.join(out, "sweep.json")) and not fresh:
+    folder = RunFolder(out)
+    folder.remove_temporaries()
+    if folder.holds_sweep() and not fresh:
         raise ConfigError(f"output_dir {out!r} holds a sweep; use another output_dir for a single run")
-    existing = os.path.join(out, "run.json")
-    if os.path.exists(existing) and not fresh:
-        try:
-            with open(existing) as f:
-                previous = json.load(f).get("config")
-        except (OSError, ValueError):
-            previous = None
+    if folder.has_run() and not fresh:
+        info = folder.read_info()
+        previous = (info.config or None) if info is not None else None
         if previous is None or results_part(previous) != config.result_dict():
             what = (first_difference(results_part(previous), config.result_dict()) if previous is not None
                     else "its run.json holds no readable config")
             raise ConfigError(f"output_dir {out!r} holds a run with a different config ({what}); use another "
                               f"output_dir or pass --fresh to replace it")
     if fresh:
-        for name in OUTPUT_FILES:
-            path = os.path.join(out, name)
-            if os.path.exists(path):
-                os.unlink(path)
-        shutil.rmtree(os.path.join(out, CHECKPOINTS), ignore_errors=True)
+        folder.clear()
 
 
-def finished_run(config: RunConfig) -> dict | None:
+def finished_run(config: RunConfig) -> RunInfo | None:
     """run.json of a complete run of this config in its output_dir (rerunning it is a no-op), else None."""
-    try:
-        with open(os.path.join(config.output_dir, "run.json")) as f:
-            info = json.load(f)
-    except (OSError, ValueError):
+    info = RunFolder(config.output_dir).read_info()
+    if info is None:
         return None
-    same = info.get("config") is not None and results_part(info["config"]) == config.result_dict()
-    return info if same and info.get("status") == "complete" else None
+    same = bool(info.config) and results_part(info.config) == config.result_dict()
+    return info if same and info.status == "complete" else None
 
 
 def preflight(config: RunConfig, *, fresh: bool = False) -> Prepared:

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from .config import ConfigError
+from .run_folder import BLOCKS_PNG, DENSITY_PNG, RunFolder, RunInfo
 from .tables import atomic_text, read_json, writable_folder
 
 STYLE = """
@@ -63,6 +64,7 @@ def _pre(text: str) -> str:
 
 
 def _config_and_versions(info: dict) -> str:
+    """``info``: a run.json's or hvp_error.json's content."""
     parts = []
     if info.get("config"):
         parts.append("<details><summary>config</summary>" + _pre(yaml.safe_dump(info["config"], sort_keys=False))
@@ -73,44 +75,43 @@ def _config_and_versions(info: dict) -> str:
     return "".join(parts)
 
 
-def _run_section(run_dir: str, info: dict, *, heading: str) -> str:
+def _run_section(run_dir: str, info: RunInfo, *, heading: str) -> str:
     from .cli import format_summary
 
     from .run_state import block_order, describe_run
 
+    folder = RunFolder(run_dir)
     out = [f"<h2>{html.escape(heading)}</h2>"]
-    if info.get("status") != "complete":  # interrupted, killed, failed, running: say so, and what it holds
+    if info.status != "complete":  # interrupted, killed, failed, running: say so, and what it holds
         out.append(f"<p class=\"failed\">{html.escape(describe_run(run_dir, info))}</p>")
     out += [_key_figures(run_dir, info),
             "<details><summary>full summary</summary>" + _pre(format_summary(info, run_dir)) + "</details>",
-           _image(os.path.join(run_dir, "density.png"), "spectral density"),
-           _image(os.path.join(run_dir, "blocks.png"), "block-diagonal errors")]
-    blocks = info.get("blocks")
+           _image(folder.plot_path(DENSITY_PNG), "spectral density"),
+           _image(folder.plot_path(BLOCKS_PNG), "block-diagonal errors")]
+    blocks = info.blocks
     if blocks:
         rows = [{"block": name, **blocks["per_block"][name]} for name in block_order(blocks)]
         rows.append({"block": "overall", **{k: v for k, v in blocks["overall"].items() if k != "whole_rel_error_mean"}})
         out.append(_table(rows, ["block", "rel_error_mean", "rel_error_std", "cosine_mean", "cosine_std"]))
-    out.append(_config_and_versions(info))
-    study = os.path.join(run_dir, "hvp-error")
+    out.append(_config_and_versions(info.to_dict()))
+    study = folder.hvp_error_dir
     if os.path.exists(os.path.join(study, "hvp_error.json")):
         out.append(_hvp_error_section(study, heading="HVP error against eps"))
     return "".join(out)
 
 
-def _key_figures(run_dir: str, info: dict) -> str:
+def _key_figures(run_dir: str, info: RunInfo) -> str:
     """The figures a reader wants first, as a table: the extremes with their Ritz residual bounds, the trace with
     its standard error, the bulk and what lies outside it, the negative mass, and eps with its estimated error."""
     from hessian_core.statistics import spectrum_statistics
 
-    from .compare import load_rules
-
-    s = info.get("summary")
-    if not s or "num_params" not in info or not os.path.exists(os.path.join(run_dir, "ritz.parquet")):
+    folder = RunFolder(run_dir)
+    s = info.summary
+    if not s or info.num_params is None or not folder.has_spectrum():
         return ""
-    rules, _ = load_rules(run_dir)
-    st = spectrum_statistics(rules, dimension=info["num_params"])
+    st = spectrum_statistics(folder.ritz_rules(), dimension=info.num_params)
     se = s.get("trace_stderr")
-    cal = info.get("eps_calibration") or {}
+    cal = info.eps_calibration or {}
     err = cal.get("relative_error")
     rows = [
         ("lambda_max", f"{s['lambda_max']:.6g}", f"Ritz residual bound {s['lambda_max_residual']:.2g}"),
@@ -121,7 +122,7 @@ def _key_figures(run_dir: str, info: dict) -> str:
         ("outliers", f"{st.outlier_count:.3g} per probe", f"distinct converged Ritz values beyond the bulk; mass "
                                                              f"{st.outlier_mass:.3g} of the spectrum"),
         ("negative mass", f"{st.negative_mass:.3g}", "fraction of eigenvalues below -1% of the spread"),
-        ("eps", f"{info['eps']:.4g}" if info.get("eps") is not None else "",
+        ("eps", f"{info.eps:.4g}" if info.eps is not None else "",
          f"estimated HVP relative error {err:.2g}" if isinstance(err, float) else cal.get("message", "")),
     ]
     body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td><td>{html.escape(n)}</td></tr>"
@@ -160,8 +161,9 @@ def _compare_section(folder: str, *, heading: str) -> str:
 
 def build_report(folder: str) -> str:
     """The HTML text of the report for ``folder``; raises ConfigError if it holds nothing reportable."""
-    run_info = read_json(os.path.join(folder, "run.json"))
-    sweep_info = read_json(os.path.join(folder, "sweep.json"))
+    run_folder = RunFolder(folder)
+    run_info = run_folder.read_info()
+    sweep_info = None if run_info is not None else run_folder.sweep_record()
     hvp_info = read_json(os.path.join(folder, "hvp_error.json"))
     body: list[str] = []
     if run_info is not None:
@@ -176,7 +178,7 @@ def build_report(folder: str) -> str:
         body.append(_table(_parquet_rows(os.path.join(folder, "sweep.parquet"))))
         body.append(_compare_section(folder, heading="Comparison of the finished points"))
         for name in sweep_info["points"]:
-            info = read_json(os.path.join(folder, name, "run.json"))
+            info = run_folder.point(name).read_info()
             if info is not None:
                 body.append(_run_section(os.path.join(folder, name), info, heading=f"Point {name}"))
     elif hvp_info is not None:
@@ -186,7 +188,7 @@ def build_report(folder: str) -> str:
         title = f"Hessian spectrum: comparison {folder}"
         body.append(_compare_section(folder, heading="Comparison"))
         for r in _parquet_rows(os.path.join(folder, "compare.parquet")):
-            info = read_json(os.path.join(r["run"], "run.json"))
+            info = RunFolder(r["run"]).read_info()
             if info is not None:
                 body.append(_run_section(r["run"], info, heading=f"Run {r['run']}"))
     else:

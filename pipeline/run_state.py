@@ -4,19 +4,15 @@ running (its lock is alive), killed (run.json says running but no live process h
 
 from __future__ import annotations
 
-import os
 import re
 
-from hessian_core import latest_complete_step
-
 from .output_lock import OutputLock, describe
-from .preflight import CHECKPOINTS
-from .tables import read_table
+from .run_folder import RunFolder, RunInfo
 
 
-def status(run_dir: str, info: dict) -> str:
-    """``info['status']``, with a ``running`` whose holder is gone told as ``killed``."""
-    state = info.get("status")
+def status(run_dir: str, info: RunInfo) -> str:
+    """``info.status``, with a ``running`` whose holder is gone told as ``killed``."""
+    state = info.status
     if state == "running":
         lock = OutputLock(run_dir)
         holder = lock.read()
@@ -25,24 +21,20 @@ def status(run_dir: str, info: dict) -> str:
     return str(state)
 
 
-def holdings(run_dir: str, info: dict) -> str:
+def holdings(run_dir: str, info: RunInfo) -> str:
     """e.g. "1 of 4 probes finished, probe 1 checkpointed at step 12"."""
-    config = info.get("config") or {}
-    probes = (config.get("lanczos") or {}).get("probes", 0)
-    done = _probe_ids(os.path.join(run_dir, "lanczos.parquet"))
+    folder = RunFolder(run_dir)
+    probes = info.probes
+    done = folder.finished_probe_ids() if probes else set()
     parts = [f"{len(done)} of {probes} probes finished"] if probes else []
-    for pid in range(probes):
-        found = None if pid in done else latest_complete_step(os.path.join(run_dir, CHECKPOINTS, f"probe-{pid:05d}"))
-        if found is not None:
-            parts.append(f"probe {pid} checkpointed at step {found[0]}")
-    blocks = config.get("blocks") or {}
-    if blocks.get("enabled"):
-        parts.append(f"{len(_probe_ids(os.path.join(run_dir, 'blocks.parquet')))} of {blocks.get('probes')} "
-                     f"block probes finished")
+    for pid, step in folder.checkpoint_steps(pid for pid in range(probes) if pid not in done).items():
+        parts.append(f"probe {pid} checkpointed at step {step}")
+    if info.block_probes is not None:
+        parts.append(f"{len(folder.finished_block_probe_ids())} of {info.block_probes} block probes finished")
     return ", ".join(parts)
 
 
-def describe_run(run_dir: str, info: dict) -> str:
+def describe_run(run_dir: str, info: RunInfo) -> str:
     """One line: what became of the run and, unless complete, what it holds and what to do."""
     state = status(run_dir, info)
     if state == "complete":
@@ -54,16 +46,9 @@ def describe_run(run_dir: str, info: dict) -> str:
         return (f"status: killed (run.json says running, but no live process holds {run_dir}); it holds {what}; "
                 f"run the same command again to resume")
     if state == "interrupted":
-        return (f"status: interrupted by {info.get('signal', 'a signal')}; it holds {what}; run the same command "
+        return (f"status: interrupted by {info.signal or 'a signal'}; it holds {what}; run the same command "
                 f"again to resume")
-    return f"status: {state}" + (f" ({info['error']})" if info.get("error") else "") + (f"; it holds {what}"
-                                                                                     if what else "")
-
-
-def _probe_ids(path: str) -> set[int]:
-    if not os.path.exists(path):
-        return set()
-    return {int(p) for p in read_table(path).column("probe_id").to_pylist()}
+    return f"status: {state}" + (f" ({info.error})" if info.error else "") + (f"; it holds {what}" if what else "")
 
 
 def block_order(blocks: dict) -> list[str]:

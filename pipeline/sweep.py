@@ -26,9 +26,8 @@ import yaml
 
 from .config import ConfigError, RunConfig, first_difference, load_config, results_part
 from .output_lock import OutputLock
-from .tables import atomic_text, atomic_write, read_json, write_json
-
-SWEEP_FILE = "sweep.json"
+from .run_folder import RunFolder, RunInfo
+from .tables import atomic_text, atomic_write
 INDEX_FILE = "sweep.parquet"
 # cluster.num_groups is the sweep's concurrency and cluster.address its one Ray connection: not per point
 NOT_GRID_KEYS = ("cluster.num_groups", "cluster.address", "output_dir")
@@ -126,26 +125,29 @@ def _share_cores(prepared, concurrency: int) -> None:
 
 def _write_point_config(point: Point) -> None:
     os.makedirs(point.config.output_dir, exist_ok=True)
-    path = os.path.join(point.config.output_dir, "config.yaml")
+    path = RunFolder(point.config.output_dir).point_config_path
     text = yaml.safe_dump(point.config.to_dict(), sort_keys=False)
     atomic_text(path, text)
 
 
-def _finished(point: Point) -> dict | None:
-    info = read_json(os.path.join(point.config.output_dir, "run.json")) or {}
-    same = results_part(info.get("config") or {}) == point.config.result_dict()
-    return info if info.get("status") == "complete" and same else None
+def _finished(point: Point) -> RunInfo | None:
+    info = _point_info(point)
+    same = results_part(info.config if info else {}) == point.config.result_dict()
+    return info if info is not None and info.status == "complete" and same else None
 
 
-def _row(point: Point, info: dict | None, error: str | None) -> dict:
-    summary = (info or {}).get("summary") or {}
-    timing = (info or {}).get("timing") or {}
-    return {"run": point.name, **point.values,
-            "status": "failed" if error else (info or {}).get("status", "pending"),
-            "eps": (info or {}).get("eps"), "lambda_max": summary.get("lambda_max"),
-            "lambda_min": summary.get("lambda_min"), "trace": summary.get("trace"),
-            "hvp_count": timing.get("hvp_count"), "seconds": timing.get("total_seconds"),
-            "error": error or (info or {}).get("error")}
+def _point_info(point: Point) -> RunInfo | None:
+    return RunFolder(point.config.output_dir).read_info()
+
+
+def _row(point: Point, info: RunInfo | None, error: str | None) -> dict:
+    info = info or RunInfo()
+    summary = info.summary or {}
+    timing = info.timing or {}
+    return {"run": point.name, **point.values, "status": "failed" if error else (info.status or "pending"),
+            "eps": info.eps, "lambda_max": summary.get("lambda_max"), "lambda_min": summary.get("lambda_min"),
+            "trace": summary.get("trace"), "hvp_count": timing.get("hvp_count"),
+            "seconds": timing.get("total_seconds"), "error": error or info.error}
 
 
 INDEX_SCHEMA_FIXED = [("run", pa.string()), ("status", pa.string()), ("eps", pa.float64()),
@@ -193,7 +195,7 @@ def _sweep(config_path, overrides, grid, base, points, concurrency, point_locks,
     # everything that can be refused is refused before Ray starts: paths, data, each point's folder
     rows, todo = _prepare_points(points, concurrency, point_locks, fresh=fresh)
     sweep_info["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    write_json(os.path.join(out_dir, SWEEP_FILE), sweep_info)
+    RunFolder(out_dir).write_sweep_record(sweep_info)
 
     def update(point: Point | None = None, row: dict | None = None) -> None:
         if point is not None:
@@ -211,13 +213,13 @@ def _sweep(config_path, overrides, grid, base, points, concurrency, point_locks,
 def _sweep_record(config_path, overrides, grid, base, points, *, fresh: bool) -> dict:
     """sweep.json's content; refuses a folder that holds a single run or (without --fresh) another sweep."""
     out_dir = base.output_dir
-    if os.path.exists(os.path.join(out_dir, "run.json")) and not fresh:
+    if RunFolder(out_dir).has_run() and not fresh:
         raise ConfigError(f"output_dir {out_dir!r} holds a single run; use another output_dir for a sweep")
     os.makedirs(out_dir, exist_ok=True)
     sweep_info = {"config_file": os.path.abspath(config_path), "overrides": list(overrides),
                   "grid": [[k, v] for k, v in grid], "points": [p.name for p in points],
                   "base_config": base.to_dict()}
-    previous = None if fresh else read_json(os.path.join(out_dir, SWEEP_FILE))
+    previous = None if fresh else RunFolder(out_dir).sweep_record()
     what = None if previous is None else first_difference({k: previous.get(k) for k in ("grid", "base_config")},
                                                            {k: sweep_info[k] for k in ("grid", "base_config")})
     if what:
@@ -274,7 +276,7 @@ def _run_points(todo, concurrency: int, update, *, total: int, rows: dict[str, d
                 if isinstance(err, KeyboardInterrupt) else f"sweep: {type(err).__name__}; stopping the running points")
             pool.shutdown(wait=True, cancel_futures=True)
             for point, _ in todo:
-                info = read_json(os.path.join(point.config.output_dir, "run.json"))
+                info = _point_info(point)
                 if info is not None:
                     rows[point.name] = _row(point, info, None)
             update()
@@ -299,7 +301,7 @@ def _collect_points(pool, todo, cancel, update, *, total: int, rows: dict[str, d
         except Exception as e:  # noqa: BLE001 - one failed point does not stop the others
             error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
             log(f"sweep point {point.name} failed: {error}")
-        update(point, _row(point, read_json(os.path.join(point.config.output_dir, "run.json")), error))
+        update(point, _row(point, _point_info(point), error))
         log(f"sweep: {sum(r['status'] == 'complete' for r in rows.values())}/{total} complete")
 
 
@@ -311,10 +313,10 @@ def _finish_sweep(result: list[dict], sweep_info: dict, *, out_dir: str, referen
     failed = [r["run"] for r in result if r["status"] != "complete"]
     sweep_info["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     sweep_info["failed"] = failed
-    write_json(os.path.join(out_dir, SWEEP_FILE), sweep_info)
+    RunFolder(out_dir).write_sweep_record(sweep_info)
     # points without SLQ (lanczos.probes: 0, block studies) have no spectrum to compare
     with_spectrum = [r["run"] for r in result
-                     if r["status"] == "complete" and os.path.exists(os.path.join(out_dir, r["run"], "ritz.parquet"))]
+                     if r["status"] == "complete" and RunFolder(out_dir).point(r["run"]).has_spectrum()]
     if with_spectrum:
         from .compare import compare
 

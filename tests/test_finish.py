@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import pipeline.recorder as recorder
+import pipeline.run_folder as run_folder
 from pipeline.cli import main
 from pipeline.output_lock import LOCK_NAME
 from pipeline_fixtures import assets, write_config
@@ -84,7 +85,7 @@ def _finish_copied_at_each_point(monkeypatch, cfg: str, out: str, copies: str) -
             taken[point] = os.path.join(copies, point)
             shutil.copytree(out, taken[point], ignore=shutil.ignore_patterns(LOCK_NAME))
 
-    finish, write_table, draw_plots, save_info = (recorder.Recorder.finish, recorder.write_table,
+    finish, write_table, draw_plots, save_info = (recorder.Recorder.finish, run_folder.write_table,
                                                   recorder.draw_plots, recorder.Recorder.save_info)
 
     def write_then_copy(path, *args, **kwargs):
@@ -99,7 +100,7 @@ def _finish_copied_at_each_point(monkeypatch, cfg: str, out: str, copies: str) -
 
     with monkeypatch.context() as m:
         m.setattr(recorder.Recorder, "finish", lambda self: (copy("tables"), finish(self))[1])
-        m.setattr(recorder, "write_table", write_then_copy)
+        m.setattr(run_folder, "write_table", write_then_copy)
         m.setattr(recorder, "draw_plots", lambda run_dir: (draw_plots(run_dir), copy("plots"))[0])
         m.setattr(recorder.Recorder, "save_info", save_or_copy)
         assert main(["run", cfg]) == 0
