@@ -74,9 +74,8 @@ def _config_and_versions(info: dict) -> str:
 
 
 def _run_section(run_dir: str, info: dict, *, heading: str) -> str:
-    from .cli import format_summary
-
     from .run_state import block_order, describe_run
+    from .summary import format_summary
 
     out = [f"<h2>{html.escape(heading)}</h2>"]
     if info.get("status") != "complete":  # interrupted, killed, failed, running: say so, and what it holds

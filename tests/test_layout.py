@@ -114,3 +114,28 @@ def test_hessian_core_imports_neither_ray_nor_the_other_packages():
 def test_actors_never_imports_pipeline():
     bad = {module: names for module, names in external_imports("actors").items() if "pipeline" in names}
     assert not bad
+
+
+def calls_named(names: set[str]) -> dict[str, list[str]]:
+    """Module -> the calls in it whose function is one of ``names`` (``x.name(...)`` or ``name(...)``)."""
+    found: dict[str, list[str]] = {}
+    for module, file in module_files().items():
+        with open(file) as f:
+            tree = ast.parse(f.read(), filename=file)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                fn = node.func
+                name = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", None)
+                if name in names:
+                    found.setdefault(module, []).append(name)
+    return found
+
+
+def test_models_are_built_in_one_place():
+    """Only hessian_core.models.build constructs a model from a config or reads one whole through transformers,
+    and only it touches torch's default dtype (which transformers changes process-wide while it builds)."""
+    found = calls_named({"set_default_dtype", "from_config", "_from_config", "set_default_tensor_type"})
+    assert set(found) == {"hessian_core.models.build"}, found
+    models = calls_named({"from_pretrained"})
+    assert {m for m in models if m != "hessian_core.models.build"} <= {
+        "hessian_core.models.config", "pipeline.sanity", "pipeline.data"}, models  # configs and tokenizers only

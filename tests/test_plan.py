@@ -9,7 +9,7 @@ import yaml
 
 from conftest import tiny_config
 from hessian_core import causal_lm_loss
-from hessian_core.precision import checkpoint_blocks
+from hessian_core.models import ModelSpec, checkpoint_blocks
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.plan import (activation_bytes, memory_plan, parse_size, plan_run, predicted_seconds, suggestion,
@@ -18,6 +18,11 @@ from pipeline.plan import (activation_bytes, memory_plan, parse_size, plan_run, 
 TINY = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128,
         "tie_word_embeddings": False}
+
+
+def spec_of(cfg, dtype: str = "float32") -> ModelSpec:
+    """The spec of a random-weight model of the HF config ``cfg`` with sdpa attention."""
+    return ModelSpec(path=None, init="random", dtype=dtype, attn_implementation="sdpa", config_overrides=cfg.to_diff_dict())
 
 
 def tiny_run_config(tmp_path, **sections) -> str:
@@ -56,7 +61,7 @@ def test_fake_trace_counts_the_bytes_a_real_forward_saves(arch):
 
     cfg = tiny_config(arch, hidden=32, layers=2, vocab=64)
     cfg.max_position_embeddings = 128
-    shape = trace_model(cfg, world=1, compute_dtype="float32", attn="sdpa", batch=2, seq_len=96)
+    shape = trace_model(spec_of(cfg), world=1, batch=2, seq_len=96)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa").eval()
     real = real_saved_bytes(model, torch.zeros(2, 96, dtype=torch.long))
     traced = shape.saved_outside_blocks + sum(shape.saved_per_block)
@@ -153,18 +158,18 @@ def test_run_prints_the_verdict_line(tmp_path):
 
 def _builds_in_two_threads(rounds: int = 12) -> torch.dtype:
     """The plan's trace (float32) in a thread while the main thread builds a float64 model for its block names,
-    as a sweep's points or a run's verdict do in one process; returns torch's default dtype afterwards."""
+    as a sweep's points (runs in threads of one process) may; returns torch's default dtype afterwards."""
     import threading
 
-    from actors.model_loading import ModelSpec, block_names
+    from hessian_core.models import block_names
 
     cfg = tiny_config("gpt_neox", hidden=16, layers=2)
-    spec = ModelSpec(path=None, init="random", dtype="float64", config_overrides=cfg.to_diff_dict())
+    spec = spec_of(cfg, dtype="float64")
     done = threading.Event()
 
     def trace():
         while not done.is_set():
-            trace_model(cfg, world=1, compute_dtype="float32", attn="sdpa", batch=1, seq_len=8)
+            trace_model(spec_of(cfg), world=1, batch=1, seq_len=8)
 
     thread = threading.Thread(target=trace)
     thread.start()
@@ -180,8 +185,9 @@ def _builds_in_two_threads(rounds: int = 12) -> torch.dtype:
 def test_model_builds_in_threads_leave_the_default_dtype_alone():
     """transformers sets and restores a process-wide default dtype around a build: two builds interleaved can
     leave it changed for good (float64 here, so later float32 code ran in float64: 8 tests of a full suite
-    failed that way). Every build holds BUILD_LOCK; with the lock replaced by a null context, 40 rounds left
-    the default at float64 (checked once, not here: a race is not a reliable test)."""
+    failed that way). Every build goes through hessian_core.models.build, which holds one lock around it; with
+    the lock replaced by a null context, 40 rounds left the default at float64 (checked once, not here: a race
+    is not a reliable test)."""
     try:
         assert _builds_in_two_threads() == torch.float32
     finally:
