@@ -157,25 +157,24 @@ def test_run_prints_the_verdict_line(tmp_path):
 
 
 def _builds_in_two_threads(rounds: int = 12) -> torch.dtype:
-    """The plan's trace (float32) in a thread while the main thread builds a float64 model for its block names,
-    as a sweep's points (runs in threads of one process) may; returns torch's default dtype afterwards."""
+    """The plan's trace in float64 in a thread while the main thread builds a model for its block names, as a
+    sweep's points (runs in threads of one process) may; returns torch's default dtype afterwards."""
     import threading
 
     from hessian_core.models import block_names
 
     cfg = tiny_config("gpt_neox", hidden=16, layers=2)
-    spec = spec_of(cfg, dtype="float64")
     done = threading.Event()
 
     def trace():
         while not done.is_set():
-            trace_model(spec_of(cfg), world=1, batch=1, seq_len=8)
+            trace_model(spec_of(cfg, dtype="float64"), world=1, batch=1, seq_len=8)
 
     thread = threading.Thread(target=trace)
     thread.start()
     try:
         for _ in range(rounds):
-            block_names(spec)
+            block_names(spec_of(cfg))
     finally:
         done.set()
         thread.join()
@@ -192,6 +191,25 @@ def test_model_builds_in_threads_leave_the_default_dtype_alone():
         assert _builds_in_two_threads() == torch.float32
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def test_the_drivers_weightless_builds_never_change_the_default_dtype(monkeypatch):
+    """Block names and the parameter count of a float64 model, as the driver takes them (in a sweep, beside
+    other points' threads): torch's default dtype is never set to anything but what it is, while the names and
+    the count are those of the float64 model the ranks build."""
+    from hessian_core import ParamSpace, parameter_blocks
+    from hessian_core.models import block_names, build, parameter_count
+
+    spec = spec_of(tiny_config("llama", hidden=16, layers=2), dtype="float64")
+    reference = build(spec, device="meta")
+    assert {p.dtype for p in reference.parameters()} == {torch.float64}
+    set_to = []
+    original = torch.set_default_dtype
+    monkeypatch.setattr(torch, "set_default_dtype", lambda dtype: (set_to.append(dtype), original(dtype)))
+    names, count = block_names(spec), parameter_count(spec)
+    assert set_to and set(set_to) == {torch.float32}, set_to
+    assert names == list(parameter_blocks(reference, ParamSpace(reference)))
+    assert count == ParamSpace(reference).numel
 
 
 def test_a_gpu_cluster_is_planned_from_a_machine_without_a_gpu(tmp_path, capsys, monkeypatch):

@@ -3,8 +3,9 @@
 transformers builds a model under a process-wide torch default dtype that it sets and restores; two builds in
 threads of one process (a sweep's points) could leave it changed for good, and every later tensor with it.
 Every build of the code base goes through ``build``, which holds one lock around that window, and nothing else
-sets torch's default dtype. The driver builds only in its own thread (``block_names``, ``parameter_count``, the
-plan's verdict), so a run's own tensors never meet another dtype.
+sets torch's default dtype. The driver's own builds change nothing there: its weightless copies (block names,
+parameter count) are built in the default dtype itself, and the plan's verdict runs in the run's own thread
+before Ray starts, so no tensor of a run, or of a sweep's other points, meets another default dtype.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from .build import build
 from .config import checkpoint_format, hf_config
 from .parallel import device_mesh, parallelize
 from .sharded import load_sharded, read_plan
-from .spec import ModelSpec
+from .spec import DTYPES, ModelSpec
 
 
 def load_model(spec: ModelSpec) -> torch.nn.Module:
@@ -99,6 +99,9 @@ def parameter_count(spec: ModelSpec) -> int:
 
 
 def _weightless(spec: ModelSpec) -> torch.nn.Module:
-    """The model on the meta device, built with eager attention: the kernel changes no parameter, and the driver
-    that asks may lack the ranks' kernels (flash attention on a CPU head node)."""
-    return build(replace(spec, attn_implementation="eager"), device="meta")
+    """The model on the meta device, built in torch's default dtype with eager attention. Neither changes a
+    parameter's name or size, and each matters here: a build in another dtype sets the process-wide default
+    for its duration (a sweep's points ask from threads beside each other's work), and the driver that asks
+    may lack the ranks' attention kernels (flash attention on a CPU head node)."""
+    default = next((name for name, dtype in DTYPES.items() if dtype == torch.get_default_dtype()), "float32")
+    return build(replace(spec, dtype=default, attn_implementation="eager"), device="meta")
