@@ -4,6 +4,7 @@ recorder of everything that finishes. Each piece is its own module; this one onl
 from __future__ import annotations
 
 import threading
+
 from actors.records import (BlockResult, BlockSpectrumResult, BlockSpectrumTask, BlockTask, Calibration, ProbeResult,
                             ProbeTask)
 

@@ -107,8 +107,7 @@ def preflight(config: RunConfig, *, fresh: bool = False) -> Prepared:
         from hessian_core.models import choose_loading
 
         try:
-            choose_loading(model_spec(Prepared(config, model_path, torch.zeros(0))),
-                           world_size=config.cluster.num_workers)
+            choose_loading(spec_for(config, model_path), world_size=config.cluster.num_workers)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     hf_config = _hf_config(config, model_path)
@@ -177,8 +176,7 @@ def _check_keys(config: RunConfig, model_path: str) -> None:
     from hessian_core.models import check_checkpoint
 
     try:
-        check_checkpoint(model_spec(Prepared(config, model_path, torch.zeros(0))),
-                         world_size=config.cluster.num_workers)
+        check_checkpoint(spec_for(config, model_path), world_size=config.cluster.num_workers)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

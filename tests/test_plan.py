@@ -248,3 +248,28 @@ def test_the_suggested_rank_count_is_the_smallest_that_fits(tmp_path):
     four, five = traced(4).peak, traced(5).peak
     assert five < four
     assert suggestion(traced(1), (four + five) // 2) == "cluster.num_workers=5 data.batch_size=5"
+
+
+def test_one_hf_config_for_the_plan_the_preflight_and_the_ranks(tmp_path):
+    """The architecture is resolved in one place (hessian_core.models.hf_config): a DCP checkpoint's
+    model.config_path with model.config applied, and the built-in demo before its folder exists, come out the
+    same for the plan, the preflight's checks and the model the ranks build."""
+    from hessian_core.models import build, hf_config
+    from pipeline import demo, plan, preflight
+
+    arch = tmp_path / "arch"
+    tiny_config("llama", hidden=16, layers=2, vocab=64).save_pretrained(arch)
+    dcp = tmp_path / "dcp"
+    dcp.mkdir()
+    (dcp / ".metadata").write_bytes(b"")  # what marks a DCP folder; its keys are not read here
+    config = load_config(tiny_run_config(tmp_path, model={"init": "pretrained", "path": str(dcp),
+                                                           "config_path": str(arch), "config": {"vocab_size": 96}}))
+    spec = preflight.spec_for(config, str(dcp))
+    for resolved in (plan.hf_config(config, str(dcp)), preflight._hf_config(config, str(dcp)), hf_config(spec)):
+        assert (resolved.model_type, resolved.vocab_size, resolved.hidden_size) == ("llama", 96, 16)
+    assert build(spec, device="meta").get_input_embeddings().weight.shape == (96, 16)
+
+    config = load_config(tiny_run_config(tmp_path, model={"init": "pretrained", "path": demo.DEMO, "config": None}))
+    expected = demo._config().to_diff_dict()
+    assert plan.hf_config(config, demo.DEMO).to_diff_dict() == expected
+    assert hf_config(preflight.spec_for(config, demo.DEMO)).to_diff_dict() == expected
