@@ -15,7 +15,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from .model_loading import ModelSpec
+from hessian_core.models import ModelSpec
+
 from .records import BlockSpectrumTask, BlockTask, GroupInfo, ProbeTask
 from .worker import Worker
 

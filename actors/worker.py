@@ -23,11 +23,11 @@ from hessian_core import (FiniteDifferenceHVP, LanczosState, ParamSpace, accumul
 from hessian_core.block_spectra import block_spectrum
 from hessian_core.checkpoint import CheckpointWriter
 from hessian_core.loss import BatchSet, rank_batches
+from hessian_core.models import DTYPES, ModelSpec, import_model_code, load_for_rank, load_model
 
 from hessian_core.precision import needs_mixed_precision, single_process_group
 
 from .memory import PhaseMemory
-from .model_loading import DTYPES, ModelSpec, import_model_code, load_for_rank, load_model
 from .records import (BlockResult, BlockSpectrumResult, BlockSpectrumTask, BlockTask, Calibration, GroupInfo,
                       ProbeResult, ProbeTask, ProgressEvent)
 
@@ -97,7 +97,7 @@ class Worker:
         if self.world_size == 1 and needs_mixed_precision(DTYPES[spec.dtype], self.compute_dtype):
             single_process_group(backend)  # mixed precision on one rank: FSDP2 on a 1-rank mesh (hessian_core.precision)
         import_model_code(spec)  # the imports are not the load's memory
-        with PhaseMemory(self.device) as load_memory:  # sharded, or full then sharded (model_loading.choose_loading)
+        with PhaseMemory(self.device) as load_memory:  # sharded, or full then sharded (models.choose_loading)
             model, loading = load_for_rank(spec, device=self.device, world_size=self.world_size)
         self.batches = rank_batches(batches, self.rank, self.world_size, device=self.device)
         self.model = model

@@ -55,7 +55,7 @@ def rank_main(rank: int, world: int, port: int, folder: str, loading: str, out: 
                             timeout=datetime.timedelta(seconds=600))
     try:
         from actors.memory import PhaseMemory
-        from actors.model_loading import ModelSpec, import_model_code, load_for_rank
+        from hessian_core.models import ModelSpec, import_model_code, load_for_rank
         from hessian_core import ParamSpace
 
         spec = ModelSpec(path=folder, loading=loading)

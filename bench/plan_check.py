@@ -47,9 +47,9 @@ def _warm_up(overrides: dict) -> None:
 def rank_main(rank: int, world: int, port: int, config_path: str, overrides: list[str], out: str) -> None:
     import torch
 
-    from actors.model_loading import ModelSpec
     from actors.records import ProbeTask
     from actors.worker import Worker
+    from hessian_core.models import ModelSpec
     from pipeline.config import load_config
 
     config = load_config(config_path, overrides)

@@ -1,5 +1,6 @@
 """hessian_core: exact-Hessian HVPs as finite differences of gradient passes on plain or FSDP2-sharded models,
-Lanczos / stochastic Lanczos quadrature, spectra and block-diagonal analysis. Pure PyTorch; never imports Ray."""
+Lanczos / stochastic Lanczos quadrature, spectra and block-diagonal analysis. Pure PyTorch; never imports Ray.
+Models are built and loaded for analysis by the sub-package ``hessian_core.models`` (imported on its own)."""
 
 from .api import SpectrumResult, analyze, append_row, preserved_state
 from .block_spectra import BlockOperator, block_space, block_spectrum

@@ -13,7 +13,8 @@ process group of size 1, which ``single_process_group`` creates when none exists
 
 Activation checkpointing recomputes each transformer block's forward inside its backward (non-reentrant
 ``torch.utils.checkpoint``). It is applied per block before ``fully_shard``, by wrapping the block's
-``forward`` in place, so parameter names (which seed the probes) and module paths do not change.
+``forward`` in place, so parameter names (which seed the probes) and module paths do not change
+(``hessian_core.models.parallelize`` applies it to every block, then the policy and FSDP2).
 """
 
 from __future__ import annotations
@@ -63,16 +64,6 @@ def checkpoint_module(module: nn.Module) -> nn.Module:
     module.forward = forward
     setattr(module, _CHECKPOINTED, True)
     return module
-
-
-def checkpoint_blocks(model: nn.Module) -> int:
-    """Activation checkpointing on every transformer block; returns how many blocks are wrapped."""
-    from .sharding import transformer_blocks
-
-    blocks = transformer_blocks(model)
-    for _, block in blocks:
-        checkpoint_module(block)
-    return len(blocks)
 
 
 def free_local_port() -> int:

@@ -42,22 +42,18 @@ def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return declared or _repeated_blocks(model)
 
 
-def shard_model(model: nn.Module, *, mesh=None, mp_policy=None, activation_checkpointing: bool = False) -> nn.Module:
+def shard_model(model: nn.Module, *, mesh=None, mp_policy=None) -> nn.Module:
     """Apply ``fully_shard`` to every transformer block, then to the root (torchtitan's order).
 
     Works on a model built on the meta device too: then only the local shards are materialised later
     (``model.to_empty``). Tied parameters (lm_head = input embedding) live outside the blocks, in the root's
     group, so the tie survives.
-    ``mp_policy``: an FSDP2 ``MixedPrecisionPolicy`` (see hessian_core.precision); ``activation_checkpointing``
-    makes each block recompute its forward in the backward, applied before the block is sharded."""
+    ``mp_policy``: an FSDP2 ``MixedPrecisionPolicy`` (see hessian_core.precision). Activation checkpointing, when
+    wanted, comes first: ``hessian_core.models.parallelize`` applies both in order."""
     from torch.distributed.fsdp import fully_shard
 
     policy = {} if mp_policy is None else {"mp_policy": mp_policy}
     for _, block in transformer_blocks(model):
-        if activation_checkpointing:
-            from .precision import checkpoint_module
-
-            checkpoint_module(block)
         fully_shard(block, mesh=mesh, **policy)
     fully_shard(model, mesh=mesh, **policy)
     return model

@@ -133,9 +133,9 @@ def _eigenthings(prepared, *, eps: float, runs: int, methods=("finite_difference
         return []
     import torch
 
-    from actors.model_loading import load_model
     from hessian_core import causal_lm_loss
     from hessian_core.loss import rank_batches
+    from hessian_core.models import load_model
 
     config = prepared.config
     rows = []

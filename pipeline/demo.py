@@ -59,13 +59,18 @@ def _config():
                          bos_token_id=10, eos_token_id=10)
 
 
+def architecture() -> dict:
+    """The demo model's config as ``ModelSpec.config_overrides`` (with its ``model_type``)."""
+    return _config().to_diff_dict()
+
+
 def ensure_demo(log=print) -> tuple[str, str]:
     """Build (once) and return (model folder, data file). Written to a temporary folder, then renamed."""
     if os.path.exists(os.path.join(cache_dir(), "COMPLETE")):
         return model_dir(), data_file()
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from transformers import AutoModelForCausalLM
+    from hessian_core.models import ModelSpec, build
 
     started = time.perf_counter()
     log(f"building the demo model in {cache_dir()} (once; about a minute on 2 cores)")
@@ -73,8 +78,8 @@ def ensure_demo(log=print) -> tuple[str, str]:
     usable = text.numel() // SEQ_LEN * SEQ_LEN
     seqs = text[:usable].reshape(-1, SEQ_LEN)
     analysis, train = seqs[:ANALYSIS_SEQUENCES], seqs[ANALYSIS_SEQUENCES:]
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_config(), dtype=torch.float32)
+    model = build(ModelSpec(path=None, init="random", dtype="float32", config_overrides=architecture(), seed=0),
+                  device="cpu", for_analysis=False)  # float32 training, as transformers builds it
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
     model.train()

@@ -4,7 +4,6 @@ recorder of everything that finishes. Each piece is its own module; this one onl
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 
 from actors.records import (BlockResult, BlockSpectrumResult, BlockSpectrumTask, BlockTask, Calibration, ProbeResult,
                             ProbeTask)
@@ -32,7 +31,7 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
     interruption that keeps its checkpoints. A resumed run whose tasks are all finished goes straight to its
     finish (summary, density, plots, ``complete``): no Ray, no group, no model load.
     """
-    from actors.model_loading import parameter_count
+    from hessian_core.models import parameter_count
 
     set_run_name(name)
     recorder = Recorder(prepared)
@@ -64,14 +63,14 @@ def _compute(prepared: Prepared, recorder: Recorder, calibration: Calibration | 
     nothing runs beside ``ray.shutdown`` that could touch Ray while it tears the core worker down."""
     import ray
 
-    scheduler = progress = verdict = None
+    scheduler = progress = None
     started_ray = False  # this run connected Ray, and shuts it down
     stopped = False  # a signal or the sweep asked the run to stop: its groups are killed, not drained
     try:
-        verdict = _plan_verdict_in_background(prepared) if name is None else None  # a sweep's points share one
+        verdict = _plan_verdict(prepared) if name is None else None  # a sweep's points share one
         started_ray = connect_ray(prepared.config) if own_ray else False
         if verdict is not None:
-            log(verdict())  # after Ray is up: a refused cluster.address stays a one-line error
+            log(verdict)  # after Ray is up: a refused cluster.address stays a one-line error
         cl = prepared.config.cluster
         log(f"requesting {cl.num_groups} group(s) x {cl.num_workers} worker(s) (at least {prepared.config.min_groups()} "
             f"alive)")
@@ -96,35 +95,16 @@ def _compute(prepared: Prepared, recorder: Recorder, calibration: Calibration | 
                 scheduler.shutdown(graceful=not (stopped or (cancel is not None and cancel.is_set())))
         finally:  # Ray goes down even when a signal cut the groups' shutdown short
             scheduler = None
-            _stop(started_ray, verdict)
+            if started_ray:
+                stop_ray()
 
 
-def _stop(started_ray: bool, verdict: Callable[[], str] | None) -> None:
-    """Ray down (if this run started it), then the plan's verdict joined, each whatever the other raises."""
-    try:
-        if started_ray:
-            stop_ray()
-    finally:
-        if verdict is not None:  # its trace changes torch's process-wide default dtype: it never outlives run()
-            verdict()
-
-
-def _plan_verdict_in_background(prepared: Prepared) -> Callable[[], str]:
-    """Start the plan's verdict (tracing the model on fake tensors takes seconds) while Ray starts; the returned
-    function waits for the line. ``run`` calls it on every exit path: while transformers builds the traced model
-    it changes torch's process-wide default dtype (other builds wait on ``BUILD_LOCK``), and a caller's tensors
-    after ``run`` returns must not see that."""
+def _plan_verdict(prepared: Prepared) -> str:
+    """The plan's one-line verdict (its fake-tensor trace takes about a second), computed here in the run's own
+    thread before Ray starts: no thread builds a model beside the run (``hessian_core.models.build``)."""
     from .plan import verdict_line
 
-    line: list[str] = []
-    thread = threading.Thread(target=lambda: line.append(verdict_line(prepared.config, model_path=prepared.model_path)),
-                              name="plan-verdict")
-    thread.start()
-
-    def result() -> str:
-        thread.join()
-        return line[0] if line else "plan: unavailable"
-    return result
+    return verdict_line(prepared.config, model_path=prepared.model_path)
 
 
 def _use_calibration(calibration: Calibration, prepared: Prepared, recorder: Recorder, scheduler: Scheduler) -> None:
@@ -151,7 +131,7 @@ def unfinished_tasks(prepared: Prepared, recorder: Recorder, *, eps: float) -> l
 
 def block_spectrum_tasks(prepared: Prepared, recorder: Recorder, *, eps: float) -> list[BlockSpectrumTask]:
     """One task per (block, probe) not finished yet, probe-major so that every block gets its first probe early."""
-    from actors.model_loading import block_names
+    from hessian_core.models import block_names
 
     config = prepared.config
     lz, blocks = config.lanczos, config.blocks
@@ -196,7 +176,7 @@ def _remaining_steps(prepared: Prepared, recorder: Recorder) -> int:
     blocks = config.blocks.probes - len(recorder.block_probes) if config.blocks.enabled else 0
     spectra = 0
     if config.blocks.spectra:  # one progress step per (block, probe) task; the block count needs the model
-        from actors.model_loading import block_names
+        from hessian_core.models import block_names
 
         spectra = len(block_names(model_spec(prepared))) * config.blocks.probes - len(recorder.block_spectra)
     return slq + blocks + spectra

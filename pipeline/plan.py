@@ -20,7 +20,7 @@ Per rank, with S the largest local shard (FSDP2 pads dim 0 to a multiple of the 
 The total is their sum, a bound for the peak at the start of a backward when gradients from an earlier
 batch are held. Host memory while loading is one full model in the master dtype plus its shard (plus the
 weight file's pages for a pretrained model), or only the shard where the ranks load sharded
-(``actors.model_loading.choose_loading``); on a CPU run host and device are the same memory, so the peak
+(``hessian_core.models.choose_loading``); on a CPU run host and device are the same memory, so the peak
 is the larger of the two. Checkpoints write the kept Lanczos rows (plus 2) per save, not held in memory.
 """
 
@@ -85,60 +85,42 @@ def _no_packed_sequences():
 
 
 def hf_config(config: RunConfig, model_path: str | None):
-    """The model's HF config without weights: from model.path's config.json, model.config, or the demo's."""
-    from transformers import AutoConfig
-
-    from actors.sharded_loading import checkpoint_format
+    """The model's HF config without weights, as the ranks build it (``hessian_core.models.hf_config``; the
+    demo's architecture before its folder exists); ConfigError, one line, where it cannot be read."""
+    from hessian_core.models import checkpoint_format
+    from hessian_core.models import hf_config as resolve
 
     from . import demo
+    from .preflight import spec_for
 
-    m = config.model
-    if m.path == demo.DEMO:
-        return demo._config()
-    if model_path:
+    if model_path and model_path != demo.DEMO:
         from .data import looks_local
 
         if looks_local(model_path) and not os.path.isdir(model_path):
             raise ConfigError(f"model.path {model_path!r} does not exist (expected a local model folder or hub id)")
-        if os.path.isdir(model_path) and checkpoint_format(model_path) == "dcp":
-            return _dcp_architecture(config, model_path)
-        if os.path.isdir(model_path) and not os.path.exists(os.path.join(model_path, "config.json")):
+        if (os.path.isdir(model_path) and checkpoint_format(model_path) != "dcp"
+                and not os.path.exists(os.path.join(model_path, "config.json"))):
             raise ConfigError(f"model.path {model_path!r} has no config.json; it is not a Hugging Face model folder")
-        return AutoConfig.from_pretrained(model_path, revision=m.revision,
-                                          **(m.config or {} if m.init == "random" else {}))
-    overrides = dict(m.config or {})
-    return AutoConfig.for_model(overrides.pop("model_type"), **overrides)
-
-
-def _dcp_architecture(config: RunConfig, model_path: str):
-    """A DCP checkpoint's HF config, as the ranks build it: model.config_path's, or model.config alone."""
-    from actors.model_loading import ModelSpec
-    from actors.sharded_loading import model_config
-
-    m = config.model
     try:
-        return model_config(ModelSpec(path=model_path, config_path=m.config_path, config_overrides=m.config or {}))
+        return resolve(spec_for(config, model_path))
     except (OSError, ValueError) as e:
         raise ConfigError(str(e).strip().splitlines()[0]) from None
 
 
-def trace_model(cfg, *, world: int, compute_dtype: str, attn: str, batch: int, seq_len: int) -> ModelShape:
-    """Build the model on fake tensors and run the analysis loss forward on a fake ``[batch, seq_len]`` batch."""
+def trace_model(spec, *, world: int, batch: int, seq_len: int) -> ModelShape:
+    """Build ``spec``'s model on fake tensors (in ``spec.dtype``: the compute dtype) and run the analysis loss
+    forward on a fake ``[batch, seq_len]`` batch."""
     import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers import AutoModelForCausalLM
 
     from hessian_core import causal_lm_loss, transformer_blocks
+    from hessian_core.models import build, fake_mode
 
     saved: dict[int, tuple[int, str]] = {}  # storage -> (bytes, owner: a block index or "outside")
     keep_alive = []  # storages stay referenced so their addresses are not reused during the trace
     current = ["outside"]
     inputs: list[int] = []
-    from actors.model_loading import BUILD_LOCK
-
-    with BUILD_LOCK, FakeTensorMode(allow_non_fake_inputs=True), _no_packed_sequences():
-        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, compute_dtype), attn_implementation=attn)
-        model.eval()
+    model = build(spec, device="fake", for_analysis=False)
+    with fake_mode(model), _no_packed_sequences():
         params = {id(p): p for p in model.parameters()}.values()
         param_storages = {p.untyped_storage()._cdata for p in params}
         blocks = transformer_blocks(model)
@@ -230,7 +212,7 @@ def memory_plan(config: RunConfig, shape: ModelShape, *, pretrained_file_bytes: 
                  f"{', checkpointed' if m.activation_checkpointing else ''})",
                  act_ckpt if m.activation_checkpointing else act))
     total = sum(b for _, b in rows)
-    # a full load holds the whole model (then its shard); a sharded load (actors.model_loading) only the shard
+    # a full load holds the whole model (then its shard); a sharded load (hessian_core.models) only the shard
     loading = (s * master if sharded_loading else
                shape.num_params * master + (s * master if sharded else 0) + pretrained_file_bytes)
     peak = total if cl.use_gpu else max(total, loading)
@@ -272,27 +254,27 @@ def _weight_file_bytes(model_path: str | None, init: str) -> int:
 def plan_run(config: RunConfig, *, model_path: str | None = None) -> MemoryPlan:
     """The memory plan of ``config`` (model_path: the resolved model folder, default model.path)."""
     model_path = model_path if model_path is not None else config.model.path
-    cfg = hf_config(config, model_path)
+    hf_config(config, model_path)  # a one-line ConfigError where the architecture cannot be read
+    from .preflight import spec_for
+
+    spec = spec_for(config, model_path)
     try:
-        shape = trace_model(cfg, world=config.cluster.num_workers,
-                            compute_dtype=config.model.compute_dtype or config.model.dtype,
-                            attn=config.model.attn_implementation,
+        shape = trace_model(replace(spec, dtype=config.model.compute_dtype or config.model.dtype),
+                            world=config.cluster.num_workers,
                             batch=config.data.batch_size // config.cluster.num_workers, seq_len=config.data.seq_len)
     except (TypeError, ValueError, KeyError) as e:
         raise ConfigError(f"model {config.model.path!r}: cannot build it from its config "
                           f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
     return memory_plan(config, shape, pretrained_file_bytes=_weight_file_bytes(model_path, config.model.init),
-                       sharded_loading=_loads_sharded(config, model_path))
+                       sharded_loading=_loads_sharded(spec, world_size=config.cluster.num_workers))
 
 
-def _loads_sharded(config: RunConfig, model_path: str | None) -> bool:
-    """Whether the ranks will read only their shards (actors.model_loading.choose_loading); False if unknown."""
-    from actors.model_loading import ModelSpec, choose_loading
+def _loads_sharded(spec, *, world_size: int) -> bool:
+    """Whether the ranks will read only their shards (hessian_core.models.choose_loading); False if unknown."""
+    from hessian_core.models import choose_loading
 
-    m = config.model
     try:
-        spec = ModelSpec(path=model_path, init=m.init, dtype=m.dtype, loading=m.loading)
-        return choose_loading(spec, world_size=config.cluster.num_workers) == "sharded"
+        return choose_loading(spec, world_size=world_size) == "sharded"
     except (ValueError, OSError):
         return False
 

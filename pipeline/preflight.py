@@ -71,7 +71,7 @@ def preflight(config: RunConfig, *, fresh: bool = False) -> Prepared:
         data_path = demo_data if data_path == demo.DEMO else data_path
     arch_path = model_path  # the folder with config.json and the tokenizer
     if model_path and looks_local(model_path):
-        from actors.sharded_loading import checkpoint_format
+        from hessian_core.models import checkpoint_format
 
         if not os.path.isdir(model_path):
             raise ConfigError(f"model.path {model_path!r} does not exist (expected a local model folder or hub id)")
@@ -80,7 +80,7 @@ def preflight(config: RunConfig, *, fresh: bool = False) -> Prepared:
         elif not os.path.exists(os.path.join(model_path, "config.json")):
             raise ConfigError(f"model.path {model_path!r} has no config.json; it is not a Hugging Face model folder")
         elif config.model.init == "pretrained" and not _has_weights(model_path):
-            from actors.model_loading import WEIGHT_FILES
+            from hessian_core.models import WEIGHT_FILES
 
             raise ConfigError(f"model.path {model_path!r} has no weights ({', '.join(WEIGHT_FILES)}); "
                               f"set model.init=random to analyse random weights")
@@ -89,14 +89,13 @@ def preflight(config: RunConfig, *, fresh: bool = False) -> Prepared:
             if checkpoint_format(model_path) == "safetensors":
                 _check_keys(config, model_path)
     if config.model.loading != "auto":
-        from actors.model_loading import choose_loading
+        from hessian_core.models import choose_loading
 
         try:
-            choose_loading(model_spec(Prepared(config, model_path, torch.zeros(0))),
-                           world_size=config.cluster.num_workers)
+            choose_loading(spec_for(config, model_path), world_size=config.cluster.num_workers)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    hf_config = _hf_config(config, arch_path)
+    hf_config = _hf_config(config, model_path)
     if hf_config is not None:
         check_context(hf_config, config.data.seq_len)
     data = config.data
@@ -132,7 +131,7 @@ def _check_analysis_set(batches: torch.Tensor | BatchSet, data_path: str, *, voc
 
 
 def _has_weights(path: str) -> bool:
-    from actors.model_loading import has_weights
+    from hessian_core.models import has_weights
 
     return has_weights(path)
 
@@ -159,25 +158,21 @@ def _check_dcp(config: RunConfig, model_path: str) -> str | None:
 def _check_keys(config: RunConfig, model_path: str) -> None:
     """The checkpoint's keys, shapes and (DCP) data files against the model the ranks will build (metadata and
     headers only): a tensor missing from it would otherwise be loaded randomly initialised, or refused late."""
-    from actors.checkpoint_check import check_checkpoint
+    from hessian_core.models import check_checkpoint
 
     try:
-        check_checkpoint(model_spec(Prepared(config, model_path, torch.zeros(0))),
-                         world_size=config.cluster.num_workers)
+        check_checkpoint(spec_for(config, model_path), world_size=config.cluster.num_workers)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
 
 def _hf_config(config: RunConfig, model_path: str | None):
-    """The model's HF config with the run's overrides (vocab size, context), or None where it cannot be read
-    without the network (a hub id offline: the ranks report it when loading)."""
-    from transformers import AutoConfig
+    """The model's HF config as the ranks build it (``hessian_core.models.hf_config``), or None where it cannot
+    be read without the network (a hub id offline: the ranks report it when loading)."""
+    from hessian_core.models import hf_config
 
-    overrides = dict(config.model.config or {}) if config.model.init == "random" else {}
     try:
-        if model_path:
-            return AutoConfig.from_pretrained(model_path, revision=config.model.revision, **overrides)
-        return AutoConfig.for_model(overrides.pop("model_type"), **overrides)
+        return hf_config(spec_for(config, model_path))
     except Exception:  # noqa: BLE001 - offline hub ids and unknown model types raise many types
         return None
 
@@ -219,10 +214,20 @@ def _check_address(address: str | None) -> None:
 
 def model_spec(prepared: Prepared):
     """What each rank loads, from the config and the resolved model path."""
-    from actors.model_loading import ModelSpec
+    return spec_for(prepared.config, prepared.model_path)
 
-    m = prepared.config.model
-    return ModelSpec(path=prepared.model_path, revision=m.revision, init=m.init, dtype=m.dtype,
+
+def spec_for(config: RunConfig, model_path: str | None):
+    """The ``ModelSpec`` of ``config`` with ``model_path`` (the resolved model folder). The built-in demo, before
+    the preflight has built its folder (``plan``), is its architecture with random weights: the same model."""
+    from hessian_core.models import ModelSpec
+
+    m = config.model
+    if model_path == demo.DEMO:
+        return ModelSpec(path=None, init="random", dtype=m.dtype, attn_implementation=m.attn_implementation,
+                         config_overrides=demo.architecture(), compute_dtype=m.compute_dtype,
+                         activation_checkpointing=m.activation_checkpointing)
+    return ModelSpec(path=model_path, revision=m.revision, init=m.init, dtype=m.dtype,
                      attn_implementation=m.attn_implementation, config_overrides=m.config or {}, seed=m.seed,
                      config_path=m.config_path, loading=m.loading, compute_dtype=m.compute_dtype,
                      activation_checkpointing=m.activation_checkpointing)

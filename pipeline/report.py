@@ -76,9 +76,8 @@ def _config_and_versions(info: dict) -> str:
 
 
 def _run_section(run_dir: str, info: RunInfo, *, heading: str) -> str:
-    from .cli import format_summary
-
     from .run_state import block_order, describe_run
+    from .summary import format_summary
 
     folder = RunFolder(run_dir)
     out = [f"<h2>{html.escape(heading)}</h2>"]

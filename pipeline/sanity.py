@@ -108,7 +108,7 @@ def _check_safetensors(path: str) -> None:
             raise ValueError(f"tensors end at byte {8 + length + end} of a {size}-byte file (truncated)")
     except (struct.error, ValueError, KeyError, TypeError, IndexError) as e:
         raise ConfigError(f"weight file {path!r} is corrupt: {e}") from None
-    from actors.safetensors_slices import SAFETENSORS_DTYPES
+    from hessian_core.models.safetensors_slices import SAFETENSORS_DTYPES
 
     for key, entry in header.items():
         if key != "__metadata__" and entry.get("dtype") not in SAFETENSORS_DTYPES:

@@ -71,8 +71,8 @@ def hvp_and_lanczos(model, batches, *, steps: int) -> dict:
 def compare_loads(rank: int, world: int, port: int, path: str, out_dir: str) -> None:
     """Sharded load against full load + fully_shard, in float32 and float64: shards, and (float64) HVP and
     Lanczos coefficients."""
-    from actors.model_loading import ModelSpec, load_model
-    from actors.sharded_loading import load_sharded
+    from hessian_core.models import ModelSpec, load_model
+    from hessian_core.models.sharded import load_sharded
 
     with process_group(rank, world, port):
         out = {}
@@ -124,7 +124,7 @@ def finetune_and_save(rank: int, world: int, port: int, hf_config_dir: str, out_
 
 def hvp_of_loads(rank: int, world: int, port: int, specs: dict, out_dir: str) -> None:
     """The float64 FD HVP (and alpha/beta) of each named spec, loaded with ``load_for_rank`` as a worker does."""
-    from actors.model_loading import load_for_rank
+    from hessian_core.models import load_for_rank
 
     with process_group(rank, world, port):
         out = {}
@@ -139,7 +139,7 @@ def wrapped_modules(rank: int, world: int, port: int, specs: dict, out_dir: str)
     and how the model was loaded."""
     from torch.distributed.fsdp import FSDPModule
 
-    from actors.model_loading import load_for_rank
+    from hessian_core.models import load_for_rank
 
     with process_group(rank, world, port):
         out = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from actors.model_loading import ModelSpec
+from hessian_core.models import ModelSpec
 from actors.records import ProbeTask, as_dict
 from actors.worker import Worker
 

@@ -119,12 +119,12 @@ def test_a_float64_llama_as_transformers_builds_it_is_measured_in_float64_and_gi
 
 
 def test_the_cli_model_preparation_makes_the_same_float64_fixes():
-    """actors.model_loading.prepare_for_analysis applies float64_numerics too: an eager float64 Llama as
+    """hessian_core.models.prepare_for_analysis applies float64_numerics too: an eager float64 Llama as
     transformers builds it (float32 RMSNorm and softmax) gets the FD HVP of the float64 model (1.3e-3 off
     with the RMSNorm fix alone)."""
-    from actors.model_loading import prepare_for_analysis
-    from helpers import flatten, rel
     from hessian_core import FiniteDifferenceHVP, ParamSpace, exact_hvp, probe_vector
+    from hessian_core.models import prepare_for_analysis
+    from helpers import flatten, rel
 
     model = make_tiny_model("llama", train_steps=5)
     batches = make_batches(num_batches=2, batch_size=2, seed=7)

@@ -10,12 +10,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from actors.model_loading import ModelSpec, choose_loading, load_for_rank, load_model
-from actors.checkpoint_check import check_checkpoint
-from actors.sharded_loading import load_sharded
 from actors.worker import free_port
 from helpers import dense_hessian, flatten, make_batches, rel, tiny_config
 from hessian_core import FiniteDifferenceHVP, ParamSpace, parameter_blocks, probe_vector
+from hessian_core.models import ModelSpec, check_checkpoint, choose_loading, load_for_rank, load_model
+from hessian_core.models.sharded import load_sharded
 from loading_worker import HVP_EPS, compare_loads, finetune_and_save, global_batches, hvp_of_loads
 
 CPU = torch.device("cpu")

@@ -23,7 +23,7 @@ def files(tmp_path_factory):
     """The pipeline fixtures' tiny GPT-NeoX folder, its data, and the same weights as DCP checkpoints."""
     import torch.distributed.checkpoint as dcp
 
-    from actors.model_loading import ModelSpec, load_model
+    from hessian_core.models import ModelSpec, load_model
 
     tmp = tmp_path_factory.mktemp("loading-pipeline")
     model, data = assets(str(tmp))

@@ -77,7 +77,7 @@ def test_moe_models_are_sharded_and_named_per_decoder_layer(tmp_path):
     (transformers 4), the full load where transformers 5 fuses the experts while loading."""
     import torch.multiprocessing as mp
 
-    from actors.model_loading import ModelSpec
+    from hessian_core.models import ModelSpec
 
     specs = {kind: ModelSpec(path=save_moe(tmp_path / kind, kind, layers=2), dtype="float64")
              for kind in ("mixtral", "qwen2_moe", "qwen3_moe")}
@@ -93,7 +93,7 @@ def test_moe_models_are_sharded_and_named_per_decoder_layer(tmp_path):
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
 def test_moe_fd_hvp_matches_the_dense_hessian(kind, tmp_path):
-    from actors.model_loading import ModelSpec, load_model
+    from hessian_core.models import ModelSpec, load_model
 
     model = load_model(ModelSpec(path=save_moe(tmp_path / kind, kind, layers=1), dtype="float64"))
     batches = make_batches(num_batches=1, batch_size=4, seq_len=6, vocab=MOE_VOCAB, seed=7)

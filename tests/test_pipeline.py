@@ -118,7 +118,7 @@ def test_run_json_records_status_summary_and_timing(runs):
 
 
 def test_ritz_extremes_match_the_dense_hessian(runs):
-    from actors.model_loading import ModelSpec, load_model
+    from hessian_core.models import ModelSpec, load_model
 
     model = load_model(ModelSpec(path=runs["model"], dtype="float64"))
     batches = list(make_batches(num_batches=1, batch_size=8, seed=7)[0].reshape(2, 4, -1))

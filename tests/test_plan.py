@@ -9,7 +9,7 @@ import yaml
 
 from helpers import tiny_config
 from hessian_core import causal_lm_loss
-from hessian_core.precision import checkpoint_blocks
+from hessian_core.models import ModelSpec, checkpoint_blocks
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.plan import (activation_bytes, memory_plan, parse_size, plan_run, predicted_seconds, suggestion,
@@ -18,6 +18,11 @@ from pipeline.plan import (activation_bytes, memory_plan, parse_size, plan_run, 
 TINY = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128,
         "tie_word_embeddings": False}
+
+
+def spec_of(cfg, dtype: str = "float32") -> ModelSpec:
+    """The spec of a random-weight model of the HF config ``cfg`` with sdpa attention."""
+    return ModelSpec(path=None, init="random", dtype=dtype, attn_implementation="sdpa", config_overrides=cfg.to_diff_dict())
 
 
 def tiny_run_config(tmp_path, **sections) -> str:
@@ -56,7 +61,7 @@ def test_fake_trace_counts_the_bytes_a_real_forward_saves(arch):
 
     cfg = tiny_config(arch, hidden=32, layers=2, vocab=64)
     cfg.max_position_embeddings = 128
-    shape = trace_model(cfg, world=1, compute_dtype="float32", attn="sdpa", batch=2, seq_len=96)
+    shape = trace_model(spec_of(cfg), world=1, batch=2, seq_len=96)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa").eval()
     real = real_saved_bytes(model, torch.zeros(2, 96, dtype=torch.long))
     traced = shape.saved_outside_blocks + sum(shape.saved_per_block)
@@ -152,25 +157,24 @@ def test_run_prints_the_verdict_line(tmp_path):
 
 
 def _builds_in_two_threads(rounds: int = 12) -> torch.dtype:
-    """The plan's trace (float32) in a thread while the main thread builds a float64 model for its block names,
-    as a sweep's points or a run's verdict do in one process; returns torch's default dtype afterwards."""
+    """The plan's trace in float64 in a thread while the main thread builds a model for its block names, as a
+    sweep's points (runs in threads of one process) may; returns torch's default dtype afterwards."""
     import threading
 
-    from actors.model_loading import ModelSpec, block_names
+    from hessian_core.models import block_names
 
     cfg = tiny_config("gpt_neox", hidden=16, layers=2)
-    spec = ModelSpec(path=None, init="random", dtype="float64", config_overrides=cfg.to_diff_dict())
     done = threading.Event()
 
     def trace():
         while not done.is_set():
-            trace_model(cfg, world=1, compute_dtype="float32", attn="sdpa", batch=1, seq_len=8)
+            trace_model(spec_of(cfg, dtype="float64"), world=1, batch=1, seq_len=8)
 
     thread = threading.Thread(target=trace)
     thread.start()
     try:
         for _ in range(rounds):
-            block_names(spec)
+            block_names(spec_of(cfg))
     finally:
         done.set()
         thread.join()
@@ -180,12 +184,32 @@ def _builds_in_two_threads(rounds: int = 12) -> torch.dtype:
 def test_model_builds_in_threads_leave_the_default_dtype_alone():
     """transformers sets and restores a process-wide default dtype around a build: two builds interleaved can
     leave it changed for good (float64 here, so later float32 code ran in float64: 8 tests of a full suite
-    failed that way). Every build holds BUILD_LOCK; with the lock replaced by a null context, 40 rounds left
-    the default at float64 (checked once, not here: a race is not a reliable test)."""
+    failed that way). Every build goes through hessian_core.models.build, which holds one lock around it; with
+    the lock replaced by a null context, 40 rounds left the default at float64 (checked once, not here: a race
+    is not a reliable test)."""
     try:
         assert _builds_in_two_threads() == torch.float32
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def test_the_drivers_weightless_builds_never_change_the_default_dtype(monkeypatch):
+    """Block names and the parameter count of a float64 model, as the driver takes them (in a sweep, beside
+    other points' threads): torch's default dtype is never set to anything but what it is, while the names and
+    the count are those of the float64 model the ranks build."""
+    from hessian_core import ParamSpace, parameter_blocks
+    from hessian_core.models import block_names, build, parameter_count
+
+    spec = spec_of(tiny_config("llama", hidden=16, layers=2), dtype="float64")
+    reference = build(spec, device="meta")
+    assert {p.dtype for p in reference.parameters()} == {torch.float64}
+    set_to = []
+    original = torch.set_default_dtype
+    monkeypatch.setattr(torch, "set_default_dtype", lambda dtype: (set_to.append(dtype), original(dtype)))
+    names, count = block_names(spec), parameter_count(spec)
+    assert set_to and set(set_to) == {torch.float32}, set_to
+    assert names == list(parameter_blocks(reference, ParamSpace(reference)))
+    assert count == ParamSpace(reference).numel
 
 
 def test_a_gpu_cluster_is_planned_from_a_machine_without_a_gpu(tmp_path, capsys, monkeypatch):
@@ -224,3 +248,28 @@ def test_the_suggested_rank_count_is_the_smallest_that_fits(tmp_path):
     four, five = traced(4).peak, traced(5).peak
     assert five < four
     assert suggestion(traced(1), (four + five) // 2) == "cluster.num_workers=5 data.batch_size=5"
+
+
+def test_one_hf_config_for_the_plan_the_preflight_and_the_ranks(tmp_path):
+    """The architecture is resolved in one place (hessian_core.models.hf_config): a DCP checkpoint's
+    model.config_path with model.config applied, and the built-in demo before its folder exists, come out the
+    same for the plan, the preflight's checks and the model the ranks build."""
+    from hessian_core.models import build, hf_config
+    from pipeline import demo, plan, preflight
+
+    arch = tmp_path / "arch"
+    tiny_config("llama", hidden=16, layers=2, vocab=64).save_pretrained(arch)
+    dcp = tmp_path / "dcp"
+    dcp.mkdir()
+    (dcp / ".metadata").write_bytes(b"")  # what marks a DCP folder; its keys are not read here
+    config = load_config(tiny_run_config(tmp_path, model={"init": "pretrained", "path": str(dcp),
+                                                           "config_path": str(arch), "config": {"vocab_size": 96}}))
+    spec = preflight.spec_for(config, str(dcp))
+    for resolved in (plan.hf_config(config, str(dcp)), preflight._hf_config(config, str(dcp)), hf_config(spec)):
+        assert (resolved.model_type, resolved.vocab_size, resolved.hidden_size) == ("llama", 96, 16)
+    assert build(spec, device="meta").get_input_embeddings().weight.shape == (96, 16)
+
+    config = load_config(tiny_run_config(tmp_path, model={"init": "pretrained", "path": demo.DEMO, "config": None}))
+    expected = demo._config().to_diff_dict()
+    assert plan.hf_config(config, demo.DEMO).to_diff_dict() == expected
+    assert hf_config(preflight.spec_for(config, demo.DEMO)).to_diff_dict() == expected

@@ -22,8 +22,8 @@ from helpers import dense_hessian, flatten, make_batches, make_tiny_model, rel
 from hessian_core import (FiniteDifferenceHVP, ParamSpace, calibrate_eps, lanczos, probe_vector, ritz_rule,
                           extreme_eigenvalues, shard_model)
 from hessian_core.error_bars import extreme_error_bars
-from hessian_core.precision import (checkpoint_blocks, compute_dtype_of, mixed_precision_policy,
-                                    single_process_group)
+from hessian_core.models import checkpoint_blocks
+from hessian_core.precision import compute_dtype_of, mixed_precision_policy, single_process_group
 from precision_ranks import run_rank, slq_on_worker, tiny_spec
 
 

@@ -7,7 +7,8 @@ import os
 import numpy as np
 
 from hessian_core import ritz_rule
-from pipeline.cli import format_summary, main
+from pipeline.cli import main
+from pipeline.summary import format_summary
 from pipeline.compare import compare
 from pipeline.tables import LANCZOS_SCHEMA, RITZ_SCHEMA, write_json, write_table
 

@@ -1,9 +1,9 @@
 """Refusing, before Ray starts, a DCP or safetensors checkpoint that the ranks would not read completely and
-exactly: a key missing or unexpected for the way it will be read (sharded by ``actors.sharded_loading``, or
+exactly: a key missing or unexpected for the way it will be read (sharded by ``hessian_core.models.sharded``, or
 fully by transformers' ``from_pretrained``, which would leave a missing tensor randomly initialised); a tied
 alias such as ``lm_head.weight`` may be present or absent. Then a shape unlike the model's, and a DCP data file
 missing or shorter than its metadata records. Only the DCP metadata and the safetensors headers are read; the
-model is built on the meta device (``sharded_loading.build_on_meta``, under ``BUILD_LOCK``)."""
+model is built on the meta device (``build(spec, device="meta")``)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ import os
 
 from torch import nn
 
-from .model_loading import ModelSpec, reads_sharded
-from .sharded_loading import (build_on_meta, checkpoint_format, ignored_on_load, key_mismatch, read_dcp_metadata,
-                              read_plan, state_keys, stored_names, stored_tensors)
+from .build import build
+from .config import checkpoint_format
+from .loading import reads_sharded
+from .sharded import (ignored_on_load, key_mismatch, read_dcp_metadata, read_plan, state_keys, stored_names,
+                      stored_tensors)
+from .spec import ModelSpec
 
 StoredTensors = dict[str, tuple[list[int] | None, str]]  # stored key -> (shape, the file describing it)
 
@@ -21,7 +24,7 @@ StoredTensors = dict[str, tuple[list[int] | None, str]]  # stored key -> (shape,
 def check_checkpoint(spec: ModelSpec, *, world_size: int = 1) -> None:
     """Raise ValueError, in one line naming the folder and the first key, tensor or file at fault, where
     ``spec.path`` (a DCP or safetensors folder) would not load exactly into the model on ``world_size`` ranks."""
-    model = build_on_meta(spec)
+    model = build(spec, device="meta")
     stored = stored_tensors(spec.path)
     fmt = checkpoint_format(spec.path)
     names, problem = read_plan(model, spec.path, stored=list(stored))

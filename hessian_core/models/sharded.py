@@ -15,82 +15,19 @@ alias (``lm_head.weight`` when it is the input embedding) may be present or abse
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import warnings
-from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from hessian_core import shard_model
+from .build import build
+from .config import DCP_METADATA, SAFETENSORS_INDEX, checkpoint_format
+from .parallel import parallelize
+from .spec import ModelSpec
 
-from .model_loading import BUILD_LOCK, ModelSpec, hf_kwargs, prepare_for_analysis
-
-DCP_METADATA = ".metadata"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 NESTED_PREFIX = "model."  # dcp.save({"model": state_dict, ...}) flattens the model's keys under this
-
-
-def checkpoint_format(path: str | None) -> str:
-    """``dcp``, ``safetensors`` (single file or index-sharded), ``other`` (.bin, a hub id) or ``none``."""
-    if not path:
-        return "none"
-    if os.path.isfile(os.path.join(path, DCP_METADATA)):
-        return "dcp"
-    if os.path.isfile(os.path.join(path, SAFETENSORS_INDEX)) or os.path.isfile(os.path.join(path, "model.safetensors")):
-        return "safetensors"
-    return "other"
-
-
-def model_config(spec: ModelSpec):
-    """The HF config of the architecture: a Hugging Face model folder's own (as ``from_pretrained`` reads it);
-    for a DCP checkpoint, ``config_path``'s with ``config_overrides`` applied, or ``config_overrides`` alone."""
-    from transformers import AutoConfig
-
-    if spec.path and checkpoint_format(spec.path) != "dcp":
-        return AutoConfig.from_pretrained(spec.path, revision=spec.revision)
-    overrides = dict(spec.config_overrides)
-    if spec.config_path:
-        return AutoConfig.from_pretrained(spec.config_path, **overrides)
-    if "model_type" not in overrides:
-        raise ValueError(f"model.path {spec.path!r} is a DCP checkpoint: set model.config_path (a folder with the "
-                         f"HF config.json) or model.config with model_type")
-    return AutoConfig.for_model(overrides.pop("model_type"), **overrides)
-
-
-@contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Every parameter registered inside goes to the meta device at once; buffers stay real.
-
-    A parameter is moved when it is assigned, before its module initialises it, so its (untouched) CPU
-    memory is never resident. Buffers such as rotary ``inv_freq`` are computed exactly as a normal load
-    computes them, which is why this is not simply ``with torch.device("meta")``."""
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
-def build_on_meta(spec: ModelSpec) -> nn.Module:
-    """The model with its parameters on meta and real buffers, in eval mode, every parameter trainable."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    config = model_config(spec)
-    with BUILD_LOCK, parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, **hf_kwargs(spec))
-    return prepare_for_analysis(model)
 
 
 def state_keys(model: nn.Module) -> tuple[list[str], set[str]]:
@@ -266,16 +203,13 @@ def fill_from_checkpoint(model: nn.Module, path: str, *, names: dict[str, str]) 
 
 
 def load_sharded(spec: ModelSpec, *, device: torch.device, mesh=None, model: nn.Module | None = None) -> nn.Module:
-    """Meta build (or ``model``, already built on meta), ``fully_shard`` over ``mesh`` (None: unsharded),
-    local shards allocated on ``device`` and read from ``spec.path``."""
-    model = build_on_meta(spec) if model is None else model
+    """Meta build (or ``model``, already built on meta), ``parallelize`` over ``mesh`` (None: unsharded), local
+    shards allocated on ``device`` and read from ``spec.path``."""
+    model = build(spec, device="meta") if model is None else model
     names, problem = read_plan(model, spec.path)
     if problem:
         raise ValueError(f"model.path {spec.path!r} {problem}")
-    if mesh is not None:
-        from .model_loading import sharding_options
-
-        shard_model(model, mesh=mesh, **sharding_options(spec))
+    parallelize(model, spec, mesh)
     materialize(model, device=device)
     fill_from_checkpoint(model, spec.path, names=names)
     return model
