@@ -1,9 +1,17 @@
-"""Typed records that cross Ray between the driver and a group: tasks going out, results and progress coming back."""
+"""Typed records that cross Ray between the driver and a group: tasks going out, results and progress coming back.
+
+A task record runs itself on a rank: ``task.run(ctx)``, ``ctx`` being the rank (``actors.tasks.RankContext``:
+its model, operator, batches...), so one ``Worker.execute(task)`` serves every kind. The rank-side code of the
+package's own tasks is in ``actors.rank_work``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
+
+from .tasks import TaskRecord
 
 
 def as_dict(record) -> dict:
@@ -47,7 +55,7 @@ class Calibration:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ProbeTask:
+class ProbeTask(TaskRecord):
     """One SLQ probe: a Lanczos run from probe ``probe_id``'s start vector, resumed from a checkpoint if any."""
 
     probe_id: int
@@ -66,9 +74,18 @@ class ProbeTask:
     def label(self) -> str:
         return f"probe {self.probe_id}"
 
+    @property
+    def affinity(self) -> tuple:
+        return ("probe", self.probe_id)
+
+    def run(self, ctx) -> ProbeResult:
+        from .rank_work import run_probe
+
+        return run_probe(ctx, self)
+
 
 @dataclass(frozen=True, kw_only=True)
-class BlockTask:
+class BlockTask(TaskRecord):
     """One block-diagonal analysis probe (a Gaussian vector, one HVP per block and one whole)."""
 
     probe_id: int
@@ -80,9 +97,14 @@ class BlockTask:
     def label(self) -> str:
         return f"block probe {self.probe_id}"
 
+    def run(self, ctx) -> BlockResult:
+        from .rank_work import run_blocks
+
+        return run_blocks(ctx, self)
+
 
 @dataclass(frozen=True, kw_only=True)
-class BlockSpectrumTask:
+class BlockSpectrumTask(TaskRecord):
     """One SLQ probe of a diagonal block H_bb (``blocks.spectra``): Lanczos over the block's parameters."""
 
     block: str
@@ -98,6 +120,112 @@ class BlockSpectrumTask:
     @property
     def label(self) -> str:
         return f"block {self.block} probe {self.probe_id}"
+
+    def run(self, ctx) -> BlockSpectrumResult:
+        from .rank_work import run_block_spectrum
+
+        return run_block_spectrum(ctx, self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrationTask(TaskRecord):
+    """Choose (or assess) eps along ``probe``'s start vector on the first group that forms; the group keeps the
+    HVP at that eps as the probe's first Lanczos step."""
+
+    probe: ProbeTask
+    fixed_eps: float | None
+    assess: bool = True  # false: take fixed_eps as it is and only time one gradient
+    retry_on_error = False  # a calibration that fails would fail again: the run stops
+
+    @property
+    def label(self) -> str:
+        return "eps calibration"
+
+    def kept_affinity(self, result: Calibration) -> tuple | None:
+        return self.probe.affinity if result.first_matvec_kept else None
+
+    def run(self, ctx) -> Calibration:
+        from .rank_work import calibrate
+
+        return calibrate(ctx, self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GradientTimingTask(TaskRecord):
+    """The median wall time of one full gradient over the group's analysis set (a float)."""
+
+    repeats: int
+    warmup: bool = True
+
+    @property
+    def label(self) -> str:
+        return "gradient timing"
+
+    def run(self, ctx) -> float:
+        from .rank_work import gradient_seconds
+
+        return gradient_seconds(ctx, repeats=self.repeats, warmup=self.warmup)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HVPErrorTask(TaskRecord):
+    """``hvp-error``: the FD HVP along probe 0 at every eps against the exact and the most stable FD HVP; returns
+    ``hessian_core.eps.HVPErrorStudy``."""
+
+    eps_values: list[float]
+    seed: int
+    scheme: str
+
+    @property
+    def label(self) -> str:
+        return "hvp-error study"
+
+    def run(self, ctx) -> Any:
+        from .rank_work import hvp_errors
+
+        return hvp_errors(ctx, self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class KernelTiming:
+    """One kernel of ``bench`` (hessian_core.profiling.measure_kernels' row): its time and peak memory."""
+
+    kernel: str
+    seconds: float
+    seconds_min: float
+    peak_mib: float
+    repeats: int
+    note: str | None = None
+    ratio_to_gradient: float
+    peak_over_gradient_mib: float
+    device: str
+    dtype: str
+    num_params: int
+    local_params: int
+    pid: int
+
+    def as_row(self) -> dict:
+        """The row as bench.json has it (``note`` only where there is one)."""
+        return {k: v for k, v in as_dict(self).items() if k != "note" or v is not None}
+
+
+@dataclass(frozen=True, kw_only=True)
+class KernelBenchTask(TaskRecord):
+    """``bench``'s kernels: gradient, FD and exact HVP, Lanczos vector work; returns a list of KernelTiming."""
+
+    eps: float
+    repeats: int
+    window: int
+    vector_dtype: str
+
+    @property
+    def label(self) -> str:
+        return "kernel benchmark"
+
+    def run(self, ctx) -> list[KernelTiming]:
+        from .rank_work import kernel_timings
+
+        return kernel_timings(ctx, self)
 
 
 @dataclass(frozen=True, kw_only=True)
