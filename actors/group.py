@@ -3,8 +3,8 @@ that holds one FSDP2-sharded copy of the model.
 
 Nothing here blocks: the placement group is requested at construction, ``placed`` is the reference that
 resolves once the cluster has room (on an autoscaling cluster a pending placement group is what asks for a
-node), ``start`` creates the ranks and returns the references of their setup, and each task method returns one
-reference per rank (they run collectives together; rank 0's result is the group's).
+node), ``start`` creates the ranks and returns the references of their setup, and ``execute(task)`` returns one
+reference per rank (they run the task together; rank 0's result is the group's).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from hessian_core.models import ModelSpec
 
-from .records import BlockSpectrumTask, BlockTask, GroupInfo, ProbeTask
+from .results import GroupInfo
+from .tasks import TaskRecord
 from .worker import Worker
 
 RemoteWorker = ray.remote(Worker)
@@ -65,27 +66,10 @@ class WorkerGroup:
                          loading_per_rank=[i.loading_per_rank[0] for i in infos],
                          load_memory_per_rank=[i.load_memory_per_rank[0] for i in infos])
 
-    def calibrate(self, task: ProbeTask, *, fixed_eps: float | None, assess: bool = True) -> list[ray.ObjectRef]:
-        return [w.calibrate.remote(task=task, fixed_eps=fixed_eps, assess=assess) for w in self.workers]
-
-    def run_probe(self, task: ProbeTask, *, progress=None) -> list[ray.ObjectRef]:
-        return [w.run_probe.remote(task=task, progress=progress) for w in self.workers]
-
-    def run_blocks(self, task: BlockTask) -> list[ray.ObjectRef]:
-        return [w.run_blocks.remote(task=task) for w in self.workers]
-
-    def run_block_spectrum(self, task: BlockSpectrumTask) -> list[ray.ObjectRef]:
-        return [w.run_block_spectrum.remote(task=task) for w in self.workers]
-
-    def gradient_seconds(self, *, repeats: int, warmup: bool = True) -> list[ray.ObjectRef]:
-        return [w.gradient_seconds.remote(repeats=repeats, warmup=warmup) for w in self.workers]
-
-    def hvp_errors(self, *, eps_values: list[float], seed: int, scheme: str) -> list[ray.ObjectRef]:
-        return [w.hvp_errors.remote(eps_values=eps_values, seed=seed, scheme=scheme) for w in self.workers]
-
-    def benchmark(self, *, eps: float, repeats: int, window: int, vector_dtype: str) -> list[ray.ObjectRef]:
-        return [w.benchmark.remote(eps=eps, repeats=repeats, window=window, vector_dtype=vector_dtype)
-                for w in self.workers]
+    def execute(self, task: TaskRecord, *, progress=None) -> list[ray.ObjectRef]:
+        """Run ``task`` on every rank (``Worker.execute``); one reference per rank, rank 0's the group's result.
+        ``progress``: where rank 0 reports steps (a picklable callable)."""
+        return [w.execute.remote(task, progress=progress) for w in self.workers]
 
     def shutdown(self, *, graceful: bool = True) -> None:
         """Destroy the process group on every rank (all at once, 10 s at most), then kill the actors.

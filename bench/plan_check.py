@@ -47,7 +47,7 @@ def _warm_up(overrides: dict) -> None:
 def rank_main(rank: int, world: int, port: int, config_path: str, overrides: list[str], out: str) -> None:
     import torch
 
-    from actors.records import ProbeTask
+    from actors.records import CalibrationTask, ProbeTask
     from actors.worker import Worker
     from hessian_core.models import ModelSpec
     from pipeline.config import load_config
@@ -72,8 +72,8 @@ def rank_main(rank: int, world: int, port: int, config_path: str, overrides: lis
         return ProbeTask(probe_id=0, seed=0, eps=eps, scheme=config.hvp.scheme, steps=lz.steps, reorth=lz.reorth,
                          window=lz.window, vector_dtype=lz.vector_dtype, checkpoint_dir=None, checkpoint_every=0)
 
-    choice = worker.calibrate(task=task(1.0), fixed_eps=None)
-    worker.run_probe(task=task(choice.eps))
+    choice = worker.execute(CalibrationTask(probe=task(1.0), fixed_eps=None))
+    worker.execute(task(choice.eps))
     peak = _rss("VmHWM") - baseline
     worker.shutdown()
     with open(f"{out}.{rank}", "w") as f:

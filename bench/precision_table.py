@@ -21,6 +21,7 @@ import pyarrow.parquet as pq  # noqa: E402
 def main(config_path: str, dtype: str, compute: str, out_dir: str) -> None:
     import torch
 
+    from actors.records import HVPErrorTask
     from actors.worker import Worker
     from pipeline.config import load_config
     from pipeline.preflight import model_spec, preflight
@@ -36,7 +37,8 @@ def main(config_path: str, dtype: str, compute: str, out_dir: str) -> None:
     worker = Worker(rank=0, world_size=1, use_gpu=False, threads=torch.get_num_threads())
     setup = worker.setup(index=0, rendezvous=None, spec=spec, batches=prepared.batches, timeout_seconds=60)
     eps_values = parse_eps(None, m.dtype, m.compute_dtype)
-    study = worker.hvp_errors(eps_values=eps_values, seed=config.lanczos.seed, scheme=config.hvp.scheme)
+    study = worker.execute(HVPErrorTask(eps_values=eps_values, seed=config.lanczos.seed,
+                                        scheme=config.hvp.scheme)).as_dict()
     summary = summarize(study)
     table = pa.table({"eps": study["eps"], "rel_error_exact": study["rel_error_exact"],
                       "rel_error_stable": study["rel_error_stable"], "predicted_rel_error": study["predicted"],

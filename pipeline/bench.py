@@ -31,13 +31,14 @@ LAYOUTS = ((1, 1), (1, 2), (2, 1))
 def _kernels(prepared, *, eps: float, repeats: int) -> list[dict]:
     config = prepared.config
     from actors.group import rank0
+    from actors.records import CalibrationTask, KernelBenchTask
 
     with one_group(prepared) as (group, _):
         if eps <= 0:
-            eps = rank0(group.calibrate(_probe_zero(prepared), fixed_eps=None)).eps
-        rows = rank0(group.benchmark(eps=eps, repeats=repeats, window=config.lanczos.window,
-                                     vector_dtype=config.lanczos.vector_dtype))
-    return [{**r, "workers": config.cluster.num_workers, "eps": eps} for r in rows]
+            eps = rank0(group.execute(CalibrationTask(probe=_probe_zero(prepared), fixed_eps=None))).eps
+        timings = rank0(group.execute(KernelBenchTask(eps=eps, repeats=repeats, window=config.lanczos.window,
+                                                      vector_dtype=config.lanczos.vector_dtype)))
+    return [{**t.as_row(), "workers": config.cluster.num_workers, "eps": eps} for t in timings]
 
 
 def _probe_zero(prepared):

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import threading
 
-from actors.records import (BlockResult, BlockSpectrumResult, BlockSpectrumTask, BlockTask, Calibration, ProbeResult,
-                            ProbeTask)
+from actors.records import (BlockResult, BlockSpectrumResult, BlockSpectrumTask, BlockTask, Calibration,
+                            CalibrationTask, ProbeResult, ProbeTask)
 
+from . import handlers
 from .eps_policy import calibration_task, known_calibration
-from .output_lock import LockLost
+from .handlers import ResultHandling, RunContext
+from .output_lock import LockLost, ensure_held
 from .preflight import Prepared, model_spec, preflight
 from .progress import Progress, log, set_run_name
 from .ray_connection import connect_ray, stop_ray
+from .ray_groups import RayGroups
 from .recorder import Recorder, block_summary, draw_plots
-from .scheduler import CalibrationTask, Scheduler
-from .signals import signal_of
+from .recording import RecordingListener
+from .scheduler import Scheduler, SchedulerSettings
+from .signals import Interrupted, as_interrupted, signal_of
 
 BLOCK_SEED_OFFSET = 1_000_003  # block probes are Gaussian and drawn from their own seed stream
 BLOCK_SPECTRA_SEED_OFFSET = 2_000_003  # and the per-block SLQ probes from another
@@ -75,14 +79,14 @@ def _compute(prepared: Prepared, recorder: Recorder, calibration: Calibration | 
         log(f"requesting {cl.num_groups} group(s) x {cl.num_workers} worker(s) (at least {prepared.config.min_groups()} "
             f"alive)")
         progress = Progress(_remaining_steps(prepared, recorder), bar=own_ray)
-        scheduler = Scheduler(prepared=prepared, recorder=recorder, batches_ref=ray.put(prepared.batches),
-                              progress=progress, cancel=cancel, own_ray=own_ray)
+        scheduler = ray_scheduler(prepared, recorder, batches_ref=ray.put(prepared.batches), progress=progress,
+                                  cancel=cancel, own_ray=own_ray)
         recorder.phase("load")
         if calibration is None:
-            scheduler.queue.append(calibration_task(prepared.config, probe_task(prepared, recorder, 0, eps=0.0)))
+            scheduler.submit([calibration_task(prepared.config, probe_task(prepared, recorder, 0, eps=0.0))])
         else:
             _use_calibration(calibration, prepared, recorder, scheduler)
-        scheduler.run(lambda task, result, slot: _on_result(task, result, slot.index, prepared, recorder, scheduler))
+        scheduler.run()
         return scheduler.failures
     except (KeyboardInterrupt, LockLost):  # stopped by a signal, the sweep, or another run's takeover
         stopped = True
@@ -114,7 +118,7 @@ def _use_calibration(calibration: Calibration, prepared: Prepared, recorder: Rec
     if calibration.reliable is False:
         log("warning: the HVP at this eps is unreliable; results may be dominated by numerical noise")
     recorder.phase("probes")
-    scheduler.queue.extend(unfinished_tasks(prepared, recorder, eps=calibration.eps))
+    scheduler.submit(unfinished_tasks(prepared, recorder, eps=calibration.eps))
 
 
 def unfinished_tasks(prepared: Prepared, recorder: Recorder, *, eps: float) -> list:
@@ -142,21 +146,57 @@ def block_spectrum_tasks(prepared: Prepared, recorder: Recorder, *, eps: float) 
             for pid in range(blocks.probes) for name in names if (name, pid) not in recorder.block_spectra]
 
 
-def _on_result(task, result, group: int, prepared: Prepared, recorder: Recorder, scheduler: Scheduler) -> None:
-    if isinstance(task, CalibrationTask):
-        _use_calibration(result, prepared, recorder, scheduler)
-    elif isinstance(result, ProbeResult):
-        recorder.add_probe(result, group=group)
-        resumed = f", resumed at step {result.resumed_at_step}" if result.resumed_at_step else ""
-        log(f"probe {result.probe_id} done on group {group}: {len(result.alphas)} steps ({result.stopped}{resumed})")
-    elif isinstance(result, BlockSpectrumResult):
-        recorder.add_block_spectrum(result)
-        scheduler.progress.task_done(f"block {result.block} probe {result.probe_id}")
-        log(f"block {result.block} probe {result.probe_id} done: {len(result.alphas)} steps ({result.stopped})")
-    elif isinstance(result, BlockResult):
-        recorder.add_block_probe(result)
-        scheduler.progress.task_done(f"block probe {result.probe_id}")
-        log(f"block probe {result.probe_id} done: whole block-diagonal error {result.whole_rel_error:.3f}")
+def ray_scheduler(prepared: Prepared, recorder: Recorder, *, batches_ref, progress: Progress | None = None,
+                  cancel: threading.Event | None = None, own_ray: bool = True) -> Scheduler:
+    """The run's scheduler on Ray: its layout's groups, the recorder and the registered handlers listening."""
+    config = prepared.config
+    cluster = config.cluster
+    settings = SchedulerSettings(num_groups=cluster.num_groups, min_groups=config.min_groups(),
+                                 max_failures=cluster.max_failures,
+                                 placement_timeout_seconds=cluster.placement_timeout_seconds)
+    scheduler = Scheduler(settings=settings, backend=RayGroups(prepared, batches_ref=batches_ref, own_ray=own_ray),
+                          listeners=[RecordingListener(recorder)], progress=progress,
+                          checks=[lambda: ensure_held(recorder.out), lambda: _check_cancel(cancel)])
+    scheduler.listeners.append(ResultHandling(RunContext(prepared=prepared, recorder=recorder, scheduler=scheduler)))
+    return scheduler
+
+
+def _check_cancel(cancel: threading.Event | None) -> None:
+    """Stop at a cancel (the sweep's) as an interruption that keeps the checkpoints."""
+    if cancel is not None and cancel.is_set():
+        reason = getattr(cancel, "reason", None)  # the sweep's own Interrupted, naming the signal
+        stop = as_interrupted(reason if isinstance(reason, KeyboardInterrupt) else KeyboardInterrupt())
+        raise Interrupted(stop.signum)  # a new one per point: the points' threads raise it at once
+
+
+# -- the handlers of the package's tasks (pipeline.handlers) ------------------------------------------------
+def _calibrated(run: RunContext, task: CalibrationTask, result: Calibration, group: int) -> None:
+    _use_calibration(result, run.prepared, run.recorder, run.scheduler)
+
+
+def _probe_done(run: RunContext, task: ProbeTask, result: ProbeResult, group: int) -> None:
+    run.recorder.add_probe(result, group=group)
+    resumed = f", resumed at step {result.resumed_at_step}" if result.resumed_at_step else ""
+    log(f"probe {result.probe_id} done on group {group}: {len(result.alphas)} steps ({result.stopped}{resumed})")
+
+
+def _block_spectrum_done(run: RunContext, task: BlockSpectrumTask, result: BlockSpectrumResult, group: int) -> None:
+    run.recorder.add_block_spectrum(result)
+    run.scheduler.progress.task_done(f"block {result.block} probe {result.probe_id}")
+    log(f"block {result.block} probe {result.probe_id} done: {len(result.alphas)} steps ({result.stopped})")
+
+
+def _block_probe_done(run: RunContext, task: BlockTask, result: BlockResult, group: int) -> None:
+    run.recorder.add_block_probe(result)
+    run.scheduler.progress.task_done(f"block probe {result.probe_id}")
+    log(f"block probe {result.probe_id} done: whole block-diagonal error {result.whole_rel_error:.3f}")
+
+
+handlers.register(CalibrationTask, finished=_calibrated, started=lambda run, task: run.recorder.phase("calibration"))
+handlers.register(ProbeTask, finished=_probe_done,
+                  started=lambda run, task: run.recorder.clear_unfinished_checkpoint(task.probe_id))
+handlers.register(BlockTask, finished=_block_probe_done)
+handlers.register(BlockSpectrumTask, finished=_block_spectrum_done)
 
 
 def probe_task(prepared: Prepared, recorder: Recorder, probe_id: int, *, eps: float) -> ProbeTask:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from actors.records import Calibration, ProbeTask
+from actors.records import Calibration, CalibrationTask, ProbeTask
 
 from .config import RunConfig
 from .recorder import Recorder
-from .scheduler import CalibrationTask
 
 
 def known_calibration(config: RunConfig, recorder: Recorder) -> Calibration | None:

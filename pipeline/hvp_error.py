@@ -78,6 +78,7 @@ def summarize(study: dict) -> dict:
 
 def hvp_error(config: RunConfig, *, eps_text: str | None, out_dir: str | None) -> dict:
     from actors.group import rank0
+    from actors.records import HVPErrorTask
 
     from .preflight import preflight
     from .progress import log
@@ -91,7 +92,8 @@ def hvp_error(config: RunConfig, *, eps_text: str | None, out_dir: str | None) -
     with one_group(prepared) as (group, setup):
         log(f"model loaded: {setup.num_params:,} parameters; {len(eps_values)} steps from {eps_values[0]:.3g} "
             f"to {eps_values[-1]:.3g} plus the auto eps")
-        study = rank0(group.hvp_errors(eps_values=eps_values, seed=config.lanczos.seed, scheme=config.hvp.scheme))
+        task = HVPErrorTask(eps_values=eps_values, seed=config.lanczos.seed, scheme=config.hvp.scheme)
+        study = rank0(group.execute(task)).as_dict()  # hessian_core.eps.HVPErrorStudy
 
     summary = summarize(study)
     table = pa.table({"eps": study["eps"], "rel_error_exact": study["rel_error_exact"],

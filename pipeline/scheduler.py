@@ -3,182 +3,218 @@ a queue of tasks served by whichever group is free, and failures told apart by t
 
 A group slot goes pending (placement group requested) -> loading (ranks created, model loading) -> ready <->
 busy. When a group is lost (its node removed or preempted, a rank killed) its task returns to the front of the
-queue, where the next free group continues it from its checkpoint, and a replacement is requested; that costs
-nothing against ``cluster.max_failures``, which counts only errors raised by a task itself. On an autoscaling
-cluster the pending placement groups are what asks the autoscaler for nodes.
+queue, where the next free group continues it from its checkpoint, and a replacement is requested; what a
+failure costs is ``FailurePolicy``'s decision. On an autoscaling cluster the pending placement groups are what
+asks the autoscaler for nodes.
+
+The scheduler knows groups only through ``GroupBackend`` (``pipeline.ray_groups.RayGroups`` on Ray; a test's
+fake without it) and tells what happens through events to its listeners (``SchedulerListener``): the
+recording (``pipeline.recording``) and the result handlers (``pipeline.handlers``) are listeners.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-import torch
+from actors.records import GroupInfo, ProgressEvent
+from actors.tasks import TaskRecord
 
-from actors.group import WorkerGroup
-from actors.records import BlockSpectrumTask, BlockTask, GroupInfo, ProbeTask, ProgressEvent
-
-from .output_lock import ensure_held
-from .preflight import Prepared, model_spec
-from .progress import Progress, log
-from .recorder import Recorder
-from .signals import Interrupted, as_interrupted
+from .failure_policy import FailureAction, FailurePolicy
+from .progress import log as print_log
 
 POLL_SECONDS = 0.5
 PEER_GRACE_SECONDS = 10.0  # after one rank fails, how long to wait for its peers' fate (a dead peer means a loss)
-MAX_LOSSES_PER_TASK = 10  # a task whose group dies this often in a row is failing the node, not being preempted
-
-
-@dataclass(frozen=True, kw_only=True)
-class CalibrationTask:
-    """Choose (or assess) eps along ``probe``'s start vector on the first group that forms."""
-
-    probe: ProbeTask
-    fixed_eps: float | None
-    assess: bool = True  # false: take fixed_eps as it is and only time one gradient
-
-    @property
-    def label(self) -> str:
-        return "eps calibration"
-
-
-Task = ProbeTask | BlockTask | BlockSpectrumTask | CalibrationTask
 
 
 class PlacementTimeout(RuntimeError):
     """Fewer than ``cluster.min_groups`` groups were alive for longer than ``cluster.placement_timeout_seconds``."""
 
 
-def is_loss(err: BaseException) -> bool:
-    """A node or actor lost (not an error of the task itself), from Ray's exception types: the actor died or
-    is unreachable, its node or worker process died, or a collective failed because a peer did."""
-    import ray.exceptions as rex
+class Group(Protocol):
+    """One group of ranks (``actors.group.WorkerGroup``); its calls return handles that the backend waits on."""
 
-    lost = (rex.RayActorError, rex.NodeDiedError, rex.WorkerCrashedError, rex.LocalRayletDiedError,
-            rex.ObjectLostError, rex.OwnerDiedError)
-    if isinstance(err, lost):
-        return True
-    return isinstance(err, rex.RayTaskError) and isinstance(err.cause, torch.distributed.DistError)
+    index: int
+    num_workers: int
+    bundle: dict  # the resources of one rank, for the placement timeout's message
+
+    @property
+    def placed(self) -> Any: ...
+
+    def execute(self, task: TaskRecord, *, progress: Callable[[ProgressEvent], None] | None = None) -> list: ...
+
+    def shutdown(self, *, graceful: bool = True) -> None: ...
 
 
-@dataclass
+class GroupBackend(Protocol):
+    """How the scheduler makes groups, waits on their handles and reads them back."""
+
+    def request(self, index: int) -> Group:
+        """A new group whose placement is requested (not waited for)."""
+
+    def start(self, group: Group) -> list:
+        """Create the placed group's ranks; one handle per rank, each resolving to that rank's GroupInfo."""
+
+    def merge_infos(self, infos: list[GroupInfo]) -> GroupInfo: ...
+
+    def wait(self, handles: list, *, num_returns: int, timeout: float) -> tuple[list, list]:
+        """(ready, not ready) as ``ray.wait``; with no handles, sleeps ``timeout``."""
+
+    def get(self, handle) -> Any:
+        """The handle's value, or its error raised."""
+
+    def is_loss(self, error: BaseException) -> bool:
+        """The group lost (node, actor or peer gone), not an error of the task itself."""
+
+    def progress_sink(self) -> Callable[[ProgressEvent], None] | None:
+        """What a task's rank 0 reports its steps to."""
+
+    def drain_progress(self) -> list[ProgressEvent]: ...
+
+    def check(self) -> None:
+        """Raise if the runtime under the groups went away."""
+
+    def available(self) -> bool:
+        """Whether the runtime is up (the groups can still be called)."""
+
+
+class SchedulerListener:
+    """Callbacks for what the scheduler does; each is called in the driver's thread, in the order listed at
+    construction. Every method is a no-op here: a listener overrides the events it cares about."""
+
+    def group_requested(self, index: int, *, replacement: bool) -> None: ...
+
+    def group_formed(self, index: int, info: GroupInfo) -> None: ...
+
+    def group_lost(self, index: int, *, task: TaskRecord | None, lost: bool, cause: str) -> None:
+        """The group is gone (``lost``: a loss, else a failure of ``task`` itself); called before the decision."""
+
+    def task_started(self, index: int, task: TaskRecord) -> None: ...
+
+    def task_finished(self, index: int, task: TaskRecord, result: Any) -> None: ...
+
+    def task_requeued(self, index: int, task: TaskRecord) -> None:
+        """``task`` goes back to the front of the queue after its group ``index`` was lost."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchedulerSettings:
+    num_groups: int
+    min_groups: int
+    max_failures: int
+    placement_timeout_seconds: float
+    poll_seconds: float = POLL_SECONDS
+    peer_grace_seconds: float = PEER_GRACE_SECONDS
+
+
+@dataclass(eq=False)  # slots are told apart by identity
 class Slot:
     index: int
-    group: WorkerGroup
+    group: Group
     state: str = "pending"  # pending | loading | ready | busy
     refs: list = field(default_factory=list)
-    task: Task | None = None
+    task: TaskRecord | None = None
     info: GroupInfo | None = None
-    kept_probe: int | None = None  # the probe whose first HVP this group holds from the calibration
+    kept: Hashable | None = None  # the affinity key of what this group keeps from its last task
 
 
 class Scheduler:
-    """Runs a queue of tasks over up to ``cluster.num_groups`` groups; ``on_result(task, result)`` is called in
-    the driver's thread for each finished task and may add tasks to the queue."""
+    """Runs a queue of tasks over up to ``settings.num_groups`` groups. Listeners hear of every event; one may
+    add tasks to the queue (``submit``) when a task finishes. ``checks`` run at every poll and raise to stop."""
 
-    def __init__(self, *, prepared: Prepared, recorder: Recorder, batches_ref: Any, progress: Progress,
-                 cancel: threading.Event | None = None, own_ray: bool = True):
-        import ray
-        from ray.util.queue import Queue
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        self.prepared, self.recorder, self.batches_ref = prepared, recorder, batches_ref
-        self.cluster = prepared.config.cluster
-        self.min_groups = prepared.config.min_groups()
-        self.progress, self.cancel, self.own_ray = progress, cancel, own_ray
-        # on the driver's node: a worker node may be removed, and the progress queue with it
-        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-        self.events = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
-        self.queue: deque[Task] = deque()
-        self.failures = 0
-        self.losses: dict[str, int] = {}
+    def __init__(self, *, settings: SchedulerSettings, backend: GroupBackend,
+                 listeners: Sequence[SchedulerListener] = (), policy: FailurePolicy | None = None,
+                 progress=None, checks: Sequence[Callable[[], None]] = (), log: Callable[[str], None] = print_log):
+        self.settings, self.backend, self.listeners = settings, backend, list(listeners)
+        self.policy = policy or FailurePolicy(max_failures=settings.max_failures, is_loss=backend.is_loss)
+        self.progress, self.checks, self.log = progress, list(checks), log
+        self.queue: deque[TaskRecord] = deque()
         self.short_since: float | None = time.monotonic()
-        self.slots = [self._request(i) for i in range(self.cluster.num_groups)]
+        self.formed = 0  # slots ready or busy (kept as they change: a count over the slots is O(groups))
+        self.slots = [self._request(i, replacement=False) for i in range(settings.num_groups)]
+
+    @property
+    def failures(self) -> int:
+        """Errors of tasks themselves that the run recovered from (cluster.max_failures counts these)."""
+        return self.policy.failures
+
+    def submit(self, tasks) -> None:
+        self.queue.extend(tasks)
+
+    def _emit(self, event: str, *args, **kwargs) -> None:
+        for listener in self.listeners:
+            getattr(listener, event)(*args, **kwargs)
 
     # -- groups ----------------------------------------------------------------------------------------------
-    def _request(self, index: int) -> Slot:
-        group = WorkerGroup(index=index, num_workers=self.cluster.num_workers, use_gpu=self.cluster.use_gpu,
-                            cpus_per_worker=self.prepared.worker_cpus(), resources=self.cluster.worker_resources)
+    def _request(self, index: int, *, replacement: bool) -> Slot:
+        group = self.backend.request(index)
+        self._emit("group_requested", index, replacement=replacement)
         return Slot(index=index, group=group, refs=[group.placed])
 
     def alive(self) -> int:
-        return sum(s.state in ("ready", "busy") for s in self.slots)
+        return self.formed
 
     def _placed(self, slot: Slot) -> None:
-        slot.refs = slot.group.start(spec=model_spec(self.prepared), batches_ref=self.batches_ref,
-                                     timeout_seconds=self.cluster.collective_timeout_seconds)
+        slot.refs = self.backend.start(slot.group)
         slot.state = "loading"
 
     def _formed(self, slot: Slot, infos: list[GroupInfo]) -> None:
-        slot.info = WorkerGroup.merge_infos(infos)
+        slot.info = self.backend.merge_infos(infos)
         slot.state, slot.refs = "ready", []
-        self.recorder.group_event(slot.index, "formed", info=slot.info)
-        log(f"group {slot.index} formed: {slot.info.num_workers} worker(s) on node(s) "
-            f"{', '.join(sorted({n[:8] for n in slot.info.nodes}))}, model loaded in {slot.info.load_seconds:.1f}s "
-            f"({slot.info.num_params:,} parameters); {self.alive()} group(s) alive")
+        self.formed += 1
+        self._emit("group_formed", slot.index, slot.info)
+        self.log(f"group {slot.index} formed: {slot.info.num_workers} worker(s) on node(s) "
+                 f"{', '.join(sorted({(n or '')[:8] for n in slot.info.nodes}))}, model loaded in "
+                 f"{slot.info.load_seconds:.1f}s ({slot.info.num_params:,} parameters); {self.alive()} group(s) alive")
 
     def _lost(self, slot: Slot, errors: list[BaseException]) -> None:
-        """Kill the group, requeue its task, request a replacement; raise if the task itself failed too often."""
-        loss = any(is_loss(e) for e in errors)
+        """Kill the group; by the policy's decision, requeue its task and request a replacement, or raise."""
         task, state = slot.task, slot.state
         slot.group.shutdown(graceful=False)
-        if task is not None:
-            self.recorder.running(slot.index, None)
-        cause = type(next((e for e in errors if is_loss(e)), errors[0])).__name__
-        self.recorder.group_event(slot.index, "lost" if loss else "failed", cause=cause)
-        if not loss and (state == "loading" or isinstance(task, CalibrationTask)
-                         or isinstance(getattr(errors[0], "cause", errors[0]), FloatingPointError)
-                         or self.failures >= self.cluster.max_failures):
-            raise next(e for e in errors if not is_loss(e))
-        if not loss:
-            self.failures += 1
+        self.formed -= state in ("ready", "busy")
+        lost = any(self.backend.is_loss(e) for e in errors)
+        cause = type(next((e for e in errors if self.backend.is_loss(e)), errors[0])).__name__
+        self._emit("group_lost", slot.index, task=task, lost=lost, cause=cause)
+        decision = self.policy.decide(task=task, errors=errors, loading=state == "loading")
+        if decision.action is FailureAction.RAISE:
+            raise decision.error
         what = f" during {task.label}" if task is not None else ""
-        kind = "was lost" if loss else f"failed ({self.failures}/{self.cluster.max_failures})"
-        log(f"group {slot.index} {kind}{what}: {cause}; requesting a replacement")
+        kind = "was lost" if lost else f"failed ({self.policy.failures}/{self.policy.max_failures})"
+        self.log(f"group {slot.index} {kind}{what}: {cause}; requesting a replacement")
+        if decision.action is FailureAction.GIVE_UP:
+            raise decision.error
         if task is not None:
-            key = task.label
-            self.losses[key] = self.losses.get(key, 0) + int(loss)
-            if self.losses[key] > MAX_LOSSES_PER_TASK:
-                raise RuntimeError(f"{task.label} lost its group {self.losses[key]} times; giving up") from errors[0]
             self.queue.appendleft(task)
-            self.recorder.probe_moved()
-        self.slots[self.slots.index(slot)] = self._request(slot.index)
-        self.recorder.group_event(slot.index, "requested", cause="replacement")
+            self._emit("task_requeued", slot.index, task)
+        self.slots[self.slots.index(slot)] = self._request(slot.index, replacement=True)
 
     # -- the loop -------------------------------------------------------------------------------------------
-    def run(self, on_result: Callable[[Task, Any, Slot], None]) -> None:
+    def run(self) -> None:
         """Until the queue is empty and no task runs."""
         while self.queue or any(s.state == "busy" for s in self.slots):
-            self._check_cancel()
-            refs = [r for s in self.slots for r in s.refs]
-            if refs:
-                import ray
-
-                ray.wait(refs, num_returns=1, timeout=POLL_SECONDS)
-            else:
-                time.sleep(POLL_SECONDS)
+            self._check()
+            self.backend.wait([r for s in self.slots for r in s.refs], num_returns=1,
+                              timeout=self.settings.poll_seconds)
             self._drain_progress()
             for slot in list(self.slots):
-                self._advance(slot, on_result)
+                self._advance(slot)
             self._dispatch()
             self._check_alive()
 
-    def _advance(self, slot: Slot, on_result) -> None:
-        import ray
-
+    def _advance(self, slot: Slot) -> None:
         if not slot.refs:
             return
-        ready, _ = ray.wait(slot.refs, num_returns=len(slot.refs), timeout=0)
+        wait = self.backend.wait
+        ready, _ = wait(slot.refs, num_returns=len(slot.refs), timeout=0)
         if not ready:
             return
         results, errors = self._collect(ready)
-        if errors and len(ready) < len(slot.refs) and not any(is_loss(e) for e in errors):
+        if errors and len(ready) < len(slot.refs) and not any(self.backend.is_loss(e) for e in errors):
             # one rank failed while its peers still run: if a peer died, this is a loss, not an error
-            ready, _ = ray.wait(slot.refs, num_returns=len(slot.refs), timeout=PEER_GRACE_SECONDS)
+            ready, _ = wait(slot.refs, num_returns=len(slot.refs), timeout=self.settings.peer_grace_seconds)
             results, errors = self._collect(ready)
         if errors:
             self._lost(slot, errors)
@@ -190,97 +226,86 @@ class Scheduler:
         elif slot.state == "loading":
             self._formed(slot, results)
         else:
-            task, slot.task, slot.state, slot.refs = slot.task, None, "ready", []
-            self.losses.pop(task.label, None)
-            self.recorder.running(slot.index, None)
-            if isinstance(task, CalibrationTask):
-                slot.kept_probe = task.probe.probe_id if results[0].first_matvec_kept else None
-            on_result(task, results[0], slot)
+            self._finished(slot, results[0])
 
-    @staticmethod
-    def _collect(refs) -> tuple[list, list[BaseException]]:
-        import ray
+    def _finished(self, slot: Slot, result: Any) -> None:
+        task, slot.task, slot.state, slot.refs = slot.task, None, "ready", []
+        self.policy.succeeded(task)
+        slot.kept = task.kept_affinity(result)
+        self._emit("task_finished", slot.index, task, result)
 
+    def _collect(self, refs) -> tuple[list, list[BaseException]]:
         results, errors = [], []
         for ref in refs:
             try:
-                results.append(ray.get(ref))
-            except Exception as e:  # noqa: BLE001 - classified by type in _lost
+                results.append(self.backend.get(ref))
+            except Exception as e:  # noqa: BLE001 - classified by type in the failure policy
                 errors.append(e)
         return results, errors
 
     def _dispatch(self) -> None:
-        free = [s for s in self.slots if s.state == "ready"]
-        while self.queue and free:
-            task = self.queue.popleft()
-            probe_id = getattr(task, "probe_id", None)
-            slot = next((s for s in free if isinstance(task, ProbeTask) and s.kept_probe == probe_id), free[0])
-            free.remove(slot)
-            slot.task, slot.state, slot.kept_probe = task, "busy", None
-            self.recorder.running(slot.index, task.label)
-            if isinstance(task, CalibrationTask):
-                self.recorder.phase("calibration")
-                slot.refs = slot.group.calibrate(task.probe, fixed_eps=task.fixed_eps, assess=task.assess)
-            elif isinstance(task, ProbeTask):
-                self.recorder.clear_unfinished_checkpoint(task.probe_id)
-                slot.refs = slot.group.run_probe(task, progress=self._progress_sink())
-            elif isinstance(task, BlockSpectrumTask):
-                slot.refs = slot.group.run_block_spectrum(task)
-            else:
-                slot.refs = slot.group.run_blocks(task)
-
-    def _progress_sink(self):
-        actor = self.events.actor
-
-        def progress(event: ProgressEvent) -> None:
-            # fire and forget: a blocking put would hold rank 0 (and so its group) for a round trip every step
-            actor.put_nowait.remote(event)
-
-        return progress
+        if not self.queue:
+            return
+        ready = [s for s in self.slots if s.state == "ready"]
+        keeping = {s.kept: s for s in ready if s.kept is not None}
+        # a task with no state kept for it takes a group that keeps none before one that keeps some
+        free = deque([s for s in ready if s.kept is None] + list(keeping.values()))
+        sink = self.backend.progress_sink() if free else None
+        while self.queue:
+            task = self.queue[0]
+            slot = keeping.pop(task.affinity, None) if task.affinity is not None else None
+            if slot is None or slot.state != "ready":  # none keeps its state, or that one took an earlier task
+                slot = _next_ready(free)
+                if slot is None:
+                    return
+            self.queue.popleft()
+            slot.task, slot.state, slot.kept = task, "busy", None
+            self._emit("task_started", slot.index, task)
+            slot.refs = slot.group.execute(task, progress=sink)
 
     def _drain_progress(self) -> None:
-        pending = self.events.qsize()
+        if self.progress is None:
+            return
         self.progress.set_groups(self.alive(), len(self.slots))
-        for event in self.events.get_nowait_batch(pending) if pending else []:  # two round trips, not one a step
+        for event in self.backend.drain_progress():
             self.progress.update(probe_id=event.probe_id, step=event.step, steps=event.steps,
                                  hvp_seconds=event.hvp_seconds)
+
+    def _check(self) -> None:
+        for check in self.checks:
+            check()
+        self.backend.check()
 
     def _check_alive(self) -> None:
         """Fail after placement_timeout_seconds with fewer than min_groups groups placed (loading counts: the
         timeout is about the cluster's room, not about how long a model takes to load)."""
         placed = sum(s.state != "pending" for s in self.slots)
-        if placed >= self.min_groups:
+        if placed >= self.settings.min_groups:
             self.short_since = None
             return
         now = time.monotonic()
         if self.short_since is None:
             self.short_since = now
-        elif now - self.short_since > self.cluster.placement_timeout_seconds:
-            bundle = self.slots[0].group.bundle
+        elif now - self.short_since > self.settings.placement_timeout_seconds:
+            settings, group = self.settings, self.slots[0].group
             raise PlacementTimeout(
-                f"only {placed} of cluster.min_groups={self.min_groups} group(s) could be placed for "
-                f"{self.cluster.placement_timeout_seconds:g}s (each needs {self.cluster.num_workers} worker(s) with "
-                f"{bundle}); checkpoints are kept: run the same command again to resume")
-
-    def _check_cancel(self) -> None:
-        """Stop at a cancel (the sweep's), a Ray the sweep shut down, or a lock another run took over."""
-        import ray
-
-        ensure_held(self.recorder.out)
-        if self.cancel is not None and self.cancel.is_set():
-            reason = getattr(self.cancel, "reason", None)  # the sweep's own Interrupted, naming the signal
-            stop = as_interrupted(reason if isinstance(reason, KeyboardInterrupt) else KeyboardInterrupt())
-            raise Interrupted(stop.signum)  # a new one per point: the points' threads raise it at once
-        if not self.own_ray and not ray.is_initialized():
-            raise RuntimeError("Ray was shut down by the sweep running this run")
+                f"only {placed} of cluster.min_groups={settings.min_groups} group(s) could be placed for "
+                f"{settings.placement_timeout_seconds:g}s (each needs {group.num_workers} worker(s) with "
+                f"{group.bundle}); checkpoints are kept: run the same command again to resume")
 
     def shutdown(self, *, graceful: bool) -> None:
-        import ray
-
         for slot in self.slots:
-            if not ray.is_initialized():  # a call now would start a new local Ray (auto-init)
+            if not self.backend.available():  # a call now could start a new runtime (Ray's auto-init)
                 break
-            try:  # busy ranks are in a probe: kill them rather than queue a shutdown behind it
+            try:  # busy ranks are in a task: kill them rather than queue a shutdown behind it
                 slot.group.shutdown(graceful=graceful and slot.state != "busy")
             except Exception:  # noqa: BLE001 - best effort at teardown
                 pass
+
+
+def _next_ready(free: deque[Slot]) -> Slot | None:
+    while free:
+        slot = free.popleft()
+        if slot.state == "ready":
+            return slot
+    return None

@@ -47,8 +47,8 @@ def stage_race() -> None:
     ray_worker.Worker.core_worker = property(get, put, drop)
     run = scheduler.Scheduler.run
 
-    def run_then_leave_a_pending_replacement(self, on_result):
-        run(self, on_result)
+    def run_then_leave_a_pending_replacement(self):
+        run(self)
         group = WorkerGroup(index=len(self.slots), num_workers=1, use_gpu=False, resources={"absent": 1})
         self.slots.append(scheduler.Slot(index=group.index, group=group, refs=[group.placed]))
         garbage = {"refs": [group.placed]}

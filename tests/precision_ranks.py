@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from hessian_core.models import ModelSpec
-from actors.records import ProbeTask, as_dict
+from actors.records import CalibrationTask, ProbeTask, as_dict
 from actors.worker import Worker
+from hessian_core.models import ModelSpec
 
 TINY = {"model_type": "gpt_neox", "vocab_size": 32, "hidden_size": 16, "num_hidden_layers": 2,
         "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 64,
@@ -32,10 +32,10 @@ def slq_on_worker(worker: Worker, *, steps: int, eps: float | None = None) -> di
         compute.update(str(p.dtype) for p in module.parameters(recurse=False))
 
     handles = [m.register_forward_pre_hook(hook) for m in worker.model.modules()]
-    choice = as_dict(worker.calibrate(task=_task(1.0, steps), fixed_eps=None))
+    choice = as_dict(worker.execute(CalibrationTask(probe=_task(1.0, steps), fixed_eps=None)))
     for h in handles:
         h.remove()
-    probe = worker.run_probe(task=_task(eps or choice["eps"], steps))
+    probe = worker.execute(_task(eps or choice["eps"], steps))
     from hessian_core import accumulate_gradient
 
     accumulate_gradient(worker.model, worker.batches)

@@ -1,0 +1,167 @@
+"""The rank-side part of the package's own tasks (``actors.records``): each function runs on every rank of a
+group at once, ``ctx`` being the rank (``actors.worker.Worker``); rank 0's return value is the group's."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import statistics
+import time
+
+import torch
+
+from hessian_core import (LanczosState, accumulate_gradient, block_diagonal_metrics, calibrate as choose_eps,
+                          lanczos, latest_complete_step, load_lanczos_state, parameter_blocks, probe_vector)
+from hessian_core.block_spectra import block_spectrum
+from hessian_core.checkpoint import CheckpointWriter
+from hessian_core.models import DTYPES
+
+from .results import BlockResult, BlockSpectrumResult, Calibration, KernelTiming, ProbeResult, ProgressEvent
+from .worker import CheckpointSchedule
+
+if TYPE_CHECKING:  # the tasks call this module; their types are only annotations here
+    from .records import BlockSpectrumTask, BlockTask, CalibrationTask, HVPErrorTask, KernelBenchTask, ProbeTask
+
+
+def calibrate(ctx, task: CalibrationTask) -> Calibration:
+    """Choose (or assess a fixed) eps along the probe's start vector, then keep the HVP at that eps there: it
+    is the probe's first Lanczos matvec when the probe runs next on this group. ``assess=False`` (a fixed
+    eps taken as it is) only times one gradient."""
+    probe, fixed_eps = task.probe, task.fixed_eps
+    if not task.assess:
+        return Calibration(eps=fixed_eps, source="fixed", relative_error=None, grad_norm=None,
+                           third_derivative=None, perturbation_rounding=None, reliable=None,
+                           message=f"eps={fixed_eps:.3g} (fixed, not assessed: hvp.assess is false)",
+                           grad_seconds=gradient_seconds(ctx, repeats=1, warmup=False))
+    op = ctx.operator(1.0 if fixed_eps is None else fixed_eps, probe.scheme)
+    start = ctx.start_vector(seed=probe.seed, probe_id=probe.probe_id, vector_dtype=probe.vector_dtype)
+    q0 = start.vector(start.rows[0])
+    calls = op.calls
+    calibrated = choose_eps(op, q0, eps=fixed_eps, compute_dtype=ctx.compute_dtype)
+    choice, hv, seconds = calibrated.choice, calibrated.hvp, calibrated.hvp_seconds
+    op = ctx.operator(choice.eps, probe.scheme)
+    if hv is None:  # the chosen eps is none of the ladder's steps: one more HVP, kept all the same
+        hv, seconds = ctx.timed(op.matvec, q0)
+    ctx.keep_matvec((probe.probe_id, probe.seed, probe.vector_dtype, choice.eps, probe.scheme), hv, seconds)
+    return Calibration(**choice.as_dict(), hvp_count=op.calls - calls, first_matvec_kept=True)
+
+
+def gradient_seconds(ctx, *, repeats: int, warmup: bool = True) -> float:
+    """Median wall time of one full gradient over this group's analysis set."""
+    times = []
+    for _ in range(repeats + int(warmup)):
+        times.append(ctx.timed(accumulate_gradient, ctx.model, ctx.batches)[1])
+        ctx.model.zero_grad(set_to_none=True)
+    return statistics.median(times[int(warmup):])
+
+
+def run_probe(ctx, task: ProbeTask) -> ProbeResult:
+    """One probe's whole Lanczos run, continued from its newest complete checkpoint when there is one whose
+    metadata matches (written by a group of any size); returns alpha, beta and this call's timings."""
+    op = ctx.operator(task.eps, task.scheme)
+    hvp_seconds: list[float] = []
+    step_seconds: list[float] = []
+    meta = {**task.checkpoint_meta, "probe_id": task.probe_id, "eps": task.eps}
+    state, resumed_at = _resume(ctx, task, meta)
+    kept = (ctx.take_kept_matvec((task.probe_id, task.seed, task.vector_dtype, task.eps, task.scheme))
+            if state is None else None)
+
+    def timed_matvec(v):
+        nonlocal kept
+        if kept is not None:  # bitwise what op.matvec(v) gives: the same vector, eps and parameters
+            (out, seconds), kept = kept, None
+            hvp_seconds.append(seconds)
+            return out
+        out, seconds = ctx.timed(op.matvec, v)
+        hvp_seconds.append(seconds)
+        return out
+
+    reused = kept is not None
+    writer = (CheckpointWriter(task.checkpoint_dir, space=ctx.space, rank=ctx.rank, world_size=ctx.world_size,
+                               meta=meta) if task.checkpoint_dir and task.checkpoint_every else None)
+    schedule = CheckpointSchedule(task.checkpoint_every, agree=ctx.agree_max)
+    checkpoint_seconds: list[float] = []
+    last = 0.0
+    progress = ctx.progress
+
+    def on_step(state):
+        nonlocal last
+        now = time.perf_counter()
+        step_seconds.append(now - last)
+        done = state.steps_done
+        if writer is not None and done < task.steps and not state.stopped and schedule.due(done):
+            checkpoint_seconds.append(writer.save(state))
+            schedule.saved(done, checkpoint_seconds[-1], step_seconds)
+        if progress is not None and ctx.rank == 0:
+            progress(ProgressEvent(probe_id=task.probe_id, step=done, steps=task.steps, hvp_seconds=hvp_seconds[-1]))
+        last = time.perf_counter()  # step times exclude checkpoint staging (reported apart)
+
+    v0 = None if state is not None else ctx.probe(seed=task.seed, probe_id=task.probe_id,
+                                                  vector_dtype=task.vector_dtype)
+    last = time.perf_counter()  # the first step's time excludes drawing the probe or loading a checkpoint
+    try:
+        result = lanczos(timed_matvec, v0, space=ctx.space, steps=task.steps, reorth=task.reorth,
+                         window=task.window, vector_dtype=DTYPES[task.vector_dtype], state=state, on_step=on_step)
+    except FloatingPointError as e:
+        raise FloatingPointError(f"probe {task.probe_id}: {e}") from None
+    finally:
+        if writer is not None:
+            writer.close()
+    return ProbeResult(probe_id=task.probe_id, alphas=result.alphas.tolist(), betas=result.betas.tolist(),
+                       stopped=result.stopped, hvp_seconds=hvp_seconds, step_seconds=step_seconds,
+                       checkpoint_seconds=checkpoint_seconds, resumed_at_step=resumed_at, reused_first_matvec=reused)
+
+
+def _resume(ctx, task: ProbeTask, meta: dict) -> tuple[LanczosState | None, int]:
+    """The newest complete checkpoint of this probe with matching metadata (any writer world size)."""
+    found = latest_complete_step(task.checkpoint_dir) if task.checkpoint_dir else None
+    if found is None or {k: found[1].get(k) for k in meta} != meta:
+        return None, 0
+    state = load_lanczos_state(task.checkpoint_dir, step=found[0], space=ctx.space, device=ctx.device)
+    return state, found[0]
+
+
+def run_blocks(ctx, task: BlockTask) -> BlockResult:
+    op = ctx.operator(task.eps, task.scheme)
+    blocks = parameter_blocks(ctx.model, ctx.space)
+    v = probe_vector(ctx.space, seed=task.seed, probe_index=task.probe_id, kind="gaussian", dtype=op.out_dtype)
+    m = block_diagonal_metrics(op.matvec, v, space=ctx.space, blocks=blocks)
+    return BlockResult(probe_id=task.probe_id, blocks=m.blocks, rel_error=m.rel_error, cosine=m.cosine,
+                       whole_rel_error=m.whole_rel_error, hvp_count=1 + len(blocks))
+
+
+def run_block_spectrum(ctx, task: BlockSpectrumTask) -> BlockSpectrumResult:
+    """One SLQ probe of the diagonal block ``task.block`` (hessian_core.block_spectra)."""
+    blocks = parameter_blocks(ctx.model, ctx.space)
+    if task.block not in blocks:
+        raise ValueError(f"block {task.block!r} is not a block of this model; blocks: {', '.join(blocks)}")
+    op = ctx.operator(task.eps, task.scheme)
+    calls = op.calls
+    idx = blocks[task.block]
+    run = block_spectrum(op.matvec, space=ctx.space, indices=idx, probe_id=task.probe_id, seed=task.seed,
+                         steps=task.steps, reorth=task.reorth, window=task.window,
+                         vector_dtype=DTYPES[task.vector_dtype])
+    return BlockSpectrumResult(block=task.block, probe_id=task.probe_id,
+                               block_size=sum(ctx.space.shards[i].global_shape.numel() for i in idx),
+                               alphas=run.alphas.tolist(), betas=run.betas.tolist(), stopped=run.stopped,
+                               hvp_count=op.calls - calls)
+
+
+def hvp_errors(ctx, task: HVPErrorTask):
+    """The FD HVP along probe 0 at every eps, against the exact HVP and the most stable FD (hessian_core.eps)."""
+    from hessian_core.eps import hvp_error_study
+
+    op = ctx.operator(task.eps_values[0], task.scheme)
+    v = probe_vector(ctx.space, seed=task.seed, probe_index=0, dtype=torch.float64)
+    reference = ctx.float64_copy() if ctx.world_size == 1 else None
+    return hvp_error_study(op, v, eps_values=task.eps_values, compute_dtype=ctx.compute_dtype,
+                           reference_model=reference)
+
+
+def kernel_timings(ctx, task: KernelBenchTask) -> list[KernelTiming]:
+    """Kernel timings and peak memory on this group (see hessian_core.profiling)."""
+    from hessian_core.profiling import measure_kernels
+
+    rows = measure_kernels(ctx.model, ctx.batches, eps=task.eps, repeats=task.repeats, window=task.window,
+                           vector_dtype=DTYPES[task.vector_dtype])
+    return [KernelTiming(**row) for row in rows]

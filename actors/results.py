@@ -1,0 +1,112 @@
+"""Typed records that come back across Ray from a group's ranks: a formed group, a calibration, each task type's
+result, progress events."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+def as_dict(record) -> dict:
+    """A record as plain JSON-able data (run.json keeps records in this form)."""
+    return dataclasses.asdict(record)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroupInfo:
+    """A group that has formed: its ranks hold the model and are ready for work."""
+
+    index: int
+    num_workers: int
+    num_params: int
+    load_seconds: float
+    peak_rss_mib_per_rank: list[float]
+    pids: list[int]
+    nodes: list[str]  # Ray node id of each rank
+    loading_per_rank: list[str] = field(default_factory=list)  # sharded | full (model_loading.choose_loading)
+    load_memory_per_rank: list[dict] = field(default_factory=list)  # actors.memory.PhaseMemory.as_dict()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """The eps chosen (or assessed) along probe 0's start vector, as ``hessian_core.EpsChoice`` plus costs."""
+
+    eps: float
+    source: str  # fixed | auto | default
+    relative_error: float | None
+    grad_norm: float | None
+    third_derivative: float | None
+    perturbation_rounding: float | None
+    reliable: bool | None
+    message: str
+    hvp_count: int = 0  # HVPs that were extra to the probes (the HVP at eps itself is probe 0's first step)
+    grad_seconds: float | None = None  # the calibration's one gradient, timed
+    first_matvec_kept: bool = False  # the group keeps the HVP at eps along probe 0's start for its first step
+    compute_dtype: str = ""  # forward/backward dtype (model.compute_dtype, or model.dtype)
+    roundoff: float | None = None  # c of the round-off term c / eps (see hessian_core.eps)
+    roundoff_source: str = ""  # eps_mach*|grad| | measured (mixed precision)
+
+
+@dataclass(frozen=True, kw_only=True)
+class KernelTiming:
+    """One kernel of ``bench`` (hessian_core.profiling.measure_kernels' row): its time and peak memory."""
+
+    kernel: str
+    seconds: float
+    seconds_min: float
+    peak_mib: float
+    repeats: int
+    note: str | None = None
+    ratio_to_gradient: float
+    peak_over_gradient_mib: float
+    device: str
+    dtype: str
+    num_params: int
+    local_params: int
+    pid: int
+
+    def as_row(self) -> dict:
+        """The row as bench.json has it (``note`` only where there is one)."""
+        return {k: v for k, v in as_dict(self).items() if k != "note" or v is not None}
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockSpectrumResult:
+    block: str
+    probe_id: int
+    block_size: int
+    alphas: list[float]
+    betas: list[float]
+    stopped: str
+    hvp_count: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeResult:
+    probe_id: int
+    alphas: list[float]
+    betas: list[float]
+    stopped: str
+    hvp_seconds: list[float]  # this call's HVPs (a resumed probe's earlier steps are not in it)
+    step_seconds: list[float]
+    checkpoint_seconds: list[float]  # time the compute waited for each checkpoint (staging + the previous write)
+    resumed_at_step: int
+    reused_first_matvec: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockResult:
+    probe_id: int
+    blocks: list[str]
+    rel_error: list[float]
+    cosine: list[float]
+    whole_rel_error: float
+    hvp_count: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProgressEvent:
+    probe_id: int
+    step: int
+    steps: int
+    hvp_seconds: float | None
