@@ -12,6 +12,15 @@ def as_dict(record) -> dict:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Placement:
+    """Where a rank keeps its Lanczos vectors and the FD HVP's restore copy: ``device`` or ``host`` each (the
+    driver resolves the config's ``auto``; pipeline.plan.placed_plan). Neither changes a bit of the results."""
+
+    vectors: str = "device"
+    restore: str = "device"
+
+
+@dataclass(frozen=True, kw_only=True)
 class GroupInfo:
     """A group that has formed: its ranks hold the model and are ready for work."""
 
@@ -61,6 +70,7 @@ class ProbeTask:
     checkpoint_dir: str | None
     checkpoint_every: int | str
     checkpoint_meta: dict = field(default_factory=dict)
+    placement: Placement = field(default_factory=Placement)
 
     @property
     def label(self) -> str:
@@ -75,6 +85,7 @@ class BlockTask:
     seed: int
     eps: float
     scheme: str
+    placement: Placement = field(default_factory=Placement)
 
     @property
     def label(self) -> str:
@@ -94,6 +105,7 @@ class BlockSpectrumTask:
     reorth: str
     window: int
     vector_dtype: str
+    placement: Placement = field(default_factory=Placement)
 
     @property
     def label(self) -> str:

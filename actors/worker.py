@@ -109,10 +109,13 @@ class Worker:
                          nodes=[ray.get_runtime_context().get_node_id() if ray.is_initialized() else None],
                          loading_per_rank=[loading], load_memory_per_rank=[load_memory.as_dict()])
 
-    def _operator(self, eps: float, scheme: str) -> FiniteDifferenceHVP:
-        """The rank's one HVP operator (built once: it keeps the parameter backup buffer), set to eps/scheme."""
-        if self.op is None:
-            self.op = FiniteDifferenceHVP(self.model, self.batches, eps=eps, scheme=scheme, space=self.space)
+    def _operator(self, eps: float, scheme: str, restore: str = "device") -> FiniteDifferenceHVP:
+        """The rank's one HVP operator (built once: it keeps the parameter backup buffer, on the device or in host
+        memory as ``restore`` says), set to eps/scheme."""
+        if self.op is None or self.op.restore != restore:
+            self.op = None  # the old backup goes before the new one is allocated
+            self.op = FiniteDifferenceHVP(self.model, self.batches, eps=eps, scheme=scheme, space=self.space,
+                                          restore=restore)
         elif (self.op.eps, self.op.scheme) != (float(eps), scheme):
             self.op = self.op.with_eps(eps).with_scheme(scheme)  # copies share the backup buffer
         return self.op
@@ -131,13 +134,13 @@ class Worker:
                                third_derivative=None, perturbation_rounding=None, reliable=None,
                                message=f"eps={fixed_eps:.3g} (fixed, not assessed: hvp.assess is false)",
                                grad_seconds=self.gradient_seconds(repeats=1, warmup=False))
-        op = self._operator(1.0 if fixed_eps is None else fixed_eps, task.scheme)
+        op = self._operator(1.0 if fixed_eps is None else fixed_eps, task.scheme, task.placement.restore)
         start = self._start_vector(seed=task.seed, probe_id=task.probe_id, vector_dtype=task.vector_dtype)
         q0 = start.vector(start.rows[0])
         calls = op.calls
         calibrated = calibrate(op, q0, eps=fixed_eps, compute_dtype=self.compute_dtype)
         choice, hv, seconds = calibrated.choice, calibrated.hvp, calibrated.hvp_seconds
-        op = self._operator(choice.eps, task.scheme)
+        op = self._operator(choice.eps, task.scheme, task.placement.restore)
         if hv is None:  # the chosen eps is none of the ladder's steps: one more HVP, kept all the same
             hv, seconds = self._timed(op.matvec, q0)
         self._kept_matvec = (task.probe_id, task.seed, task.vector_dtype, choice.eps, task.scheme, hv, seconds)
@@ -161,7 +164,7 @@ class Worker:
     def run_probe(self, *, task: ProbeTask, progress: Callable[[ProgressEvent], None] | None = None) -> ProbeResult:
         """One probe's whole Lanczos run, continued from its newest complete checkpoint when there is one whose
         metadata matches (written by a group of any size); returns alpha, beta and this call's timings."""
-        op = self._operator(task.eps, task.scheme)
+        op = self._operator(task.eps, task.scheme, task.placement.restore)
         hvp_seconds: list[float] = []
         step_seconds: list[float] = []
         meta = {**task.checkpoint_meta, "probe_id": task.probe_id, "eps": task.eps}
@@ -203,7 +206,8 @@ class Worker:
         last = time.perf_counter()  # the first step's time excludes drawing the probe or loading a checkpoint
         try:
             result = lanczos(timed_matvec, v0, space=self.space, steps=task.steps, reorth=task.reorth,
-                             window=task.window, vector_dtype=DTYPES[task.vector_dtype], state=state, on_step=on_step)
+                             window=task.window, vector_dtype=DTYPES[task.vector_dtype], state=state, on_step=on_step,
+                             vectors=task.placement.vectors)
         except FloatingPointError as e:
             raise FloatingPointError(f"probe {task.probe_id}: {e}") from None
         finally:
@@ -222,7 +226,8 @@ class Worker:
         found = latest_complete_step(task.checkpoint_dir) if task.checkpoint_dir else None
         if found is None or {k: found[1].get(k) for k in meta} != meta:
             return None, 0
-        state = load_lanczos_state(task.checkpoint_dir, step=found[0], space=self.space, device=self.device)
+        state = load_lanczos_state(task.checkpoint_dir, step=found[0], space=self.space, device=self.device,
+                                   vectors=task.placement.vectors)
         return state, found[0]
 
     def _agree_max(self, value: int) -> int:
@@ -234,7 +239,7 @@ class Worker:
         return int(agreed.item())
 
     def run_blocks(self, *, task: BlockTask) -> BlockResult:
-        op = self._operator(task.eps, task.scheme)
+        op = self._operator(task.eps, task.scheme, task.placement.restore)
         blocks = parameter_blocks(self.model, self.space)
         v = probe_vector(self.space, seed=task.seed, probe_index=task.probe_id, kind="gaussian", dtype=op.out_dtype)
         m = block_diagonal_metrics(op.matvec, v, space=self.space, blocks=blocks)
@@ -246,12 +251,12 @@ class Worker:
         blocks = parameter_blocks(self.model, self.space)
         if task.block not in blocks:
             raise ValueError(f"block {task.block!r} is not a block of this model; blocks: {', '.join(blocks)}")
-        op = self._operator(task.eps, task.scheme)
+        op = self._operator(task.eps, task.scheme, task.placement.restore)
         calls = op.calls
         idx = blocks[task.block]
         run = block_spectrum(op.matvec, space=self.space, indices=idx, probe_id=task.probe_id, seed=task.seed,
                              steps=task.steps, reorth=task.reorth, window=task.window,
-                             vector_dtype=DTYPES[task.vector_dtype])
+                             vector_dtype=DTYPES[task.vector_dtype], vectors=task.placement.vectors)
         return BlockSpectrumResult(block=task.block, probe_id=task.probe_id,
                                    block_size=sum(self.space.shards[i].global_shape.numel() for i in idx),
                                    alphas=run.alphas.tolist(), betas=run.betas.tolist(), stopped=run.stopped,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from actors.records import (BlockResult, BlockSpectrumResult, BlockSpectrumTask, BlockTask, Calibration, ProbeResult,
-                            ProbeTask)
+from actors.records import (BlockResult, BlockSpectrumResult, BlockSpectrumTask, BlockTask, Calibration, Placement,
+                            ProbeResult, ProbeTask)
 
 from .eps_policy import calibration_task, known_calibration
 from .output_lock import LockLost
@@ -71,7 +71,11 @@ def _compute(prepared: Prepared, recorder: Recorder, calibration: Calibration | 
         verdict = _plan_verdict_in_background(prepared) if name is None else None  # a sweep's points share one
         started_ray = connect_ray(prepared.config) if own_ray else False
         if verdict is not None:
-            log(verdict())  # after Ray is up: a refused cluster.address stays a one-line error
+            line, plan = verdict()
+            log(line)  # after Ray is up: a refused cluster.address stays a one-line error
+        else:
+            plan = None
+        _choose_placement(prepared.config, plan, recorder)
         cl = prepared.config.cluster
         log(f"requesting {cl.num_groups} group(s) x {cl.num_workers} worker(s) (at least {prepared.config.min_groups()} "
             f"alive)")
@@ -99,7 +103,7 @@ def _compute(prepared: Prepared, recorder: Recorder, calibration: Calibration | 
             _stop(started_ray, verdict)
 
 
-def _stop(started_ray: bool, verdict: Callable[[], str] | None) -> None:
+def _stop(started_ray: bool, verdict: Callable[[], tuple] | None) -> None:
     """Ray down (if this run started it), then the plan's verdict joined, each whatever the other raises."""
     try:
         if started_ray:
@@ -109,21 +113,36 @@ def _stop(started_ray: bool, verdict: Callable[[], str] | None) -> None:
             verdict()
 
 
-def _plan_verdict_in_background(prepared: Prepared) -> Callable[[], str]:
-    """Start the plan's verdict (tracing the model on fake tensors takes seconds) while Ray starts; the returned
-    function waits for the line. ``run`` calls it on every exit path: while transformers builds the traced model
-    it changes torch's process-wide default dtype (other builds wait on ``BUILD_LOCK``), and a caller's tensors
-    after ``run`` returns must not see that."""
-    from .plan import verdict_line
+def _choose_placement(config, plan, recorder: Recorder) -> None:
+    """Where the ranks keep their Lanczos vectors and restore copy: the config's values, ``auto`` as the plan
+    resolved it (device where there is no plan: a sweep's point, or a model the plan cannot trace); printed once
+    and recorded in run.json's ``placement``."""
+    lz, hvp = config.lanczos, config.hvp
+    vectors = plan.config.lanczos.vectors if plan is not None else lz.vectors.replace("auto", "device")
+    restore = plan.config.hvp.restore if plan is not None else hvp.restore.replace("auto", "device")
+    auto = [k for k, v in (("lanczos.vectors", lz.vectors), ("hvp.restore", hvp.restore)) if v == "auto"]
+    recorder.set_placement(Placement(vectors=vectors, restore=restore), auto=auto,
+                           planned=plan is not None)
+    chosen = {"lanczos.vectors": vectors, "hvp.restore": restore}
+    log("placement: " + ", ".join(f"{k}={v}" + (" (auto)" if k in auto else "") for k, v in chosen.items())
+        + ("" if plan is not None or not auto else " (no plan: auto keeps them on the device)"))
 
-    line: list[str] = []
-    thread = threading.Thread(target=lambda: line.append(verdict_line(prepared.config, model_path=prepared.model_path)),
+
+def _plan_verdict_in_background(prepared: Prepared) -> Callable[[], tuple]:
+    """Start the plan's verdict (tracing the model on fake tensors takes seconds) while Ray starts; the returned
+    function waits for (the line, the plan or None). ``run`` calls it on every exit path: while transformers
+    builds the traced model it changes torch's process-wide default dtype (other builds wait on ``BUILD_LOCK``),
+    and a caller's tensors after ``run`` returns must not see that."""
+    from .plan import run_plan
+
+    line: list[tuple] = []
+    thread = threading.Thread(target=lambda: line.append(run_plan(prepared.config, model_path=prepared.model_path)),
                               name="plan-verdict")
     thread.start()
 
-    def result() -> str:
+    def result() -> tuple:
         thread.join()
-        return line[0] if line else "plan: unavailable"
+        return line[0] if line else ("plan: unavailable", None)
     return result
 
 
@@ -142,7 +161,8 @@ def unfinished_tasks(prepared: Prepared, recorder: Recorder, *, eps: float) -> l
     lz, blocks = prepared.config.lanczos, prepared.config.blocks
     tasks: list = [probe_task(prepared, recorder, pid, eps=eps) for pid in range(lz.probes) if pid not in recorder.probes]
     if blocks.enabled:
-        tasks += [BlockTask(probe_id=pid, seed=lz.seed + BLOCK_SEED_OFFSET, eps=eps, scheme=prepared.config.hvp.scheme)
+        tasks += [BlockTask(probe_id=pid, seed=lz.seed + BLOCK_SEED_OFFSET, eps=eps, scheme=prepared.config.hvp.scheme,
+                            placement=recorder.placement)
                   for pid in range(blocks.probes) if pid not in recorder.block_probes]
     if blocks.spectra:
         tasks += block_spectrum_tasks(prepared, recorder, eps=eps)
@@ -158,7 +178,7 @@ def block_spectrum_tasks(prepared: Prepared, recorder: Recorder, *, eps: float) 
     names = block_names(model_spec(prepared))
     return [BlockSpectrumTask(block=name, probe_id=pid, seed=lz.seed + BLOCK_SPECTRA_SEED_OFFSET, eps=eps,
                               scheme=config.hvp.scheme, steps=blocks.spectra_steps or lz.steps, reorth=lz.reorth,
-                              window=lz.window, vector_dtype=lz.vector_dtype)
+                              window=lz.window, vector_dtype=lz.vector_dtype, placement=recorder.placement)
             for pid in range(blocks.probes) for name in names if (name, pid) not in recorder.block_spectra]
 
 
@@ -185,7 +205,7 @@ def probe_task(prepared: Prepared, recorder: Recorder, probe_id: int, *, eps: fl
     return ProbeTask(probe_id=probe_id, seed=lz.seed, eps=eps, scheme=config.hvp.scheme, steps=lz.steps,
                      reorth=lz.reorth, window=lz.window, vector_dtype=lz.vector_dtype,
                      checkpoint_dir=recorder.checkpoint_dir(probe_id), checkpoint_every=config.checkpoint.every,
-                     checkpoint_meta={"config": config.digest()})
+                     checkpoint_meta={"config": config.digest()}, placement=recorder.placement)
 
 
 def _remaining_steps(prepared: Prepared, recorder: Recorder) -> int:

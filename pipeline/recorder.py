@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from actors.records import BlockResult, BlockSpectrumResult, Calibration, GroupInfo, ProbeResult, as_dict
+from actors.records import BlockResult, BlockSpectrumResult, Calibration, GroupInfo, Placement, ProbeResult, as_dict
 from hessian_core import (SpectralMeasure, extreme_eigenvalues, latest_complete_step, ritz_rule, smoothed_density,
                           trace_estimate)
 from hessian_core.checkpoint import discard_after
@@ -58,6 +58,7 @@ class Recorder:
         self.phase_started = {"startup": self.started}
         self.phase_seconds: dict[str, float] = {}
         self.previous: dict = {}
+        self.placement = Placement()  # the driver sets the run's (pipeline.driver._choose_placement)
         self._load_previous()
         self._keep_previous()
 
@@ -114,6 +115,14 @@ class Recorder:
                                            {"started_at": previous.get("started_at"), "groups": previous["groups"]}]
         self.info["probe_groups"] = dict(previous.get("probe_groups") or {})
         self.info["probes_moved"] = int(previous.get("probes_moved") or 0)
+
+    def set_placement(self, placement: Placement, *, auto: list[str], planned: bool) -> None:
+        """run.json's ``placement``: where this invocation keeps the Lanczos vectors and the restore copy, and
+        which of the two ``auto`` chose (from the plan, or ``device`` where there was none)."""
+        self.placement = placement
+        self.info["placement"] = {"lanczos.vectors": placement.vectors, "hvp.restore": placement.restore,
+                                  "auto": auto, "planned": planned}
+        self.save_info()
 
     def set_num_params(self, num_params: int) -> None:
         self.info["num_params"] = num_params

@@ -70,3 +70,49 @@ def test_a_checkpoint_written_with_device_vectors_resumes_with_host_vectors_bitw
     assert state.on_host
     _, resumed = _run(model, batches, vectors="host", restore="host", state=state)
     assert torch.equal(resumed.alphas, whole.alphas) and torch.equal(resumed.betas, whole.betas)
+
+
+def test_a_rank_resumes_a_device_checkpoint_with_host_placement_bitwise(tmp_path):
+    """The worker's own path (no Ray): a probe checkpointed with everything on the device and stopped at step 4
+    continues with lanczos.vectors=host and hvp.restore=host to the alphas and betas of an uninterrupted run."""
+    from actors.model_loading import ModelSpec
+    from actors.records import Placement, ProbeTask
+    from actors.worker import Worker
+
+    worker = Worker(rank=0, world_size=1, use_gpu=False)
+    spec = ModelSpec(path=None, init="random", dtype="float64", config_overrides={
+        "model_type": "llama", "vocab_size": 32, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "intermediate_size": 16, "max_position_embeddings": 16})
+    worker.setup(index=0, rendezvous=None, spec=spec, timeout_seconds=60,
+                 batches=torch.randint(0, 32, (1, 2, 12), generator=torch.Generator().manual_seed(0)))
+
+    def task(steps, placement, folder):
+        return ProbeTask(probe_id=0, seed=0, eps=1e-4, scheme="central", steps=steps, reorth="window", window=3,
+                         vector_dtype="float64", checkpoint_dir=str(folder) if folder else None,
+                         checkpoint_every=1 if folder else 0, placement=placement)
+
+    whole = worker.run_probe(task=task(8, Placement(), None))
+    worker.run_probe(task=task(5, Placement(), tmp_path))  # its last checkpoint: step 4
+    resumed = worker.run_probe(task=task(8, Placement(vectors="host", restore="host"), tmp_path))
+    assert resumed.resumed_at_step == 4 and len(resumed.hvp_seconds) == 4
+    assert resumed.alphas == whole.alphas and resumed.betas == whole.betas
+    assert worker.op.restore == "host"
+
+
+def test_the_placement_keys_are_validated_and_do_not_decide_the_results(tmp_path):
+    from pipeline.config import ConfigError, load_config, results_part
+
+    with pytest.raises(ConfigError, match="lanczos.vectors"):
+        load_config(None, ["lanczos.vectors=disk"], check=False)
+    with pytest.raises(ConfigError, match="hvp.restore"):
+        load_config(None, ["hvp.restore=gpu"], check=False)
+    host = load_config(None, ["lanczos.vectors=host", "hvp.restore=host"], check=False)
+    assert (host.lanczos.vectors, host.hvp.restore) == ("host", "host")
+    default = load_config(None, [], check=False)
+    assert (default.lanczos.vectors, default.hvp.restore) == ("auto", "auto")
+    # a run recorded before the keys existed, or with other placements, is the same run: it resumes
+    old = default.to_dict()
+    del old["lanczos"]["vectors"], old["hvp"]["restore"]
+    assert results_part(old) == host.result_dict() == default.result_dict()
+    assert host.digest() == default.digest()
+    assert load_config(None, ["lanczos.window=4"], check=False).result_dict() != default.result_dict()
