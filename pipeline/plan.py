@@ -129,6 +129,18 @@ def _dcp_architecture(config: RunConfig, model_path: str):
         raise ConfigError(str(e).strip().splitlines()[0]) from None
 
 
+def _traced_dtype(cfg, compute_dtype: str) -> tuple[str, float]:
+    """(the dtype to trace in, the factor from its saved bytes to the compute dtype's). A mixture of experts is
+    traced in bfloat16: its float32/float64 expert kernels route tokens by data-dependent indexing, which fake
+    tensors cannot run, while the grouped kernel takes only the routed tokens of each expert (as the real run
+    does) but has fake-tensor support in bfloat16 only. Its saved bytes are scaled back (index tensors too: a
+    slight overestimate)."""
+    experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None) or 0
+    if experts > 1 and compute_dtype != "bfloat16":
+        return "bfloat16", DTYPE_BYTES[compute_dtype] / DTYPE_BYTES["bfloat16"]
+    return compute_dtype, 1.0
+
+
 def trace_model(cfg, *, world: int, compute_dtype: str, attn: str, batch: int, seq_len: int) -> ModelShape:
     """Build the model on fake tensors and run the analysis loss forward on a fake ``[batch, seq_len]`` batch."""
     import torch
@@ -143,8 +155,9 @@ def trace_model(cfg, *, world: int, compute_dtype: str, attn: str, batch: int, s
     inputs: list[int] = []
     from actors.model_loading import BUILD_LOCK
 
+    traced, scale = _traced_dtype(cfg, compute_dtype)
     with BUILD_LOCK, FakeTensorMode(allow_non_fake_inputs=True), _no_packed_sequences():
-        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, compute_dtype), attn_implementation=attn)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, traced), attn_implementation=attn)
         model.eval()
         params = {id(p): p for p in model.parameters()}.values()
         param_storages = {p.untyped_storage()._cdata for p in params}
@@ -154,7 +167,7 @@ def trace_model(cfg, *, world: int, compute_dtype: str, attn: str, batch: int, s
             def hook(module, args, kwargs):
                 current[0] = index
                 hidden = args[0] if args else kwargs.get("hidden_states")
-                inputs.append(hidden.untyped_storage().nbytes() if hidden is not None else 0)
+                inputs.append(int(hidden.untyped_storage().nbytes() * scale) if hidden is not None else 0)
             return hook
 
         def leave(module, args, output):
@@ -168,7 +181,7 @@ def trace_model(cfg, *, world: int, compute_dtype: str, attn: str, batch: int, s
             storage = t.untyped_storage()
             key = storage._cdata
             if key not in param_storages and key not in saved:
-                saved[key] = (storage.nbytes(), current[0])
+                saved[key] = (int(storage.nbytes() * scale), current[0])
                 keep_alive.append(storage)
             return t
 
