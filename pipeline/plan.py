@@ -536,22 +536,28 @@ def plan_command(config: RunConfig, *, device_memory: str | None, from_run: str 
     text = format_plan(plan, device_bytes=device_bytes, grad=grad)
     if device_bytes is None:
         text += "\nverdict: none (pass --device-memory, e.g. 80GiB)"
-    ranks = ranks_per_node or default_ranks_per_node(config)
+    return text + "\n" + _host_memory_line(plan, ranks_per_node or default_ranks_per_node(config), host_bytes)
+
+
+def _host_memory_line(plan: MemoryPlan, ranks: int, host_bytes: int | None) -> str:
+    """``host memory per node (R ranks): ...``, with its verdict against ``host_bytes`` where given."""
+    config = plan.config
     node = host_bytes_per_node(plan, ranks)
-    text += f"\nhost memory per node ({ranks} ranks): {_size(node).strip()}"
+    text = f"host memory per node ({ranks} ranks): {_size(node).strip()}"
     if config.cluster.use_gpu:
         held = plan.host_resident + plan.checkpoint_per_save
         text += (f" = {ranks} x max(loading {_size(plan.loading).strip()}, offloaded + checkpoint staging "
                  f"{_size(held).strip()})")
-    if host_bytes is not None:
-        spare = host_bytes - node
-        # only pretrained weights can be read shard by shard; a random init builds the whole model on each rank
-        loads_whole = plan.loading > plan.shape.local_params * DTYPE_BYTES[config.model.dtype]
-        fix = ("set model.loading=sharded or use fewer ranks per node"
-               if config.model.init == "pretrained" and loads_whole else "use fewer ranks per node")
-        text += (f" - fits with {spare / GIB:.3g} GiB spare" if spare >= 0 else
-                 f" - does not fit in {host_bytes / GIB:.3g} GiB: {fix}")
-    return text
+    if host_bytes is None:
+        return text
+    if host_bytes >= node:
+        return text + f" - fits with {(host_bytes - node) / GIB:.3g} GiB spare"
+    # only pretrained weights can be read shard by shard; a random init builds the whole model on each rank
+    loads_whole = plan.loading > plan.shape.local_params * DTYPE_BYTES[config.model.dtype]
+    fewer = host_bytes // max(1, host_bytes_per_rank(plan))
+    fewer = f"use at most {fewer} ranks per node" if fewer >= 1 else "use nodes with more host memory"
+    fix = f"set model.loading=sharded or {fewer}" if config.model.init == "pretrained" and loads_whole else fewer
+    return text + f" - does not fit in {host_bytes / GIB:.3g} GiB: {fix}"
 
 
 def verdict_line(config: RunConfig, *, model_path: str | None) -> str:
