@@ -33,6 +33,16 @@ def _host_rows(count: int, n: int, dtype: torch.dtype, device: torch.device) -> 
     return torch.empty((count, n), dtype=dtype, pin_memory=device.type == "cuda")
 
 
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One copy stream per device, made once."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
 def stream_rows(rows: Tensor, indices: Sequence[int], device: torch.device) -> Iterator[Tensor]:
     """``rows[i]`` for each i in ``indices``, copied to ``device`` one at a time. On CUDA the next row's copy runs
     on a side stream while the caller computes with the current one (two device rows, each reused only after the
@@ -43,8 +53,10 @@ def stream_rows(rows: Tensor, indices: Sequence[int], device: torch.device) -> I
             staging.copy_(rows[i])
             yield staging
         return
-    compute, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+    compute, side = torch.cuda.current_stream(device), _side_stream(device)
     buffers = [torch.empty(rows.shape[1], dtype=rows.dtype, device=device) for _ in range(2)]
+    for b in buffers:  # a copy still in flight when the caller stops early keeps its buffer from reuse
+        b.record_stream(side)
     copied = [torch.cuda.Event(), torch.cuda.Event()]
     used = [torch.cuda.Event(), torch.cuda.Event()]  # an event never recorded is waited on as done
 
