@@ -116,3 +116,28 @@ def test_the_placement_keys_are_validated_and_do_not_decide_the_results(tmp_path
     assert results_part(old) == host.result_dict() == default.result_dict()
     assert host.digest() == default.digest()
     assert load_config(None, ["lanczos.window=4"], check=False).result_dict() != default.result_dict()
+
+
+def test_the_run_takes_auto_from_the_plan_prints_it_once_and_records_it(tmp_path, capsys):
+    from pipeline.config import load_config
+    from pipeline.driver import _choose_placement
+    from pipeline.plan import plan_run
+
+    class Recorded:  # what the driver hands pipeline.recorder.Recorder.set_placement (run.json's placement)
+        def set_placement(self, placement, *, auto, planned):
+            self.args = (placement, auto, planned)
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {init: random, dtype: float32, config: {model_type: llama, vocab_size: 64, hidden_size: 32,"
+                    " num_hidden_layers: 1, num_attention_heads: 4, num_key_value_heads: 2, intermediate_size: 64}}\n"
+                    "data: {path: builtin:demo, seq_len: 16, batch_size: 2}\n"
+                    "cluster: {use_gpu: true, num_workers: 2}\nhvp: {restore: device}\n")
+    config = load_config(str(path), this_machine=False)
+    both_host = plan_run(config, device_bytes=1)  # nothing fits: auto takes the smallest peak (vectors on host)
+    recorded = Recorded()
+    _choose_placement(config, both_host, recorded)
+    placement, auto, planned = recorded.args
+    assert (placement.vectors, placement.restore, auto, planned) == ("host", "device", ["lanczos.vectors"], True)
+    assert capsys.readouterr().err.count("placement: lanczos.vectors=host (auto), hvp.restore=device") == 1
+    _choose_placement(config, None, recorded)  # no plan (a sweep's point): auto keeps them on the device
+    assert (recorded.args[0].vectors, recorded.args[2]) == ("device", False)
