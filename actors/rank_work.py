@@ -33,13 +33,13 @@ def calibrate(ctx, task: CalibrationTask) -> Calibration:
                            third_derivative=None, perturbation_rounding=None, reliable=None,
                            message=f"eps={fixed_eps:.3g} (fixed, not assessed: hvp.assess is false)",
                            grad_seconds=gradient_seconds(ctx, repeats=1, warmup=False))
-    op = ctx.operator(1.0 if fixed_eps is None else fixed_eps, probe.scheme)
+    op = ctx.operator(1.0 if fixed_eps is None else fixed_eps, probe.scheme, probe.placement.restore)
     start = ctx.start_vector(seed=probe.seed, probe_id=probe.probe_id, vector_dtype=probe.vector_dtype)
     q0 = start.vector(start.rows[0])
     calls = op.calls
     calibrated = choose_eps(op, q0, eps=fixed_eps, compute_dtype=ctx.compute_dtype)
     choice, hv, seconds = calibrated.choice, calibrated.hvp, calibrated.hvp_seconds
-    op = ctx.operator(choice.eps, probe.scheme)
+    op = ctx.operator(choice.eps, probe.scheme, probe.placement.restore)
     if hv is None:  # the chosen eps is none of the ladder's steps: one more HVP, kept all the same
         hv, seconds = ctx.timed(op.matvec, q0)
     ctx.keep_matvec((probe.probe_id, probe.seed, probe.vector_dtype, choice.eps, probe.scheme), hv, seconds)
@@ -58,7 +58,7 @@ def gradient_seconds(ctx, *, repeats: int, warmup: bool = True) -> float:
 def run_probe(ctx, task: ProbeTask) -> ProbeResult:
     """One probe's whole Lanczos run, continued from its newest complete checkpoint when there is one whose
     metadata matches (written by a group of any size); returns alpha, beta and this call's timings."""
-    op = ctx.operator(task.eps, task.scheme)
+    op = ctx.operator(task.eps, task.scheme, task.placement.restore)
     hvp_seconds: list[float] = []
     step_seconds: list[float] = []
     meta = {**task.checkpoint_meta, "probe_id": task.probe_id, "eps": task.eps}
@@ -101,7 +101,8 @@ def run_probe(ctx, task: ProbeTask) -> ProbeResult:
     last = time.perf_counter()  # the first step's time excludes drawing the probe or loading a checkpoint
     try:
         result = lanczos(timed_matvec, v0, space=ctx.space, steps=task.steps, reorth=task.reorth,
-                         window=task.window, vector_dtype=DTYPES[task.vector_dtype], state=state, on_step=on_step)
+                         window=task.window, vector_dtype=DTYPES[task.vector_dtype], state=state, on_step=on_step,
+                         vectors=task.placement.vectors)
     except FloatingPointError as e:
         raise FloatingPointError(f"probe {task.probe_id}: {e}") from None
     finally:
@@ -117,12 +118,13 @@ def _resume(ctx, task: ProbeTask, meta: dict) -> tuple[LanczosState | None, int]
     found = latest_complete_step(task.checkpoint_dir) if task.checkpoint_dir else None
     if found is None or {k: found[1].get(k) for k in meta} != meta:
         return None, 0
-    state = load_lanczos_state(task.checkpoint_dir, step=found[0], space=ctx.space, device=ctx.device)
+    state = load_lanczos_state(task.checkpoint_dir, step=found[0], space=ctx.space, device=ctx.device,
+                               vectors=task.placement.vectors)
     return state, found[0]
 
 
 def run_blocks(ctx, task: BlockTask) -> BlockResult:
-    op = ctx.operator(task.eps, task.scheme)
+    op = ctx.operator(task.eps, task.scheme, task.placement.restore)
     blocks = parameter_blocks(ctx.model, ctx.space)
     v = probe_vector(ctx.space, seed=task.seed, probe_index=task.probe_id, kind="gaussian", dtype=op.out_dtype)
     m = block_diagonal_metrics(op.matvec, v, space=ctx.space, blocks=blocks)
@@ -135,12 +137,12 @@ def run_block_spectrum(ctx, task: BlockSpectrumTask) -> BlockSpectrumResult:
     blocks = parameter_blocks(ctx.model, ctx.space)
     if task.block not in blocks:
         raise ValueError(f"block {task.block!r} is not a block of this model; blocks: {', '.join(blocks)}")
-    op = ctx.operator(task.eps, task.scheme)
+    op = ctx.operator(task.eps, task.scheme, task.placement.restore)
     calls = op.calls
     idx = blocks[task.block]
     run = block_spectrum(op.matvec, space=ctx.space, indices=idx, probe_id=task.probe_id, seed=task.seed,
                          steps=task.steps, reorth=task.reorth, window=task.window,
-                         vector_dtype=DTYPES[task.vector_dtype])
+                         vector_dtype=DTYPES[task.vector_dtype], vectors=task.placement.vectors)
     return BlockSpectrumResult(block=task.block, probe_id=task.probe_id,
                                block_size=sum(ctx.space.shards[i].global_shape.numel() for i in idx),
                                alphas=run.alphas.tolist(), betas=run.betas.tolist(), stopped=run.stopped,

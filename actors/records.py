@@ -17,6 +17,15 @@ from .tasks import TaskRecord
 
 
 @dataclass(frozen=True, kw_only=True)
+class Placement:
+    """Where a rank keeps its Lanczos vectors and the FD HVP's restore copy: ``device`` or ``host`` each (the
+    driver resolves the config's ``auto``; pipeline.plan.placed_plan). Neither changes a bit of the results."""
+
+    vectors: str = "device"
+    restore: str = "device"
+
+
+@dataclass(frozen=True, kw_only=True)
 class ProbeTask(TaskRecord):
     """One SLQ probe: a Lanczos run from probe ``probe_id``'s start vector, resumed from a checkpoint if any."""
 
@@ -31,6 +40,7 @@ class ProbeTask(TaskRecord):
     checkpoint_dir: str | None
     checkpoint_every: int | str
     checkpoint_meta: dict = field(default_factory=dict)
+    placement: Placement = field(default_factory=Placement)
 
     @property
     def label(self) -> str:
@@ -54,6 +64,7 @@ class BlockTask(TaskRecord):
     seed: int
     eps: float
     scheme: str
+    placement: Placement = field(default_factory=Placement)
 
     @property
     def label(self) -> str:
@@ -78,6 +89,7 @@ class BlockSpectrumTask(TaskRecord):
     reorth: str
     window: int
     vector_dtype: str
+    placement: Placement = field(default_factory=Placement)
 
     @property
     def label(self) -> str:

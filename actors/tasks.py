@@ -26,8 +26,9 @@ class RankContext(Protocol):
     compute_dtype: torch.dtype
     progress: Callable[[Any], None] | None  # set for the call by execute: where rank 0 reports steps
 
-    def operator(self, eps: float, scheme: str) -> Any:
-        """The rank's FD HVP operator (hessian_core.FiniteDifferenceHVP) at eps/scheme, built once."""
+    def operator(self, eps: float, scheme: str, restore: str = "device") -> Any:
+        """The rank's FD HVP operator (hessian_core.FiniteDifferenceHVP) at eps/scheme, built once, its restore
+        copy on the device or in host memory (``hvp.restore``)."""
 
     def timed(self, fn: Callable, *args) -> tuple[Any, float]:
         """(fn(*args), its wall time, the device synchronized before and after)."""

@@ -115,10 +115,13 @@ class Worker:
         finally:
             self.progress = None
 
-    def operator(self, eps: float, scheme: str) -> FiniteDifferenceHVP:
-        """The rank's one HVP operator (built once: it keeps the parameter backup buffer), set to eps/scheme."""
-        if self.op is None:
-            self.op = FiniteDifferenceHVP(self.model, self.batches, eps=eps, scheme=scheme, space=self.space)
+    def operator(self, eps: float, scheme: str, restore: str = "device") -> FiniteDifferenceHVP:
+        """The rank's one HVP operator (built once: it keeps the parameter backup buffer, on the device or in host
+        memory as ``restore`` says), set to eps/scheme."""
+        if self.op is None or self.op.restore != restore:
+            self.op = None  # the old backup goes before the new one is allocated
+            self.op = FiniteDifferenceHVP(self.model, self.batches, eps=eps, scheme=scheme, space=self.space,
+                                          restore=restore)
         elif (self.op.eps, self.op.scheme) != (float(eps), scheme):
             self.op = self.op.with_eps(eps).with_scheme(scheme)  # copies share the backup buffer
         return self.op

@@ -2,6 +2,9 @@
 
     python bench/plan_check.py CONFIG [--set KEY=VALUE ...]
 
+``lanczos.vectors`` and ``hvp.restore`` (``--set lanczos.vectors=host --set hvp.restore=host``) place the
+window and the restore copy as a run would; ``auto`` is resolved as ``plan`` resolves it for this machine.
+
 Spawns the config's ``cluster.num_workers`` ranks (torch.multiprocessing, gloo, no Ray). Each rank reads its
 RSS after the imports and one tiny forward/backward of the architecture (the baseline), then does what a run does on a group: actors.worker.Worker.setup
 (load, shard, mixed precision, checkpointing), eps calibration, and one probe of ``lanczos.steps`` steps
@@ -44,10 +47,11 @@ def _warm_up(overrides: dict) -> None:
     del model
 
 
-def rank_main(rank: int, world: int, port: int, config_path: str, overrides: list[str], out: str) -> None:
+def rank_main(rank: int, world: int, port: int, config_path: str, overrides: list[str], out: str,
+              placement: tuple[str, str] = ("device", "device")) -> None:
     import torch
 
-    from actors.records import CalibrationTask, ProbeTask
+    from actors.records import CalibrationTask, Placement, ProbeTask
     from actors.worker import Worker
     from hessian_core.models import ModelSpec
     from pipeline.config import load_config
@@ -70,7 +74,8 @@ def rank_main(rank: int, world: int, port: int, config_path: str, overrides: lis
 
     def task(eps):
         return ProbeTask(probe_id=0, seed=0, eps=eps, scheme=config.hvp.scheme, steps=lz.steps, reorth=lz.reorth,
-                         window=lz.window, vector_dtype=lz.vector_dtype, checkpoint_dir=None, checkpoint_every=0)
+                         window=lz.window, vector_dtype=lz.vector_dtype, checkpoint_dir=None, checkpoint_every=0,
+                         placement=Placement(vectors=placement[0], restore=placement[1]))
 
     choice = worker.execute(CalibrationTask(probe=task(1.0), fixed_eps=None))
     worker.execute(task(choice.eps))
@@ -87,21 +92,23 @@ def main(argv: list[str]) -> None:
 
     from actors.worker import free_port
     from pipeline.config import load_config
-    from pipeline.plan import plan_run
+    from pipeline.plan import default_device_bytes, placement_line, plan_run
 
     config_path, overrides = argv[0], [a for a in argv[1:] if a != "--set"]
     config = load_config(config_path, overrides)
-    plan = plan_run(config)
+    plan = plan_run(config, device_bytes=default_device_bytes(config))
+    placement = (plan.config.lanczos.vectors, plan.config.hvp.restore)
     world = config.cluster.num_workers
     out = os.path.join(tempfile.mkdtemp(), "rank")
-    mp.spawn(rank_main, args=(world, free_port(), config_path, overrides, out), nprocs=world, join=True)
+    mp.spawn(rank_main, args=(world, free_port(), config_path, overrides, out, placement), nprocs=world, join=True)
     ranks = []
     for r in range(world):
         with open(f"{out}.{r}") as f:
             ranks.append(json.load(f))
     result = {"config": config_path, "overrides": overrides, "num_params": plan.shape.num_params,
               "plan_peak_bytes": plan.peak, "plan_total_bytes": plan.total, "plan_loading_bytes": plan.loading,
-              "plan_rows": plan.rows, "ranks": ranks,
+              "placement": placement_line(plan), "plan_rows": plan.rows, "plan_host_rows": plan.host_rows,
+              "ranks": ranks,
               "ratio_measured_over_plan": [r["measured_peak_bytes"] / plan.peak for r in ranks]}
     print(json.dumps(result))
 

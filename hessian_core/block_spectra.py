@@ -59,13 +59,13 @@ class BlockOperator:
 
 def block_spectrum(matvec: Callable[[Sequence[Tensor | None]], Vector], *, space: ParamSpace,
                    indices: Sequence[int], probe_id: int, seed: int, steps: int, reorth: str = "full",
-                   window: int = 8, vector_dtype: torch.dtype = torch.float64) -> LanczosResult:
+                   window: int = 8, vector_dtype: torch.dtype = torch.float64, vectors: str = "device") -> LanczosResult:
     """One SLQ probe of H_bb: Lanczos from a Rademacher probe over the block's parameters.
 
     The probe is a pure function of (seed, probe_id, the block's parameter names), like the full probes.
-    ``steps`` is capped at the block's dimension."""
+    ``steps`` is capped at the block's dimension; ``vectors``: where the kept vectors live (hessian_core.lanczos)."""
     sub = block_space(space, indices)
     op = BlockOperator(matvec, num_params=len(space.params), indices=indices)
     v0 = probe_vector(sub, seed=seed, probe_index=probe_id, dtype=vector_dtype)
     return lanczos(op.matvec, v0, space=sub, steps=min(steps, sub.numel), reorth=reorth, window=window,
-                   vector_dtype=vector_dtype)
+                   vector_dtype=vector_dtype, vectors=vectors)

@@ -193,8 +193,9 @@ def _gather_vector(folder: str, index: int, world_size: int, space: ParamSpace, 
 
 
 def load_lanczos_state(folder: str, *, step: int, space: ParamSpace, device: torch.device | None = None,
-                       capacity: int = 0) -> LanczosState:
-    """The state saved at ``step``, laid out for this rank of ``space`` whatever world size wrote it."""
+                       capacity: int = 0, vectors: str = "device") -> LanczosState:
+    """The state saved at ``step``, laid out for this rank of ``space`` whatever world size wrote it, its rows
+    on the device or in host memory (``vectors``, whichever the run that wrote it used)."""
     with open(os.path.join(_step_dir(folder, step), "meta.json")) as f:
         meta = json.load(f)
     dtype = None
@@ -207,7 +208,7 @@ def load_lanczos_state(folder: str, *, step: int, space: ParamSpace, device: tor
     shapes = [p.shape for p in space.local_params()]
     return LanczosState.from_basis(basis, shapes=shapes, alphas=meta["alphas"], betas=meta["betas"],
                                    stopped=meta["stopped"], capacity=capacity, device=device or space.device,
-                                   order=meta.get("rows"))
+                                   order=meta.get("rows"), vectors=vectors)
 
 
 def save_lanczos_state(state: LanczosState, *, folder: str, space: ParamSpace, rank: int = 0, world_size: int = 1,

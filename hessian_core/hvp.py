@@ -40,6 +40,18 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+RESTORE_PLACES = ("device", "host")
+
+
+def _copy_back(params: Vector, backup: Vector) -> None:
+    """The parameters set to their retained copy, wherever it is (a host copy is read on the compute stream)."""
+    if backup and backup[0].device == params[0].device:
+        torch._foreach_copy_(params, backup)
+    else:
+        for p, saved in zip(params, backup):
+            p.copy_(saved, non_blocking=True)
+
+
 class _Shared:
     """What the copies of one operator share: the parameter backup buffer and the HVP count."""
 
@@ -52,7 +64,9 @@ class FiniteDifferenceHVP:
     """Hv ~ (grad L(theta + eps v) - grad L(theta - eps v)) / (2 eps), or the 4-point Richardson scheme.
 
     Both passes see the same batches; the parameters are restored bit-exactly from one retained copy of the
-    local shards; the result is a list of local shards like the parameters, in ``accumulator_dtype``.
+    local shards, kept on the device or (``restore="host"``) in one host buffer, pinned where the device is a GPU,
+    whose copies to and from the device run on the compute stream (ordered with the passes, no sync); the result
+    is a list of local shards like the parameters, in ``accumulator_dtype``.
     Entries of ``v`` may be ``None`` for parameters where v is zero (block masks).
 
     The operator is immutable: ``with_eps`` / ``with_scheme`` return copies that share the model, the loss
@@ -62,8 +76,11 @@ class FiniteDifferenceHVP:
     """
 
     def __init__(self, model: torch.nn.Module, batches: Sequence[Batch], *, eps: float, scheme: str = "central",
-                 space: ParamSpace | None = None, loss_fn: LossFn | None = None):
+                 space: ParamSpace | None = None, loss_fn: LossFn | None = None, restore: str = "device"):
         _check_step(eps, scheme)
+        if restore not in RESTORE_PLACES:
+            raise ValueError(f"restore {restore!r}: expected one of {RESTORE_PLACES}")
+        self._restore = restore
         if model.training:
             raise ValueError("the model must be in eval mode (dropout off) for finite-difference HVPs")
         self._model = model
@@ -81,6 +98,7 @@ class FiniteDifferenceHVP:
     space = property(lambda self: self._space)
     loss = property(lambda self: self._loss)
     calls = property(lambda self: self._shared.calls)
+    restore = property(lambda self: self._restore)
     out_dtype = property(lambda self: accumulator_dtype(self._space.dtype))
 
     def with_eps(self, eps: float) -> FiniteDifferenceHVP:
@@ -98,17 +116,29 @@ class FiniteDifferenceHVP:
         return other
 
     def _save(self, params: Vector) -> Vector:
+        if self._restore == "host":
+            return self._save_on_host(params)
         if self._shared.backup is None:
             self._shared.backup = [t.clone() for t in params]
         else:
             torch._foreach_copy_(self._shared.backup, params)
         return self._shared.backup
 
+    def _save_on_host(self, params: Vector) -> Vector:
+        """The parameters' exact copy in one host buffer (views per parameter), allocated once."""
+        gpu = self.space.device.type == "cuda"
+        if self._shared.backup is None:
+            flat = torch.empty(sum(p.numel() for p in params), dtype=self.space.dtype, pin_memory=gpu)
+            self._shared.backup = list(FlatVector(flat, [p.shape for p in params]))
+        for saved, p in zip(self._shared.backup, params):
+            saved.copy_(p, non_blocking=gpu)
+        return self._shared.backup
+
     @torch.no_grad()
     def _set_params(self, params: Vector, backup: Vector, v: Sequence[Tensor | None], step: float, *,
                     at_backup: bool) -> None:
         if not at_backup:
-            torch._foreach_copy_(params, backup)
+            _copy_back(params, backup)
         idx = [i for i, t in enumerate(v) if t is not None]
         if idx and step != 0.0:
             torch._foreach_add_([params[i] for i in idx], [v[i].to(params[i].dtype) for i in idx], alpha=step)
@@ -134,7 +164,7 @@ class FiniteDifferenceHVP:
             scale = passes(out, params, backup, v)
         finally:
             with torch.no_grad():
-                torch._foreach_copy_(params, backup)
+                _copy_back(params, backup)
             self.model.zero_grad(set_to_none=True)
         out.flat.mul_(scale)
         self._shared.calls += 1

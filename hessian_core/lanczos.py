@@ -4,11 +4,16 @@ Vectors are stored in a chosen dtype; every scalar is float64. Per step: one mat
 alpha, one for all the reorthogonalization coefficients (when enabled) and one for beta, so at most
 3 <= 2 + r scalar all-reduces. Only the vectors reorthogonalization needs are kept: the last two
 for ``none``, the last ``window`` for ``window``, all of them for ``full``.
+
+Where the kept vectors live is ``vectors``: ``device`` (rows of one device matrix) or ``host`` (one host
+matrix, pinned where CUDA exists; the device holds only the newest vector and the rows being streamed through
+it, one at a time: ``stream_rows``). Both take the same arithmetic, row by row in row order, so they give the
+same bits wherever the device is the CPU.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +22,58 @@ from torch import Tensor
 from .vectors import FlatVector, ParamSpace, Vector
 
 REORTH_MODES = ("none", "window", "full")
+VECTOR_PLACES = ("device", "host")
+# device rows a host-held window needs besides its newest vector: the row being used and, on CUDA, the next one
+# copied in beside it on a side stream (hessian_core.lanczos.stream_rows)
+STAGING_ROWS = {"cuda": 2, "cpu": 1}
+
+
+def _host_rows(count: int, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A host matrix for ``count`` rows, pinned where the device is a GPU (so its copies can be asynchronous)."""
+    return torch.empty((count, n), dtype=dtype, pin_memory=device.type == "cuda")
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One copy stream per device, made once."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
+def stream_rows(rows: Tensor, indices: Sequence[int], device: torch.device) -> Iterator[Tensor]:
+    """``rows[i]`` for each i in ``indices``, copied to ``device`` one at a time. On CUDA the next row's copy runs
+    on a side stream while the caller computes with the current one (two device rows, each reused only after the
+    compute stream is done with it); elsewhere one device row is refilled for each."""
+    if device.type != "cuda":
+        staging = torch.empty(rows.shape[1], dtype=rows.dtype, device=device)
+        for i in indices:
+            staging.copy_(rows[i])
+            yield staging
+        return
+    compute, side = torch.cuda.current_stream(device), _side_stream(device)
+    buffers = [torch.empty(rows.shape[1], dtype=rows.dtype, device=device) for _ in range(2)]
+    for b in buffers:  # a copy still in flight when the caller stops early keeps its buffer from reuse
+        b.record_stream(side)
+    copied = [torch.cuda.Event(), torch.cuda.Event()]
+    used = [torch.cuda.Event(), torch.cuda.Event()]  # an event never recorded is waited on as done
+
+    def fetch(k: int) -> None:
+        side.wait_event(used[k % 2])
+        with torch.cuda.stream(side):
+            buffers[k % 2].copy_(rows[indices[k]], non_blocking=True)
+            copied[k % 2].record(side)
+
+    if indices:
+        fetch(0)
+    for k in range(len(indices)):
+        if k + 1 < len(indices):
+            fetch(k + 1)
+        compute.wait_event(copied[k % 2])
+        yield buffers[k % 2]
+        used[k % 2].record(compute)
 
 
 @dataclass
@@ -34,6 +91,30 @@ class LanczosState:
     order: list[int] = field(default_factory=list)
     shapes: list[torch.Size] = field(default_factory=list)
     stopped: str | None = None  # "invariant subspace" once the Krylov space is exhausted
+    # vectors=host: ``rows`` is a host matrix and ``head`` the newest vector on the compute device; None: the
+    # rows are on the compute device and the newest vector is one of them
+    head: Tensor | None = None
+
+    @property
+    def on_host(self) -> bool:
+        return self.head is not None
+
+    @property
+    def newest(self) -> Tensor:
+        """The newest vector (q_j) where the matvec runs."""
+        return self.head if self.head is not None else self.rows[self.order[-1]]
+
+    def kept_rows(self, indices: Sequence[int]) -> Iterator[Tensor]:
+        """The rows ``indices`` on the compute device, one at a time (views of ``rows``, or streamed from host);
+        the newest vector is never copied, its device copy is used."""
+        if self.head is None:
+            yield from (self.rows[i] for i in indices)
+            return
+        newest = self.order[-1]
+        streamed = [i for i in indices if i != newest]
+        rows = stream_rows(self.rows, streamed, self.head.device)
+        for i in indices:
+            yield self.head if i == newest else next(rows)
 
     @property
     def steps_done(self) -> int:
@@ -47,26 +128,40 @@ class LanczosState:
     @classmethod
     def from_basis(cls, basis: Sequence[Tensor], *, shapes: Sequence[torch.Size], alphas: Sequence[float] = (),
                    betas: Sequence[float] = (), stopped: str | None = None, capacity: int = 0,
-                   device: torch.device | None = None, order: Sequence[int] | None = None) -> LanczosState:
+                   device: torch.device | None = None, order: Sequence[int] | None = None,
+                   vectors: str = "device") -> LanczosState:
         """A state holding ``basis`` (oldest first), copied once into rows allocated for ``capacity`` vectors;
         ``order`` puts basis[j] in row order[j] (default: row j). A resumed state must keep the rows where the
         interrupted run had them: the reorthogonalization sums over rows in row order, so another placement
-        changes the last bits of every later step."""
+        changes the last bits of every later step. ``vectors``: where the rows live (see the module's doc);
+        ``device`` is where the arithmetic runs."""
+        if vectors not in VECTOR_PLACES:
+            raise ValueError(f"vectors {vectors!r}: expected one of {VECTOR_PLACES}")
         order = list(range(len(basis))) if order is None else list(order)
         if sorted(order) != list(range(len(basis))):
             raise ValueError(f"order must be a permutation of 0..{len(basis) - 1}, got {order}")
-        rows = torch.empty((max(capacity, len(basis)), basis[0].numel()), dtype=basis[0].dtype,
-                           device=device or basis[0].device)
+        device = device or basis[0].device
+        count, n = max(capacity, len(basis)), basis[0].numel()
+        rows = (_host_rows(count, n, basis[0].dtype, device) if vectors == "host" else
+                torch.empty((count, n), dtype=basis[0].dtype, device=device))
         for row, b in zip(order, basis):
             rows[row].copy_(b.reshape(-1))
-        return cls(list(alphas), list(betas), rows, order, list(shapes), stopped)
+        head = rows[order[-1]].to(device, copy=True) if vectors == "host" else None
+        return cls(list(alphas), list(betas), rows, order, list(shapes), stopped, head)
+
+    def _grown(self, capacity: int) -> Tensor:
+        """``rows`` copied into a matrix of ``capacity`` rows in the same place (host, pinned or not, or device)."""
+        if self.head is not None:
+            bigger = _host_rows(capacity, self.rows.shape[1], self.rows.dtype, self.head.device)
+        else:
+            bigger = self.rows.new_empty((capacity, self.rows.shape[1]))
+        bigger[: self.rows.shape[0]] = self.rows
+        return bigger
 
     def reserve(self, capacity: int) -> None:
         """Make room for ``capacity`` vectors at once, so that pushes never grow the matrix."""
         if self.rows.shape[0] < capacity:
-            bigger = self.rows.new_empty((capacity, self.rows.shape[1]))
-            bigger[: self.rows.shape[0]] = self.rows
-            self.rows = bigger
+            self.rows = self._grown(capacity)
 
     def push(self, flat: Tensor, *, scale: float = 1.0, keep: int | None) -> None:
         """Store the next vector, evicting the oldest once ``keep`` are held (None: keep all, growing).
@@ -78,13 +173,14 @@ class LanczosState:
             row = len(self.order)
         else:
             grown = self.rows.shape[0] * 2 if keep is None else min(self.rows.shape[0] * 2, keep)
-            bigger = self.rows.new_empty((grown, self.rows.shape[1]))
-            bigger[: self.rows.shape[0]] = self.rows
-            self.rows, row = bigger, self.rows.shape[0]
-        if flat.dtype == self.rows.dtype:
-            torch.mul(flat, scale, out=self.rows[row])
+            self.rows, row = self._grown(grown), self.rows.shape[0]
+        target = self.rows[row] if self.head is None else self.head  # the newest vector, where it is computed with
+        if flat.dtype == target.dtype:
+            torch.mul(flat, scale, out=target)
         else:
-            self.rows[row].copy_(flat.mul_(scale))
+            target.copy_(flat.mul_(scale))
+        if self.head is not None:
+            self.rows[row].copy_(self.head)  # the host copy is the head's exact bits
         self.order.append(row)
 
     def vector(self, flat: Tensor) -> Vector:
@@ -127,30 +223,40 @@ def _capacity(steps: int, reorth: str, window: int) -> int:
 
 
 def lanczos_start(v0: Sequence[Tensor], *, space: ParamSpace, vector_dtype: torch.dtype,
-                  capacity: int = 0) -> LanczosState:
+                  capacity: int = 0, vectors: str = "device") -> LanczosState:
     norm = space.norm(v0)
     if not norm > 0:
         raise ValueError("the Lanczos start vector is zero")
     flat = torch.cat([t.reshape(-1).to(vector_dtype) for t in v0]).div_(norm)
-    return LanczosState.from_basis([flat], shapes=[t.shape for t in v0], capacity=capacity)
+    return LanczosState.from_basis([flat], shapes=[t.shape for t in v0], capacity=capacity, vectors=vectors,
+                                   device=space.device)
 
 
-def _flat_dots(rows: Tensor, w: Tensor) -> Tensor:
-    """rows @ w (local partial sums), in at least float32, as float64."""
-    if rows.dtype == w.dtype:
-        return torch.mv(rows, w).double()
-    compute = torch.promote_types(torch.promote_types(rows.dtype, w.dtype), torch.float32)
-    wc = w.to(compute)
-    return torch.stack([torch.dot(r.to(compute), wc) for r in rows]).double()
+def _row_dots(rows: Iterator[Tensor], w: Tensor) -> Tensor:
+    """<r, w> for each row (local partial sums), in at least float32, as float64. One row at a time, so that a
+    window streamed from host memory and one held on the device give the same bits (a matrix-vector product over
+    all rows sums in another order than one over each)."""
+    wc = None
+    dots = []
+    for r in rows:
+        if r.dtype == w.dtype:
+            dots.append(torch.mv(r.unsqueeze(0), w))
+        else:
+            if wc is None:
+                wc = w.to(torch.promote_types(torch.promote_types(r.dtype, w.dtype), torch.float32))
+            dots.append(torch.dot(r.to(wc.dtype), wc).unsqueeze(0))
+    return torch.cat(dots).double()
 
 
-def _flat_subtract(w: Tensor, rows: Tensor, coeffs: Tensor) -> None:
-    """w -= rows^T coeffs in place."""
-    if rows.dtype == w.dtype:
-        w.addmv_(rows.t(), coeffs.to(w), alpha=-1.0)
-    else:
-        for r, c in zip(rows, coeffs.tolist()):
-            w.add_(r, alpha=-c)  # in-place add_ computes across dtypes without a converted copy of r
+def _row_subtract(w: Tensor, rows: Iterator[Tensor], coeffs: Tensor) -> None:
+    """w -= sum_j coeffs[j] rows[j] in place, one row at a time (in row order)."""
+    same, values = coeffs.to(w), None
+    for j, r in enumerate(rows):
+        if r.dtype == w.dtype:
+            w.addmv_(r.unsqueeze(1), same[j:j + 1], alpha=-1.0)
+        else:
+            values = coeffs.tolist() if values is None else values  # one device sync, not one per row
+            w.add_(r, alpha=-values[j])  # in-place add_ computes across dtypes without a converted copy of r
 
 
 def lanczos_step(state: LanczosState, matvec: Callable[[Vector], Vector], *, space: ParamSpace,
@@ -159,26 +265,27 @@ def lanczos_step(state: LanczosState, matvec: Callable[[Vector], Vector], *, spa
     _check_options(reorth, window)
     if state.stopped:
         raise RuntimeError(f"Lanczos already stopped ({state.stopped})")
-    q = state.rows[state.order[-1]]
+    q = state.newest
     hq = matvec(state.vector(q))
     w = hq.flat if isinstance(hq, FlatVector) else torch.cat([t.reshape(-1) for t in hq])
     del hq
-    alpha = float(space.all_reduce(_flat_dots(q.unsqueeze(0), w)))
+    alpha = float(space.all_reduce(_row_dots(iter([q]), w)))
     _check_finite("alpha", alpha, state.steps_done)
     w.add_(q, alpha=-alpha)
     if state.betas:
-        w.add_(state.rows[state.order[-2]], alpha=-state.betas[-1])
+        w.add_(next(state.kept_rows([state.order[-2]])), alpha=-state.betas[-1])
     # Reorthogonalization is a second Gram-Schmidt pass after the three-term recurrence (one pass alone,
-    # folding alpha into it, loses the eigenvalues of the tests' matrices at m = n): one mv, one addmv, one
-    # all-reduce. The kept vectors are rows 0..k-1 in some order, so all of them is a view, not a copy.
-    rows = None
+    # folding alpha into it, loses the eigenvalues of the tests' matrices at m = n): one pass over the kept
+    # rows for the dots, one all-reduce, one pass to subtract. The kept vectors are rows 0..k-1 in some order.
+    indices = None
     if reorth == "full" or (reorth == "window" and window >= 2):
-        rows = state.rows[: len(state.order)]
+        indices = list(range(len(state.order)))
     elif reorth == "window" and window == 1:
-        rows = q.unsqueeze(0)
-    if rows is not None:
-        _flat_subtract(w, rows, space.all_reduce(_flat_dots(rows, w), to_host=False))
-    beta = float(space.all_reduce(_flat_dots(w.unsqueeze(0), w)).clamp_min(0).sqrt())
+        indices = [state.order[-1]]
+    if indices is not None:
+        coeffs = space.all_reduce(_row_dots(state.kept_rows(indices), w), to_host=False)
+        _row_subtract(w, state.kept_rows(indices), coeffs)
+    beta = float(space.all_reduce(_row_dots(iter([w]), w)).clamp_min(0).sqrt())
     _check_finite("beta", beta, state.steps_done)
     state.alphas.append(alpha)
     state.betas.append(beta)
@@ -196,10 +303,11 @@ def _check_finite(name: str, value: float, step: int) -> None:
 
 def lanczos(matvec: Callable[[Vector], Vector], v0: Sequence[Tensor] | None, *, space: ParamSpace, steps: int,
             reorth: str = "window", window: int = 8, vector_dtype: torch.dtype = torch.float32, tol: float = 1e-10,
-            state: LanczosState | None = None,
-            on_step: Callable[[LanczosState], None] | None = None) -> LanczosResult:
+            state: LanczosState | None = None, on_step: Callable[[LanczosState], None] | None = None,
+            vectors: str = "device") -> LanczosResult:
     """Run ``steps`` Lanczos steps from v0, or continue ``state`` (then v0 may be None) up to ``steps`` in all;
-    stops early at an invariant subspace."""
+    stops early at an invariant subspace. ``vectors``: where a new state keeps its rows (a given state keeps
+    its own)."""
     _check_options(reorth, window)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -207,7 +315,7 @@ def lanczos(matvec: Callable[[Vector], Vector], v0: Sequence[Tensor] | None, *, 
     if state is None:
         if v0 is None:
             raise ValueError("lanczos needs a start vector v0 or a state to continue")
-        state = lanczos_start(v0, space=space, vector_dtype=vector_dtype, capacity=capacity)
+        state = lanczos_start(v0, space=space, vector_dtype=vector_dtype, capacity=capacity, vectors=vectors)
     else:
         state.reserve(capacity)
     while state.steps_done < steps and not state.stopped:

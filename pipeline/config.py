@@ -118,6 +118,9 @@ class HVPConfig:
         "central", "`central` (2 passes) or `richardson` (4 passes, O(eps^4))")
     assess: bool = key(True, "with a fixed `hvp.eps`, estimate its error before the run (2-6 HVPs); "
                              "`false` skips that, e.g. in an eps sweep already measured with `hvp-error`")
+    restore: Literal["auto", "device", "host"] = key(
+        "auto", "where the exact copy that restores the parameters after each HVP lives: `device`, `host` (pinned "
+                "host memory on GPUs), or `auto`: `device` where `plan` says the run fits, else `host`")
 
 
 @dataclass(kw_only=True)
@@ -132,6 +135,9 @@ class LanczosConfig:
     vector_dtype: Literal["float64", "float32", "bfloat16"] = key(
         "float32", "storage of Lanczos vectors: `float64`, `float32`, `bfloat16`")
     seed: int = key(0, "probe seed: probes are a pure function of (seed, probe id, parameter name)")
+    vectors: Literal["auto", "device", "host"] = key(
+        "auto", "where the kept Lanczos vectors live: `device`, `host` (pinned host memory on GPUs, streamed through "
+                "the device a row at a time), or `auto`: `device` where `plan` says the run fits, else `host`")
 
 
 @dataclass(kw_only=True)
@@ -203,10 +209,17 @@ class RunConfig:
         return hashlib.sha256(json.dumps(self.result_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+# where a run keeps its Lanczos vectors and its restore copy changes no bit of its results (hessian_core.lanczos)
+PLACEMENT_KEYS = {"lanczos": ("vectors",), "hvp": ("restore",)}
+
+
 def results_part(config: dict) -> dict:
-    """A config's keys that decide the results: all but ``cluster`` (the layout) and ``output_dir``, so that a
-    run may be resumed under another layout or on another cluster."""
-    return {k: v for k, v in config.items() if k not in ("cluster", "output_dir")}
+    """A config's keys that decide the results: all but ``cluster`` (the layout), ``output_dir`` and the memory
+    placements (``PLACEMENT_KEYS``), so that a run may be resumed under another layout, on another cluster, or
+    with its vectors moved to host memory (and a run recorded before those keys existed still matches)."""
+    return {k: ({name: value for name, value in v.items() if name not in PLACEMENT_KEYS[k]}
+                if k in PLACEMENT_KEYS and isinstance(v, dict) else v)
+            for k, v in config.items() if k not in ("cluster", "output_dir")}
 
 
 class _Absent:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 
 from actors.records import (BlockResult, BlockSpectrumResult, BlockSpectrumTask, BlockTask, Calibration,
-                            CalibrationTask, ProbeResult, ProbeTask)
+                            CalibrationTask, Placement, ProbeResult, ProbeTask)
 
 from . import handlers
 from .eps_policy import calibration_task, known_calibration
@@ -74,7 +74,11 @@ def _compute(prepared: Prepared, recorder: Recorder, calibration: Calibration | 
         verdict = _plan_verdict(prepared) if name is None else None  # a sweep's points share one
         started_ray = connect_ray(prepared.config) if own_ray else False
         if verdict is not None:
-            log(verdict)  # after Ray is up: a refused cluster.address stays a one-line error
+            line, plan = verdict
+            log(line)  # after Ray is up: a refused cluster.address stays a one-line error
+        else:
+            plan = None
+        _choose_placement(prepared.config, plan, recorder)
         cl = prepared.config.cluster
         log(f"requesting {cl.num_groups} group(s) x {cl.num_workers} worker(s) (at least {prepared.config.min_groups()} "
             f"alive)")
@@ -103,12 +107,28 @@ def _compute(prepared: Prepared, recorder: Recorder, calibration: Calibration | 
                 stop_ray()
 
 
-def _plan_verdict(prepared: Prepared) -> str:
-    """The plan's one-line verdict (its fake-tensor trace takes about a second), computed here in the run's own
-    thread before Ray starts: no thread builds a model beside the run (``hessian_core.models.build``)."""
-    from .plan import verdict_line
+def _plan_verdict(prepared: Prepared) -> tuple:
+    """(the plan's one-line verdict, the plan or None): its fake-tensor trace takes about a second, computed here
+    in the run's own thread before Ray starts: no thread builds a model beside the run
+    (``hessian_core.models.build``)."""
+    from .plan import run_plan
 
-    return verdict_line(prepared.config, model_path=prepared.model_path)
+    return run_plan(prepared.config, model_path=prepared.model_path)
+
+
+def _choose_placement(config, plan, recorder: Recorder) -> None:
+    """Where the ranks keep their Lanczos vectors and restore copy: the config's values, ``auto`` as the plan
+    resolved it (device where there is no plan: a sweep's point, or a model the plan cannot trace); printed once
+    and recorded in run.json's ``placement``."""
+    lz, hvp = config.lanczos, config.hvp
+    vectors = plan.config.lanczos.vectors if plan is not None else lz.vectors.replace("auto", "device")
+    restore = plan.config.hvp.restore if plan is not None else hvp.restore.replace("auto", "device")
+    auto = [k for k, v in (("lanczos.vectors", lz.vectors), ("hvp.restore", hvp.restore)) if v == "auto"]
+    recorder.set_placement(Placement(vectors=vectors, restore=restore), auto=auto,
+                           planned=plan is not None)
+    chosen = {"lanczos.vectors": vectors, "hvp.restore": restore}
+    log("placement: " + ", ".join(f"{k}={v}" + (" (auto)" if k in auto else "") for k, v in chosen.items())
+        + ("" if plan is not None or not auto else " (no plan: auto keeps them on the device)"))
 
 
 def _use_calibration(calibration: Calibration, prepared: Prepared, recorder: Recorder, scheduler: Scheduler) -> None:
@@ -126,7 +146,8 @@ def unfinished_tasks(prepared: Prepared, recorder: Recorder, *, eps: float) -> l
     lz, blocks = prepared.config.lanczos, prepared.config.blocks
     tasks: list = [probe_task(prepared, recorder, pid, eps=eps) for pid in range(lz.probes) if pid not in recorder.probes]
     if blocks.enabled:
-        tasks += [BlockTask(probe_id=pid, seed=lz.seed + BLOCK_SEED_OFFSET, eps=eps, scheme=prepared.config.hvp.scheme)
+        tasks += [BlockTask(probe_id=pid, seed=lz.seed + BLOCK_SEED_OFFSET, eps=eps, scheme=prepared.config.hvp.scheme,
+                            placement=recorder.placement)
                   for pid in range(blocks.probes) if pid not in recorder.block_probes]
     if blocks.spectra:
         tasks += block_spectrum_tasks(prepared, recorder, eps=eps)
@@ -142,7 +163,7 @@ def block_spectrum_tasks(prepared: Prepared, recorder: Recorder, *, eps: float) 
     names = block_names(model_spec(prepared))
     return [BlockSpectrumTask(block=name, probe_id=pid, seed=lz.seed + BLOCK_SPECTRA_SEED_OFFSET, eps=eps,
                               scheme=config.hvp.scheme, steps=blocks.spectra_steps or lz.steps, reorth=lz.reorth,
-                              window=lz.window, vector_dtype=lz.vector_dtype)
+                              window=lz.window, vector_dtype=lz.vector_dtype, placement=recorder.placement)
             for pid in range(blocks.probes) for name in names if (name, pid) not in recorder.block_spectra]
 
 
@@ -205,7 +226,7 @@ def probe_task(prepared: Prepared, recorder: Recorder, probe_id: int, *, eps: fl
     return ProbeTask(probe_id=probe_id, seed=lz.seed, eps=eps, scheme=config.hvp.scheme, steps=lz.steps,
                      reorth=lz.reorth, window=lz.window, vector_dtype=lz.vector_dtype,
                      checkpoint_dir=recorder.checkpoint_dir(probe_id), checkpoint_every=config.checkpoint.every,
-                     checkpoint_meta={"config": config.digest()})
+                     checkpoint_meta={"config": config.digest()}, placement=recorder.placement)
 
 
 def _remaining_steps(prepared: Prepared, recorder: Recorder) -> int:

@@ -10,7 +10,10 @@ Per rank, with S the largest local shard (FSDP2 pads dim 0 to a multiple of the 
 - the FD HVP's accumulator, S x float32, only for a bfloat16 master: otherwise the HVP's gradient passes
   accumulate into the gradient shard itself;
 - Lanczos vectors: the rows ``lanczos`` keeps (``window`` for reorth=window, all steps + 1 for full, 2 for
-  none) x S x ``lanczos.vector_dtype``;
+  none) x S x ``lanczos.vector_dtype``; with ``lanczos.vectors: host`` they are host memory, and the device
+  holds the newest vector and the rows streamed through it (2 on a GPU, 1 on CPU: ``hessian_core.lanczos``);
+  with ``hvp.restore: host`` the FD HVP's retained copy is host memory too. ``auto`` (either key) takes the
+  first placement that fits, in order of the PCIe traffic it adds (``AUTO_ORDER``);
 - gathered parameters (FSDP2 or mixed precision only): the root's parameters (embeddings, head, final norm)
   stay gathered through forward and backward, plus two blocks (the current one and the prefetched one), in
   the compute dtype; and unsharded gradients (compute + reduce dtype) before their reduce-scatter: the
@@ -21,7 +24,10 @@ The total is their sum, a bound for the peak at the start of a backward when gra
 batch are held. Host memory while loading is one full model in the master dtype plus its shard (plus the
 weight file's pages for a pretrained model), or only the shard where the ranks load sharded
 (``hessian_core.models.choose_loading``); on a CPU run host and device are the same memory, so the peak
-is the larger of the two. Checkpoints write the kept Lanczos rows (plus 2) per save, not held in memory.
+is the larger of the two, and offloaded rows count in the total. Checkpoints stage the kept Lanczos rows
+(plus 2) per save in host memory before writing them. A GPU node's host memory per rank is the larger of
+the load and what the analysis holds there afterwards (offloaded rows and checkpoint staging): the load's
+full model is freed once the rank holds its shard, before the first Lanczos vector exists.
 """
 
 from __future__ import annotations
@@ -107,9 +113,21 @@ def hf_config(config: RunConfig, model_path: str | None):
         raise ConfigError(str(e).strip().splitlines()[0]) from None
 
 
+def _traced_dtype(cfg, compute_dtype: str) -> tuple[str, float]:
+    """(the dtype to trace in, the factor from its saved bytes to the compute dtype's). A mixture of experts is
+    traced in bfloat16: its float32/float64 expert kernels route tokens by data-dependent indexing, which fake
+    tensors cannot run, while the grouped kernel takes only the routed tokens of each expert (as the real run
+    does) but has fake-tensor support in bfloat16 only. Its saved bytes are scaled back (index tensors too: a
+    slight overestimate)."""
+    experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None) or 0
+    if experts > 1 and compute_dtype != "bfloat16":
+        return "bfloat16", DTYPE_BYTES[compute_dtype] / DTYPE_BYTES["bfloat16"]
+    return compute_dtype, 1.0
+
+
 def trace_model(spec, *, world: int, batch: int, seq_len: int) -> ModelShape:
-    """Build ``spec``'s model on fake tensors (in ``spec.dtype``: the compute dtype) and run the analysis loss
-    forward on a fake ``[batch, seq_len]`` batch."""
+    """Build ``spec``'s model on fake tensors (in ``spec.dtype``: the compute dtype; a mixture of experts in
+    bfloat16, ``_traced_dtype``) and run the analysis loss forward on a fake ``[batch, seq_len]`` batch."""
     import torch
 
     from hessian_core import causal_lm_loss, transformer_blocks
@@ -119,7 +137,10 @@ def trace_model(spec, *, world: int, batch: int, seq_len: int) -> ModelShape:
     keep_alive = []  # storages stay referenced so their addresses are not reused during the trace
     current = ["outside"]
     inputs: list[int] = []
-    model = build(spec, device="fake", for_analysis=False)
+    from hessian_core.models import hf_config as architecture
+
+    traced, scale = _traced_dtype(architecture(spec), spec.dtype)
+    model = build(replace(spec, dtype=traced), device="fake", for_analysis=False)
     with fake_mode(model), _no_packed_sequences():
         params = {id(p): p for p in model.parameters()}.values()
         param_storages = {p.untyped_storage()._cdata for p in params}
@@ -129,7 +150,7 @@ def trace_model(spec, *, world: int, batch: int, seq_len: int) -> ModelShape:
             def hook(module, args, kwargs):
                 current[0] = index
                 hidden = args[0] if args else kwargs.get("hidden_states")
-                inputs.append(hidden.untyped_storage().nbytes() if hidden is not None else 0)
+                inputs.append(int(hidden.untyped_storage().nbytes() * scale) if hidden is not None else 0)
             return hook
 
         def leave(module, args, output):
@@ -143,7 +164,7 @@ def trace_model(spec, *, world: int, batch: int, seq_len: int) -> ModelShape:
             storage = t.untyped_storage()
             key = storage._cdata
             if key not in param_storages and key not in saved:
-                saved[key] = (storage.nbytes(), current[0])
+                saved[key] = (int(storage.nbytes() * scale), current[0])
                 keep_alive.append(storage)
             return t
 
@@ -170,6 +191,12 @@ def activation_bytes(shape: ModelShape, *, checkpointing: bool) -> int:
     return shape.saved_outside_blocks + sum(shape.block_inputs) + recompute + transient
 
 
+# auto placements, (lanczos.vectors, hvp.restore), in order of the PCIe traffic they add per HVP: a host restore
+# copy moves 3 parameter shards (the save and two restores: 12 bytes a float32 parameter), a host window its rows
+# about twice (the dots and the subtraction: 30 bytes a parameter for 8 bfloat16 rows)
+AUTO_ORDER = (("device", "device"), ("device", "host"), ("host", "device"), ("host", "host"))
+
+
 def _kept_rows(config: RunConfig) -> int:
     from hessian_core.lanczos import _capacity
 
@@ -179,19 +206,29 @@ def _kept_rows(config: RunConfig) -> int:
 @dataclass(frozen=True, kw_only=True)
 class MemoryPlan:
     rows: list[tuple[str, int]]  # per-rank device memory, (what, bytes)
-    total: int  # per rank, device
+    host_rows: list[tuple[str, int]]  # per-rank host memory the analysis holds (offloaded vectors, restore copy)
+    total: int  # per rank, device (and the host rows too on a CPU run, where they are one memory)
     loading: int  # host memory per rank while loading
     peak: int  # what must fit: total, or max(total, loading) where host and device are one memory
     checkpoint_per_save: int  # bytes per rank per save
     activations: int
     activations_checkpointed: int
     shape: ModelShape
-    config: RunConfig
+    config: RunConfig  # with lanczos.vectors and hvp.restore resolved (never auto)
+    auto: tuple[str, ...] = ()  # the keys whose value auto chose
+
+    @property
+    def host_resident(self) -> int:
+        return sum(b for _, b in self.host_rows)
 
 
 def memory_plan(config: RunConfig, shape: ModelShape, *, pretrained_file_bytes: int = 0,
                 sharded_loading: bool = False) -> MemoryPlan:
+    """The plan of ``config``, whose lanczos.vectors and hvp.restore are device or host (``plan_run`` resolves
+    auto)."""
     m, cl, lz = config.model, config.cluster, config.lanczos
+    if "auto" in (lz.vectors, config.hvp.restore):
+        raise ValueError("memory_plan needs lanczos.vectors and hvp.restore resolved (plan_run resolves auto)")
     master, compute = DTYPE_BYTES[m.dtype], DTYPE_BYTES[m.compute_dtype or m.dtype]
     accumulator, vector = max(master, 4), DTYPE_BYTES[lz.vector_dtype]
     s = shape.local_params
@@ -202,8 +239,9 @@ def memory_plan(config: RunConfig, shape: ModelShape, *, pretrained_file_bytes: 
     rows = [("parameter shard", s * master), ("gradient shard", s * master)]
     if accumulator != master:  # otherwise the HVP's passes accumulate into the gradient shard (hessian_core.hvp)
         rows.append(("FD HVP accumulator", s * accumulator))
-    rows += [("FD HVP retained copy", s * master),
-             (f"Lanczos vectors ({kept} rows, {lz.vector_dtype})", kept * s * vector)]
+    placed = _placed_rows(config, s, master=master, vector=vector, kept=kept)
+    rows += [(what, b) for what, b in placed if not what.endswith("(host)")]
+    host_rows = [(what, b) for what, b in placed if what.endswith("(host)")]
     if sharded:
         gathered = (shape.root_params + 2 * shape.block_params) * compute
         unsharded_grads = (shape.root_params + shape.block_params) * (compute + max(master, 4))
@@ -211,14 +249,50 @@ def memory_plan(config: RunConfig, shape: ModelShape, *, pretrained_file_bytes: 
     rows.append((f"activations ({config.data.batch_size // cl.num_workers} x {config.data.seq_len}"
                  f"{', checkpointed' if m.activation_checkpointing else ''})",
                  act_ckpt if m.activation_checkpointing else act))
-    total = sum(b for _, b in rows)
+    total = sum(b for _, b in rows) + (0 if cl.use_gpu else sum(b for _, b in host_rows))
     # a full load holds the whole model (then its shard); a sharded load (hessian_core.models) only the shard
     loading = (s * master if sharded_loading else
                shape.num_params * master + (s * master if sharded else 0) + pretrained_file_bytes)
     peak = total if cl.use_gpu else max(total, loading)
-    return MemoryPlan(rows=rows, total=total, loading=loading, peak=peak,
+    return MemoryPlan(rows=rows, host_rows=host_rows, total=total, loading=loading, peak=peak,
                       checkpoint_per_save=(kept + 2) * s * vector, activations=act,
                       activations_checkpointed=act_ckpt, shape=shape, config=config)
+
+
+def _placed_rows(config: RunConfig, s: int, *, master: int, vector: int, kept: int) -> list[tuple[str, int]]:
+    """The restore copy and the Lanczos vectors where ``config`` puts them; host memory is labelled "(host)"."""
+    from hessian_core.lanczos import STAGING_ROWS
+
+    lz = config.lanczos
+    restore = ("FD HVP retained copy" + (" (host)" if config.hvp.restore == "host" else ""), s * master)
+    if lz.vectors == "device":
+        return [restore, (f"Lanczos vectors ({kept} rows, {lz.vector_dtype})", kept * s * vector)]
+    streamed = 1 + STAGING_ROWS["cuda" if config.cluster.use_gpu else "cpu"]  # the newest and the streamed rows
+    return [restore, (f"Lanczos vectors: newest + {streamed - 1} streamed ({lz.vector_dtype})", streamed * s * vector),
+            (f"Lanczos vectors ({kept} rows, {lz.vector_dtype}) (host)", kept * s * vector)]
+
+
+def _placed(config: RunConfig, vectors: str, restore: str) -> RunConfig:
+    return _with(config, lanczos={"vectors": vectors}, hvp={"restore": restore})
+
+
+def placed_plan(config: RunConfig, shape: ModelShape, device_bytes: int | None, **loading) -> MemoryPlan:
+    """The plan with ``auto`` resolved as a run resolves it: the first placement in ``AUTO_ORDER`` (among those
+    the config leaves open) whose peak fits ``device_bytes``, else the one with the smallest peak (on a CPU run
+    host and device are one memory: device); device where ``device_bytes`` is unknown."""
+    lz, hvp = config.lanczos, config.hvp
+    auto = tuple(k for k, v in (("lanczos.vectors", lz.vectors), ("hvp.restore", hvp.restore)) if v == "auto")
+    plans = [memory_plan(_placed(config, v, r), shape, **loading) for v, r in AUTO_ORDER
+             if lz.vectors in ("auto", v) and hvp.restore in ("auto", r)]
+    fitting = [p for p in plans if device_bytes is not None and p.peak <= device_bytes]
+    chosen = plans[0] if device_bytes is None else (fitting or sorted(plans, key=lambda p: p.peak))[0]
+    return replace(chosen, auto=auto)
+
+
+def placement_line(plan: MemoryPlan) -> str:
+    """``lanczos.vectors=host (auto), hvp.restore=device``: where the plan (and a run) keeps them."""
+    values = (("lanczos.vectors", plan.config.lanczos.vectors), ("hvp.restore", plan.config.hvp.restore))
+    return ", ".join(f"{k}={v}" + (" (auto)" if k in plan.auto else "") for k, v in values)
 
 
 def training_reference(plan: MemoryPlan) -> int:
@@ -235,12 +309,17 @@ def default_ranks_per_node(config: RunConfig) -> int:
     return 8 if config.cluster.use_gpu else config.cluster.num_workers * config.cluster.num_groups
 
 
+def host_bytes_per_rank(plan: MemoryPlan) -> int:
+    """Host memory of one rank: the larger of its load (the whole model or its shard, see ``memory_plan``) and
+    what the analysis holds there afterwards, its offloaded rows and its checkpoint staging (a save's rows are
+    copied to host memory before they are written); on a CPU run host and device are one memory: its peak."""
+    if not plan.config.cluster.use_gpu:
+        return plan.peak
+    return max(plan.loading, plan.host_resident + plan.checkpoint_per_save)
+
+
 def host_bytes_per_node(plan: MemoryPlan, ranks_per_node: int) -> int:
-    """Host memory of one node: each rank's load (the whole model or its shard, see ``memory_plan``) and its
-    checkpoint staging (a save's rows are copied to host memory before they are written); on a CPU run host and
-    device are one memory, so each rank's whole peak."""
-    per_rank = plan.loading + plan.checkpoint_per_save if plan.config.cluster.use_gpu else plan.peak
-    return ranks_per_node * per_rank
+    return ranks_per_node * host_bytes_per_rank(plan)
 
 
 def _weight_file_bytes(model_path: str | None, init: str) -> int:
@@ -251,8 +330,9 @@ def _weight_file_bytes(model_path: str | None, init: str) -> int:
                if f.endswith((".safetensors", ".bin")))
 
 
-def plan_run(config: RunConfig, *, model_path: str | None = None) -> MemoryPlan:
-    """The memory plan of ``config`` (model_path: the resolved model folder, default model.path)."""
+def plan_run(config: RunConfig, *, model_path: str | None = None, device_bytes: int | None = None) -> MemoryPlan:
+    """The memory plan of ``config`` (model_path: the resolved model folder, default model.path), its ``auto``
+    placements resolved against ``device_bytes`` per rank (``placed_plan``)."""
     model_path = model_path if model_path is not None else config.model.path
     hf_config(config, model_path)  # a one-line ConfigError where the architecture cannot be read
     from .preflight import spec_for
@@ -265,7 +345,8 @@ def plan_run(config: RunConfig, *, model_path: str | None = None) -> MemoryPlan:
     except (TypeError, ValueError, KeyError) as e:
         raise ConfigError(f"model {config.model.path!r}: cannot build it from its config "
                           f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
-    return memory_plan(config, shape, pretrained_file_bytes=_weight_file_bytes(model_path, config.model.init),
+    return placed_plan(config, shape, device_bytes,
+                       pretrained_file_bytes=_weight_file_bytes(model_path, config.model.init),
                        sharded_loading=_loads_sharded(spec, world_size=config.cluster.num_workers))
 
 
@@ -284,31 +365,45 @@ def _with(config: RunConfig, **sections) -> RunConfig:
 
 
 def suggestion(plan: MemoryPlan, device_bytes: int) -> str | None:
-    """The first change (in order of least cost) that makes the plan fit, as ``key=value``; None if none does."""
+    """The first change (in order of least cost) that makes the plan fit, as ``key=value``; None if none does.
+    Moving the restore copy or the Lanczos vectors to host memory costs PCIe traffic only, so it comes first;
+    then activation checkpointing (one more forward per gradient), bfloat16 vectors, and last the smallest rank
+    count per group that fits (each rank keeping its tokens, with the placements ``auto`` would choose there)."""
     config, shape = plan.config, plan.shape
     candidates = []
+    now = {"lanczos.vectors": config.lanczos.vectors, "hvp.restore": config.hvp.restore}
+    for v, r in AUTO_ORDER[1:]:
+        want = {"lanczos.vectors": v, "hvp.restore": r}
+        if all(want[k] == "host" or now[k] == "device" for k in now):  # never moves something back to the device
+            changes = [f"{k}=host" for k in now if want[k] == "host" and now[k] != "host"]
+            if changes:
+                candidates.append((" ".join(changes), _placed(config, v, r)))
     if not config.model.activation_checkpointing:
         candidates.append(("model.activation_checkpointing=true", _with(config, model={"activation_checkpointing": True})))
     if config.lanczos.vector_dtype != "bfloat16":
         candidates.append(("lanczos.vector_dtype=bfloat16", _with(config, lanczos={"vector_dtype": "bfloat16"})))
-    # then the smallest rank count per group that fits, tried in order, each rank keeping its tokens
-    per_rank = config.data.batch_size // config.cluster.num_workers
-    candidates += [(f"cluster.num_workers={w} data.batch_size={w * per_rank}",
-                    _with(config, cluster={"num_workers": w}, data={"batch_size": w * per_rank}))
-                   for w in range(config.cluster.num_workers + 1, MAX_SUGGESTED_WORKERS + 1)]
     for text, candidate in candidates:
-        if candidate.cluster.num_workers != config.cluster.num_workers:
-            w = candidate.cluster.num_workers
-            scale = candidate.data.batch_size / w / max(1, config.data.batch_size // config.cluster.num_workers)
-            new_shape = replace(shape, local_params=math.ceil(shape.local_params * config.cluster.num_workers / w),
-                                saved_outside_blocks=int(shape.saved_outside_blocks * scale),
-                                saved_per_block=[int(b * scale) for b in shape.saved_per_block],
-                                block_inputs=[int(b * scale) for b in shape.block_inputs],
-                                largest_saved=int(shape.largest_saved * scale))
-        else:
-            new_shape = shape
-        if memory_plan(candidate, new_shape).peak <= device_bytes:
+        if placed_plan(candidate, shape, device_bytes).peak <= device_bytes:
             return text
+    return _fitting_rank_count(plan, device_bytes)
+
+
+def _fitting_rank_count(plan: MemoryPlan, device_bytes: int) -> str | None:
+    """``cluster.num_workers=W data.batch_size=...`` for the smallest W that fits, with auto placements open."""
+    config, shape = plan.config, plan.shape
+    open_places = _with(config, lanczos={"vectors": "auto" if "lanczos.vectors" in plan.auto else config.lanczos.vectors},
+                        hvp={"restore": "auto" if "hvp.restore" in plan.auto else config.hvp.restore})
+    per_rank = config.data.batch_size // config.cluster.num_workers
+    for w in range(config.cluster.num_workers + 1, MAX_SUGGESTED_WORKERS + 1):
+        candidate = _with(open_places, cluster={"num_workers": w}, data={"batch_size": w * per_rank})
+        new_shape = replace(shape, local_params=math.ceil(shape.local_params * config.cluster.num_workers / w))
+        fitted = placed_plan(candidate, new_shape, device_bytes)
+        if fitted.peak <= device_bytes:
+            placed = [f"{k}={v}" for k, v in (("lanczos.vectors", fitted.config.lanczos.vectors),
+                                               ("hvp.restore", fitted.config.hvp.restore))
+                      if v == "host" and k in plan.auto]
+            return f"cluster.num_workers={w} data.batch_size={w * per_rank}" + (
+                f" (with {', '.join(placed)})" if placed else "")
     return None
 
 
@@ -366,13 +461,18 @@ def format_plan(plan: MemoryPlan, *, device_bytes: int | None, grad: tuple[float
     c, shape = plan.config, plan.shape
     lines = [f"model: {shape.num_params:,} parameters, {shape.num_blocks} blocks; {c.cluster.num_groups} group(s) "
              f"x {c.cluster.num_workers} rank(s); {c.model.dtype} master, {c.model.compute_dtype or c.model.dtype} compute",
+             f"placement: {placement_line(plan)}",
              "per rank:"]
     lines += [f"  {what:<58}{_size(b)}" for what, b in plan.rows]
+    if not c.cluster.use_gpu:  # one memory: the host rows are part of the total
+        lines += [f"  {what:<58}{_size(b)}" for what, b in plan.host_rows]
     lines.append(f"  {'total':<58}{_size(plan.total)}")
     lines.append(f"  {'reference: AdamW training, same sharding and activations':<58}{_size(training_reference(plan))}")
     lines.append(f"  {'activations without / with activation checkpointing':<58}{_size(plan.activations)} / "
                  f"{_size(plan.activations_checkpointed).strip()}")
     lines.append(f"  {'host memory while loading':<58}{_size(plan.loading)}")
+    if c.cluster.use_gpu:
+        lines += [f"  {what:<58}{_size(b)}" for what, b in plan.host_rows]
     lines.append(f"  {'checkpoint per save (all ranks: x' + str(c.cluster.num_workers) + ')':<58}"
                  f"{_size(plan.checkpoint_per_save)}")
     count = hvp_count(c, shape.num_blocks)
@@ -413,32 +513,48 @@ def plan_command(config: RunConfig, *, device_memory: str | None, from_run: str 
     device_bytes = parse_size(device_memory) if device_memory is not None else default_device_bytes(config)
     host_bytes = parse_size(host_memory) if host_memory is not None else None
     grad = read_grad_seconds(from_run) if from_run else None
-    plan = plan_run(config)
+    plan = plan_run(config, device_bytes=device_bytes)
     text = format_plan(plan, device_bytes=device_bytes, grad=grad)
     if device_bytes is None:
         text += "\nverdict: none (pass --device-memory, e.g. 80GiB)"
-    ranks = ranks_per_node or default_ranks_per_node(config)
+    return text + "\n" + _host_memory_line(plan, ranks_per_node or default_ranks_per_node(config), host_bytes)
+
+
+def _host_memory_line(plan: MemoryPlan, ranks: int, host_bytes: int | None) -> str:
+    """``host memory per node (R ranks): ...``, with its verdict against ``host_bytes`` where given."""
+    config = plan.config
     node = host_bytes_per_node(plan, ranks)
-    text += f"\nhost memory per node ({ranks} ranks): {_size(node).strip()}"
-    if host_bytes is not None:
-        spare = host_bytes - node
-        # only pretrained weights can be read shard by shard; a random init builds the whole model on each rank
-        loads_whole = plan.loading > plan.shape.local_params * DTYPE_BYTES[config.model.dtype]
-        fix = ("set model.loading=sharded or use fewer ranks per node"
-               if config.model.init == "pretrained" and loads_whole else "use fewer ranks per node")
-        text += (f" - fits with {spare / GIB:.3g} GiB spare" if spare >= 0 else
-                 f" - does not fit in {host_bytes / GIB:.3g} GiB: {fix}")
-    return text
+    text = f"host memory per node ({ranks} ranks): {_size(node).strip()}"
+    if config.cluster.use_gpu:
+        held = plan.host_resident + plan.checkpoint_per_save
+        text += (f" = {ranks} x max(loading {_size(plan.loading).strip()}, offloaded + checkpoint staging "
+                 f"{_size(held).strip()})")
+    if host_bytes is None:
+        return text
+    if host_bytes >= node:
+        return text + f" - fits with {(host_bytes - node) / GIB:.3g} GiB spare"
+    # only pretrained weights can be read shard by shard; a random init builds the whole model on each rank
+    loads_whole = plan.loading > plan.shape.local_params * DTYPE_BYTES[config.model.dtype]
+    fewer = host_bytes // max(1, host_bytes_per_rank(plan))
+    fewer = f"use at most {fewer} ranks per node" if fewer >= 1 else "use nodes with more host memory"
+    fix = f"set model.loading=sharded or {fewer}" if config.model.init == "pretrained" and loads_whole else fewer
+    return text + f" - does not fit in {host_bytes / GIB:.3g} GiB: {fix}"
 
 
 def verdict_line(config: RunConfig, *, model_path: str | None) -> str:
     """The plan's one-line verdict that ``run`` prints at start, against this machine's memory per rank (or
     the GPU's); never fails the run: a model the plan cannot trace says so instead."""
+    return run_plan(config, model_path=model_path)[0]
+
+
+def run_plan(config: RunConfig, *, model_path: str | None) -> tuple[str, MemoryPlan | None]:
+    """(the verdict line, the plan or None where it is unavailable) that ``run`` takes its placements from."""
     try:
         device_bytes = default_device_bytes(config)
-        plan = plan_run(config, model_path=model_path)
+        plan = plan_run(config, model_path=model_path, device_bytes=device_bytes)
     except Exception as e:  # noqa: BLE001 - the plan is advice; the run itself reports real problems
-        return f"plan: unavailable ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+        return (f"plan: unavailable ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})",
+                None)
     if device_bytes is None:
-        return f"plan: {plan.peak / GIB:.3g} GiB per rank (device memory unknown here; see hessian-spectrum plan)"
-    return f"plan: {verdict(plan, device_bytes)}"
+        return f"plan: {plan.peak / GIB:.3g} GiB per rank (device memory unknown here; see hessian-spectrum plan)", plan
+    return f"plan: {verdict(plan, device_bytes)}", plan

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from actors.records import BlockResult, BlockSpectrumResult, Calibration, GroupInfo, ProbeResult, as_dict
+from actors.records import BlockResult, BlockSpectrumResult, Calibration, GroupInfo, Placement, ProbeResult, as_dict
 from hessian_core import SpectralMeasure, latest_complete_step, ritz_rule, smoothed_density
 from hessian_core.checkpoint import discard_after
 from hessian_core.error_bars import summary_error_fields
@@ -55,6 +55,7 @@ class Recorder:
         self._last_save = float("-inf")
         self._save_seconds = 0.0
         # what an earlier invocation on this output_dir (same config, checked in preflight) finished
+        self.placement = Placement()  # the driver sets the run's (pipeline.driver._choose_placement)
         self.previous: RunInfo = self.folder.read_info() or RunInfo()
         self.grad_seconds = self.previous.grad_seconds
         self.tables = TableWriter(self.folder, config_json=self.config.to_json())
@@ -101,6 +102,14 @@ class Recorder:
                                            {"started_at": previous.get("started_at"), "groups": previous["groups"]}]
         self.info["probe_groups"] = dict(self.previous.probe_groups or {})
         self.info["probes_moved"] = int(self.previous.probes_moved or 0)
+
+    def set_placement(self, placement: Placement, *, auto: list[str], planned: bool) -> None:
+        """run.json's ``placement``: where this invocation keeps the Lanczos vectors and the restore copy, and
+        which of the two ``auto`` chose (from the plan, or ``device`` where there was none)."""
+        self.placement = placement
+        self.info["placement"] = {"lanczos.vectors": placement.vectors, "hvp.restore": placement.restore,
+                                  "auto": auto, "planned": planned}
+        self.save_info()
 
     def set_num_params(self, num_params: int) -> None:
         self.info["num_params"] = num_params

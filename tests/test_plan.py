@@ -233,7 +233,8 @@ def test_the_adamw_reference_and_the_host_memory_of_a_node(tmp_path):
     rows, s = dict(plan.rows), plan.shape.local_params
     shared = rows["FSDP gathered parameters and unsharded gradients"] + rows["activations (2 x 64)"]
     assert training_reference(plan) == 16 * s + shared  # float32 parameters, gradients and two AdamW moments
-    assert host_bytes_per_node(plan, 8) == 8 * (plan.loading + plan.checkpoint_per_save)
+    # nothing offloaded (auto with no device memory given keeps both on the device): the load is the larger
+    assert host_bytes_per_node(plan, 8) == 8 * max(plan.loading, plan.checkpoint_per_save)
 
 
 def test_the_suggested_rank_count_is_the_smallest_that_fits(tmp_path):
@@ -242,8 +243,9 @@ def test_the_suggested_rank_count_is_the_smallest_that_fits(tmp_path):
     def traced(workers: int):
         return plan_run(load_config(tiny_run_config(tmp_path, cluster={"num_workers": workers, "use_gpu": True},
                                                     data={"batch_size": workers, "seq_len": 8},
-                                                    model={"activation_checkpointing": True},
-                                                    lanczos={"vector_dtype": "bfloat16"}), this_machine=False))
+                                                    model={"activation_checkpointing": True}, hvp={"restore": "host"},
+                                                    lanczos={"vector_dtype": "bfloat16", "vectors": "host"}),
+                                    this_machine=False))
 
     four, five = traced(4).peak, traced(5).peak
     assert five < four
@@ -273,3 +275,85 @@ def test_one_hf_config_for_the_plan_the_preflight_and_the_ranks(tmp_path):
     expected = demo._config().to_diff_dict()
     assert plan.hf_config(config, demo.DEMO).to_diff_dict() == expected
     assert hf_config(preflight.spec_for(config, demo.DEMO)).to_diff_dict() == expected
+
+
+def test_host_placements_move_their_rows_to_host_memory(tmp_path):
+    """vectors=host: the device keeps the newest vector and 2 streamed rows (1 on CPU), the window is host memory;
+    restore=host: the retained copy is host memory. On a GPU they leave the device total and join the node's host
+    memory; on CPU (one memory) they stay in the total."""
+    from pipeline.plan import host_bytes_per_node
+
+    def planned(use_gpu, vectors, restore):
+        return plan_run(load_config(tiny_run_config(tmp_path, cluster={"use_gpu": use_gpu}, hvp={"restore": restore},
+                                                    lanczos={"vectors": vectors}), this_machine=False))
+
+    device, host = planned(True, "device", "device"), planned(True, "host", "host")
+    s, kept = host.shape.local_params, 8
+    rows, host_rows = dict(host.rows), dict(host.host_rows)
+    assert "FD HVP retained copy" not in rows and host_rows["FD HVP retained copy (host)"] == 4 * s
+    assert rows["Lanczos vectors: newest + 2 streamed (float32)"] == 3 * 4 * s
+    assert host_rows["Lanczos vectors (8 rows, float32) (host)"] == kept * 4 * s
+    assert host.total == device.total - 4 * s - kept * 4 * s + 3 * 4 * s == sum(rows.values())
+    assert host_bytes_per_node(host, 8) == 8 * max(host.loading, (4 + kept * 4) * s + host.checkpoint_per_save)
+    cpu = planned(False, "host", "host")
+    assert dict(cpu.rows)["Lanczos vectors: newest + 1 streamed (float32)"] == 2 * 4 * s
+    assert cpu.total == sum(dict(cpu.rows).values()) + cpu.host_resident  # one memory
+
+
+def test_auto_places_on_the_device_what_fits_and_the_verdict_names_a_placement_first(tmp_path, capsys):
+    from pipeline.plan import placement_line
+
+    path = tiny_run_config(tmp_path, cluster={"use_gpu": True})
+    config = load_config(path, this_machine=False)
+    roomy = plan_run(config, device_bytes=2**40)
+    assert placement_line(roomy) == "lanczos.vectors=device (auto), hvp.restore=device (auto)"
+    both = plan_run(load_config(path, ["lanczos.vectors=host", "hvp.restore=host"], this_machine=False))
+    tight = both.peak + 1  # only with both on host does it fit: auto takes that
+    chosen = plan_run(config, device_bytes=tight)
+    assert placement_line(chosen) == "lanczos.vectors=host (auto), hvp.restore=host (auto)"
+    assert chosen.peak == both.peak
+    fixed = plan_run(load_config(path, ["lanczos.vectors=device", "hvp.restore=device"], this_machine=False))
+    assert suggestion(fixed, tight) == "lanczos.vectors=host hvp.restore=host"  # before any rank count
+    assert main(["plan", path, "--device-memory", f"{tight}B", "--set", "lanczos.vectors=device"]) == 0
+    out = capsys.readouterr().out
+    assert "placement: lanczos.vectors=device, hvp.restore=host (auto)" in out
+    assert "verdict: does not fit" in out and "set lanczos.vectors=host" in out
+
+
+# Qwen3-30B-A3B's public architecture (config.json of Qwen/Qwen3-30B-A3B): 128 experts, 8 routed per token
+QWEN3_30B_A3B = {"model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+                 "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32,
+                 "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8,
+                 "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
+                 "max_position_embeddings": 40960, "rope_theta": 1000000, "rms_norm_eps": 1.0e-6,
+                 "tie_word_embeddings": False}
+
+
+def test_a_qwen3_30b_a3b_plan_counts_every_expert_and_the_activations_of_the_routed_ones(tmp_path):
+    c = QWEN3_30B_A3B
+    h, e, m, layers = c["hidden_size"], c["num_experts"], c["moe_intermediate_size"], c["num_hidden_layers"]
+    attention = h * (c["num_attention_heads"] + 2 * c["num_key_value_heads"]) * c["head_dim"] \
+        + c["num_attention_heads"] * c["head_dim"] * h + 2 * c["head_dim"]
+    layer = attention + 2 * h + h * e + e * 3 * h * m  # norms, router, every expert's gate/up/down
+    expected = 2 * c["vocab_size"] * h + h + layers * layer
+    plan = plan_run(load_config(tiny_run_config(
+        tmp_path, model={"config": dict(c), "compute_dtype": "bfloat16", "activation_checkpointing": True},
+        data={"seq_len": 4096, "batch_size": 8}, cluster={"num_workers": 8, "use_gpu": True},
+        lanczos={"steps": 80, "probes": 8, "vector_dtype": "bfloat16"}), this_machine=False), device_bytes=80 * 2**30)
+    assert plan.shape.num_params == expected and 30.4e9 < expected < 30.6e9
+    # 8 x 80 GiB: auto keeps the window on host (on the device it would not fit), the restore copy on the device
+    assert plan.total <= 80 * 2**30 and (plan.config.lanczos.vectors, plan.config.hvp.restore) == ("host", "device")
+    assert dict(plan.rows)["parameter shard"] == 4 * plan.shape.local_params >= 4 * expected // 8
+
+    def block_bytes(experts: int, routed: int) -> int:
+        from pipeline.plan import hf_config, trace_model
+
+        small = {**c, "num_hidden_layers": 1, "num_experts": experts, "num_experts_per_tok": routed}
+        cfg = hf_config(load_config(tiny_run_config(tmp_path, model={"config": small})), None)
+        return trace_model(spec_of(cfg, dtype="bfloat16"), world=1, batch=1, seq_len=256).saved_per_block[0]
+
+    tokens, per_expert_token = 256, 3 * m * 2  # an expert's gate, up and product for a token, bfloat16
+    # twice the experts, as many routed: only the router's [tokens, experts] tensors grow, not the experts'
+    assert block_bytes(128, 8) - block_bytes(64, 8) < tokens * 64 * 4 * 4 < tokens * 64 * per_expert_token
+    # twice the routed experts: their activations grow with them
+    assert block_bytes(128, 16) - block_bytes(128, 8) >= tokens * 8 * per_expert_token
