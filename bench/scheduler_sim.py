@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
         sim = min((simulate(groups=groups, tasks=n) for _ in range(args.repeats)), key=lambda s: s.driver_seconds)
         assert len(sim.tally.finished) == n and set(sim.tally.finished.values()) == {1} and not sim.tally.wrong
         if n not in recording:
-            recording[n] = recording_seconds_per_task(n, timed=min(args.timed if n < 100_000 else 3, n))
+            recording[n] = recording_seconds_per_task(n, timed=min(args.timed, n))
         print(f"{groups:>7}{n:>8}{sim.backend.polls:>7}{sim.tally.lost:>6}{sim.tally.requeued:>9}"
               f"{1e6 * sim.driver_seconds / n:>15.1f}{sim.seconds:>7.2f}{1e3 * sum(recording[n]):>15.2f}"
               f"{1e3 * recording[n][0]:>9.2f}{1e3 * recording[n][1]:>9.2f}", flush=True)
