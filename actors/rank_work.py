@@ -1,9 +1,9 @@
 """The rank-side part of the package's own tasks (``actors.records``): each function runs on every rank of a
-group at once, ``ctx`` being the rank (``actors.worker.Worker``); rank 0's return value is the group's."""
+group at once, ``ctx`` being the rank (``actors.worker.Worker``); rank 0's return value is the group's. Each
+takes the task record that calls it (``task``: the record in ``actors.records`` whose ``run`` calls it), which this
+module never imports: the records depend on this code, not the other way round."""
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import statistics
 import time
@@ -19,11 +19,8 @@ from hessian_core.models import DTYPES
 from .results import BlockResult, BlockSpectrumResult, Calibration, KernelTiming, ProbeResult, ProgressEvent
 from .worker import CheckpointSchedule
 
-if TYPE_CHECKING:  # the tasks call this module; their types are only annotations here
-    from .records import BlockSpectrumTask, BlockTask, CalibrationTask, HVPErrorTask, KernelBenchTask, ProbeTask
 
-
-def calibrate(ctx, task: CalibrationTask) -> Calibration:
+def calibrate(ctx, task) -> Calibration:
     """Choose (or assess a fixed) eps along the probe's start vector, then keep the HVP at that eps there: it
     is the probe's first Lanczos matvec when the probe runs next on this group. ``assess=False`` (a fixed
     eps taken as it is) only times one gradient."""
@@ -55,7 +52,7 @@ def gradient_seconds(ctx, *, repeats: int, warmup: bool = True) -> float:
     return statistics.median(times[int(warmup):])
 
 
-def run_probe(ctx, task: ProbeTask) -> ProbeResult:
+def run_probe(ctx, task) -> ProbeResult:
     """One probe's whole Lanczos run, continued from its newest complete checkpoint when there is one whose
     metadata matches (written by a group of any size); returns alpha, beta and this call's timings."""
     op = ctx.operator(task.eps, task.scheme, task.placement.restore)
@@ -113,7 +110,7 @@ def run_probe(ctx, task: ProbeTask) -> ProbeResult:
                        checkpoint_seconds=checkpoint_seconds, resumed_at_step=resumed_at, reused_first_matvec=reused)
 
 
-def _resume(ctx, task: ProbeTask, meta: dict) -> tuple[LanczosState | None, int]:
+def _resume(ctx, task, meta: dict) -> tuple[LanczosState | None, int]:
     """The newest complete checkpoint of this probe with matching metadata (any writer world size)."""
     found = latest_complete_step(task.checkpoint_dir) if task.checkpoint_dir else None
     if found is None or {k: found[1].get(k) for k in meta} != meta:
@@ -123,7 +120,7 @@ def _resume(ctx, task: ProbeTask, meta: dict) -> tuple[LanczosState | None, int]
     return state, found[0]
 
 
-def run_blocks(ctx, task: BlockTask) -> BlockResult:
+def run_blocks(ctx, task) -> BlockResult:
     op = ctx.operator(task.eps, task.scheme, task.placement.restore)
     blocks = parameter_blocks(ctx.model, ctx.space)
     v = probe_vector(ctx.space, seed=task.seed, probe_index=task.probe_id, kind="gaussian", dtype=op.out_dtype)
@@ -132,7 +129,7 @@ def run_blocks(ctx, task: BlockTask) -> BlockResult:
                        whole_rel_error=m.whole_rel_error, hvp_count=1 + len(blocks))
 
 
-def run_block_spectrum(ctx, task: BlockSpectrumTask) -> BlockSpectrumResult:
+def run_block_spectrum(ctx, task) -> BlockSpectrumResult:
     """One SLQ probe of the diagonal block ``task.block`` (hessian_core.block_spectra)."""
     blocks = parameter_blocks(ctx.model, ctx.space)
     if task.block not in blocks:
@@ -149,7 +146,7 @@ def run_block_spectrum(ctx, task: BlockSpectrumTask) -> BlockSpectrumResult:
                                hvp_count=op.calls - calls)
 
 
-def hvp_errors(ctx, task: HVPErrorTask):
+def hvp_errors(ctx, task):
     """The FD HVP along probe 0 at every eps, against the exact HVP and the most stable FD (hessian_core.eps)."""
     from hessian_core.eps import hvp_error_study
 
@@ -160,7 +157,7 @@ def hvp_errors(ctx, task: HVPErrorTask):
                            reference_model=reference)
 
 
-def kernel_timings(ctx, task: KernelBenchTask) -> list[KernelTiming]:
+def kernel_timings(ctx, task) -> list[KernelTiming]:
     """Kernel timings and peak memory on this group (see hessian_core.profiling)."""
     from hessian_core.profiling import measure_kernels
 

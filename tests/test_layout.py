@@ -33,7 +33,7 @@ def imported_names(module: str, file: str, *, is_package: bool) -> set[str]:
         tree = ast.parse(f.read(), filename=file)
     here = module if is_package else module.rpartition(".")[0]
     names = set()
-    for node in _runtime_nodes(tree):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -44,16 +44,6 @@ def imported_names(module: str, file: str, *, is_package: bool) -> set[str]:
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names)
     return names
-
-
-def _runtime_nodes(tree: ast.AST):
-    """Every node that can run: the bodies of ``if TYPE_CHECKING:`` hold annotations' imports, which never do."""
-    for node in ast.iter_child_nodes(tree):
-        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING":
-            yield from (n for child in node.orelse for n in [child, *_runtime_nodes(child)])
-            continue
-        yield node
-        yield from _runtime_nodes(node)
 
 
 def import_graph() -> dict[str, set[str]]:
