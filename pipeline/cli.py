@@ -12,13 +12,13 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
-from . import signals
-from .config import ConfigError, load_config, reference_table
-from .signals import as_interrupted
+from .run import signals
+from .run.config import ConfigError, load_config, reference_table
+from .run.signals import as_interrupted
 from .summary import format_summary
 
 if TYPE_CHECKING:
-    from .run_folder import RunInfo
+    from .run.run_folder import RunInfo
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
@@ -108,18 +108,18 @@ def _layouts(text: str) -> tuple[tuple[int, int], ...]:
 
 
 def _read_run(run_dir: str) -> RunInfo:
-    from .run_folder import RunFolder
+    from .run.run_folder import RunFolder
 
     return RunFolder(run_dir).info()
 
 
 def _run(args) -> None:
-    from .output_lock import OutputLock
+    from .run.output_lock import OutputLock
 
     config = load_config(args.config, args.overrides)
     with OutputLock(config.output_dir):  # before the heavy imports: a second run is refused at once
-        from .driver import preflight, run
-        from .preflight import finished_run
+        from .run.driver import preflight, run
+        from .run.preflight import finished_run
 
         info = None if args.fresh else finished_run(config)
         if info is not None:
@@ -174,7 +174,7 @@ def _plot(args) -> None:
             raise ConfigError(f"{args.run_dir!r} does not exist")
         print(f"wrote {plot_timeseries(args.run_dir, output=args.output)}")
         return
-    from .driver import draw_plots
+    from .run.driver import draw_plots
 
     _read_run(args.run_dir)
     written = draw_plots(args.run_dir)
@@ -182,7 +182,7 @@ def _plot(args) -> None:
 
 
 def _plan(args) -> None:
-    from .plan import plan_command
+    from .run.plan import plan_command
 
     print(plan_command(load_config(args.config, args.overrides, this_machine=False), device_memory=args.device_memory,
                        from_run=args.from_run, host_memory=args.host_memory, ranks_per_node=args.ranks_per_node))

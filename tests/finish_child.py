@@ -24,8 +24,8 @@ def stage_race() -> None:
     import ray._private.worker as ray_worker
 
     from actors.group import WorkerGroup
-    import pipeline.recorder as recorder
-    import pipeline.scheduler as scheduler
+    import pipeline.run.recorder as recorder
+    import pipeline.run.scheduler as scheduler
 
     in_window, collected = threading.Event(), threading.Event()
 
@@ -69,7 +69,7 @@ def stage_race() -> None:
 
 
 def stage_pause(seconds: float, marker: str) -> None:
-    import pipeline.recorder as recorder
+    import pipeline.run.recorder as recorder
 
     draw = recorder.draw_plots
     paused = []

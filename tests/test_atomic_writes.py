@@ -9,8 +9,8 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-import pipeline.tables as tables
-from pipeline.tables import LANCZOS_SCHEMA, write_table
+import pipeline.run.tables as tables
+from pipeline.run.tables import LANCZOS_SCHEMA, write_table
 
 
 def lanczos_columns(n):
@@ -35,7 +35,7 @@ def test_a_failing_parquet_write_keeps_the_previous_file_and_no_temporary(tmp_pa
 
 WRITER = """
 import sys
-from pipeline.tables import LANCZOS_SCHEMA, write_table
+from pipeline.run.tables import LANCZOS_SCHEMA, write_table
 n = 400_000
 cols = {"probe_id": [0] * n, "step": list(range(n)), "alpha": [1.0] * n, "beta": [0.5] * n}
 print("ready", flush=True)

@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from pipeline.config import ConfigError, load_config
-from pipeline.preflight import check_output_dir
+from pipeline.run.config import ConfigError, load_config
+from pipeline.run.preflight import check_output_dir
 from pipeline_fixtures import write_config
 
 

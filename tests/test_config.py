@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from pipeline.config import ConfigError, config_keys, load_config, reference_table
+from pipeline.run.config import ConfigError, config_keys, load_config, reference_table
 
 PRESETS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
 DEMO = ["model.path=builtin:demo", "data.path=builtin:demo"]

@@ -8,8 +8,8 @@ import torch
 from data_fixtures import ids, make_tokenizer, write_jsonl
 from hessian_core import BatchSet, counted_tokens
 from hessian_core.loss import rank_batches
-from pipeline.config import ConfigError, DataConfig, load_config
-from pipeline.data import ReadStats, analysis_set, read_sequences
+from pipeline.run.config import ConfigError, DataConfig, load_config
+from pipeline.run.data import ReadStats, analysis_set, read_sequences
 
 CONVERSATION = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi how are you"},
                 {"role": "assistant", "content": "fine thanks"}, {"role": "user", "content": "bye"},

@@ -20,8 +20,8 @@ import ray
 from actors.worker import free_port
 from hessian_core import latest_complete_step
 from pipeline.cli import main
-from pipeline.config import RunConfig
-from pipeline.ray_connection import connect_ray
+from pipeline.run.config import RunConfig
+from pipeline.run.ray_connection import connect_ray
 from pipeline_fixtures import assets, write_config
 from proc_tools import alive, kill_all
 

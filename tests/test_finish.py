@@ -15,10 +15,10 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-import pipeline.recorder as recorder
-import pipeline.run_folder as run_folder
+import pipeline.run.recorder as recorder
+import pipeline.run.run_folder as run_folder
 from pipeline.cli import main
-from pipeline.output_lock import LOCK_NAME
+from pipeline.run.output_lock import LOCK_NAME
 from pipeline_fixtures import assets, write_config
 from proc_tools import alive, descendants, kill_all
 
@@ -155,7 +155,7 @@ def test_density_grid_size_is_refused_before_ray(tmp_path, capsys, no_ray):
 
 
 def test_a_signal_during_ray_shutdown_is_taken_after_it():
-    from pipeline import signals
+    from pipeline.run import signals
 
     signals.install()
     with pytest.raises(signals.Interrupted) as stop:

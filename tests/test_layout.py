@@ -138,4 +138,4 @@ def test_models_are_built_in_one_place():
     assert set(found) == {"hessian_core.models.build"}, found
     models = calls_named({"from_pretrained"})
     assert {m for m in models if m != "hessian_core.models.build"} <= {
-        "hessian_core.models.config", "pipeline.sanity", "pipeline.data"}, models  # configs and tokenizers only
+        "hessian_core.models.config", "pipeline.run.sanity", "pipeline.run.data"}, models  # configs and tokenizers only

@@ -123,8 +123,8 @@ def test_dcp_run_on_two_ranks_equals_the_hf_folder_run(files, tmp_path):
 def test_plan_reads_a_dcp_checkpoints_architecture_from_config_path(files, tmp_path, capsys, no_ray):
     """`plan` and the run's verdict line on a DCP model.path: the architecture of model.config_path, as for the
     HF folder it came from."""
-    from pipeline.config import load_config
-    from pipeline.plan import verdict_line
+    from pipeline.run.config import load_config
+    from pipeline.run.plan import verdict_line
 
     lines = {}
     for name, sets in (("dcp", ["--set", f"model.config_path={files['model']}"]), ("model", [])):

@@ -141,8 +141,8 @@ def test_pretokenized_parquet_masks_and_labels_give_the_masked_dense_lambda_max(
     import pyarrow.parquet as pq
 
     from hessian_core.loss import rank_batches
-    from pipeline.config import load_config
-    from pipeline.preflight import preflight
+    from pipeline.run.config import load_config
+    from pipeline.run.preflight import preflight
     from pipeline_fixtures import write_config
 
     model, batches, hessian = llama_masked

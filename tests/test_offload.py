@@ -100,7 +100,7 @@ def test_a_rank_resumes_a_device_checkpoint_with_host_placement_bitwise(tmp_path
 
 
 def test_the_placement_keys_are_validated_and_do_not_decide_the_results(tmp_path):
-    from pipeline.config import ConfigError, load_config, results_part
+    from pipeline.run.config import ConfigError, load_config, results_part
 
     with pytest.raises(ConfigError, match="lanczos.vectors"):
         load_config(None, ["lanczos.vectors=disk"], check=False)
@@ -119,11 +119,11 @@ def test_the_placement_keys_are_validated_and_do_not_decide_the_results(tmp_path
 
 
 def test_the_run_takes_auto_from_the_plan_prints_it_once_and_records_it(tmp_path, capsys):
-    from pipeline.config import load_config
-    from pipeline.driver import _choose_placement
-    from pipeline.plan import plan_run
+    from pipeline.run.config import load_config
+    from pipeline.run.driver import _choose_placement
+    from pipeline.run.plan import plan_run
 
-    class Recorded:  # what the driver hands pipeline.recorder.Recorder.set_placement (run.json's placement)
+    class Recorded:  # what the driver hands pipeline.run.recorder.Recorder.set_placement (run.json's placement)
         def set_placement(self, placement, *, auto, planned):
             self.args = (placement, auto, planned)
 

@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from pipeline import output_lock
+from pipeline.run import output_lock
 from pipeline.cli import main
-from pipeline.config import ConfigError
-from pipeline.output_lock import LOCK_NAME, LockLost, OutputLock
-from pipeline.tables import LANCZOS_SCHEMA, write_json, write_table
+from pipeline.run.config import ConfigError
+from pipeline.run.output_lock import LOCK_NAME, LockLost, OutputLock
+from pipeline.run.tables import LANCZOS_SCHEMA, write_json, write_table
 from pipeline_fixtures import write_config
 
 

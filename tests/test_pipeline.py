@@ -10,7 +10,7 @@ import torch
 
 from helpers import dense_hessian, make_batches
 from pipeline.cli import main
-from pipeline.tables import CONFIG_METADATA_KEY
+from pipeline.run.tables import CONFIG_METADATA_KEY
 from pipeline_fixtures import assets, write_config
 
 LAYOUTS = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1)}  # groups x workers
@@ -47,8 +47,8 @@ def test_runs_in_a_process_connected_to_ray_use_it_and_leave_it_running(runs):
     groups formed on its node) and left it connected; a cluster.address naming another Ray is refused."""
     import ray
 
-    from pipeline.config import ClusterConfig, ConfigError, RunConfig
-    from pipeline.ray_connection import connect_ray
+    from pipeline.run.config import ClusterConfig, ConfigError, RunConfig
+    from pipeline.run.ray_connection import connect_ray
 
     assert ray.is_initialized()
     node = ray.get_runtime_context().get_node_id()

@@ -15,8 +15,8 @@ from data_fixtures import make_tokenizer, write_jsonl
 from hessian_core import ParamSpace, analyze, parameter_blocks
 from hessian_core.loss import rank_batches
 from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.data import analysis_set, read_sequences
+from pipeline.run.config import load_config
+from pipeline.run.data import analysis_set, read_sequences
 from pipeline_fixtures import write_config, write_model
 from test_block_spectra import dense_block
 from test_data_options import CONVERSATION

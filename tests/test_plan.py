@@ -11,8 +11,8 @@ from helpers import tiny_config
 from hessian_core import causal_lm_loss
 from hessian_core.models import ModelSpec, checkpoint_blocks
 from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.plan import (activation_bytes, memory_plan, parse_size, plan_run, predicted_seconds, suggestion,
+from pipeline.run.config import load_config
+from pipeline.run.plan import (activation_bytes, memory_plan, parse_size, plan_run, predicted_seconds, suggestion,
                            trace_model, verdict)
 
 TINY = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -147,7 +147,7 @@ def test_parse_size():
 
 
 def test_run_prints_the_verdict_line(tmp_path):
-    from pipeline.plan import verdict_line
+    from pipeline.run.plan import verdict_line
 
     config = load_config(tiny_run_config(tmp_path))
     assert verdict_line(config, model_path=None).startswith("plan: fits with")
@@ -227,7 +227,7 @@ def test_a_gpu_cluster_is_planned_from_a_machine_without_a_gpu(tmp_path, capsys,
 
 
 def test_the_adamw_reference_and_the_host_memory_of_a_node(tmp_path):
-    from pipeline.plan import host_bytes_per_node, training_reference
+    from pipeline.run.plan import host_bytes_per_node, training_reference
 
     plan = plan_run(load_config(tiny_run_config(tmp_path, cluster={"use_gpu": True}), this_machine=False))
     rows, s = dict(plan.rows), plan.shape.local_params
@@ -257,7 +257,7 @@ def test_one_hf_config_for_the_plan_the_preflight_and_the_ranks(tmp_path):
     model.config_path with model.config applied, and the built-in demo before its folder exists, come out the
     same for the plan, the preflight's checks and the model the ranks build."""
     from hessian_core.models import build, hf_config
-    from pipeline import demo, plan, preflight
+    from pipeline.run import demo, plan, preflight
 
     arch = tmp_path / "arch"
     tiny_config("llama", hidden=16, layers=2, vocab=64).save_pretrained(arch)
@@ -281,7 +281,7 @@ def test_host_placements_move_their_rows_to_host_memory(tmp_path):
     """vectors=host: the device keeps the newest vector and 2 streamed rows (1 on CPU), the window is host memory;
     restore=host: the retained copy is host memory. On a GPU they leave the device total and join the node's host
     memory; on CPU (one memory) they stay in the total."""
-    from pipeline.plan import host_bytes_per_node
+    from pipeline.run.plan import host_bytes_per_node
 
     def planned(use_gpu, vectors, restore):
         return plan_run(load_config(tiny_run_config(tmp_path, cluster={"use_gpu": use_gpu}, hvp={"restore": restore},
@@ -301,7 +301,7 @@ def test_host_placements_move_their_rows_to_host_memory(tmp_path):
 
 
 def test_auto_places_on_the_device_what_fits_and_the_verdict_names_a_placement_first(tmp_path, capsys):
-    from pipeline.plan import placement_line
+    from pipeline.run.plan import placement_line
 
     path = tiny_run_config(tmp_path, cluster={"use_gpu": True})
     config = load_config(path, this_machine=False)
@@ -346,7 +346,7 @@ def test_a_qwen3_30b_a3b_plan_counts_every_expert_and_the_activations_of_the_rou
     assert dict(plan.rows)["parameter shard"] == 4 * plan.shape.local_params >= 4 * expected // 8
 
     def block_bytes(experts: int, routed: int) -> int:
-        from pipeline.plan import hf_config, trace_model
+        from pipeline.run.plan import hf_config, trace_model
 
         small = {**c, "num_hidden_layers": 1, "num_experts": experts, "num_experts_per_tok": routed}
         cfg = hf_config(load_config(tiny_run_config(tmp_path, model={"config": small})), None)

@@ -1,6 +1,6 @@
 """The progress count over HVP steps: a probe resumed after a lost group does not count its redone steps twice."""
 
-from pipeline.progress import Progress
+from pipeline.run.progress import Progress
 
 
 def test_redone_steps_after_a_lost_group_are_not_counted_twice(capsys):

@@ -13,7 +13,7 @@ import pytest
 
 from hessian_core import latest_complete_step
 from pipeline.cli import main
-from pipeline.output_lock import LOCK_NAME
+from pipeline.run.output_lock import LOCK_NAME
 from pipeline_fixtures import assets, write_config
 from proc_tools import alive, descendants, kill_all
 
@@ -150,10 +150,10 @@ def _files(folder) -> dict[str, tuple[int, int]]:
 
 def test_a_run_whose_lock_is_taken_over_stops_recording_nothing_and_the_new_holder_completes(tmp_path, capsys,
                                                                                             monkeypatch):
-    from pipeline import output_lock
-    from pipeline.config import load_config
-    from pipeline.driver import preflight, run
-    from pipeline.scheduler import Scheduler
+    from pipeline.run import output_lock
+    from pipeline.run.config import load_config
+    from pipeline.run.driver import preflight, run
+    from pipeline.run.scheduler import Scheduler
 
     model, data = assets(str(tmp_path))
     out = tmp_path / "run"

@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from hessian_core import latest_complete_step
-from pipeline import output_lock
+from pipeline.run import output_lock
 from pipeline.cli import main
-from pipeline.config import ConfigError
-from pipeline.output_lock import LOCK_NAME, OutputLock
+from pipeline.run.config import ConfigError
+from pipeline.run.output_lock import LOCK_NAME, OutputLock
 from pipeline_fixtures import assets, write_config
 from proc_tools import alive, descendants, kill_all, listening_sockets
 

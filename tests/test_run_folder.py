@@ -1,4 +1,4 @@
-"""The run folder as a typed store (pipeline.run_folder): no other module names its files; run.json round-trips
+"""The run folder as a typed store (pipeline.run.run_folder): no other module names its files; run.json round-trips
 through RunInfo; finished tasks recorded as parts read back with the tables, and compacted into tables equal to
 the ones written whole; a folder as the earlier code left it (tables, no parts) reads back the same."""
 
@@ -13,10 +13,10 @@ import pytest
 
 from hessian_core import ritz_rule
 from hessian_core.quadrature import block_densities, rules_from_columns, summarize
-from pipeline import run_folder
-from pipeline.run_folder import (BLOCK_RITZ, BLOCKS, LANCZOS, PARTS, RITZ, BlockSpectrum, RunFolder, RunInfo,
-                                 TableWriter)
-from pipeline.tables import LANCZOS_SCHEMA, RITZ_SCHEMA, write_json, write_table
+from pipeline.run import run_folder
+from pipeline.run.run_folder import (BLOCK_RITZ, BLOCKS, LANCZOS, PARTS, RITZ, BlockSpectrum, RunFolder, RunInfo,
+                                     TableWriter)
+from pipeline.run.tables import LANCZOS_SCHEMA, RITZ_SCHEMA, write_json, write_table
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "actors", "hessian_core")
@@ -42,12 +42,12 @@ def test_no_module_but_run_folder_names_a_run_folders_files():
     offenders = []
     for package in PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
-            if path == ROOT / "pipeline" / "run_folder.py":
+            if path == ROOT / "pipeline" / "run" / "run_folder.py":
                 continue
             for node in _string_literals(ast.parse(path.read_text(), str(path))):
                 if node.value in FILE_NAMES:
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.value!r}")
-    assert not offenders, "run-folder file names outside pipeline/run_folder.py:\n" + "\n".join(offenders)
+    assert not offenders, "run-folder file names outside pipeline/run/run_folder.py:\n" + "\n".join(offenders)
 
 
 def test_run_info_keeps_every_key_it_read():

@@ -10,7 +10,7 @@ from hessian_core import ritz_rule
 from pipeline.cli import main
 from pipeline.summary import format_summary
 from pipeline.compare import compare
-from pipeline.tables import LANCZOS_SCHEMA, RITZ_SCHEMA, write_json, write_table
+from pipeline.run.tables import LANCZOS_SCHEMA, RITZ_SCHEMA, write_json, write_table
 
 
 def _run_folder(path, *, status, probes_done, probes=4, **extra):

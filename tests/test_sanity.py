@@ -82,8 +82,8 @@ def test_text_with_a_separate_tokenizer_folder_is_used(assets, tmp_path):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="[UNK]").save_pretrained(tmp_path / "tok")
-    from pipeline.config import load_config
-    from pipeline.preflight import preflight
+    from pipeline.run.config import load_config
+    from pipeline.run.preflight import preflight
 
     config = write_config(str(tmp_path / "c.yaml"), model=assets["gpt2"], data=assets["text"],
                           output_dir=str(tmp_path / "out"))

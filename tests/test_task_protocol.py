@@ -60,11 +60,11 @@ def test_a_task_type_from_outside_the_package_runs_on_a_two_rank_group(tmp_path)
     import ray
 
     from hessian_core.models import load_model
-    from pipeline import handlers
-    from pipeline.config import load_config
-    from pipeline.driver import ray_scheduler
-    from pipeline.preflight import model_spec, preflight
-    from pipeline.recorder import Recorder
+    from pipeline.run import handlers
+    from pipeline.run.config import load_config
+    from pipeline.run.driver import ray_scheduler
+    from pipeline.run.preflight import model_spec, preflight
+    from pipeline.run.recorder import Recorder
 
     model, data = assets(str(tmp_path))
     cfg = write_config(str(tmp_path / "run.yaml"), model=model, data=data, output_dir=str(tmp_path / "run"),
@@ -103,7 +103,7 @@ def test_a_task_type_from_outside_the_package_runs_on_a_two_rank_group(tmp_path)
 
 
 def test_a_task_without_a_registered_handler_is_refused_by_type():
-    from pipeline.handlers import UnhandledTask, handler_for
+    from pipeline.run.handlers import UnhandledTask, handler_for
 
     with pytest.raises(UnhandledTask):
         handler_for(ShiftedLossTask(t=0.0, seed=0))

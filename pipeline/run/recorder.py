@@ -55,7 +55,7 @@ class Recorder:
         self._last_save = float("-inf")
         self._save_seconds = 0.0
         # what an earlier invocation on this output_dir (same config, checked in preflight) finished
-        self.placement = Placement()  # the driver sets the run's (pipeline.driver._choose_placement)
+        self.placement = Placement()  # the driver sets the run's (pipeline.run.driver._choose_placement)
         self.previous: RunInfo = self.folder.read_info() or RunInfo()
         self.grad_seconds = self.previous.grad_seconds
         self.tables = TableWriter(self.folder, config_json=self.config.to_json())

@@ -1,5 +1,5 @@
 """The scheduler's events into the run's record: the groups timeline, what each group runs now, and the probes
-moved (``Recorder``); the results themselves are recorded by their handlers (``pipeline.handlers``).
+moved (``Recorder``); the results themselves are recorded by their handlers (``pipeline.run.handlers``).
 
 A thin layer on purpose: how the recorder stores an event is the recorder's business."""
 

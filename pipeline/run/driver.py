@@ -190,7 +190,7 @@ def _check_cancel(cancel: threading.Event | None) -> None:
         raise Interrupted(stop.signum)  # a new one per point: the points' threads raise it at once
 
 
-# -- the handlers of the package's tasks (pipeline.handlers) ------------------------------------------------
+# -- the handlers of the package's tasks (pipeline.run.handlers) ------------------------------------------------
 def _calibrated(run: RunContext, task: CalibrationTask, result: Calibration, group: int) -> None:
     _use_calibration(result, run.prepared, run.recorder, run.scheduler)
 

@@ -7,9 +7,9 @@ queue, where the next free group continues it from its checkpoint, and a replace
 failure costs is ``FailurePolicy``'s decision. On an autoscaling cluster the pending placement groups are what
 asks the autoscaler for nodes.
 
-The scheduler knows groups only through ``GroupBackend`` (``pipeline.ray_groups.RayGroups`` on Ray; a test's
+The scheduler knows groups only through ``GroupBackend`` (``pipeline.run.ray_groups.RayGroups`` on Ray; a test's
 fake without it) and tells what happens through events to its listeners (``SchedulerListener``): the
-recording (``pipeline.recording``) and the result handlers (``pipeline.handlers``) are listeners.
+recording (``pipeline.run.recording``) and the result handlers (``pipeline.run.handlers``) are listeners.
 """
 
 from __future__ import annotations

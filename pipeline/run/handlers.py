@@ -2,7 +2,7 @@
 registry. ``finished`` takes a task's result in (records it, logs it, may queue more tasks); ``started``, if
 any, prepares for the task just before a group runs it.
 
-The package's own handlers are registered by ``pipeline.driver``; a new kind of task registers its own with
+The package's own handlers are registered by ``pipeline.run.driver``; a new kind of task registers its own with
 ``register`` (a test does, for a task defined outside the package).
 """
 
@@ -19,9 +19,9 @@ from .scheduler import SchedulerListener
 class RunContext:
     """What a handler works with: the run's prepared config, its recorder, and its scheduler (``submit``)."""
 
-    prepared: Any  # pipeline.preflight.Prepared
-    recorder: Any  # pipeline.recorder.Recorder
-    scheduler: Any  # pipeline.scheduler.Scheduler
+    prepared: Any  # pipeline.run.preflight.Prepared
+    recorder: Any  # pipeline.run.recorder.Recorder
+    scheduler: Any  # pipeline.run.scheduler.Scheduler
 
 
 Finished = Callable[[RunContext, Any, Any, int], None]  # (run, task, result, group index)
@@ -51,7 +51,7 @@ def handler_for(task) -> TaskHandler:
     for kind in type(task).__mro__:
         if kind in HANDLERS:
             return HANDLERS[kind]
-    raise UnhandledTask(f"no handler registered for {type(task).__name__} (pipeline.handlers.register)")
+    raise UnhandledTask(f"no handler registered for {type(task).__name__} (pipeline.run.handlers.register)")
 
 
 class ResultHandling(SchedulerListener):

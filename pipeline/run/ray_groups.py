@@ -1,4 +1,4 @@
-"""The scheduler's groups on Ray (``pipeline.scheduler.GroupBackend``): WorkerGroups of the run's layout, Ray's
+"""The scheduler's groups on Ray (``pipeline.run.scheduler.GroupBackend``): WorkerGroups of the run's layout, Ray's
 waits, its exception types told apart into losses and task errors, and the progress queue on the driver's node."""
 
 from __future__ import annotations
