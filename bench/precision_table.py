@@ -25,7 +25,7 @@ def main(config_path: str, dtype: str, compute: str, out_dir: str) -> None:
     from actors.worker import Worker
     from pipeline.run.config import load_config
     from pipeline.run.preflight import model_spec, preflight
-    from pipeline.hvp_error import SCHEMA, format_hvp_error, parse_eps, plot_hvp_error, summarize
+    from pipeline.studies.hvp_error import SCHEMA, format_hvp_error, parse_eps, plot_hvp_error, summarize
     from pipeline.run.tables import atomic_write, write_json
 
     compute = None if compute in ("", "none", dtype) else compute

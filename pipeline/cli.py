@@ -132,7 +132,7 @@ def _run(args) -> None:
 
 
 def _bench(args) -> None:
-    from .bench import bench
+    from .studies.bench import bench
 
     if args.repeats < 1 or args.runs < 1:
         raise ConfigError(f"--repeats and --runs must be >= 1, got {args.repeats} and {args.runs}")
@@ -143,19 +143,19 @@ def _bench(args) -> None:
 
 
 def _sweep(args) -> None:
-    from .sweep import sweep
+    from .studies.sweep import sweep
 
     sweep(args.config, args.overrides, args.grid, parallel=args.parallel, fresh=args.fresh, reference=args.reference)
 
 
 def _hvp_error(args) -> None:
-    from .hvp_error import hvp_error
+    from .studies.hvp_error import hvp_error
 
     hvp_error(load_config(args.config, args.overrides), eps_text=args.eps, out_dir=args.output)
 
 
 def _compare(args) -> None:
-    from .compare import compare
+    from .studies.compare import compare
 
     compare(args.run_dirs, out_dir=args.output, reference=args.reference, include_partial=args.include_partial)
 
@@ -168,7 +168,7 @@ def _report(args) -> None:
 
 def _plot(args) -> None:
     if args.run_dir.endswith(".parquet"):  # a training run's time series
-        from .timeseries import plot_timeseries
+        from .studies.timeseries import plot_timeseries
 
         if not os.path.isfile(args.run_dir):
             raise ConfigError(f"{args.run_dir!r} does not exist")

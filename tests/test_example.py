@@ -12,7 +12,7 @@ import pytest
 
 from actors.worker import free_port
 from pipeline.cli import main
-from pipeline.timeseries import steps_of_runs
+from pipeline.studies.timeseries import steps_of_runs
 
 pytestmark = pytest.mark.slow  # Ray, subprocess runs or simulated clusters: outside `-m "not slow"`
 

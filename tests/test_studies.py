@@ -137,7 +137,7 @@ def test_bad_sweeps_exit_2_before_ray_starts(studies, grid, expected, tmp_path, 
 
 
 def test_sweep_points_are_validated_with_their_grid_values_and_keep_no_core_split(studies, tmp_path, capsys):
-    from pipeline.sweep import parse_grid, plan
+    from pipeline.studies.sweep import parse_grid, plan
 
     config = write_config(str(tmp_path / "c.yaml"), model=studies["model"], data=studies["data"],
                           output_dir=str(tmp_path / "out"), hvp={"eps": "auto"})

@@ -17,13 +17,13 @@ import time
 
 import pyarrow as pa
 
-from .run.config import ConfigError, RunConfig, validate
-from .run.driver import run
-from .run.preflight import model_spec, preflight
-from .run.progress import log
-from .run.ray_connection import one_group
-from .run.run_folder import RunFolder
-from .run.tables import atomic_write, write_json
+from ..run.config import ConfigError, RunConfig, validate
+from ..run.driver import run
+from ..run.preflight import model_spec, preflight
+from ..run.progress import log
+from ..run.ray_connection import one_group
+from ..run.run_folder import RunFolder
+from ..run.tables import atomic_write, write_json
 
 LAYOUTS = ((1, 1), (1, 2), (2, 1))
 
@@ -54,7 +54,7 @@ PHASES = ("startup", "load", "calibration", "probes", "finish")
 
 def settings_label(config: RunConfig) -> str:
     """'defaults', or the hvp/checkpoint settings of this row that differ from the config's defaults."""
-    from .run.config import CheckpointConfig, HVPConfig
+    from ..run.config import CheckpointConfig, HVPConfig
 
     changed = [f"hvp.{k}={getattr(config.hvp, k)}" for k in ("eps", "scheme", "assess")
                if getattr(config.hvp, k) != getattr(HVPConfig(), k)]

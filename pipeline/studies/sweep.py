@@ -24,10 +24,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from .run.config import ConfigError, RunConfig, first_difference, load_config, results_part
-from .run.output_lock import OutputLock
-from .run.run_folder import RunFolder, RunInfo
-from .run.tables import atomic_text, atomic_write
+from ..run.config import ConfigError, RunConfig, first_difference, load_config, results_part
+from ..run.output_lock import OutputLock
+from ..run.run_folder import RunFolder, RunInfo
+from ..run.tables import atomic_text, atomic_write
 INDEX_FILE = "sweep.parquet"
 # cluster.num_groups is the sweep's concurrency and cluster.address its one Ray connection: not per point
 NOT_GRID_KEYS = ("cluster.num_groups", "cluster.address", "output_dir")
@@ -188,7 +188,7 @@ def sweep(config_path: str, overrides: list[str], grid_specs: list[str], *, para
 
 def _sweep(config_path, overrides, grid, base, points, concurrency, point_locks, *, fresh, reference) -> list[dict]:
     """The sweep with its folder locked; each point's folder is locked too before it is preflighted."""
-    from .run.progress import log
+    from ..run.progress import log
 
     out_dir = base.output_dir
     sweep_info = _sweep_record(config_path, overrides, grid, base, points, fresh=fresh)
@@ -230,7 +230,7 @@ def _sweep_record(config_path, overrides, grid, base, points, *, fresh: bool) ->
 def _prepare_points(points, concurrency: int, point_locks, *, fresh: bool) -> tuple[dict[str, dict], list]:
     """Index rows of every point and the (point, Prepared) pairs still to run, each point's folder locked and
     preflighted (a point's bad input names the point)."""
-    from .run.preflight import preflight
+    from ..run.preflight import preflight
 
     rows: dict[str, dict] = {}
     todo = []
@@ -254,7 +254,7 @@ def _run_points(todo, concurrency: int, update, *, total: int, rows: dict[str, d
     """The unfinished points, ``concurrency`` at a time on one Ray; ``update(point, row)`` as each ends."""
     import ray
 
-    from .run.ray_connection import connect_ray, stop_ray
+    from ..run.ray_connection import connect_ray, stop_ray
 
     widest = max(p.config.cluster.num_workers * prepared.worker_cpus() for p, prepared in todo)
     started = connect_ray(todo[0][0].config, need_cpus=concurrency * widest)
@@ -268,7 +268,7 @@ def _run_points(todo, concurrency: int, update, *, total: int, rows: dict[str, d
         except BaseException as err:
             # Ctrl-C or SIGTERM: the running points stop at their next poll, keeping their checkpoints for a
             # resume; Ray is shut down only after them (a thread touching Ray after shutdown kills the process)
-            from .run.progress import log
+            from ..run.progress import log
 
             cancel.reason = err  # the points record the signal that stopped them
             cancel.set()
@@ -288,8 +288,8 @@ def _run_points(todo, concurrency: int, update, *, total: int, rows: dict[str, d
 
 
 def _collect_points(pool, todo, cancel, update, *, total: int, rows: dict[str, dict]) -> None:
-    from .run.driver import run
-    from .run.progress import log
+    from ..run.driver import run
+    from ..run.progress import log
 
     futures = {pool.submit(run, prepared, name=point.name, own_ray=False, cancel=cancel): point
                for point, prepared in todo}
@@ -307,7 +307,7 @@ def _collect_points(pool, todo, cancel, update, *, total: int, rows: dict[str, d
 
 def _finish_sweep(result: list[dict], sweep_info: dict, *, out_dir: str, reference: str | None) -> list[dict]:
     """Print the index, record the end in sweep.json and compare the points that have a spectrum."""
-    from .run.progress import log
+    from ..run.progress import log
 
     print(format_index(result))
     failed = [r["run"] for r in result if r["status"] != "complete"]

@@ -9,9 +9,9 @@ import re
 
 import numpy as np
 
-from .run.config import ConfigError
-from .run.plots import exclusive
-from .run.tables import atomic_write
+from ..run.config import ConfigError
+from ..run.plots import exclusive
+from ..run.tables import atomic_write
 
 # statistics drawn when the table has them, in this order
 PANELS = ("lambda_max", "lambda_min", "trace", "outlier_count", "whole_block_rel_error", "loss",
@@ -57,7 +57,7 @@ def plot_timeseries(path: str, *, output: str | None = None) -> str:
 
 @exclusive
 def _draw(output: str, x: np.ndarray, df, panels: list[str], *, labels: list[str] | None, xlabel: str) -> None:
-    from .run.plots import _pyplot
+    from ..run.plots import _pyplot
 
     plt = _pyplot()
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 1.9 * len(panels) + 0.6), sharex=True, squeeze=False)

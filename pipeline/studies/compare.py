@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 from hessian_core import RitzRule, SpectralMeasure, smoothed_density
 from hessian_core.statistics import spectral_distance, spectrum_statistics
 
-from .run.config import ConfigError
-from .run.plots import exclusive
-from .run.run_folder import RunFolder, RunInfo
-from .run.tables import atomic_write
+from ..run.config import ConfigError
+from ..run.plots import exclusive
+from ..run.run_folder import RunFolder, RunInfo
+from ..run.tables import atomic_write
 
 
 def load_rules(run_dir: str) -> tuple[list[RitzRule], RunInfo]:
@@ -53,8 +53,8 @@ def expand_run_dirs(paths: list[str]) -> list[str]:
 
 
 def _leave_out_partial(run_dirs: list[str], *, include_partial: bool) -> list[str]:
-    from .run.progress import log
-    from .run.run_state import describe_run
+    from ..run.progress import log
+    from ..run.run_state import describe_run
 
     kept = []
     for run_dir in run_dirs:
@@ -115,7 +115,7 @@ def compare(run_dirs: list[str], *, out_dir: str, reference: str | None = None,
 
 @exclusive
 def _plot(path: str, names: list[str], rules_per_run: list[list[RitzRule]]) -> None:
-    from .run.plots import _pyplot
+    from ..run.plots import _pyplot
 
     plt = _pyplot()
     fig, (lin, log) = plt.subplots(1, 2, figsize=(11, 4))

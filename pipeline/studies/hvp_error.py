@@ -16,10 +16,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .run.config import ConfigError, RunConfig
-from .run.plots import exclusive
-from .run.run_folder import RunFolder
-from .run.tables import atomic_write, write_json
+from ..run.config import ConfigError, RunConfig
+from ..run.plots import exclusive
+from ..run.run_folder import RunFolder
+from ..run.tables import atomic_write, write_json
 
 EPS_DECADES_BELOW, EPS_DECADES_ABOVE, EPS_PER_DECADE = 4, 2, 3
 SCHEMA = pa.schema([("eps", pa.float64()), ("rel_error_exact", pa.float64()), ("rel_error_stable", pa.float64()),
@@ -80,9 +80,9 @@ def hvp_error(config: RunConfig, *, eps_text: str | None, out_dir: str | None) -
     from actors.group import rank0
     from actors.records import HVPErrorTask
 
-    from .run.preflight import preflight
-    from .run.progress import log
-    from .run.ray_connection import one_group, versions
+    from ..run.preflight import preflight
+    from ..run.progress import log
+    from ..run.ray_connection import one_group, versions
 
     eps_values = parse_eps(eps_text, config.model.dtype, config.model.compute_dtype)
     out_dir = out_dir or RunFolder(config.output_dir).hvp_error_dir
@@ -113,7 +113,7 @@ def hvp_error(config: RunConfig, *, eps_text: str | None, out_dir: str | None) -
 
 @exclusive
 def plot_hvp_error(path: str, study: dict, summary: dict) -> None:
-    from .run.plots import _pyplot
+    from ..run.plots import _pyplot
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
