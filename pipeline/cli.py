@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from .run import signals
 from .run.config import ConfigError, load_config, reference_table
 from .run.signals import as_interrupted
-from .summary import format_summary
+from .report.summary import format_summary
 
 if TYPE_CHECKING:
     from .run.run_folder import RunInfo
@@ -161,7 +161,7 @@ def _compare(args) -> None:
 
 
 def _report(args) -> None:
-    from .report import write_report
+    from .report.report import write_report
 
     print(f"wrote {write_report(args.folder, output=args.output)}")
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from hessian_core import ritz_rule
 from pipeline.cli import main
-from pipeline.summary import format_summary
+from pipeline.report.summary import format_summary
 from pipeline.studies.compare import compare
 from pipeline.run.tables import LANCZOS_SCHEMA, RITZ_SCHEMA, write_json, write_table
 

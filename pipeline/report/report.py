@@ -13,9 +13,9 @@ import time
 import pyarrow.parquet as pq
 import yaml
 
-from .run.config import ConfigError
-from .run.run_folder import BLOCKS_PNG, DENSITY_PNG, RunFolder, RunInfo
-from .run.tables import atomic_text, read_json, writable_folder
+from ..run.config import ConfigError
+from ..run.run_folder import BLOCKS_PNG, DENSITY_PNG, RunFolder, RunInfo
+from ..run.tables import atomic_text, read_json, writable_folder
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1150px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -76,7 +76,7 @@ def _config_and_versions(info: dict) -> str:
 
 
 def _run_section(run_dir: str, info: RunInfo, *, heading: str) -> str:
-    from .run.run_state import block_order, describe_run
+    from ..run.run_state import block_order, describe_run
     from .summary import format_summary
 
     folder = RunFolder(run_dir)

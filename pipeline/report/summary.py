@@ -5,16 +5,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .run.run_folder import RunInfo
+    from ..run.run_folder import RunInfo
 
 
 def format_summary(info: RunInfo | dict, run_dir: str | None = None) -> str:
     """The summary of run.json; with ``run_dir``, the first line says what became of the run and what it holds."""
-    from .run.run_folder import RunInfo
+    from ..run.run_folder import RunInfo
 
     info = info if isinstance(info, RunInfo) else RunInfo.from_dict(info)
     if run_dir is not None:
-        from .run.run_state import describe_run
+        from ..run.run_state import describe_run
 
         lines = [describe_run(run_dir, info)]
     else:
@@ -37,7 +37,7 @@ def format_summary(info: RunInfo | dict, run_dir: str | None = None) -> str:
         o = b["overall"]
         lines.append("block-diagonal analysis (mean +- std over probes):")
         lines.append(f"  {'block':<40} {'rel. error':>18} {'cosine':>18}")
-        from .run.run_state import block_order
+        from ..run.run_state import block_order
 
         for name in block_order(b):
             row = b["per_block"][name]
