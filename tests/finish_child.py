@@ -1,4 +1,4 @@
-"""``hessian-spectrum run CONFIG`` in a child process whose end is staged, for tests/test_finish.py.
+"""``hessian-spectrum run CONFIG`` in a child process whose end is staged, for tests/pipeline/run/test_finish.py.
 
 ``--race``: when the probes end, a replacement group that can never be placed is pending (as after a lost
 group whose replacement found no room) and its placement reference sits in unreachable garbage, as a lost

@@ -24,7 +24,7 @@ from proc_tools import alive, descendants, kill_all
 
 pytestmark = pytest.mark.slow  # Ray, subprocess runs or simulated clusters: outside `-m "not slow"`
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: finish_child.py
 REPO = os.path.dirname(TESTS)
 NUM_PARAMS = 1128  # the tiny GPT-NeoX of pipeline_fixtures
 ENDED = {"status", "error", "signal", "interrupted_at", "finished_at"}  # how an invocation ended: not inherited

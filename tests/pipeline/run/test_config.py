@@ -10,9 +10,9 @@ import pytest
 
 from pipeline.run.config import ConfigError, config_keys, load_config, reference_table
 
-PRESETS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
+PRESETS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "..", "configs", "*.yaml")))
 DEMO = ["model.path=builtin:demo", "data.path=builtin:demo"]
-CONFIG_DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "config.md")
+CONFIG_DOC = os.path.join(os.path.dirname(__file__), "..", "..", "..", "docs", "config.md")
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=os.path.basename)

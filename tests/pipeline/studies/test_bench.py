@@ -46,7 +46,7 @@ def test_bench_measures_kernels_layouts_and_the_peer(tmp_path, capsys):
 
 
 def test_gpu_script_runs_its_code_path_on_cpu(tmp_path):
-    script = os.path.join(os.path.dirname(__file__), "..", "bench", "gpu_bench.py")
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "..", "bench", "gpu_bench.py")
     done = subprocess.run([sys.executable, script, str(tmp_path), "--device", "cpu", "--tiny", "--repeats", "1",
                            "--dtype", "float32"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -16,7 +16,7 @@ from pipeline.studies.timeseries import steps_of_runs
 
 pytestmark = pytest.mark.slow  # Ray, subprocess runs or simulated clusters: outside `-m "not slow"`
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_the_fsdp_example_writes_its_time_series_and_plot_draws_it(tmp_path):

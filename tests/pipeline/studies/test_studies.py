@@ -101,7 +101,7 @@ def test_demo_eps_study_u_shape_and_distances(tmp_path):
     """The issue's acceptance check on the demo model (configs/study-eps.yaml, fewer Lanczos steps): the HVP error
     is U-shaped over 6 decades with its minimum within 3x of the auto eps, and a far-too-small eps moves the
     density farther from the auto-eps density than doubling the analysis set does."""
-    preset = os.path.join(os.path.dirname(__file__), "..", "configs", "study-eps.yaml")
+    preset = os.path.join(os.path.dirname(__file__), "..", "..", "..", "configs", "study-eps.yaml")
     out = str(tmp_path / "eps")
     assert main(["hvp-error", preset, "--set", f"output_dir={out}"]) == 0
     summary = json.load(open(os.path.join(out, "hvp-error", "hvp_error.json")))["summary"]

@@ -279,7 +279,8 @@ def test_sharded_load_grows_each_rank_by_its_half_only(tmp_path):
     import json
     import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))  # spawned ranks too
+    bench_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench")
+    sys.path.insert(0, bench_dir)  # spawned ranks too
     import load_memory as bench
 
     folder = str(tmp_path / "model")

@@ -18,7 +18,7 @@ from pipeline.run.run_folder import (BLOCK_RITZ, BLOCKS, LANCZOS, PARTS, RITZ, B
                                      TableWriter)
 from pipeline.run.tables import LANCZOS_SCHEMA, RITZ_SCHEMA, write_json, write_table
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 PACKAGES = ("pipeline", "actors", "hessian_core")
 FILE_NAMES = {run_folder.RUN_JSON, run_folder.LANCZOS, run_folder.RITZ, run_folder.DENSITY, run_folder.BLOCKS,
               run_folder.BLOCK_RITZ, run_folder.DENSITY_PNG, run_folder.BLOCKS_PNG, run_folder.CHECKPOINTS,

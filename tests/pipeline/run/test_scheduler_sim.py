@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.run.failure_policy import FailureAction, FailurePolicy
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "bench"))
 import scheduler_sim as sim  # noqa: E402
 
 
