@@ -1,6 +1,7 @@
 """The packages' layout, read statically from their source (no import runs): no import circle among the modules of
 hessian_core, actors and pipeline (imports inside functions counted too: a deferred import hides a circle, it
-does not remove it), hessian_core never imports Ray, actors or pipeline, and actors never imports pipeline."""
+does not remove it), hessian_core never imports Ray, actors or pipeline, actors never imports pipeline, and
+pipeline's run engine (pipeline.run) never imports its studies or reports."""
 
 from __future__ import annotations
 
@@ -114,6 +115,15 @@ def test_hessian_core_imports_neither_ray_nor_the_other_packages():
 def test_actors_never_imports_pipeline():
     bad = {module: names for module, names in external_imports("actors").items() if "pipeline" in names}
     assert not bad
+
+
+def test_the_run_engine_imports_neither_studies_nor_report():
+    above = ("pipeline.studies", "pipeline.report", "pipeline.cli")
+    graph = import_graph()
+    assert "pipeline.run.driver" in graph and "pipeline.studies.sweep" in graph
+    bad = {module: sorted(t for t in targets if t.startswith(above))
+           for module, targets in graph.items() if module.startswith("pipeline.run")}
+    assert not {m: t for m, t in bad.items() if t}
 
 
 def calls_named(names: set[str]) -> dict[str, list[str]]:
