@@ -1,11 +1,11 @@
 """The scheduler at scale without Ray: fake groups (``FakeGroups``, a ``pipeline.run.scheduler.GroupBackend``) that
 join at random, load, run tasks, and are lost, preempted or fail at random, in one process.
 
-``simulate`` runs the real ``pipeline.run.scheduler.Scheduler`` over them and checks, as it goes, that no task runs
-on two groups at once; tests/pipeline/run/test_scheduler_sim.py runs it at 1,000 groups and 100,000 tasks. As a script it
-measures, per task count, the driver's CPU time per task (the scheduler's own, the fakes' time taken out; the
-best of ``--repeats``) and the recording CPU time per finished task with the real Recorder writing to a
-temporary run folder:
+``simulate`` runs the real ``pipeline.run.scheduler.Scheduler`` over them and checks, as it goes, that no task
+runs on two groups at once; tests/pipeline/run/test_scheduler_sim.py runs it at 1,000 groups and 100,000 tasks.
+As a script it measures, per task count, the driver's CPU time per task (the scheduler's own, the fakes' time
+taken out; the best of ``--repeats``) and the recording CPU time per finished task with the real Recorder
+writing to a temporary run folder:
 
     python bench/scheduler_sim.py [--tasks 1000,10000,100000] [--groups-per-task 0.01]
 """

@@ -2,8 +2,8 @@
 read back (tables and the part files not yet compacted into them), the Ritz rules and densities, and the
 writers of the result tables.
 
-No other module opens a run folder's files by name (tests/pipeline/run/test_run_folder.py checks it). The lock file is the
-one exception: ``output_lock`` names it, since it locks sweep folders too.
+No other module opens a run folder's files by name (tests/pipeline/run/test_run_folder.py checks it). The lock
+file is the one exception: ``output_lock`` names it, since it locks sweep folders too.
 
 Recording stays flat as tasks grow: a finished task is one record appended to its table's part log
 (``parts/``); the whole tables are rewritten, and the part logs they now hold deleted, only while that costs at

@@ -13,7 +13,7 @@ from hessian_core.models import ModelSpec, checkpoint_blocks
 from pipeline.cli import main
 from pipeline.run.config import load_config
 from pipeline.run.plan import (activation_bytes, memory_plan, parse_size, plan_run, predicted_seconds, suggestion,
-                           trace_model, verdict)
+                               trace_model, verdict)
 
 TINY = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128,
