@@ -19,7 +19,7 @@ from .tasks import TaskRecord
 @dataclass(frozen=True, kw_only=True)
 class Placement:
     """Where a rank keeps its Lanczos vectors and the FD HVP's restore copy: ``device`` or ``host`` each (the
-    driver resolves the config's ``auto``; pipeline.plan.placed_plan). Neither changes a bit of the results."""
+    driver resolves the config's ``auto``; pipeline.run.plan.placed_plan). Neither changes a bit of the results."""
 
     vectors: str = "device"
     restore: str = "device"

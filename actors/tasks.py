@@ -2,7 +2,7 @@
 label, where it would rather run, whether an error of its own is worth a retry), and what a rank offers it.
 
 A new kind of task is a kw_only dataclass deriving from ``TaskRecord`` whose ``run(ctx)`` does the rank's
-part, plus a result handler registered in ``pipeline.handlers``; no module of the package changes for it.
+part, plus a result handler registered in ``pipeline.run.handlers``; no module of the package changes for it.
 """
 
 from __future__ import annotations

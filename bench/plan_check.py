@@ -54,7 +54,7 @@ def rank_main(rank: int, world: int, port: int, config_path: str, overrides: lis
     from actors.records import CalibrationTask, Placement, ProbeTask
     from actors.worker import Worker
     from hessian_core.models import ModelSpec
-    from pipeline.config import load_config
+    from pipeline.run.config import load_config
 
     config = load_config(config_path, overrides)
     m, d, lz = config.model, config.data, config.lanczos
@@ -91,8 +91,8 @@ def main(argv: list[str]) -> None:
     import torch.multiprocessing as mp
 
     from actors.worker import free_port
-    from pipeline.config import load_config
-    from pipeline.plan import default_device_bytes, placement_line, plan_run
+    from pipeline.run.config import load_config
+    from pipeline.run.plan import default_device_bytes, placement_line, plan_run
 
     config_path, overrides = argv[0], [a for a in argv[1:] if a != "--set"]
     config = load_config(config_path, overrides)

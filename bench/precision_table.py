@@ -23,10 +23,10 @@ def main(config_path: str, dtype: str, compute: str, out_dir: str) -> None:
 
     from actors.records import HVPErrorTask
     from actors.worker import Worker
-    from pipeline.config import load_config
-    from pipeline.preflight import model_spec, preflight
-    from pipeline.hvp_error import SCHEMA, format_hvp_error, parse_eps, plot_hvp_error, summarize
-    from pipeline.tables import atomic_write, write_json
+    from pipeline.run.config import load_config
+    from pipeline.run.preflight import model_spec, preflight
+    from pipeline.studies.hvp_error import SCHEMA, format_hvp_error, parse_eps, plot_hvp_error, summarize
+    from pipeline.run.tables import atomic_write, write_json
 
     compute = None if compute in ("", "none", dtype) else compute
     overrides = [f"model.dtype={dtype}", f"output_dir={out_dir}"] + ([f"model.compute_dtype={compute}"] if compute else [])

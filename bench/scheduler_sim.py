@@ -1,11 +1,11 @@
-"""The scheduler at scale without Ray: fake groups (``FakeGroups``, a ``pipeline.scheduler.GroupBackend``) that
+"""The scheduler at scale without Ray: fake groups (``FakeGroups``, a ``pipeline.run.scheduler.GroupBackend``) that
 join at random, load, run tasks, and are lost, preempted or fail at random, in one process.
 
-``simulate`` runs the real ``pipeline.scheduler.Scheduler`` over them and checks, as it goes, that no task runs
-on two groups at once; tests/test_scheduler_sim.py runs it at 1,000 groups and 100,000 tasks. As a script it
-measures, per task count, the driver's CPU time per task (the scheduler's own, the fakes' time taken out; the
-best of ``--repeats``) and the recording CPU time per finished task with the real Recorder writing to a
-temporary run folder:
+``simulate`` runs the real ``pipeline.run.scheduler.Scheduler`` over them and checks, as it goes, that no task
+runs on two groups at once; tests/pipeline/run/test_scheduler_sim.py runs it at 1,000 groups and 100,000 tasks.
+As a script it measures, per task count, the driver's CPU time per task (the scheduler's own, the fakes' time
+taken out; the best of ``--repeats``) and the recording CPU time per finished task with the real Recorder
+writing to a temporary run folder:
 
     python bench/scheduler_sim.py [--tasks 1000,10000,100000] [--groups-per-task 0.01]
 """
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from actors.records import GroupInfo
 from actors.tasks import TaskRecord
-from pipeline.scheduler import Scheduler, SchedulerListener, SchedulerSettings
+from pipeline.run.scheduler import Scheduler, SchedulerListener, SchedulerSettings
 
 # CPU time of this process: the machine the figures come from is shared, and the scheduler never waits here
 clock = time.process_time
@@ -274,12 +274,12 @@ def recording_seconds_per_task(tasks: int, *, timed: int, steps: int = 10) -> tu
     from dataclasses import replace
 
     from actors.records import ProbeResult, ProbeTask
-    from pipeline.config import RunConfig
-    from pipeline.driver import RunContext, _probe_done
-    from pipeline.preflight import Prepared
-    from pipeline.recorder import Recorder
-    from pipeline.recording import RecordingListener
-    from pipeline.tables import LANCZOS_SCHEMA, write_json, write_table
+    from pipeline.run.config import RunConfig
+    from pipeline.run.driver import RunContext, _probe_done
+    from pipeline.run.preflight import Prepared
+    from pipeline.run.recorder import Recorder
+    from pipeline.run.recording import RecordingListener
+    from pipeline.run.tables import LANCZOS_SCHEMA, write_json, write_table
 
     rng = random.Random(tasks)
 

@@ -1,1 +1,1 @@
-"""The driver side: configuration, data, the Ray run, tables, plots and the CLI."""
+"""The driver side: the run engine (run/), the study commands (studies/), reports (report/) and the CLI."""

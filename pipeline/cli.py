@@ -12,13 +12,13 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
-from . import signals
-from .config import ConfigError, load_config, reference_table
-from .signals import as_interrupted
-from .summary import format_summary
+from .run import signals
+from .run.config import ConfigError, load_config, reference_table
+from .run.signals import as_interrupted
+from .report.summary import format_summary
 
 if TYPE_CHECKING:
-    from .run_folder import RunInfo
+    from .run.run_folder import RunInfo
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
@@ -108,18 +108,18 @@ def _layouts(text: str) -> tuple[tuple[int, int], ...]:
 
 
 def _read_run(run_dir: str) -> RunInfo:
-    from .run_folder import RunFolder
+    from .run.run_folder import RunFolder
 
     return RunFolder(run_dir).info()
 
 
 def _run(args) -> None:
-    from .output_lock import OutputLock
+    from .run.output_lock import OutputLock
 
     config = load_config(args.config, args.overrides)
     with OutputLock(config.output_dir):  # before the heavy imports: a second run is refused at once
-        from .driver import preflight, run
-        from .preflight import finished_run
+        from .run.driver import preflight, run
+        from .run.preflight import finished_run
 
         info = None if args.fresh else finished_run(config)
         if info is not None:
@@ -132,7 +132,7 @@ def _run(args) -> None:
 
 
 def _bench(args) -> None:
-    from .bench import bench
+    from .studies.bench import bench
 
     if args.repeats < 1 or args.runs < 1:
         raise ConfigError(f"--repeats and --runs must be >= 1, got {args.repeats} and {args.runs}")
@@ -143,38 +143,38 @@ def _bench(args) -> None:
 
 
 def _sweep(args) -> None:
-    from .sweep import sweep
+    from .studies.sweep import sweep
 
     sweep(args.config, args.overrides, args.grid, parallel=args.parallel, fresh=args.fresh, reference=args.reference)
 
 
 def _hvp_error(args) -> None:
-    from .hvp_error import hvp_error
+    from .studies.hvp_error import hvp_error
 
     hvp_error(load_config(args.config, args.overrides), eps_text=args.eps, out_dir=args.output)
 
 
 def _compare(args) -> None:
-    from .compare import compare
+    from .studies.compare import compare
 
     compare(args.run_dirs, out_dir=args.output, reference=args.reference, include_partial=args.include_partial)
 
 
 def _report(args) -> None:
-    from .report import write_report
+    from .report.report import write_report
 
     print(f"wrote {write_report(args.folder, output=args.output)}")
 
 
 def _plot(args) -> None:
     if args.run_dir.endswith(".parquet"):  # a training run's time series
-        from .timeseries import plot_timeseries
+        from .studies.timeseries import plot_timeseries
 
         if not os.path.isfile(args.run_dir):
             raise ConfigError(f"{args.run_dir!r} does not exist")
         print(f"wrote {plot_timeseries(args.run_dir, output=args.output)}")
         return
-    from .driver import draw_plots
+    from .run.driver import draw_plots
 
     _read_run(args.run_dir)
     written = draw_plots(args.run_dir)
@@ -182,7 +182,7 @@ def _plot(args) -> None:
 
 
 def _plan(args) -> None:
-    from .plan import plan_command
+    from .run.plan import plan_command
 
     print(plan_command(load_config(args.config, args.overrides, this_machine=False), device_memory=args.device_memory,
                        from_run=args.from_run, host_memory=args.host_memory, ranks_per_node=args.ranks_per_node))

@@ -29,8 +29,8 @@ def shared_ray():
     do not use it."""
     import ray
 
-    from pipeline.config import RunConfig
-    from pipeline.ray_connection import connect_ray
+    from pipeline.run.config import RunConfig
+    from pipeline.run.ray_connection import connect_ray
 
     assert not ray.is_initialized(), "another module left Ray connected"
     connect_ray(RunConfig(), need_cpus=8)  # room for the largest layout a test asks for (logical CPUs)
@@ -46,8 +46,8 @@ def no_ray(monkeypatch):
     are patched, as a process already connected (``shared_ray``) would not call ``ray.init`` at all."""
     import ray
 
-    import pipeline.driver as driver
-    import pipeline.ray_connection as ray_connection
+    import pipeline.run.driver as driver
+    import pipeline.run.ray_connection as ray_connection
 
     def used(*args, **kwargs):
         pytest.fail("Ray used before the input was checked")

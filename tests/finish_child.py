@@ -1,4 +1,4 @@
-"""``hessian-spectrum run CONFIG`` in a child process whose end is staged, for tests/test_finish.py.
+"""``hessian-spectrum run CONFIG`` in a child process whose end is staged, for tests/pipeline/run/test_finish.py.
 
 ``--race``: when the probes end, a replacement group that can never be placed is pending (as after a lost
 group whose replacement found no room) and its placement reference sits in unreachable garbage, as a lost
@@ -24,8 +24,8 @@ def stage_race() -> None:
     import ray._private.worker as ray_worker
 
     from actors.group import WorkerGroup
-    import pipeline.recorder as recorder
-    import pipeline.scheduler as scheduler
+    import pipeline.run.recorder as recorder
+    import pipeline.run.scheduler as scheduler
 
     in_window, collected = threading.Event(), threading.Event()
 
@@ -69,7 +69,7 @@ def stage_race() -> None:
 
 
 def stage_pause(seconds: float, marker: str) -> None:
-    import pipeline.recorder as recorder
+    import pipeline.run.recorder as recorder
 
     draw = recorder.draw_plots
     paused = []

@@ -1,0 +1,246 @@
+"""One analysis run: the prepared config, a Ray connection, a scheduler over the groups, the eps policy, and a
+recorder of everything that finishes. Each piece is its own module; this one only puts them in order."""
+
+from __future__ import annotations
+
+import threading
+
+from actors.records import (BlockResult, BlockSpectrumResult, BlockSpectrumTask, BlockTask, Calibration,
+                            CalibrationTask, Placement, ProbeResult, ProbeTask)
+
+from . import handlers
+from .eps_policy import calibration_task, known_calibration
+from .handlers import ResultHandling, RunContext
+from .output_lock import LockLost, ensure_held
+from .preflight import Prepared, model_spec, preflight
+from .progress import Progress, log, set_run_name
+from .ray_connection import connect_ray, stop_ray
+from .ray_groups import RayGroups
+from .recorder import Recorder, block_summary, draw_plots
+from .recording import RecordingListener
+from .scheduler import Scheduler, SchedulerSettings
+from .signals import Interrupted, as_interrupted, signal_of
+
+BLOCK_SEED_OFFSET = 1_000_003  # block probes are Gaussian and drawn from their own seed stream
+BLOCK_SPECTRA_SEED_OFFSET = 2_000_003  # and the per-block SLQ probes from another
+
+
+def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
+        cancel: threading.Event | None = None) -> dict:
+    """Execute a prepared run; returns run.json's content. Raises on failure after recording it.
+
+    ``own_ray=False``: a sweep's point, run in a thread on the sweep's Ray; ``own_ray=True`` connects to Ray
+    and shuts it down before the finish, unless this process was already connected (``connect_ray``);
+    ``name`` then tags this run's log lines; setting ``cancel`` stops the run at its next poll, as an
+    interruption that keeps its checkpoints. A resumed run whose tasks are all finished goes straight to its
+    finish (summary, density, plots, ``complete``): no Ray, no group, no model load.
+    """
+    from hessian_core.models import parameter_count
+
+    set_run_name(name)
+    recorder = Recorder(prepared)
+    recorder.save_info()
+    try:
+        recorder.set_num_params(parameter_count(model_spec(prepared)))  # on the meta device, before any group
+        calibration = known_calibration(prepared.config, recorder)
+        if calibration is not None and not unfinished_tasks(prepared, recorder, eps=calibration.eps):
+            log("every task of this run is finished: writing its results")
+            failures = recorder.info.get("worker_failures_recovered", 0)
+        else:
+            failures = _compute(prepared, recorder, calibration, name=name, own_ray=own_ray, cancel=cancel)
+        recorder.complete(failures_recovered=failures)
+        return recorder.info
+    except KeyboardInterrupt as err:
+        recorder.interrupted(signal_of(err))
+        raise
+    except LockLost:  # another run owns the output_dir now, run.json included: record nothing
+        raise
+    except BaseException as err:
+        recorder.failed(err)
+        raise
+
+
+def _compute(prepared: Prepared, recorder: Recorder, calibration: Calibration | None, *, name: str | None,
+             own_ray: bool, cancel: threading.Event | None) -> int:
+    """The unfinished tasks on the groups; returns the group failures recovered. The run's Ray objects are all
+    released, and Ray (when this run started it) shut down, here and in this thread, before the finish begins:
+    nothing runs beside ``ray.shutdown`` that could touch Ray while it tears the core worker down."""
+    import ray
+
+    scheduler = progress = None
+    started_ray = False  # this run connected Ray, and shuts it down
+    stopped = False  # a signal or the sweep asked the run to stop: its groups are killed, not drained
+    try:
+        verdict = _plan_verdict(prepared) if name is None else None  # a sweep's points share one
+        started_ray = connect_ray(prepared.config) if own_ray else False
+        if verdict is not None:
+            line, plan = verdict
+            log(line)  # after Ray is up: a refused cluster.address stays a one-line error
+        else:
+            plan = None
+        _choose_placement(prepared.config, plan, recorder)
+        cl = prepared.config.cluster
+        log(f"requesting {cl.num_groups} group(s) x {cl.num_workers} worker(s) (at least {prepared.config.min_groups()} "
+            f"alive)")
+        progress = Progress(_remaining_steps(prepared, recorder), bar=own_ray)
+        scheduler = ray_scheduler(prepared, recorder, batches_ref=ray.put(prepared.batches), progress=progress,
+                                  cancel=cancel, own_ray=own_ray)
+        recorder.phase("load")
+        if calibration is None:
+            scheduler.submit([calibration_task(prepared.config, probe_task(prepared, recorder, 0, eps=0.0))])
+        else:
+            _use_calibration(calibration, prepared, recorder, scheduler)
+        scheduler.run()
+        return scheduler.failures
+    except (KeyboardInterrupt, LockLost):  # stopped by a signal, the sweep, or another run's takeover
+        stopped = True
+        raise
+    finally:
+        try:
+            if progress is not None:
+                progress.close()
+            if scheduler is not None:
+                scheduler.shutdown(graceful=not (stopped or (cancel is not None and cancel.is_set())))
+        finally:  # Ray goes down even when a signal cut the groups' shutdown short
+            scheduler = None
+            if started_ray:
+                stop_ray()
+
+
+def _plan_verdict(prepared: Prepared) -> tuple:
+    """(the plan's one-line verdict, the plan or None): its fake-tensor trace takes about a second, computed here
+    in the run's own thread before Ray starts: no thread builds a model beside the run
+    (``hessian_core.models.build``)."""
+    from .plan import run_plan
+
+    return run_plan(prepared.config, model_path=prepared.model_path)
+
+
+def _choose_placement(config, plan, recorder: Recorder) -> None:
+    """Where the ranks keep their Lanczos vectors and restore copy: the config's values, ``auto`` as the plan
+    resolved it (device where there is no plan: a sweep's point, or a model the plan cannot trace); printed once
+    and recorded in run.json's ``placement``."""
+    lz, hvp = config.lanczos, config.hvp
+    vectors = plan.config.lanczos.vectors if plan is not None else lz.vectors.replace("auto", "device")
+    restore = plan.config.hvp.restore if plan is not None else hvp.restore.replace("auto", "device")
+    auto = [k for k, v in (("lanczos.vectors", lz.vectors), ("hvp.restore", hvp.restore)) if v == "auto"]
+    recorder.set_placement(Placement(vectors=vectors, restore=restore), auto=auto,
+                           planned=plan is not None)
+    chosen = {"lanczos.vectors": vectors, "hvp.restore": restore}
+    log("placement: " + ", ".join(f"{k}={v}" + (" (auto)" if k in auto else "") for k, v in chosen.items())
+        + ("" if plan is not None or not auto else " (no plan: auto keeps them on the device)"))
+
+
+def _use_calibration(calibration: Calibration, prepared: Prepared, recorder: Recorder, scheduler: Scheduler) -> None:
+    """Record the eps and queue every unfinished task at it (probe 0 first: its group holds its first HVP)."""
+    recorder.set_calibration(calibration)
+    log(calibration.message)
+    if calibration.reliable is False:
+        log("warning: the HVP at this eps is unreliable; results may be dominated by numerical noise")
+    recorder.phase("probes")
+    scheduler.submit(unfinished_tasks(prepared, recorder, eps=calibration.eps))
+
+
+def unfinished_tasks(prepared: Prepared, recorder: Recorder, *, eps: float) -> list:
+    """Every SLQ probe, block probe and (block, probe) spectrum that no invocation has finished yet, at ``eps``."""
+    lz, blocks = prepared.config.lanczos, prepared.config.blocks
+    tasks: list = [probe_task(prepared, recorder, pid, eps=eps) for pid in range(lz.probes) if pid not in recorder.probes]
+    if blocks.enabled:
+        tasks += [BlockTask(probe_id=pid, seed=lz.seed + BLOCK_SEED_OFFSET, eps=eps, scheme=prepared.config.hvp.scheme,
+                            placement=recorder.placement)
+                  for pid in range(blocks.probes) if pid not in recorder.block_probes]
+    if blocks.spectra:
+        tasks += block_spectrum_tasks(prepared, recorder, eps=eps)
+    return tasks
+
+
+def block_spectrum_tasks(prepared: Prepared, recorder: Recorder, *, eps: float) -> list[BlockSpectrumTask]:
+    """One task per (block, probe) not finished yet, probe-major so that every block gets its first probe early."""
+    from hessian_core.models import block_names
+
+    config = prepared.config
+    lz, blocks = config.lanczos, config.blocks
+    names = block_names(model_spec(prepared))
+    return [BlockSpectrumTask(block=name, probe_id=pid, seed=lz.seed + BLOCK_SPECTRA_SEED_OFFSET, eps=eps,
+                              scheme=config.hvp.scheme, steps=blocks.spectra_steps or lz.steps, reorth=lz.reorth,
+                              window=lz.window, vector_dtype=lz.vector_dtype, placement=recorder.placement)
+            for pid in range(blocks.probes) for name in names if (name, pid) not in recorder.block_spectra]
+
+
+def ray_scheduler(prepared: Prepared, recorder: Recorder, *, batches_ref, progress: Progress | None = None,
+                  cancel: threading.Event | None = None, own_ray: bool = True) -> Scheduler:
+    """The run's scheduler on Ray: its layout's groups, the recorder and the registered handlers listening."""
+    config = prepared.config
+    cluster = config.cluster
+    settings = SchedulerSettings(num_groups=cluster.num_groups, min_groups=config.min_groups(),
+                                 max_failures=cluster.max_failures,
+                                 placement_timeout_seconds=cluster.placement_timeout_seconds)
+    scheduler = Scheduler(settings=settings, backend=RayGroups(prepared, batches_ref=batches_ref, own_ray=own_ray),
+                          listeners=[RecordingListener(recorder)], progress=progress,
+                          checks=[lambda: ensure_held(recorder.out), lambda: _check_cancel(cancel)])
+    scheduler.listeners.append(ResultHandling(RunContext(prepared=prepared, recorder=recorder, scheduler=scheduler)))
+    return scheduler
+
+
+def _check_cancel(cancel: threading.Event | None) -> None:
+    """Stop at a cancel (the sweep's) as an interruption that keeps the checkpoints."""
+    if cancel is not None and cancel.is_set():
+        reason = getattr(cancel, "reason", None)  # the sweep's own Interrupted, naming the signal
+        stop = as_interrupted(reason if isinstance(reason, KeyboardInterrupt) else KeyboardInterrupt())
+        raise Interrupted(stop.signum)  # a new one per point: the points' threads raise it at once
+
+
+# -- the handlers of the package's tasks (pipeline.run.handlers) ------------------------------------------------
+def _calibrated(run: RunContext, task: CalibrationTask, result: Calibration, group: int) -> None:
+    _use_calibration(result, run.prepared, run.recorder, run.scheduler)
+
+
+def _probe_done(run: RunContext, task: ProbeTask, result: ProbeResult, group: int) -> None:
+    run.recorder.add_probe(result, group=group)
+    resumed = f", resumed at step {result.resumed_at_step}" if result.resumed_at_step else ""
+    log(f"probe {result.probe_id} done on group {group}: {len(result.alphas)} steps ({result.stopped}{resumed})")
+
+
+def _block_spectrum_done(run: RunContext, task: BlockSpectrumTask, result: BlockSpectrumResult, group: int) -> None:
+    run.recorder.add_block_spectrum(result)
+    run.scheduler.progress.task_done(f"block {result.block} probe {result.probe_id}")
+    log(f"block {result.block} probe {result.probe_id} done: {len(result.alphas)} steps ({result.stopped})")
+
+
+def _block_probe_done(run: RunContext, task: BlockTask, result: BlockResult, group: int) -> None:
+    run.recorder.add_block_probe(result)
+    run.scheduler.progress.task_done(f"block probe {result.probe_id}")
+    log(f"block probe {result.probe_id} done: whole block-diagonal error {result.whole_rel_error:.3f}")
+
+
+handlers.register(CalibrationTask, finished=_calibrated, started=lambda run, task: run.recorder.phase("calibration"))
+handlers.register(ProbeTask, finished=_probe_done,
+                  started=lambda run, task: run.recorder.clear_unfinished_checkpoint(task.probe_id))
+handlers.register(BlockTask, finished=_block_probe_done)
+handlers.register(BlockSpectrumTask, finished=_block_spectrum_done)
+
+
+def probe_task(prepared: Prepared, recorder: Recorder, probe_id: int, *, eps: float) -> ProbeTask:
+    config = prepared.config
+    lz = config.lanczos
+    return ProbeTask(probe_id=probe_id, seed=lz.seed, eps=eps, scheme=config.hvp.scheme, steps=lz.steps,
+                     reorth=lz.reorth, window=lz.window, vector_dtype=lz.vector_dtype,
+                     checkpoint_dir=recorder.checkpoint_dir(probe_id), checkpoint_every=config.checkpoint.every,
+                     checkpoint_meta={"config": config.digest()}, placement=recorder.placement)
+
+
+def _remaining_steps(prepared: Prepared, recorder: Recorder) -> int:
+    config = prepared.config
+    done = recorder.info.get("resumed_from", {}).get("checkpoint_steps", {})
+    slq = sum(config.lanczos.steps - done.get(str(pid), 0)
+              for pid in range(config.lanczos.probes) if pid not in recorder.probes)
+    blocks = config.blocks.probes - len(recorder.block_probes) if config.blocks.enabled else 0
+    spectra = 0
+    if config.blocks.spectra:  # one progress step per (block, probe) task; the block count needs the model
+        from hessian_core.models import block_names
+
+        spectra = len(block_names(model_spec(prepared))) * config.blocks.probes - len(recorder.block_spectra)
+    return slq + blocks + spectra
+
+
+__all__ = ["preflight", "run", "draw_plots", "block_summary", "Prepared", "log", "probe_task"]

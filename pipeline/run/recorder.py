@@ -1,0 +1,323 @@
+"""The run's record on disk, through its ``RunFolder``: each finished task's rows (``TableWriter``), run.json
+(status, eps, groups timeline, timing by phase), the checkpoints' bookkeeping, and the summary, density and
+plots at the end.
+
+What an earlier invocation on the same output_dir finished is read back at construction, so a resumed run
+only adds to it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+from actors.records import BlockResult, BlockSpectrumResult, Calibration, GroupInfo, Placement, ProbeResult, as_dict
+from hessian_core import SpectralMeasure, latest_complete_step, ritz_rule, smoothed_density
+from hessian_core.checkpoint import discard_after
+from hessian_core.error_bars import summary_error_fields
+from hessian_core.quadrature import SIGMA_FRACTION, summarize
+from hessian_core.statistics import bulk_interval
+
+from .output_lock import ensure_held
+from .preflight import Prepared
+from .ray_connection import versions
+from .run_folder import (BLOCKS_PNG, DENSITY_PNG, REWRITE_FACTOR, BlockSpectrum, RunFolder, RunInfo, TableWriter,
+                         sigma_of)
+
+PHASES = ("startup", "load", "calibration", "probes", "finish")
+CHEAP_SAVE_SECONDS = 0.05  # a run.json written faster than this is written after every event
+# run.json's keys about how an invocation ended, which the next invocation does not inherit
+ENDED_KEYS = ("status", "error", "signal", "interrupted_at", "finished_at")
+
+
+class Recorder:
+    """One invocation's results and bookkeeping; a crash loses nothing that was finished."""
+
+    def __init__(self, prepared: Prepared):
+        self.prepared = prepared
+        self.config = prepared.config
+        self.out = self.config.output_dir
+        self.folder = RunFolder(self.out)
+        self.started = time.time()
+        self.info: dict[str, Any] = {"status": "running", "config": self.config.to_dict(), "resumed": False,
+                                     "versions": versions(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                     "groups": [], "probes_moved": 0, "probe_groups": {}, "running": {}}
+        self.hvp_seconds: list[float] = []
+        self.step_seconds: list[float] = []
+        self.checkpoint_seconds = 0.0
+        self.hvp_count = 0
+        self.grad_seconds: float | None = None
+        self.phase_started = {"startup": self.started}
+        self.phase_seconds: dict[str, float] = {}
+        self._last_save = float("-inf")
+        self._save_seconds = 0.0
+        # what an earlier invocation on this output_dir (same config, checked in preflight) finished
+        self.placement = Placement()  # the driver sets the run's (pipeline.run.driver._choose_placement)
+        self.previous: RunInfo = self.folder.read_info() or RunInfo()
+        self.grad_seconds = self.previous.grad_seconds
+        self.tables = TableWriter(self.folder, config_json=self.config.to_json())
+        self._note_resumed()
+        self._keep_previous()
+
+    @property
+    def probes(self) -> dict[int, dict]:
+        """probe id -> {"alphas": [...], "betas": [...]} of the finished SLQ probes."""
+        return self.tables.probes
+
+    @property
+    def block_probes(self) -> dict[int, dict]:
+        return self.tables.block_probes
+
+    @property
+    def block_spectra(self) -> dict[tuple[str, int], BlockSpectrum]:
+        return self.tables.block_spectra
+
+    def checkpoint_dir(self, probe_id: int) -> str:
+        return self.folder.checkpoint_dir(probe_id)
+
+    def _note_resumed(self) -> None:
+        checkpoints = self.folder.checkpoint_steps(pid for pid in range(self.config.lanczos.probes)
+                                                   if pid not in self.probes)
+        if self.probes or self.block_probes or self.block_spectra or checkpoints:
+            self.info["resumed"] = True
+            self.info["resumed_from"] = {"finished_probes": sorted(self.probes),
+                                         "finished_block_probes": sorted(self.block_probes),
+                                         "finished_block_spectra": len(self.block_spectra),
+                                         "checkpoint_steps": {str(k): v for k, v in checkpoints.items()}}
+
+    def _keep_previous(self) -> None:
+        """An earlier invocation's record stays (num_params, eps, its calibration, a summary until the finish
+        rewrites it): a resume never writes less than it read. Only how that invocation ended is dropped; its
+        groups timeline (times from its own start) moves to ``earlier_groups``, and the probes' groups and
+        moves add up."""
+        previous = self.previous.to_dict()
+        for name, value in previous.items():
+            if name not in ENDED_KEYS and name not in self.info:
+                self.info[name] = value
+        if previous.get("groups"):
+            self.info["earlier_groups"] = [*previous.get("earlier_groups", []),
+                                           {"started_at": previous.get("started_at"), "groups": previous["groups"]}]
+        self.info["probe_groups"] = dict(self.previous.probe_groups or {})
+        self.info["probes_moved"] = int(self.previous.probes_moved or 0)
+
+    def set_placement(self, placement: Placement, *, auto: list[str], planned: bool) -> None:
+        """run.json's ``placement``: where this invocation keeps the Lanczos vectors and the restore copy, and
+        which of the two ``auto`` chose (from the plan, or ``device`` where there was none)."""
+        self.placement = placement
+        self.info["placement"] = {"lanczos.vectors": placement.vectors, "hvp.restore": placement.restore,
+                                  "auto": auto, "planned": planned}
+        self.save_info()
+
+    def set_num_params(self, num_params: int) -> None:
+        self.info["num_params"] = num_params
+        self.save_info()
+
+    # -- phases and events --------------------------------------------------------------------------------
+    def phase(self, name: str) -> None:
+        """Start phase ``name`` (one of PHASES); the previous one ends now."""
+        now = time.time()
+        for previous, started in self.phase_started.items():
+            if previous not in self.phase_seconds:
+                self.phase_seconds[previous] = now - started
+        self.phase_started[name] = now
+
+    def group_event(self, index: int, event: str, *, cause: str | None = None, info: GroupInfo | None = None) -> None:
+        """The groups timeline in run.json: formed / lost / requested, with the node(s) and the cause."""
+        row = {"group": index, "event": event, "at_seconds": round(time.time() - self.started, 3)}
+        if cause:
+            row["cause"] = cause
+        if info is not None:
+            row.update(nodes=info.nodes, pids=info.pids, load_seconds=info.load_seconds,
+                       peak_rss_mib_per_rank=info.peak_rss_mib_per_rank, loading_per_rank=info.loading_per_rank,
+                       load_memory_per_rank=info.load_memory_per_rank)
+        self.info["groups"].append(row)
+        self._save_soon()
+
+    def clear_unfinished_checkpoint(self, probe_id: int) -> None:
+        """Before a probe (re)starts: drop steps and vectors newer than its latest complete checkpoint, which a
+        writer killed mid-save (maybe of another group size) left behind."""
+        ensure_held(self.out)  # deletes: not in a folder another run took over
+        folder = self.checkpoint_dir(probe_id)
+        found = latest_complete_step(folder)
+        discard_after(folder, found[0] if found else 0)
+
+    def running(self, group: int, task: str | None) -> None:
+        """run.json's ``running``: what each busy group is doing now."""
+        busy = self.info.setdefault("running", {})
+        if task is None:
+            busy.pop(str(group), None)
+        else:
+            busy[str(group)] = task
+        self._save_soon()
+
+    def probe_moved(self) -> None:
+        self.info["probes_moved"] += 1
+
+    def set_calibration(self, calibration: Calibration) -> None:
+        self.info["eps"] = calibration.eps
+        self.info["eps_calibration"] = as_dict(calibration)
+        self.hvp_count += calibration.hvp_count
+        if calibration.grad_seconds is not None and np.isfinite(calibration.grad_seconds):
+            self.grad_seconds = calibration.grad_seconds
+        self.save_info()
+
+    def save_info(self) -> None:
+        """run.json now."""
+        started = time.monotonic()
+        timing = {
+            "grad_seconds": self.grad_seconds,
+            "hvp_seconds": statistics.median(self.hvp_seconds) if self.hvp_seconds else None,
+            "lanczos_step_seconds": statistics.median(self.step_seconds) if self.step_seconds else None,
+            "checkpoint_seconds": self.checkpoint_seconds,
+            "hvp_count": self.hvp_count,
+            "total_seconds": time.time() - self.started,
+        }
+        timing.update({f"{name}_seconds": self.phase_seconds.get(name) for name in PHASES})
+        self.info["timing"] = timing
+        self.folder.write_info(self.info)
+        self._last_save = time.monotonic()
+        self._save_seconds = self._last_save - started
+
+    def _save_soon(self) -> None:
+        """run.json after an event: now, unless writing it has grown costly (a long groups timeline, many
+        probes) and was done lately; then the next event or the finish writes it. Its writes take at most
+        1/REWRITE_FACTOR of the time, whatever the task count."""
+        costly = max(0.0, self._save_seconds - CHEAP_SAVE_SECONDS)
+        if time.monotonic() - self._last_save >= REWRITE_FACTOR * costly:
+            self.save_info()
+
+    # -- results --------------------------------------------------------------------------------------------
+    def add_probe(self, result: ProbeResult, *, group: int) -> None:
+        self.info["probe_groups"][str(result.probe_id)] = group
+        self.hvp_seconds += result.hvp_seconds
+        self.step_seconds += result.step_seconds
+        self.checkpoint_seconds += sum(result.checkpoint_seconds)
+        # the calibration counted the HVP that this probe reused as its first step
+        self.hvp_count += len(result.hvp_seconds) - int(result.reused_first_matvec)
+        self.tables.add_probe(result.probe_id, result.alphas, result.betas)
+        # the probe is now final rows on disk: its checkpoint is no longer needed
+        self.folder.remove_checkpoint(result.probe_id)
+        self._save_soon()
+
+    def add_block_probe(self, result: BlockResult) -> None:
+        self.hvp_count += result.hvp_count
+        self.tables.add_block_probe(as_dict(result))
+        self._save_soon()
+
+    def add_block_spectrum(self, result: BlockSpectrumResult) -> None:
+        rule = ritz_rule(result.alphas, result.betas)
+        self.hvp_count += result.hvp_count
+        self.tables.add_block_spectrum(result.block, result.probe_id, BlockSpectrum(
+            values=rule.values.tolist(), weights=rule.weights.tolist(), block_size=result.block_size))
+        self._save_soon()
+
+    def complete(self, *, failures_recovered: int) -> None:
+        self.info["worker_failures_recovered"] = failures_recovered
+        ensure_held(self.out)  # deletes, then writes: not in a folder another run took over
+        self.folder.remove_checkpoints()
+        self.phase("finish")
+        self.finish()
+        self.phase("done")
+        self.info["status"] = "complete"
+        self.info["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.save_info()
+
+    def failed(self, err: BaseException) -> None:
+        self.info["status"] = "failed"
+        text = str(err).strip()
+        self.info["error"] = f"{type(err).__name__}: {text.splitlines()[-1] if text else ''}"
+        try:
+            self.tables.compact()  # the folder as the finish leaves it: whole tables, no parts
+            if self.probes or self.block_probes or self.block_spectra:
+                self.finish()
+        finally:
+            self.save_info()
+
+    def interrupted(self, signal_name: str) -> None:
+        """Stopped by a signal: what finished is kept, checkpoints too, and the same command resumes."""
+        self.info["status"] = "interrupted"
+        self.info["signal"] = signal_name
+        self.info.pop("error", None)
+        self.info["interrupted_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        try:
+            self.tables.compact()
+            if self.probes or self.block_probes:
+                self.finish()
+        finally:
+            self.save_info()
+
+    def finish(self) -> None:
+        """The tables whole, then the summary, density table and plots from what the tasks produced."""
+        self.tables.compact()
+        if self.probes:
+            rules = self.tables.rules()
+            self.info["summary"] = summarize(rules, dimension=self.info["num_params"]).as_record()
+            # error bars: Ritz residual + the FD HVP's Weyl bound (hessian_core.error_bars)
+            relative = (self.info.get("eps_calibration") or {}).get("relative_error")
+            self.info["summary"].update(summary_error_fields(self.info["summary"], hvp_relative_error=relative))
+            if self.config.density.enabled:
+                dens = smoothed_density(SpectralMeasure.from_rules(rules), grid_size=self.config.density.grid_size)
+                self.info["density"] = {"sigma": dens.sigma, "sigma_rule": f"{SIGMA_FRACTION} * (max - min Ritz value)"}
+                self.tables.write_density(dens.grid, dens.density)
+        if self.block_probes:
+            self.info["blocks"] = block_summary(self.folder.blocks_frame())
+        if self.block_spectra:
+            self.info["block_spectra"] = block_spectra_summary(self.folder.block_ritz_frame())
+        draw_plots(self.out)
+
+
+def block_summary(df) -> dict:
+    """Per-block and overall mean +- std of the block-diagonal errors over the probes."""
+    per_block = df.groupby("block", sort=False).agg(rel_error_mean=("rel_error", "mean"),
+                                                    rel_error_std=("rel_error", "std"),
+                                                    cosine_mean=("cosine", "mean"), cosine_std=("cosine", "std"))
+    whole = df.groupby("probe_id")["whole_rel_error"].first()
+    return {"overall": {"rel_error_mean": float(df.rel_error.mean()), "rel_error_std": float(df.rel_error.std()),
+                        "cosine_mean": float(df.cosine.mean()), "cosine_std": float(df.cosine.std()),
+                        "whole_rel_error_mean": float(whole.mean())},
+            "per_block": {b: {k: float(v) for k, v in row.items()} for b, row in per_block.iterrows()},
+            "order": [str(b) for b in per_block.index]}  # model order (run.json's keys are written sorted)
+
+
+def block_spectra_summary(df) -> dict:
+    """Per block: its size, probes, and the extreme Ritz values of H_bb over its probes."""
+    return {block: {"block_size": int(rows.block_size.iloc[0]), "probes": int(rows.probe_id.nunique()),
+                    "lambda_max": float(rows.value.max()), "lambda_min": float(rows.value.min())}
+            for block, rows in df.groupby("block", sort=False)}
+
+
+def draw_plots(run_dir: str) -> list[str]:
+    """(Re)draw every plot whose table exists; returns the files written."""
+    from .plots import plot_blocks, plot_density
+
+    folder = RunFolder(run_dir)
+    written = []
+    wanted = (folder.read_info() or RunInfo()).density_wanted
+    table = folder.density_table()
+    if folder.has_spectrum() and (wanted or table is not None):
+        rules = folder.ritz_rules()
+        measure = SpectralMeasure.from_rules(rules)
+        title = f"Hessian spectral density ({len(rules)} probe{'s' if len(rules) != 1 else ''})"
+        if table is not None:
+            grid, density = table
+        else:  # a run stopped before its end: the density of the probes it finished, not written as a table
+            dens = smoothed_density(measure, grid_size=1000)
+            grid, density = dens.grid, dens.density
+            title += ", partial run"
+        overlay = folder.block_densities(grid=grid, sigma=sigma_of(rules)) or None
+        plot_density(folder.plot_path(DENSITY_PNG), grid=grid, density=density,
+                     ritz_values=np.concatenate([r.values for r in rules]), title=title,
+                     atoms=(measure.values, measure.weights), bulk=bulk_interval(measure), blocks=overlay)
+        written.append(DENSITY_PNG)
+    df = folder.blocks_frame()
+    if df is not None:
+        names = list(dict.fromkeys(df.block))
+        rel = df.pivot(index="probe_id", columns="block", values="rel_error")[names].to_numpy()
+        cos = df.pivot(index="probe_id", columns="block", values="cosine")[names].to_numpy()
+        plot_blocks(folder.plot_path(BLOCKS_PNG), blocks=names, rel_error=rel, cosine=cos,
+                    title="Block-diagonal approximation: per-block error of H v")
+        written.append(BLOCKS_PNG)
+    return written

@@ -1,0 +1,1 @@
+"""The study commands over runs: sweep, compare, hvp-error, bench and the curvature time series."""

@@ -1,0 +1,188 @@
+"""Resuming after the driver is SIGKILLed mid-probe; refusing another config on the same output_dir."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from hessian_core import latest_complete_step
+from pipeline.cli import main
+from pipeline.run.output_lock import LOCK_NAME
+from pipeline_fixtures import assets, write_config
+from proc_tools import alive, descendants, kill_all
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shared_ray")]  # the in-process runs; the killed drivers start their own
+STEPS = 60
+SWEEP_STEPS = 200  # a sweep point's probe must still be running when the stop reaches it, on a loaded machine
+
+
+def test_resume_after_driver_sigkill_gives_identical_alpha_beta_with_fewer_hvps(tmp_path, capsys):
+    model, data = assets(str(tmp_path))
+    # a checkpoint every step: under load an auto interval can skip past step 10, or past the probe's end
+    common = dict(model=model, data=data, lanczos={"steps": STEPS, "probes": 2, "reorth": "window", "window": 4},
+                  checkpoint={"every": 1})
+    cfg = write_config(str(tmp_path / "run.yaml"), output_dir=str(tmp_path / "run"), **common)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", cfg], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    killed_at = None
+    tree = set()
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = latest_complete_step(str(out / "checkpoints" / "probe-00001"))
+        if (out / "lanczos.parquet").exists() and found and found[0] >= 10:
+            tree = descendants(proc.pid)
+            os.kill(proc.pid, signal.SIGKILL)
+            killed_at = found[0]
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    # the local Ray the killed driver started is orphaned: stop exactly its processes (its session, by PID),
+    # never `ray stop`, which would kill every Ray on the machine
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    kill_all(alive(tree))
+    assert killed_at is not None, "the driver finished or stalled before it could be killed mid-probe"
+    assert (out / LOCK_NAME).exists()  # the killed run's lock is left behind; the rerun takes it over
+
+    interrupted = json.load(open(out / "run.json"))
+    assert interrupted["status"] == "running"  # never "complete" for an incomplete run
+    assert pq.read_table(out / "lanczos.parquet").to_pandas().probe_id.unique().tolist() == [0]
+
+    assert main(["run", cfg]) == 0
+    info = json.load(open(out / "run.json"))
+    assert info["status"] == "complete" and info["resumed"]
+    assert info["resumed_from"]["finished_probes"] == [0]
+    assert int(info["resumed_from"]["checkpoint_steps"]["1"]) >= killed_at
+    assert info["timing"]["hvp_count"] <= STEPS - killed_at  # neither probe 0 nor probe 1's first steps again
+    assert not (out / "checkpoints").exists()
+
+    clean_cfg = write_config(str(tmp_path / "clean.yaml"), output_dir=str(tmp_path / "clean"), **common)
+    assert main(["run", clean_cfg]) == 0
+    resumed = pq.read_table(out / "lanczos.parquet").to_pandas()
+    clean = pq.read_table(tmp_path / "clean" / "lanczos.parquet").to_pandas()
+    assert len(resumed) == len(clean) == 2 * STEPS
+    for col in ("alpha", "beta"):
+        assert np.array_equal(resumed[col].to_numpy(), clean[col].to_numpy()), col
+
+    # another config on this output_dir is refused, unless asked for a fresh run
+    capsys.readouterr()
+    assert main(["run", cfg, "--set", "lanczos.steps=7"]) == 2
+    assert "different config" in capsys.readouterr().err
+    assert main(["run", cfg, "--set", "lanczos.steps=7", "--set", "lanczos.probes=1", "--fresh"]) == 0
+    assert len(pq.read_table(out / "lanczos.parquet").to_pandas()) == 7
+
+
+def test_ctrl_c_stops_a_sweep_promptly_and_the_same_command_resumes_it(tmp_path):
+    model, data = assets(str(tmp_path))
+    cfg = write_config(str(tmp_path / "sweep.yaml"), output_dir=str(tmp_path / "sweep"), model=model, data=data,
+                       cluster={"num_groups": 2},
+                       lanczos={"steps": SWEEP_STEPS, "probes": 2, "reorth": "window", "window": 4},
+                       # a checkpoint every step: under load an auto interval can skip past step 10, or past the
+                       # probe's end (which drops its checkpoint), and then the stop below never comes
+                       checkpoint={"every": 1})
+    grid = ["--grid", "hvp.eps=1e-3,1e-5"]
+    points = [tmp_path / "sweep" / "eps=1e-3", tmp_path / "sweep" / "eps=1e-5"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sweep", cfg, *grid], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True, text=True)
+    deadline = time.monotonic() + 120
+    interrupted_at, found = None, None
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = [latest_complete_step(str(p / "checkpoints" / "probe-00000")) for p in points]
+        if all(f and f[0] >= 10 for f in found):
+            proc.send_signal(signal.SIGINT)
+            interrupted_at = time.monotonic()
+            break
+        time.sleep(0.02)
+    if interrupted_at is None:
+        finished = proc.poll() is not None
+        kill_all({proc.pid, *descendants(proc.pid)})
+        _, err = proc.communicate(timeout=60)
+        pytest.fail(f"the sweep {'finished' if finished else 'stalled'} before it could be "
+                    f"interrupted; probe 0 checkpoints last seen {found}; stderr ends:\n{err[-2000:]}")
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - interrupted_at < 30 and proc.returncode == 130
+    assert "interrupted by SIGINT" in err
+    for p in points:
+        info = json.load(open(p / "run.json"))
+        assert info["status"] == "interrupted" and info["signal"] == "SIGINT"
+        assert latest_complete_step(str(p / "checkpoints" / "probe-00000")) is not None
+
+    assert main(["sweep", cfg, *grid]) == 0
+    for p in points:
+        info = json.load(open(p / "run.json"))
+        assert info["status"] == "complete" and info["resumed"]
+        assert info["timing"]["hvp_count"] < 2 * SWEEP_STEPS  # the checkpointed steps were not redone
+    index = pq.read_table(tmp_path / "sweep" / "sweep.parquet").to_pandas()
+    assert (index.status == "complete").all()
+
+
+def test_auto_checkpoint_interval_keeps_writes_under_five_percent_of_compute():
+    from actors.worker import AUTO_CHECKPOINT_COST, CheckpointSchedule
+
+    schedule = CheckpointSchedule("auto")
+    assert schedule.due(1) and not CheckpointSchedule(0).due(5)
+    # a save that holds the compute 1 s after 0.1 s steps: the next one 200 steps later (1 s per 20 s of compute)
+    assert schedule.interval(1.0, [0.1, 0.1]) == 200
+    assert 1.0 / (200 * 0.1) <= AUTO_CHECKPOINT_COST
+    assert schedule.interval(0.001, [0.5]) == 1  # cheap saves: every step
+    schedule.saved(1, 1.0, [0.1, 0.1])
+    assert not schedule.due(200) and schedule.due(201)
+    every = CheckpointSchedule(3)
+    assert not every.due(2) and every.due(3)
+    every.saved(3, 0.5, [0.1])
+    assert every.due(6) and not every.due(5)
+
+
+def _files(folder) -> dict[str, tuple[int, int]]:
+    return {os.path.relpath(os.path.join(d, n), folder): (os.stat(os.path.join(d, n)).st_size,
+                                                           os.stat(os.path.join(d, n)).st_mtime_ns)
+            for d, _, names in os.walk(folder) for n in names if not n.startswith(LOCK_NAME)}
+
+
+def test_a_run_whose_lock_is_taken_over_stops_recording_nothing_and_the_new_holder_completes(tmp_path, capsys,
+                                                                                            monkeypatch):
+    from pipeline.run import output_lock
+    from pipeline.run.config import load_config
+    from pipeline.run.driver import preflight, run
+    from pipeline.run.scheduler import Scheduler
+
+    model, data = assets(str(tmp_path))
+    out = tmp_path / "run"
+    cfg = write_config(str(tmp_path / "run.yaml"), model=model, data=data, output_dir=str(out),
+                       lanczos={"steps": 12, "probes": 2, "reorth": "window", "window": 4})
+    monkeypatch.setattr(output_lock, "HEARTBEAT_SECONDS", 3600.0)  # the first run's heartbeat has stalled
+    monkeypatch.setattr(output_lock, "STALE_SECONDS", 0.1)
+    real_placed = Scheduler._placed
+    taken = {}
+
+    def taken_over_while_loading(self, slot):  # as its group starts loading, another node's run takes over
+        with monkeypatch.context() as m:
+            m.setattr(output_lock.socket, "gethostname", lambda: "node-b")
+            taken["lock"] = output_lock.OutputLock(str(out)).acquire()
+        taken["files"] = _files(out)
+        real_placed(self, slot)
+
+    monkeypatch.setattr(Scheduler, "_placed", taken_over_while_loading)
+    capsys.readouterr()
+    assert main(["run", cfg]) == 1  # its poll loop stops it
+    err = capsys.readouterr().err
+    assert "LockLost" in err and "taken over by another run" in err and "Traceback" not in err, err
+    assert _files(out) == taken["files"]  # nothing written since: no group event, no status
+    assert json.load(open(out / "run.json"))["status"] == "running"
+    monkeypatch.setattr(Scheduler, "_placed", real_placed)
+    try:  # the new holder runs alone, as `run` does under the lock it took over
+        info = run(preflight(load_config(cfg)))
+    finally:
+        taken["lock"].release()
+    assert info["status"] == "complete" and json.load(open(out / "run.json"))["status"] == "complete"
+    assert pq.read_table(out / "lanczos.parquet").to_pandas().probe_id.unique().tolist() == [0, 1]
+    assert not (out / LOCK_NAME).exists()

@@ -1,0 +1,202 @@
+"""End to end through Ray on a tiny float64 GPT-NeoX saved as a Hugging Face folder."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from helpers import dense_hessian, make_batches
+from pipeline.cli import main
+from pipeline.run.tables import CONFIG_METADATA_KEY
+from pipeline_fixtures import assets, write_config
+
+LAYOUTS = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1)}  # groups x workers
+# one worker runs the whole module: its runs fixture is built once, on the module's shared Ray
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shared_ray"), pytest.mark.xdist_group("pipeline")]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, shared_ray):
+    tmp = tmp_path_factory.mktemp("e2e")
+    model, data = assets(str(tmp))
+    out = {}
+    for name, (groups, workers) in LAYOUTS.items():
+        config = write_config(str(tmp / f"{name}.yaml"), model=model, data=data, output_dir=str(tmp / name),
+                              cluster={"num_groups": groups, "num_workers": workers}, hvp={"eps": "auto"},
+                              blocks={"enabled": name == "1x2", "probes": 2})
+        assert main(["run", config]) == 0
+        out[name] = str(tmp / name)
+    # converged extremes: more steps and an eps near the float64 optimum
+    config = write_config(str(tmp / "long.yaml"), model=model, data=data, output_dir=str(tmp / "long"),
+                          hvp={"eps": 1e-5}, lanczos={"steps": 80, "probes": 1})
+    assert main(["run", config]) == 0
+    out["long"] = str(tmp / "long")
+    out["model"], out["data"] = model, data
+    return out
+
+
+def lanczos_table(run_dir):
+    return pq.read_table(os.path.join(run_dir, "lanczos.parquet")).to_pandas().sort_values(["probe_id", "step"])
+
+
+def test_runs_in_a_process_connected_to_ray_use_it_and_leave_it_running(runs):
+    """This module's runs ran in a process the ``shared_ray`` fixture had connected: they used that Ray (their
+    groups formed on its node) and left it connected; a cluster.address naming another Ray is refused."""
+    import ray
+
+    from pipeline.run.config import ClusterConfig, ConfigError, RunConfig
+    from pipeline.run.ray_connection import connect_ray
+
+    assert ray.is_initialized()
+    node = ray.get_runtime_context().get_node_id()
+    for name in LAYOUTS:
+        groups = json.load(open(os.path.join(runs[name], "run.json")))["groups"]
+        formed = [g for g in groups if g["event"] == "formed"]
+        assert formed and all(set(g["nodes"]) == {node} for g in formed), (name, groups)
+    assert connect_ray(RunConfig()) is False  # nothing started, nothing to shut down
+    with pytest.raises(ConfigError, match="already connected"):
+        connect_ray(RunConfig(cluster=ClusterConfig(address="127.0.0.1:1")))
+
+
+def test_layouts_give_the_same_alpha_beta_and_the_same_auto_eps(runs):
+    reference = lanczos_table(runs["1x1"])
+    assert reference.probe_id.nunique() == 2 and len(reference) == 60
+    eps = {}
+    for name in LAYOUTS:
+        info = json.load(open(os.path.join(runs[name], "run.json")))
+        eps[name] = info["eps"]
+        assert info["eps_calibration"]["source"] == "auto"
+        if name != "1x2":  # (which also runs the block analysis) a fresh auto-eps run: every probe step plus
+            assert 60 + 1 <= info["timing"]["hvp_count"] <= 60 + 4  # only the calibration's extra HVPs (1-4)
+    assert len(set(eps.values())) == 1, eps  # two significant digits: reduction order cannot move it
+    for name in ("1x2", "2x1"):
+        other = lanczos_table(runs[name])
+        for col in ("alpha", "beta"):
+            a, b = other[col].to_numpy(), reference[col].to_numpy()
+            # reduction-order differences of the gradients, divided by the float64 auto eps (~5e-5) and carried
+            # through 30 steps: 2e-10 measured; anything wrong in sharding or in the probes is O(1)
+            assert np.linalg.norm(a - b) / np.linalg.norm(b) <= 1e-9, (name, col)
+
+
+def test_parquet_schemas_and_config_metadata(runs):
+    import pyarrow as pa
+
+    expected = {
+        "lanczos.parquet": {"probe_id": pa.int32(), "step": pa.int32(), "alpha": pa.float64(), "beta": pa.float64()},
+        "ritz.parquet": {"probe_id": pa.int32(), "value": pa.float64(), "weight": pa.float64()},
+        "density.parquet": {"value": pa.float64(), "density": pa.float64()},
+        "blocks.parquet": {"probe_id": pa.int32(), "block": pa.string(), "rel_error": pa.float64(),
+                           "cosine": pa.float64(), "whole_rel_error": pa.float64()},
+    }
+    run_dir = runs["1x2"]
+    info = json.load(open(os.path.join(run_dir, "run.json")))
+    for name, columns in expected.items():
+        schema = pq.read_schema(os.path.join(run_dir, name))
+        for col, tp in columns.items():
+            assert schema.field(col).type == tp, (name, col)
+        assert json.loads(schema.metadata[CONFIG_METADATA_KEY]) == info["config"]
+    ritz = pq.read_table(os.path.join(run_dir, "ritz.parquet")).to_pandas()
+    assert np.allclose(ritz.groupby("probe_id").weight.sum(), 1.0, atol=1e-12)
+    density = pq.read_table(os.path.join(run_dir, "density.parquet")).to_pandas()
+    assert (density.density >= 0).all()
+    assert abs(np.trapezoid(density.density, density.value) - 1) < 1e-9
+    blocks = pq.read_table(os.path.join(run_dir, "blocks.parquet")).to_pandas()
+    assert set(blocks.block) == {"gpt_neox.embed_in", "gpt_neox.layers.0", "gpt_neox.final_layer_norm", "lm_head"}
+
+
+def test_run_json_records_status_summary_and_timing(runs):
+    info = json.load(open(os.path.join(runs["2x1"], "run.json")))
+    assert info["status"] == "complete" and info["num_params"] == 1128 and info["eps"] == info["eps_calibration"]["eps"] > 0
+    assert set(info["versions"]) == {"python", "torch", "transformers", "ray"}
+    assert set(info["summary"]) >= {"lambda_max", "lambda_min", "trace", "trace_stderr"}
+    t = info["timing"]
+    assert t["grad_seconds"] > 0 and t["hvp_seconds"] > 0 and t["lanczos_step_seconds"] > 0
+    assert t["hvp_count"] >= 60 and t["total_seconds"] > 0
+
+
+def test_ritz_extremes_match_the_dense_hessian(runs):
+    from hessian_core.models import ModelSpec, load_model
+
+    model = load_model(ModelSpec(path=runs["model"], dtype="float64"))
+    batches = list(make_batches(num_batches=1, batch_size=8, seed=7)[0].reshape(2, 4, -1))
+    eigenvalues = torch.linalg.eigvalsh(dense_hessian(model, batches))
+    summary = json.load(open(os.path.join(runs["long"], "run.json")))["summary"]
+    assert abs(summary["lambda_max"] - float(eigenvalues[-1])) <= 1e-6 * abs(float(eigenvalues[-1]))
+    assert abs(summary["lambda_min"] - float(eigenvalues[0])) <= 1e-4 * abs(float(eigenvalues[0]))
+
+
+def test_plots_are_png_and_plot_show_commands_work(runs, capsys):
+    from PIL import Image
+
+    run_dir = runs["1x2"]
+    for name in ("density.png", "blocks.png"):
+        path = os.path.join(run_dir, name)
+        os.unlink(path)
+    assert main(["plot", run_dir]) == 0
+    for name in ("density.png", "blocks.png"):
+        with Image.open(os.path.join(run_dir, name)) as img:
+            assert img.format == "PNG" and img.size[0] > 300
+    assert main(["show", run_dir]) == 0
+    out = capsys.readouterr().out
+    assert "lambda_max" in out and "whole block-diagonal approximation" in out
+
+
+def test_parquet_readable_by_ray_data(runs):
+    import ray
+
+    ds = ray.data.read_parquet(os.path.join(runs["1x1"], "lanczos.parquet"))  # on the module's shared Ray
+    assert ds.count() == 60
+
+
+def test_nan_in_the_weights_fails_the_run_naming_probe_and_step(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from pipeline_fixtures import assets
+
+    model, data = assets(str(tmp_path))
+    weights = os.path.join(model, "model.safetensors")
+    tensors = load_file(weights)
+    tensors["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"][0, 0] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    config = write_config(str(tmp_path / "nan.yaml"), model=model, data=data, output_dir=str(tmp_path / "out"))
+    assert main(["run", config]) == 1
+    err = capsys.readouterr().err
+    assert "probe 0" in err and "step 0" in err and "nan" in err
+    info = json.load(open(tmp_path / "out" / "run.json"))
+    assert info["status"] == "failed" and "probe 0" in info["error"]
+    # a model's NaN is an error of the task, not a lost node: not retried, no probe moved
+    assert info["probes_moved"] == 0 and not [g for g in info["groups"] if g["event"] == "lost"]
+    assert "was lost" not in err and "failed (" not in err
+
+
+def test_compare_runs(runs, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", runs["1x1"], runs["2x1"], runs["long"], "--output", str(out)]) == 0
+    table = pq.read_table(out / "compare.parquet").to_pandas()
+    assert len(table) == 3
+    assert table.distance_to_reference[0] == 0.0
+    assert table.distance_to_reference[1] <= 1e-9  # 2x1 computed the same alpha/beta as 1x1
+    assert 0 < table.distance_to_reference[2] < 1  # 80 steps and 1 probe: another estimate of the same spectrum
+    from PIL import Image
+
+    with Image.open(out / "compare.png") as img:
+        assert img.format == "PNG"
+    assert "distance_to_reference" in capsys.readouterr().out
+    assert main(["compare", str(tmp_path / "nothing")]) == 2
+
+
+def test_a_fixed_eps_without_assessment_costs_exactly_the_slq_hvps(tmp_path):
+    model, data = assets(str(tmp_path))
+    config = write_config(str(tmp_path / "c.yaml"), model=model, data=data, output_dir=str(tmp_path / "out"),
+                          hvp={"eps": 1e-4, "assess": False}, lanczos={"steps": 6, "probes": 2})
+    assert main(["run", config]) == 0
+    info = json.load(open(tmp_path / "out" / "run.json"))
+    assert info["eps"] == 1e-4 and "not assessed" in info["eps_calibration"]["message"]
+    assert info["eps_calibration"]["reliable"] is None
+    assert info["timing"]["hvp_count"] == 2 * 6
+    assert info["timing"]["grad_seconds"] > 0
+
+
