@@ -29,6 +29,20 @@ def test_overrides_are_parsed_as_yaml_and_typed():
         load_config(PRESETS[0], ["lanczos.steps"])
 
 
+@pytest.mark.parametrize("cluster,expected", [
+    ({}, lambda cores: cores),  # a local Ray: this machine's cores shared out among the ranks
+    ({"cluster.num_workers": 2, "cluster.num_groups": 3}, lambda cores: max(1, cores // 6)),
+    ({"cluster.address": "auto"}, lambda cores: 1),  # a cluster's nodes are not this machine
+    ({"cluster.cpus_per_worker": 3}, lambda cores: 3),
+])
+def test_cpus_per_worker_default_shares_out_a_local_machine(cluster, expected, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 12)
+    config = load_config(PRESETS[0], [*DEMO, "cluster.num_workers=1", "cluster.num_groups=1",
+                                      *(f"{k}={v}" for k, v in cluster.items())])
+    assert config.cpus_per_worker() == expected(12)
+
+
 @pytest.mark.parametrize("overrides,message", [
     ({"density.grid_size": 1}, "density.grid_size must be >= 2, got 1: a density needs at least its two end points"),
     ({"density.grid_size": 100_000_000}, "density.grid_size must be <= 100000, got 100000000"),
