@@ -160,6 +160,9 @@ class FakeGroups:
     def progress_sink(self):
         return None
 
+    def close(self) -> None:
+        pass
+
     def drain_progress(self) -> list:
         return []
 

@@ -41,6 +41,19 @@ def shared_ray():
 
 
 @pytest.fixture
+def shared_ray_address(shared_ray, monkeypatch) -> str:
+    """The module's Ray, for a test's subprocess run to join (``cluster.address``) when the run's own local Ray is
+    not what the test is about: a Ray start is about 5.5 CPU-seconds on the 2-core machine the suite is sized for.
+    Such a run's actors end with its driver, as any Ray job's do. The subprocess takes 127.0.0.1 as its node's
+    address, where the module's Ray listens (Ray would otherwise look for its raylet on the machine's interface
+    address, and wait there forever)."""
+    import ray
+
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    return ray.get_runtime_context().gcs_address
+
+
+@pytest.fixture
 def no_ray(monkeypatch):
     """Fail the test if the command under test starts Ray or connects to one: input checks come first. Both
     are patched, as a process already connected (``shared_ray``) would not call ``ray.init`` at all."""

@@ -3,6 +3,8 @@ waits, its exception types told apart into losses and task errors, and the progr
 
 from __future__ import annotations
 
+import itertools
+import threading
 import time
 from typing import Any
 
@@ -26,20 +28,78 @@ def is_loss(err: BaseException) -> bool:
     return isinstance(err, rex.RayTaskError) and isinstance(err.cause, torch.distributed.DistError)
 
 
+class ProgressHub:
+    """One progress queue per Ray connection, shared by every run this process makes on it (a sweep's points, an
+    API user's repeated calls, a test module's runs). A queue is an actor, and so a worker process: one per run
+    cost a process start each (55 of the suite's 136 worker processes). Events go in tagged with their run's
+    token; a drain takes everything pending and hands each run its own."""
+
+    _lock = threading.Lock()
+    _queue = None
+    _session: str | None = None
+    _pending: dict[int, list[ProgressEvent]] = {}
+    _tokens = itertools.count()
+
+    @classmethod
+    def register(cls) -> int:
+        with cls._lock:
+            cls._queue_for_this_session()
+            token = next(cls._tokens)
+            cls._pending[token] = []
+            return token
+
+    @classmethod
+    def unregister(cls, token: int) -> None:
+        with cls._lock:
+            cls._pending.pop(token, None)
+
+    @classmethod
+    def sink(cls, token: int):
+        with cls._lock:
+            actor = cls._queue_for_this_session().actor
+
+        def progress(event: ProgressEvent) -> None:
+            # fire and forget: a blocking put would hold rank 0 (and so its group) for a round trip every step
+            actor.put_nowait.remote((token, event))
+
+        return progress
+
+    @classmethod
+    def drain(cls, token: int) -> list[ProgressEvent]:
+        with cls._lock:
+            queue = cls._queue_for_this_session()
+            pending = queue.qsize()
+            for owner, event in queue.get_nowait_batch(pending) if pending else []:  # two round trips, not one a step
+                if owner in cls._pending:  # a finished run's late events are dropped
+                    cls._pending[owner].append(event)
+            events, cls._pending[token] = cls._pending.get(token, []), []
+            return events
+
+    @classmethod
+    def _queue_for_this_session(cls):
+        """The queue of the Ray this process is connected to now: a new connection (Ray shut down and started
+        again) gets a new queue, on the driver's node (a worker node may be removed, and the queue with it)."""
+        import ray
+        from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        context = ray.get_runtime_context()
+        session = f"{context.gcs_address}/{context.get_node_id()}/{context.get_job_id()}"
+        if cls._queue is None or cls._session != session:
+            here = NodeAffinitySchedulingStrategy(node_id=context.get_node_id(), soft=False)
+            cls._queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+            cls._session = session
+        return cls._queue
+
+
 class RayGroups:
     """Groups of ``cluster.num_workers`` ranks holding the prepared run's model, each fed ``batches_ref``.
     ``own_ray=False`` (a sweep's point): a Ray that the sweep shut down stops the run."""
 
     def __init__(self, prepared: Prepared, *, batches_ref: Any, own_ray: bool = True):
-        import ray
-        from ray.util.queue import Queue
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
         self.prepared, self.batches_ref, self.own_ray = prepared, batches_ref, own_ray
         self.cluster = prepared.config.cluster
-        # on the driver's node: a worker node may be removed, and the progress queue with it
-        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-        self.events = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+        self.progress_token = ProgressHub.register()
 
     def request(self, index: int) -> WorkerGroup:
         return WorkerGroup(index=index, num_workers=self.cluster.num_workers, use_gpu=self.cluster.use_gpu,
@@ -66,17 +126,13 @@ class RayGroups:
         return ray.get(handle)
 
     def progress_sink(self):
-        actor = self.events.actor
-
-        def progress(event: ProgressEvent) -> None:
-            # fire and forget: a blocking put would hold rank 0 (and so its group) for a round trip every step
-            actor.put_nowait.remote(event)
-
-        return progress
+        return ProgressHub.sink(self.progress_token)
 
     def drain_progress(self) -> list[ProgressEvent]:
-        pending = self.events.qsize()
-        return self.events.get_nowait_batch(pending) if pending else []  # two round trips, not one a step
+        return ProgressHub.drain(self.progress_token)
+
+    def close(self) -> None:
+        ProgressHub.unregister(self.progress_token)
 
     def check(self) -> None:
         import ray
@@ -90,4 +146,4 @@ class RayGroups:
         return ray.is_initialized()
 
 
-__all__ = ["RayGroups", "is_loss"]
+__all__ = ["ProgressHub", "RayGroups", "is_loss"]

@@ -74,6 +74,9 @@ class GroupBackend(Protocol):
 
     def drain_progress(self) -> list[ProgressEvent]: ...
 
+    def close(self) -> None:
+        """Release what the backend holds for this run alone (its share of the progress queue)."""
+
     def check(self) -> None:
         """Raise if the runtime under the groups went away."""
 
@@ -294,6 +297,7 @@ class Scheduler:
                 f"{group.bundle}); checkpoints are kept: run the same command again to resume")
 
     def shutdown(self, *, graceful: bool) -> None:
+        self.backend.close()
         for slot in self.slots:
             if not self.backend.available():  # a call now could start a new runtime (Ray's auto-init)
                 break

@@ -31,10 +31,29 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("elastic")]
 SLOT = "hs_test_group"  # a custom resource: each simulated node hosts one group of one worker
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_ray_left():
+    yield
+    ray.shutdown()  # the local Ray of the references and the cross-size runs, when a cross-size test ran last
+
+
+@pytest.fixture
+def local_ray(references, monkeypatch) -> str:
+    """The references' local Ray (started again after a simulated cluster stopped it), for a cross-size run's
+    killed driver to join and its resume to use: two Ray starts saved a test. Its subprocess takes 127.0.0.1 as
+    its node address, where this Ray listens."""
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if not ray.is_initialized():
+        connect_ray(RunConfig(), need_cpus=4)
+    return ray.get_runtime_context().gcs_address
+
+
 @pytest.fixture
 def cluster(monkeypatch):
     import ray._private.ray_constants as ray_constants
     from ray.cluster_utils import Cluster
+
+    ray.shutdown()  # a simulated cluster's runs connect to it, never to the cross-size tests' local Ray
 
     # every process of the simulated cluster (and the runs joining it) takes 127.0.0.1 as its node address:
     # Ray otherwise rewrites a 127.0.0.1 address to the machine's interface address, where nothing listens
@@ -123,6 +142,95 @@ def paused(pids: list[int]):
                 os.kill(pid, signal.SIGCONT)
 
 
+def _kill_mid_probe(config: str, out) -> int:
+    """Start a run and SIGKILL it (the driver's process group, and the workers)
+    while probe 0 is past step 8 and not finished: its workers are stopped first, so the run cannot end
+    between the check and the kill."""
+    proc = start(config)
+    stopped: list[int] = []
+    try:
+        wait_for(lambda: probe_step(out, 0) >= 8, what="a checkpoint at step 8")
+        stopped = group_pids(out, 0)
+        with paused(stopped):
+            at = latest_complete_step(str(out / "checkpoints" / "probe-00000"))[0]
+            os.killpg(proc.pid, signal.SIGKILL)
+            # the workers too: stopped, they could not take part in their job's end
+            kill_all(set(stopped))
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # a check failed before the kill
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    wait_for(lambda: not alive(set(stopped)), timeout=30, what="the stopped workers to go")
+    assert at < CROSS_SIZE_STEPS
+    return at
+
+
+CROSS_SIZE_STEPS = 60
+
+
+def _cross_size_config(path, *, model: str, data: str, output_dir: str, workers: int, address: str | None = None) -> str:
+    # full reorthogonalization: a windowed run amplifies reduction-order differences over 60 steps
+    return write_config(str(path), model=model, data=data, output_dir=str(output_dir),
+                        lanczos={"steps": CROSS_SIZE_STEPS, "probes": 1, "reorth": "full"}, checkpoint={"every": 1},
+                        cluster={"num_workers": workers, "cpus_per_worker": 1, "address": address})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class References:
+    static: tuple[np.ndarray, np.ndarray]  # the elastic runs' probes on one group, never interrupted
+    model: str
+    data: str
+    by_workers: dict[int, tuple[np.ndarray, np.ndarray]]  # one probe on 1 and on 2 ranks, uninterrupted
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory) -> References:
+    """Uninterrupted runs, all on one local Ray (kept for the cross-size tests, stopped before a simulated cluster
+    starts): the elastic runs' reference and both directions of a checkpoint's move between group sizes."""
+    root = tmp_path_factory.mktemp("references")
+    model, data = assets(str(root))
+    if not ray.is_initialized():
+        connect_ray(RunConfig(), need_cpus=4)
+    try:
+        static = write_config(str(root / "static.yaml"), model=model, data=data, output_dir=str(root / "static"),
+                              lanczos={"steps": ELASTIC_STEPS, "probes": ELASTIC_PROBES, "reorth": "window",
+                                       "window": 4}, checkpoint={"every": 1},
+                              cluster={"cpus_per_worker": 1})  # as many torch threads as the elastic runs' workers
+        assert main(["run", static]) == 0
+        by_workers = {}
+        for workers in (1, 2):
+            ref = _cross_size_config(root / f"w{workers}.yaml", model=model, data=data,
+                                     output_dir=root / f"w{workers}", workers=workers)
+            assert main(["run", ref]) == 0
+            by_workers[workers] = tables(root / f"w{workers}")
+    except BaseException:
+        ray.shutdown()
+        raise
+    return References(static=tables(root / "static"), model=model, data=data, by_workers=by_workers)
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_a_checkpoint_moves_between_group_sizes(tmp_path, before, after, references, local_ray):
+    config = _cross_size_config(tmp_path / "moved.yaml", model=references.model, data=references.data,
+                                output_dir=tmp_path / "moved", workers=before, address=local_ray)
+    at = _kill_mid_probe(config, tmp_path / "moved")
+    assert main(["run", config, "--set", f"cluster.num_workers={after}"]) == 0
+    info = run_json(tmp_path / "moved")
+    assert info["status"] == "complete" and info["resumed_from"]["checkpoint_steps"]["0"] >= at
+    moved = tables(tmp_path / "moved")
+
+    first, second = references.by_workers[before], references.by_workers[after]
+    k = info["resumed_from"]["checkpoint_steps"]["0"]
+    for m, b, a in zip(moved, first, second):
+        assert np.array_equal(m[:k], b[:k])  # the checkpointed steps, as the first group computed them
+        # the rest: the other group's arithmetic (reduction order) from the same vectors, as close to an
+        # uninterrupted run on either size as those two runs are to each other (the layouts test's measure)
+        for reference in (a, b):
+            assert np.linalg.norm(m - reference) / np.linalg.norm(reference) <= 1e-9
+
+
+# the simulated clusters last: the cross-size tests above share the references' local Ray, which the first
+# cluster stops
 def test_a_node_joining_mid_run_forms_a_group_that_takes_probes(tmp_path, cluster, references):
     add_group_node(cluster)
     config = elastic_config(tmp_path, cluster, "elastic", probes=ELASTIC_PROBES, steps=ELASTIC_STEPS, num_groups=3,
@@ -190,89 +298,3 @@ def test_no_group_for_too_long_fails_keeping_checkpoints_and_the_same_command_re
     info = run_json(out)
     assert info["status"] == "complete" and info["resumed"]
     assert info["timing"]["hvp_count"] <= steps - kept[0]
-
-
-def _kill_mid_probe(config: str, out) -> int:
-    """Start a run and SIGKILL it (the driver's process group: the driver and its local Ray; and the workers)
-    while probe 0 is past step 8 and not finished: its workers are stopped first, so the run cannot end
-    between the check and the kill."""
-    proc = start(config)
-    stopped: list[int] = []
-    try:
-        wait_for(lambda: probe_step(out, 0) >= 8, what="a checkpoint at step 8")
-        stopped = group_pids(out, 0)
-        with paused(stopped):
-            at = latest_complete_step(str(out / "checkpoints" / "probe-00000"))[0]
-            os.killpg(proc.pid, signal.SIGKILL)
-            # Ray gives each worker its own process group, which killpg misses; stopped, a worker could not
-            # notice its raylet's death and would stay behind
-            kill_all(set(stopped))
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # a check failed before the kill
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    wait_for(lambda: not alive(set(stopped)), timeout=30, what="the stopped workers to go")
-    assert at < CROSS_SIZE_STEPS
-    return at
-
-
-CROSS_SIZE_STEPS = 60
-
-
-def _cross_size_config(path, *, model: str, data: str, output_dir: str, workers: int) -> str:
-    # full reorthogonalization: a windowed run amplifies reduction-order differences over 60 steps
-    return write_config(str(path), model=model, data=data, output_dir=str(output_dir),
-                        lanczos={"steps": CROSS_SIZE_STEPS, "probes": 1, "reorth": "full"}, checkpoint={"every": 1},
-                        cluster={"num_workers": workers, "cpus_per_worker": 1})
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class References:
-    static: tuple[np.ndarray, np.ndarray]  # the elastic runs' probes on one group, never interrupted
-    model: str
-    data: str
-    by_workers: dict[int, tuple[np.ndarray, np.ndarray]]  # one probe on 1 and on 2 ranks, uninterrupted
-
-
-@pytest.fixture(scope="module")
-def references(tmp_path_factory) -> References:
-    """Uninterrupted runs, all on one local Ray stopped before the tests' clusters start: the elastic runs'
-    reference and both directions of a checkpoint's move between group sizes."""
-    root = tmp_path_factory.mktemp("references")
-    model, data = assets(str(root))
-    connect_ray(RunConfig(), need_cpus=4)
-    try:
-        static = write_config(str(root / "static.yaml"), model=model, data=data, output_dir=str(root / "static"),
-                              lanczos={"steps": ELASTIC_STEPS, "probes": ELASTIC_PROBES, "reorth": "window",
-                                       "window": 4}, checkpoint={"every": 1},
-                              cluster={"cpus_per_worker": 1})  # as many torch threads as the elastic runs' workers
-        assert main(["run", static]) == 0
-        by_workers = {}
-        for workers in (1, 2):
-            ref = _cross_size_config(root / f"w{workers}.yaml", model=model, data=data,
-                                     output_dir=root / f"w{workers}", workers=workers)
-            assert main(["run", ref]) == 0
-            by_workers[workers] = tables(root / f"w{workers}")
-    finally:
-        ray.shutdown()
-    return References(static=tables(root / "static"), model=model, data=data, by_workers=by_workers)
-
-
-@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
-def test_a_checkpoint_moves_between_group_sizes(tmp_path, before, after, references):
-    config = _cross_size_config(tmp_path / "moved.yaml", model=references.model, data=references.data,
-                                output_dir=tmp_path / "moved", workers=before)
-    at = _kill_mid_probe(config, tmp_path / "moved")
-    assert main(["run", config, "--set", f"cluster.num_workers={after}"]) == 0
-    info = run_json(tmp_path / "moved")
-    assert info["status"] == "complete" and info["resumed_from"]["checkpoint_steps"]["0"] >= at
-    moved = tables(tmp_path / "moved")
-
-    first, second = references.by_workers[before], references.by_workers[after]
-    k = info["resumed_from"]["checkpoint_steps"]["0"]
-    for m, b, a in zip(moved, first, second):
-        assert np.array_equal(m[:k], b[:k])  # the checkpointed steps, as the first group computed them
-        # the rest: the other group's arithmetic (reduction order) from the same vectors, as close to an
-        # uninterrupted run on either size as those two runs are to each other (the layouts test's measure)
-        for reference in (a, b):
-            assert np.linalg.norm(m - reference) / np.linalg.norm(reference) <= 1e-9

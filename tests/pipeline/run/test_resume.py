@@ -17,16 +17,17 @@ from pipeline.run.output_lock import LOCK_NAME
 from pipeline_fixtures import assets, write_config
 from proc_tools import alive, descendants, kill_all
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shared_ray")]  # the in-process runs; the killed drivers start their own
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shared_ray")]  # the in-process runs; the interrupted sweep starts its own
 STEPS = 60
 SWEEP_STEPS = 200  # a sweep point's probe must still be running when the stop reaches it, on a loaded machine
 
 
-def test_resume_after_driver_sigkill_gives_identical_alpha_beta_with_fewer_hvps(tmp_path, capsys):
+def test_resume_after_driver_sigkill_gives_identical_alpha_beta_with_fewer_hvps(tmp_path, capsys, shared_ray_address):
     model, data = assets(str(tmp_path))
-    # a checkpoint every step: under load an auto interval can skip past step 10, or past the probe's end
+    # a checkpoint every step: under load an auto interval can skip past step 10, or past the probe's end;
+    # the killed driver joins the module's Ray (a driver's own local Ray and its cleanup: test_run_control)
     common = dict(model=model, data=data, lanczos={"steps": STEPS, "probes": 2, "reorth": "window", "window": 4},
-                  checkpoint={"every": 1})
+                  checkpoint={"every": 1}, cluster={"address": shared_ray_address})
     cfg = write_config(str(tmp_path / "run.yaml"), output_dir=str(tmp_path / "run"), **common)
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", cfg], stdout=subprocess.DEVNULL,
@@ -43,13 +44,7 @@ def test_resume_after_driver_sigkill_gives_identical_alpha_beta_with_fewer_hvps(
             break
         time.sleep(0.02)
     proc.wait(timeout=60)
-    # the local Ray the killed driver started is orphaned: stop exactly its processes (its session, by PID),
-    # never `ray stop`, which would kill every Ray on the machine
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    kill_all(alive(tree))
+    kill_all(alive(tree))  # anything the killed driver started itself; its actors end with its job
     assert killed_at is not None, "the driver finished or stalled before it could be killed mid-probe"
     assert (out / LOCK_NAME).exists()  # the killed run's lock is left behind; the rerun takes it over
 
@@ -165,6 +160,7 @@ def test_a_run_whose_lock_is_taken_over_stops_recording_nothing_and_the_new_hold
     taken = {}
 
     def taken_over_while_loading(self, slot):  # as its group starts loading, another node's run takes over
+        time.sleep(2 * output_lock.STALE_SECONDS)  # the first run's lock is stale by then, however fast it got here
         with monkeypatch.context() as m:
             m.setattr(output_lock.socket, "gethostname", lambda: "node-b")
             taken["lock"] = output_lock.OutputLock(str(out)).acquire()

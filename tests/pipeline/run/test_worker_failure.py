@@ -14,14 +14,16 @@ import pytest
 from pipeline.cli import main
 from pipeline_fixtures import assets, write_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shared_ray")]  # the clean run; the killed run's driver starts its own
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shared_ray")]
+STEPS = 40  # 2-rank steps (gloo): the kill comes 0.7 s into probe 0, about step 8
 
 
-def test_run_survives_a_worker_sigkill_mid_probe(tmp_path):
+def test_run_survives_a_worker_sigkill_mid_probe(tmp_path, shared_ray_address):
     model, data = assets(str(tmp_path))
-    common = dict(model=model, data=data, cluster={"num_workers": 2, "max_failures": 0,
-                                                   "collective_timeout_seconds": 30},
-                  lanczos={"steps": 60, "probes": 2, "reorth": "window", "window": 4})
+    # both runs on the module's Ray: the killed run's driver joins it (cluster.address)
+    common = dict(model=model, data=data, cluster={"num_workers": 2, "max_failures": 0, "cpus_per_worker": 1,
+                                                   "collective_timeout_seconds": 30, "address": shared_ray_address},
+                  lanczos={"steps": STEPS, "probes": 2, "reorth": "window", "window": 4})
     killed_cfg = write_config(str(tmp_path / "killed.yaml"), output_dir=str(tmp_path / "killed"), **common)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", killed_cfg], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -52,6 +54,6 @@ def test_run_survives_a_worker_sigkill_mid_probe(tmp_path):
     assert main(["run", clean_cfg]) == 0
     killed = pq.read_table(tmp_path / "killed" / "lanczos.parquet").to_pandas()
     clean = pq.read_table(tmp_path / "clean" / "lanczos.parquet").to_pandas()
-    assert len(killed) == len(clean) == 120
+    assert len(killed) == len(clean) == 2 * STEPS
     for col in ("alpha", "beta"):
         assert np.array_equal(killed[col].to_numpy(), clean[col].to_numpy()), col

@@ -18,6 +18,7 @@ KERNELS = {"gradient", "fd_hvp_central", "fd_hvp_richardson", "exact_hvp", "lanc
            "lanczos_vectors_window8", "lanczos_vectors_full16", "lanczos_step", "lanczos_step_checkpoint_every1"}
 
 
+@pytest.mark.usefixtures("shared_ray")  # its runs on the module's Ray: three Ray starts saved (numbers are not checked)
 def test_bench_measures_kernels_layouts_and_the_peer(tmp_path, capsys):
     model, data = assets(str(tmp_path))
     config = write_config(str(tmp_path / "b.yaml"), model=model, data=data, output_dir=str(tmp_path / "out"),
