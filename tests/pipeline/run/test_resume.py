@@ -19,7 +19,7 @@ from proc_tools import alive, descendants, kill_all
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shared_ray")]  # the in-process runs; the interrupted sweep starts its own
 STEPS = 60
-SWEEP_STEPS = 200  # a sweep point's probe must still be running when the stop reaches it, on a loaded machine
+SWEEP_STEPS = 100  # a probe of each point must still be running when the stop reaches it, on a loaded machine
 
 
 def test_resume_after_driver_sigkill_gives_identical_alpha_beta_with_fewer_hvps(tmp_path, capsys, shared_ray_address):
@@ -76,6 +76,12 @@ def test_resume_after_driver_sigkill_gives_identical_alpha_beta_with_fewer_hvps(
     assert len(pq.read_table(out / "lanczos.parquet").to_pandas()) == 7
 
 
+def _newest_checkpoint(point) -> tuple | None:
+    """The newest complete checkpoint of whichever probe the point is running (probe 0 may be done)."""
+    found = [latest_complete_step(str(point / "checkpoints" / f"probe-{k:05d}")) for k in range(2)]
+    return max((f for f in found if f), default=None)
+
+
 def test_ctrl_c_stops_a_sweep_promptly_and_the_same_command_resumes_it(tmp_path):
     model, data = assets(str(tmp_path))
     cfg = write_config(str(tmp_path / "sweep.yaml"), output_dir=str(tmp_path / "sweep"), model=model, data=data,
@@ -91,7 +97,7 @@ def test_ctrl_c_stops_a_sweep_promptly_and_the_same_command_resumes_it(tmp_path)
     deadline = time.monotonic() + 120
     interrupted_at, found = None, None
     while time.monotonic() < deadline and proc.poll() is None:
-        found = [latest_complete_step(str(p / "checkpoints" / "probe-00000")) for p in points]
+        found = [_newest_checkpoint(p) for p in points]
         if all(f and f[0] >= 10 for f in found):
             proc.send_signal(signal.SIGINT)
             interrupted_at = time.monotonic()
@@ -102,14 +108,14 @@ def test_ctrl_c_stops_a_sweep_promptly_and_the_same_command_resumes_it(tmp_path)
         kill_all({proc.pid, *descendants(proc.pid)})
         _, err = proc.communicate(timeout=60)
         pytest.fail(f"the sweep {'finished' if finished else 'stalled'} before it could be "
-                    f"interrupted; probe 0 checkpoints last seen {found}; stderr ends:\n{err[-2000:]}")
+                    f"interrupted; checkpoints last seen {found}; stderr ends:\n{err[-2000:]}")
     _, err = proc.communicate(timeout=60)
     assert time.monotonic() - interrupted_at < 30 and proc.returncode == 130
     assert "interrupted by SIGINT" in err
     for p in points:
         info = json.load(open(p / "run.json"))
         assert info["status"] == "interrupted" and info["signal"] == "SIGINT"
-        assert latest_complete_step(str(p / "checkpoints" / "probe-00000")) is not None
+        assert _newest_checkpoint(p) is not None
 
     assert main(["sweep", cfg, *grid]) == 0
     for p in points:

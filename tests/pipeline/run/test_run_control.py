@@ -21,7 +21,8 @@ from pipeline.run.output_lock import LOCK_NAME, OutputLock
 from pipeline_fixtures import assets, write_config
 from proc_tools import alive, descendants, kill_all, listening_sockets
 
-pytestmark = pytest.mark.slow  # Ray, subprocess runs or simulated clusters: outside `-m "not slow"`
+# the in-process runs on the module's Ray; the subprocess runs (whose own local Ray is under test) start theirs
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shared_ray")]
 
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
@@ -79,14 +80,14 @@ def test_second_run_refused_local_ray_on_loopback_and_complete_is_final(tmp_path
         for command in (["show", out], ["plot", out], ["report", out, "--output", str(tmp_path / "r.html")]):
             assert main(command) == 0, command
     # a complete run is final: no Ray, its summary again; --fresh recomputes (a lone run, bitwise the same)
-    import ray
+    from pipeline.run import driver, ray_connection
 
-    real_init = ray.init
-    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started for a complete run"))
-    capsys.readouterr()
-    assert main(["run", cfg]) == 0
+    with monkeypatch.context() as m:
+        for module in (ray_connection, driver):  # driver imports it by name
+            m.setattr(module, "connect_ray", lambda *a, **k: pytest.fail("Ray used for a complete run"))
+        capsys.readouterr()
+        assert main(["run", cfg]) == 0
     assert "already holds this run, complete" in capsys.readouterr().out
-    monkeypatch.setattr(ray, "init", real_init)
     assert main(["run", cfg, "--fresh"]) == 0
     lone = _lanczos(out)
     for col in ("alpha", "beta"):
