@@ -72,7 +72,10 @@ class ProgressHub:
             for owner, event in queue.get_nowait_batch(pending) if pending else []:  # two round trips, not one a step
                 if owner in cls._pending:  # a finished run's late events are dropped
                     cls._pending[owner].append(event)
-            events, cls._pending[token] = cls._pending.get(token, []), []
+            events = cls._pending.get(token)
+            if events is None:  # released: nothing to hand out, and nothing kept for it
+                return []
+            cls._pending[token] = []
             return events
 
     @classmethod
