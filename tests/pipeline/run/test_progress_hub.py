@@ -1,5 +1,6 @@
-"""Runs on one Ray connection share one progress queue: each run's drain returns its own events, in order, and
-a released run's late events are dropped."""
+"""Runs on one Ray connection share one progress queue: each run's drain returns its own events (in any order:
+the queue is an async actor, and fire-and-forget puts may run out of order), and a released run's late events are
+dropped."""
 
 import time
 
@@ -27,8 +28,8 @@ def test_each_run_drains_its_own_events_and_a_released_run_none():
         sink_b(ProgressEvent(probe_id=7, step=step, steps=3, hvp_seconds=0.2))
     got_b = _drain_until(second, 3)  # draining b first files a's events under a
     got_a = _drain_until(first, 3)
-    assert [(e.probe_id, e.step) for e in got_a] == [(0, 1), (0, 2), (0, 3)]
-    assert [(e.probe_id, e.step) for e in got_b] == [(7, 1), (7, 2), (7, 3)]
+    assert sorted((e.probe_id, e.step) for e in got_a) == [(0, 1), (0, 2), (0, 3)]
+    assert sorted((e.probe_id, e.step) for e in got_b) == [(7, 1), (7, 2), (7, 3)]
 
     ProgressHub.unregister(first)
     sink_a(ProgressEvent(probe_id=0, step=4, steps=4, hvp_seconds=0.1))  # a late event of a finished run
