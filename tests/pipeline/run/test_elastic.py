@@ -112,7 +112,7 @@ def tables(out) -> tuple[np.ndarray, np.ndarray]:
     return df.alpha.to_numpy(), df.beta.to_numpy()
 
 
-ELASTIC_PROBES, ELASTIC_STEPS = 4, 80  # steps: margin between a check and the pause that follows it
+ELASTIC_PROBES, ELASTIC_STEPS = 4, 48  # steps: margin between a check and the pause that follows it (>= 0.4 s)
 
 
 def group_pids(out, group: int) -> list[int]:
