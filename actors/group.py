@@ -40,8 +40,17 @@ class WorkerGroup:
         """Resolves once the cluster has reserved the group's resources."""
         return self.pg.ready()
 
+    @property
+    def shape(self) -> tuple:
+        """What another run needs to take this group as its own: ranks, GPU, CPUs and custom resources per rank."""
+        return self.num_workers, self.use_gpu, self.cpus_per_worker, tuple(sorted(self.resources.items()))
+
     def start(self, *, spec: ModelSpec, batches_ref: Any, timeout_seconds: float) -> list[ray.ObjectRef]:
-        """Create the ranks in the placed group; returns their setup references (each resolves to a GroupInfo)."""
+        """Create the ranks in the placed group (or, for a kept group, reuse them and their process group);
+        returns their setup references (each resolves to a GroupInfo)."""
+        if self.workers:  # a kept group: its ranks load the new model in the process group they formed
+            return [w.setup.remote(index=self.index, rendezvous=None, spec=spec, batches=batches_ref,
+                                   timeout_seconds=timeout_seconds) for w in self.workers]
         self.workers = [
             RemoteWorker.options(
                 num_cpus=self.cpus_per_worker, num_gpus=1 if self.use_gpu else 0, resources=self.resources,

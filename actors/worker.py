@@ -8,6 +8,7 @@ all ranks of a group at once (they run collectives together); rank 0's return va
 from __future__ import annotations
 
 import datetime
+import gc
 import math
 import os
 import socket
@@ -67,7 +68,7 @@ class Worker:
         self.rank, self.world_size, self.use_gpu = rank, world_size, use_gpu
         torch.set_num_threads(threads)  # the cores Ray reserved for this rank, no more (no oversubscription)
         self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
-        self.model = self.op = self.space = None
+        self.model = self.op = self.space = self.batches = None
         self._kept_matvec = None
         self.progress = None  # set by execute for the task's duration
 
@@ -80,12 +81,14 @@ class Worker:
     def setup(self, *, index: int, rendezvous: tuple[str, int] | None, spec: ModelSpec, batches: torch.Tensor | BatchSet,
               timeout_seconds: float) -> GroupInfo:
         """Form the process group (none for one rank), build and shard the model, keep this rank's slice of
-        every batch."""
+        every batch. Called again on a kept group (a sweep's next point), it drops the previous model and loads
+        ``spec`` in the same process group: the ranks' processes, imports and rendezvous are reused."""
         import ray
 
         started = time.perf_counter()
+        self._drop_model()
         backend = "nccl" if self.use_gpu else "gloo"
-        if self.world_size > 1:
+        if self.world_size > 1 and not dist.is_initialized():
             addr, port = rendezvous
             dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=self.rank,
                                     world_size=self.world_size, timeout=datetime.timedelta(seconds=timeout_seconds))
@@ -105,6 +108,16 @@ class Worker:
                          pids=[os.getpid()],
                          nodes=[ray.get_runtime_context().get_node_id() if ray.is_initialized() else None],
                          loading_per_rank=[loading], load_memory_per_rank=[load_memory.as_dict()])
+
+    def _drop_model(self) -> None:
+        """Release the previous setup's model, operator (its parameter backup) and batches before a new load."""
+        if self.model is None:
+            return
+        self.model = self.op = self.space = self.batches = None
+        self._kept_matvec = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def execute(self, task: TaskRecord, progress: Callable[[ProgressEvent], None] | None = None):
         """Run ``task`` on this rank (``task.run(self)``: every rank of the group runs it at once); ``progress``

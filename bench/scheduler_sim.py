@@ -163,6 +163,10 @@ class FakeGroups:
     def close(self) -> None:
         pass
 
+    @staticmethod
+    def release(group, *, graceful: bool, idle: bool) -> None:
+        group.shutdown(graceful=graceful)
+
     def drain_progress(self) -> list:
         return []
 

@@ -15,7 +15,7 @@ from .output_lock import LockLost, ensure_held
 from .preflight import Prepared, model_spec, preflight
 from .progress import Progress, log, set_run_name
 from .ray_connection import connect_ray, stop_ray
-from .ray_groups import RayGroups
+from .ray_groups import GroupPool, RayGroups
 from .recorder import Recorder, block_summary, draw_plots
 from .recording import RecordingListener
 from .scheduler import Scheduler, SchedulerSettings
@@ -26,13 +26,14 @@ BLOCK_SPECTRA_SEED_OFFSET = 2_000_003  # and the per-block SLQ probes from anoth
 
 
 def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
-        cancel: threading.Event | None = None) -> dict:
+        cancel: threading.Event | None = None, pool: GroupPool | None = None) -> dict:
     """Execute a prepared run; returns run.json's content. Raises on failure after recording it.
 
     ``own_ray=False``: a sweep's point, run in a thread on the sweep's Ray; ``own_ray=True`` connects to Ray
     and shuts it down before the finish, unless this process was already connected (``connect_ray``);
     ``name`` then tags this run's log lines; setting ``cancel`` stops the run at its next poll, as an
-    interruption that keeps its checkpoints. A resumed run whose tasks are all finished goes straight to its
+    interruption that keeps its checkpoints; ``pool`` (a sweep's) lends formed groups of an earlier point and
+    keeps this run's idle ones at its end. A resumed run whose tasks are all finished goes straight to its
     finish (summary, density, plots, ``complete``): no Ray, no group, no model load.
     """
     from hessian_core.models import parameter_count
@@ -47,7 +48,8 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
             log("every task of this run is finished: writing its results")
             failures = recorder.info.get("worker_failures_recovered", 0)
         else:
-            failures = _compute(prepared, recorder, calibration, name=name, own_ray=own_ray, cancel=cancel)
+            failures = _compute(prepared, recorder, calibration, name=name, own_ray=own_ray, cancel=cancel,
+                                pool=pool)
         recorder.complete(failures_recovered=failures)
         return recorder.info
     except KeyboardInterrupt as err:
@@ -61,7 +63,7 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
 
 
 def _compute(prepared: Prepared, recorder: Recorder, calibration: Calibration | None, *, name: str | None,
-             own_ray: bool, cancel: threading.Event | None) -> int:
+             own_ray: bool, cancel: threading.Event | None, pool: GroupPool | None = None) -> int:
     """The unfinished tasks on the groups; returns the group failures recovered. The run's Ray objects are all
     released, and Ray (when this run started it) shut down, here and in this thread, before the finish begins:
     nothing runs beside ``ray.shutdown`` that could touch Ray while it tears the core worker down."""
@@ -84,7 +86,7 @@ def _compute(prepared: Prepared, recorder: Recorder, calibration: Calibration | 
             f"alive)")
         progress = Progress(_remaining_steps(prepared, recorder), bar=own_ray)
         scheduler = ray_scheduler(prepared, recorder, batches_ref=ray.put(prepared.batches), progress=progress,
-                                  cancel=cancel, own_ray=own_ray)
+                                  cancel=cancel, own_ray=own_ray, pool=pool)
         recorder.phase("load")
         if calibration is None:
             scheduler.submit([calibration_task(prepared.config, probe_task(prepared, recorder, 0, eps=0.0))])
@@ -168,14 +170,15 @@ def block_spectrum_tasks(prepared: Prepared, recorder: Recorder, *, eps: float) 
 
 
 def ray_scheduler(prepared: Prepared, recorder: Recorder, *, batches_ref, progress: Progress | None = None,
-                  cancel: threading.Event | None = None, own_ray: bool = True) -> Scheduler:
+                  cancel: threading.Event | None = None, own_ray: bool = True,
+                  pool: GroupPool | None = None) -> Scheduler:
     """The run's scheduler on Ray: its layout's groups, the recorder and the registered handlers listening."""
     config = prepared.config
     cluster = config.cluster
     settings = SchedulerSettings(num_groups=cluster.num_groups, min_groups=config.min_groups(),
                                  max_failures=cluster.max_failures,
                                  placement_timeout_seconds=cluster.placement_timeout_seconds)
-    scheduler = Scheduler(settings=settings, backend=RayGroups(prepared, batches_ref=batches_ref, own_ray=own_ray),
+    scheduler = Scheduler(settings=settings, backend=RayGroups(prepared, batches_ref=batches_ref, own_ray=own_ray, pool=pool),
                           listeners=[RecordingListener(recorder)], progress=progress,
                           checks=[lambda: ensure_held(recorder.out), lambda: _check_cancel(cancel)])
     scheduler.listeners.append(ResultHandling(RunContext(prepared=prepared, recorder=recorder, scheduler=scheduler)))

@@ -95,18 +95,70 @@ class ProgressHub:
         return cls._queue
 
 
+class GroupPool:
+    """Formed groups that finished a run idle, kept for the next run of the same shape (a sweep's points): that
+    run's ranks load its model in processes that have imported everything and formed their process group, which
+    saves each rank's start (seconds of imports) and the rendezvous. A kept group holds its placement group (its
+    cluster resources) until a run takes it or ``close`` kills it; the sweep that made the pool closes it.
+
+    Thread-safe: a sweep's concurrent points park and take groups from their own threads."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._idle: list[WorkerGroup] = []
+        self.reused = 0  # groups taken back out, for the sweep's log
+
+    def take(self, shape: tuple, index: int) -> WorkerGroup | None:
+        with self._lock:
+            for i, group in enumerate(self._idle):
+                if group.shape == shape:
+                    del self._idle[i]
+                    group.index = index
+                    self.reused += 1
+                    return group
+        return None
+
+    def park(self, group: WorkerGroup) -> None:
+        with self._lock:
+            self._idle.append(group)
+
+    def close(self) -> None:
+        """Shut every kept group down (their process groups destroyed, the actors and placement groups gone)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for group in idle:
+            try:
+                group.shutdown(graceful=True)
+            except Exception:  # noqa: BLE001 - best effort at teardown: a kept group's node may be gone
+                pass
+
+
 class RayGroups:
     """Groups of ``cluster.num_workers`` ranks holding the prepared run's model, each fed ``batches_ref``.
-    ``own_ray=False`` (a sweep's point): a Ray that the sweep shut down stops the run."""
+    ``own_ray=False`` (a sweep's point): a Ray that the sweep shut down stops the run. With a ``pool``, a group
+    is taken from it before a new one is requested, and an idle formed group goes back to it when the run ends."""
 
-    def __init__(self, prepared: Prepared, *, batches_ref: Any, own_ray: bool = True):
-        self.prepared, self.batches_ref, self.own_ray = prepared, batches_ref, own_ray
+    def __init__(self, prepared: Prepared, *, batches_ref: Any, own_ray: bool = True, pool: GroupPool | None = None):
+        self.prepared, self.batches_ref, self.own_ray, self.pool = prepared, batches_ref, own_ray, pool
         self.cluster = prepared.config.cluster
         self.progress_token = ProgressHub.register()
 
+    def _shape(self) -> tuple:
+        return (self.cluster.num_workers, self.cluster.use_gpu, self.prepared.worker_cpus(),
+                tuple(sorted((self.cluster.worker_resources or {}).items())))
+
     def request(self, index: int) -> WorkerGroup:
+        kept = self.pool.take(self._shape(), index) if self.pool is not None else None
+        if kept is not None:
+            return kept
         return WorkerGroup(index=index, num_workers=self.cluster.num_workers, use_gpu=self.cluster.use_gpu,
                            cpus_per_worker=self.prepared.worker_cpus(), resources=self.cluster.worker_resources)
+
+    def release(self, group: WorkerGroup, *, graceful: bool, idle: bool) -> None:
+        if self.pool is not None and idle and graceful:
+            self.pool.park(group)
+        else:
+            group.shutdown(graceful=graceful)
 
     def start(self, group: WorkerGroup) -> list:
         return group.start(spec=model_spec(self.prepared), batches_ref=self.batches_ref,
@@ -149,4 +201,4 @@ class RayGroups:
         return ray.is_initialized()
 
 
-__all__ = ["ProgressHub", "RayGroups", "is_loss"]
+__all__ = ["GroupPool", "ProgressHub", "RayGroups", "is_loss"]

@@ -74,6 +74,10 @@ class GroupBackend(Protocol):
 
     def drain_progress(self) -> list[ProgressEvent]: ...
 
+    def release(self, group: Group, *, graceful: bool, idle: bool) -> None:
+        """The run is done with ``group``: shut it down (``graceful``: its ranks leave their process group first),
+        or, where ``idle`` (formed, no task running) and graceful, a backend may keep it for another run."""
+
     def close(self) -> None:
         """Release what the backend holds for this run alone (its share of the progress queue)."""
 
@@ -302,7 +306,8 @@ class Scheduler:
             if not self.backend.available():  # a call now could start a new runtime (Ray's auto-init)
                 break
             try:  # busy ranks are in a task: kill them rather than queue a shutdown behind it
-                slot.group.shutdown(graceful=graceful and slot.state != "busy")
+                self.backend.release(slot.group, graceful=graceful and slot.state != "busy",
+                                     idle=slot.state == "ready")
             except Exception:  # noqa: BLE001 - best effort at teardown
                 pass
 

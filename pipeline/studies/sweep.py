@@ -19,6 +19,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -28,6 +29,10 @@ from ..run.config import ConfigError, RunConfig, first_difference, load_config, 
 from ..run.output_lock import OutputLock
 from ..run.run_folder import RunFolder, RunInfo
 from ..run.tables import atomic_text, atomic_write
+
+if TYPE_CHECKING:
+    from ..run.ray_groups import GroupPool
+
 INDEX_FILE = "sweep.parquet"
 # cluster.num_groups is the sweep's concurrency and cluster.address its one Ray connection: not per point
 NOT_GRID_KEYS = ("cluster.num_groups", "cluster.address", "output_dir")
@@ -255,6 +260,7 @@ def _run_points(todo, concurrency: int, update, *, total: int, rows: dict[str, d
     import ray
 
     from ..run.ray_connection import connect_ray, stop_ray
+    from ..run.ray_groups import GroupPool
 
     widest = max(p.config.cluster.num_workers * prepared.worker_cpus() for p, prepared in todo)
     started = connect_ray(todo[0][0].config, need_cpus=concurrency * widest)
@@ -263,8 +269,9 @@ def _run_points(todo, concurrency: int, update, *, total: int, rows: dict[str, d
             _write_point_config(point)
         pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sweep")
         cancel = threading.Event()
+        kept = GroupPool()  # a finished point's groups serve the next points (the cluster keys are the sweep's)
         try:
-            _collect_points(pool, todo, cancel, update, total=total, rows=rows)
+            _collect_points(pool, todo, cancel, update, total=total, rows=rows, kept=kept)
         except BaseException as err:
             # Ctrl-C or SIGTERM: the running points stop at their next poll, keeping their checkpoints for a
             # resume; Ray is shut down only after them (a thread touching Ray after shutdown kills the process)
@@ -275,6 +282,7 @@ def _run_points(todo, concurrency: int, update, *, total: int, rows: dict[str, d
             log("sweep: interrupted; stopping the running points (Ctrl-C again to stop at once)"
                 if isinstance(err, KeyboardInterrupt) else f"sweep: {type(err).__name__}; stopping the running points")
             pool.shutdown(wait=True, cancel_futures=True)
+            kept.close()
             for point, _ in todo:
                 info = _point_info(point)
                 if info is not None:
@@ -282,16 +290,21 @@ def _run_points(todo, concurrency: int, update, *, total: int, rows: dict[str, d
             update()
             raise
         pool.shutdown()
+        kept.close()
+        if kept.reused:
+            from ..run.progress import log
+
+            log(f"sweep: {kept.reused} group(s) served a later point without restarting their workers")
     finally:
         if started and ray.is_initialized():
             stop_ray()
 
 
-def _collect_points(pool, todo, cancel, update, *, total: int, rows: dict[str, dict]) -> None:
+def _collect_points(pool, todo, cancel, update, *, total: int, rows: dict[str, dict], kept: GroupPool) -> None:
     from ..run.driver import run
     from ..run.progress import log
 
-    futures = {pool.submit(run, prepared, name=point.name, own_ray=False, cancel=cancel): point
+    futures = {pool.submit(run, prepared, name=point.name, own_ray=False, cancel=cancel, pool=kept): point
                for point, prepared in todo}
     for future in as_completed(futures):
         point = futures[future]

@@ -54,9 +54,26 @@ def test_sweep_runs_every_point_and_indexes_them(studies):
     assert len(compared) == 4 and compared.distance_to_reference[0] == 0.0
 
 
+def point_pids(sweep: str, name: str) -> list[tuple[int, ...]]:
+    info = json.load(open(os.path.join(sweep, name, "run.json")))
+    return [tuple(g["pids"]) for g in info["groups"] if g["event"] == "formed"]
+
+
+def test_a_sweeps_later_points_run_on_the_groups_of_earlier_ones(studies):
+    """Two points at a time (cluster.num_groups=2), one group each: the third and fourth points load their models
+    in the two groups the first two formed, in the same worker processes."""
+    formed = {name: point_pids(studies["sweep"], name) for name in POINTS}
+    assert all(len(groups) == 1 for groups in formed.values()), formed
+    assert len({groups[0] for groups in formed.values()}) == 2, formed
+
+
 def test_a_sweep_point_equals_the_same_run_alone(studies, tmp_path):
-    """The point's own config.yaml, run on its own, gives the same alpha/beta (so points are ordinary runs)."""
-    point = os.path.join(studies["sweep"], POINTS[1])
+    """The point's own config.yaml, run on its own, gives the same alpha/beta (so points are ordinary runs),
+    also for a point whose group served an earlier point first (its model and batches loaded over those)."""
+    reused = [name for name in POINTS[2:] if point_pids(studies["sweep"], name)[0]
+              in {point_pids(studies["sweep"], n)[0] for n in POINTS[:2]}]
+    assert POINTS[3] in reused
+    point = os.path.join(studies["sweep"], POINTS[3])
     alone = str(tmp_path / "alone")
     assert main(["run", os.path.join(point, "config.yaml"), "--set", f"output_dir={alone}"]) == 0
     a = pq.read_table(os.path.join(point, "lanczos.parquet")).to_pandas().sort_values(["probe_id", "step"])
