@@ -34,6 +34,7 @@ class WorkerGroup:
         self.bundle = bundle
         self.pg = placement_group([dict(bundle) for _ in range(num_workers)], strategy="PACK")
         self.workers: list = []
+        self.timeout_seconds: float | None = None  # its process group's, set when its ranks are created
 
     @property
     def placed(self) -> ray.ObjectRef:
@@ -42,8 +43,10 @@ class WorkerGroup:
 
     @property
     def shape(self) -> tuple:
-        """What another run needs to take this group as its own: ranks, GPU, CPUs and custom resources per rank."""
-        return self.num_workers, self.use_gpu, self.cpus_per_worker, tuple(sorted(self.resources.items()))
+        """What another run needs to take this group as its own: ranks, GPU, CPUs and custom resources per rank,
+        and its process group's collective timeout."""
+        return (self.num_workers, self.use_gpu, self.cpus_per_worker, tuple(sorted(self.resources.items())),
+                self.timeout_seconds)
 
     def start(self, *, spec: ModelSpec, batches_ref: Any, timeout_seconds: float) -> list[ray.ObjectRef]:
         """Create the ranks in the placed group (or, for a kept group, reuse them and their process group);
@@ -51,6 +54,7 @@ class WorkerGroup:
         if self.workers:  # a kept group: its ranks load the new model in the process group they formed
             return [w.setup.remote(index=self.index, rendezvous=None, spec=spec, batches=batches_ref,
                                    timeout_seconds=timeout_seconds) for w in self.workers]
+        self.timeout_seconds = timeout_seconds
         self.workers = [
             RemoteWorker.options(
                 num_cpus=self.cpus_per_worker, num_gpus=1 if self.use_gpu else 0, resources=self.resources,

@@ -3,9 +3,21 @@ fails a test whose command starts Ray before checking its input. The helpers the
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 
 from helpers import ARCHS, dense_hessian, make_batches, make_tiny_model
+
+# some test modules take dense references from others by module name (``from test_masked_loss import ...``), which
+# pytest's import mode finds only once the other module's folder is on sys.path, i.e. in a whole-suite run: put
+# every test folder there (last, so that no test folder stands in for a package), so that any file runs alone too
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+for _folder, _, _files in sorted(os.walk(_TESTS)):
+    if _folder != _TESTS and any(f.startswith("test_") and f.endswith(".py") for f in _files) \
+            and _folder not in sys.path:
+        sys.path.append(_folder)
 
 
 @pytest.fixture(scope="session", params=ARCHS)

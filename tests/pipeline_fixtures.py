@@ -32,7 +32,9 @@ def write_config(path: str, *, model: str, data: str, output_dir: str, **section
         # one torch thread per rank, as conftest gives each pytest process: on a tiny model a second thread has
         # nothing to do but spin (measured: 1.8 cores busy for 44 steps/s against 1.1 cores for 48 steps/s), and
         # with ``-n 2`` the suite is CPU-bound. The default (a local Ray shares out the cores) has its own tests.
-        "cluster": {"num_workers": 1, "num_groups": 1, "cpus_per_worker": 1},
+        # keep_groups: a module's in-process runs on its shared Ray reuse the worker processes of the runs before
+        # them (a group formation is ~6.5 CPU-seconds of process start and imports); the default has its own test
+        "cluster": {"num_workers": 1, "num_groups": 1, "cpus_per_worker": 1, "keep_groups": True},
         "hvp": {"eps": 1e-3},
         "lanczos": {"steps": 30, "probes": 2, "reorth": "full", "vector_dtype": "float64"},
         "blocks": {"enabled": False},

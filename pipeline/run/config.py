@@ -109,6 +109,11 @@ class ClusterConfig:
                                "are not counted)", min=0)
     collective_timeout_seconds: float = key(120.0, "process-group timeout: a dead peer fails the group after this, "
                                                    "not after 30 minutes", above=0)
+    keep_groups: bool = key(False, "a run in a process already connected to Ray (a script or notebook running "
+                                   "several analyses) leaves its idle groups to the next such run of the same "
+                                   "layout, which loads its model in the same worker processes; they hold their "
+                                   "resources until then, until a run needs another layout, or until the process "
+                                   "disconnects. A sweep always does this between its points")
 
 
 @dataclass(kw_only=True)

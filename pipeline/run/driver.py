@@ -82,6 +82,8 @@ def _compute(prepared: Prepared, recorder: Recorder, calibration: Calibration | 
             plan = None
         _choose_placement(prepared.config, plan, recorder)
         cl = prepared.config.cluster
+        if pool is None and cl.keep_groups and not started_ray:  # a Ray this run starts, it stops: nothing to keep
+            pool = GroupPool.for_this_session()
         log(f"requesting {cl.num_groups} group(s) x {cl.num_workers} worker(s) (at least {prepared.config.min_groups()} "
             f"alive)")
         progress = Progress(_remaining_steps(prepared, recorder), bar=own_ray)

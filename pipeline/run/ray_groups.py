@@ -103,12 +103,30 @@ class GroupPool:
 
     Thread-safe: a sweep's concurrent points park and take groups from their own threads."""
 
+    _session_lock = threading.Lock()
+    _session: tuple[tuple[str, str], GroupPool] | None = None
+
     def __init__(self):
         self._lock = threading.Lock()
         self._idle: list[WorkerGroup] = []
         self.reused = 0  # groups taken back out, for the sweep's log
 
+    @classmethod
+    def for_this_session(cls) -> GroupPool:
+        """This process's pool on the Ray it is connected to now (``cluster.keep_groups``). A pool of an earlier
+        connection is dropped: its groups' actors ended with that connection (they are owned by this driver)."""
+        import ray
+
+        context = ray.get_runtime_context()
+        job = (context.get_job_id(), context.get_node_id())  # job ids restart at 1 in a new Ray; node ids do not
+        with cls._session_lock:
+            if cls._session is None or cls._session[0] != job:
+                cls._session = (job, cls())
+            return cls._session[1]
+
     def take(self, shape: tuple, index: int) -> WorkerGroup | None:
+        """An idle group of ``shape``, renumbered ``index``; where none is kept, the kept groups of other shapes
+        are shut down first, so that the placement group requested instead finds their resources free."""
         with self._lock:
             for i, group in enumerate(self._idle):
                 if group.shape == shape:
@@ -116,6 +134,8 @@ class GroupPool:
                     group.index = index
                     self.reused += 1
                     return group
+            other, self._idle = self._idle, []
+        _shut_down(other)
         return None
 
     def park(self, group: WorkerGroup) -> None:
@@ -126,11 +146,15 @@ class GroupPool:
         """Shut every kept group down (their process groups destroyed, the actors and placement groups gone)."""
         with self._lock:
             idle, self._idle = self._idle, []
-        for group in idle:
-            try:
-                group.shutdown(graceful=True)
-            except Exception:  # noqa: BLE001 - best effort at teardown: a kept group's node may be gone
-                pass
+        _shut_down(idle)
+
+
+def _shut_down(groups: list[WorkerGroup]) -> None:
+    for group in groups:
+        try:
+            group.shutdown(graceful=True)
+        except Exception:  # noqa: BLE001 - best effort at teardown: a kept group's node may be gone
+            pass
 
 
 class RayGroups:
@@ -145,7 +169,7 @@ class RayGroups:
 
     def _shape(self) -> tuple:
         return (self.cluster.num_workers, self.cluster.use_gpu, self.prepared.worker_cpus(),
-                tuple(sorted((self.cluster.worker_resources or {}).items())))
+                tuple(sorted((self.cluster.worker_resources or {}).items())), self.cluster.collective_timeout_seconds)
 
     def request(self, index: int) -> WorkerGroup:
         kept = self.pool.take(self._shape(), index) if self.pool is not None else None

@@ -94,6 +94,41 @@ def test_second_run_refused_local_ray_on_loopback_and_complete_is_final(tmp_path
         assert np.array_equal(concurrent[col].to_numpy(), lone[col].to_numpy()), col
 
 
+def _gone(pids: set[int], seconds: float = 30) -> bool:
+    deadline = time.monotonic() + seconds
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not alive(pids)
+
+
+def test_kept_groups_serve_the_next_run_of_their_layout_and_by_default_none_are_kept(tmp_path):
+    """In a process connected to Ray, ``cluster.keep_groups`` leaves a run's idle group to the next run of the same
+    layout (same worker processes, the same numbers); another layout shuts it down first; by default a run's
+    workers end with it."""
+    model, data = assets(str(tmp_path))
+
+    def run(name: str, **cluster) -> tuple[int, ...]:
+        cfg = write_config(str(tmp_path / f"{name}.yaml"), model=model, data=data, output_dir=str(tmp_path / name),
+                           lanczos={"steps": 6, "probes": 1}, cluster=cluster)
+        assert main(["run", cfg]) == 0
+        info = json.load(open(tmp_path / name / "run.json"))
+        formed = [tuple(g["pids"]) for g in info["groups"] if g["event"] == "formed"]
+        assert len(formed) == 1, info["groups"]
+        return formed[0]
+
+    alone = run("alone", keep_groups=False)
+    assert _gone(set(alone)), "a run's workers outlived it without cluster.keep_groups"
+    kept = run("kept", keep_groups=True)
+    assert alive(set(kept)) == set(kept)
+    assert run("again", keep_groups=True) == kept
+    for col in ("alpha", "beta"):  # the same run in fresh and in reused processes: the same bits
+        reference = _lanczos(str(tmp_path / "alone"))[col].to_numpy()
+        for name in ("kept", "again"):
+            assert np.array_equal(_lanczos(str(tmp_path / name))[col].to_numpy(), reference), (name, col)
+    wider = run("wider", keep_groups=True, num_workers=2)
+    assert not set(wider) & set(kept) and _gone(set(kept)), "another layout's run left the kept group running"
+
+
 def test_sigterm_mid_probe_exits_143_cleanly_and_resumes(tmp_path, capsys):
     model, data = assets(str(tmp_path))
     out = str(tmp_path / "run")
