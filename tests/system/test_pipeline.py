@@ -13,7 +13,7 @@ from pipeline.cli import main
 from pipeline.run.tables import CONFIG_METADATA_KEY
 from pipeline_fixtures import assets, write_config
 
-LAYOUTS = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1)}  # groups x workers
+LAYOUTS = {"1x1": (1, 1), "2x1": (2, 1), "1x2": (1, 2)}  # groups x workers; 2x1 after 1x1 takes its kept group
 # one worker runs the whole module: its runs fixture is built once, on the module's shared Ray
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shared_ray"), pytest.mark.xdist_group("pipeline")]
 
