@@ -9,6 +9,7 @@ from .blocks import BlockMetrics, block_diagonal_metrics, parameter_blocks
 from .checkpoint import latest_complete_step, load_lanczos_state, save_lanczos_state
 from .eigen import (EigenResult, EigenState, eigen_cycle, eigen_restart, eigen_result, eigen_start, eigen_step,
                     thick_restart_lanczos)
+from .eigen_api import eigenpairs
 from .eigen_checkpoint import latest_eigen_state, load_eigen_state, save_eigen_state
 from .eps import (DEFAULT_EPS, Calibrated, EpsChoice, HVPErrorStudy, calibrate, calibrate_eps, default_eps,
                   error_model, hvp_error_study, optimal_eps, predicted_error)
@@ -29,7 +30,7 @@ __all__ = [
     "BlockMetrics", "block_diagonal_metrics", "parameter_blocks",
     "latest_complete_step", "load_lanczos_state", "save_lanczos_state",
     "EigenResult", "EigenState", "eigen_cycle", "eigen_restart", "eigen_result", "eigen_start", "eigen_step",
-    "thick_restart_lanczos", "latest_eigen_state", "load_eigen_state", "save_eigen_state",
+    "thick_restart_lanczos", "eigenpairs", "latest_eigen_state", "load_eigen_state", "save_eigen_state",
     "DEFAULT_EPS", "Calibrated", "EpsChoice", "HVPErrorStudy", "calibrate", "calibrate_eps", "default_eps",
     "error_model", "hvp_error_study", "optimal_eps",
     "predicted_error",
