@@ -1,6 +1,6 @@
 """hessian_core: exact-Hessian HVPs as finite differences of gradient passes on plain or FSDP2-sharded models,
-Lanczos / stochastic Lanczos quadrature, spectra, top-k eigenpairs (thick-restart Lanczos) and block-diagonal
-analysis. Pure PyTorch; never imports Ray.
+Lanczos / stochastic Lanczos quadrature, spectra, top-k eigenpairs (thick-restart Lanczos) and what is measured
+with them, and block-diagonal analysis. Pure PyTorch; never imports Ray.
 Models are built and loaded for analysis by the sub-package ``hessian_core.models`` (imported on its own)."""
 
 from .api import SpectrumResult, analyze, append_row, preserved_state
@@ -11,6 +11,8 @@ from .eigen import (EigenResult, EigenState, eigen_cycle, eigen_restart, eigen_r
                     thick_restart_lanczos)
 from .eigen_api import eigenpairs
 from .eigen_checkpoint import latest_eigen_state, load_eigen_state, save_eigen_state
+from .eigen_measures import (EigenMass, GradientFraction, SubspaceOverlap, eigen_mass, gradient_fraction, landscape_1d,
+                             landscape_2d, subspace_overlap)
 from .eps import (DEFAULT_EPS, Calibrated, EpsChoice, HVPErrorStudy, calibrate, calibrate_eps, default_eps,
                   error_model, hvp_error_study, optimal_eps, predicted_error)
 from .hvp import ExactHVPUnavailable, FiniteDifferenceHVP, exact_hvp
@@ -31,6 +33,8 @@ __all__ = [
     "latest_complete_step", "load_lanczos_state", "save_lanczos_state",
     "EigenResult", "EigenState", "eigen_cycle", "eigen_restart", "eigen_result", "eigen_start", "eigen_step",
     "thick_restart_lanczos", "eigenpairs", "latest_eigen_state", "load_eigen_state", "save_eigen_state",
+    "EigenMass", "GradientFraction", "SubspaceOverlap", "eigen_mass", "gradient_fraction", "landscape_1d",
+    "landscape_2d", "subspace_overlap",
     "DEFAULT_EPS", "Calibrated", "EpsChoice", "HVPErrorStudy", "calibrate", "calibrate_eps", "default_eps",
     "error_model", "hvp_error_study", "optimal_eps",
     "predicted_error",

@@ -1,5 +1,5 @@
 """Top-k eigenpairs by thick-restart Lanczos, against explicit matrices with known spectra and the tiny float64 models'
-dense Hessians; resume bitwise."""
+dense Hessians; resume bitwise; the measurements made with eigenvectors."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import dense_hessian, flatten, make_batches, make_tiny_model
-from hessian_core import (ParamSpace, eigenpairs, exact_hvp, latest_eigen_state, load_eigen_state, save_eigen_state,
+from helpers import dense_hessian, flatten, make_batches, make_tiny_model, unflatten_like
+from hessian_core import (ParamSpace, eigen_mass, eigenpairs, exact_hvp, gradient_fraction, landscape_1d, landscape_2d,
+                          latest_eigen_state, load_eigen_state, parameter_blocks, save_eigen_state, subspace_overlap,
                           thick_restart_lanczos)
 
 
@@ -201,3 +202,105 @@ def test_eigenpairs_with_the_fd_operator_at_auto_eps_and_the_model_given_back(ll
     assert all(b.fd_bound > 0 and b.total == pytest.approx(b.ritz_residual + b.fd_bound) for b in bars)
     table = result.to_arrow()
     assert table.column_names == ["index", "eigenvalue", "residual", "fd_bound", "error", "converged"]
+
+
+# -- what users measure --------------------------------------------------------------------------------------
+
+def test_landscape_1d_second_difference_is_lambda_1_within_the_truncation_bound(llama_dense):
+    model, batches, values, vectors = llama_dense
+    before = [p.detach().clone() for p in model.parameters()]
+    h = 1e-3
+    f = landscape_1d(model, batches, unflatten_like(vectors[:, -1], model), [-2 * h, -h, 0.0, h, 2 * h])
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    second = (f[1] - 2 * f[2] + f[3]) / h ** 2
+    # second - lambda_1 = h^2/12 f''''(xi) + round-off; f'''' from the five points' fourth difference, with a
+    # factor 2 for its variation over [-h, h]; round-off: 4 eps_mach |f| / h^2
+    fourth = (f[0] - 4 * f[1] + 6 * f[2] - 4 * f[3] + f[4]) / h ** 4
+    bound = 2 * h ** 2 / 12 * abs(fourth) + 4 * np.finfo(float).eps * abs(f[2]) / h ** 2
+    assert abs(second - float(values[-1])) <= bound
+    assert bound <= 1e-4 * float(values[-1])  # and the bound is tight enough to mean something
+
+
+def test_landscape_2d_hessian_at_0_is_the_projected_hessian(llama_dense):
+    model, batches, values, vectors = llama_dense
+    u = [unflatten_like(vectors[:, i], model) for i in (-1, -2)]
+    projected = np.diag([float(values[-1]), float(values[-2])])  # U^T H U for two dense eigenvectors
+    h = 3e-4
+    grid = np.array([-2, -1, 0, 1, 2]) * h
+    f = landscape_2d(model, batches, u[0], u[1], grid, grid)
+
+    def hessian_at_0(step: int) -> np.ndarray:
+        """Central differences on the grid points step x h from the centre."""
+        c, d = 2, step
+        a = (f[c + d, c] - 2 * f[c, c] + f[c - d, c]) / (d * h) ** 2
+        b = (f[c, c + d] - 2 * f[c, c] + f[c, c - d]) / (d * h) ** 2
+        m = (f[c + d, c + d] - f[c + d, c - d] - f[c - d, c + d] + f[c - d, c - d]) / (2 * d * h) ** 2
+        return np.array([[a, m], [m, b]])
+
+    fit, coarse = hessian_at_0(1), hessian_at_0(2)
+    # O(h^2) truncation: the error at h is (coarse - fit) / 3 to leading order (Richardson); x2 for its next term,
+    # plus round-off 4 eps_mach |f| / h^2 (and the mixed difference's, smaller)
+    bound = 2 * np.abs(coarse - fit) / 3 + 4 * np.finfo(float).eps * abs(f[2, 2]) / h ** 2
+    assert np.all(np.abs(fit - projected) <= bound)
+    assert np.max(np.abs(fit - projected)) <= 1e-5 * float(values[-1])
+
+
+def test_gradient_fraction_equals_the_dense_projection(llama_dense):
+    model, batches, values, vectors = llama_dense
+    from torch.func import functional_call
+
+    from hessian_core import causal_lm_loss
+
+    params = dict(model.named_parameters())
+    grads = [(p.grad, p.grad.clone()) for p in model.parameters()]
+    with torch.no_grad():
+        detached = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
+    loss = sum(causal_lm_loss(lambda **kw: functional_call(model, detached, args=(), kwargs=kw), b)
+               for b in batches) / len(batches)
+    g = flatten(torch.autograd.grad(loss, list(detached.values())))
+    top = vectors[:, -5:]
+    expected = float((top.T @ g).pow(2).sum() / g.pow(2).sum())
+    result = gradient_fraction(model, batches, [unflatten_like(top[:, i], model) for i in range(5)])
+    assert abs(result.fraction - expected) <= 1e-8
+    assert abs(result.grad_norm - float(g.norm())) <= 1e-10 * float(g.norm())
+    assert abs(result.loss - loss.item()) <= 1e-12 * loss.item()
+    mixed = top @ torch.triu(torch.ones(5, 5, dtype=torch.float64)) * 3.0  # another basis of the same span
+    again = gradient_fraction(model, batches, [unflatten_like(mixed[:, i], model) for i in range(5)])
+    assert abs(again.fraction - expected) <= 1e-8
+    assert all(p.grad is g and torch.equal(g, c) for p, (g, c) in zip(model.parameters(), grads))
+
+
+def test_eigen_mass_per_block_and_tensor_is_the_dense_vectors_squared_mass(llama_dense):
+    model, _, _, vectors = llama_dense
+    space = ParamSpace(model)
+    blocks = parameter_blocks(model, space)
+    u = [unflatten_like(vectors[:, i], model) for i in (-1, -2, 0)]
+    mass = eigen_mass(u, space=space, model=model)
+    assert np.allclose(mass.per_block.sum(axis=1), 1, atol=1e-14) and np.allclose(mass.per_tensor.sum(axis=1), 1)
+    sizes = [p.numel() for p in model.parameters()]
+    starts = np.cumsum([0] + sizes)
+    for row, column in enumerate((-1, -2, 0)):
+        v = vectors[:, column]
+        for b, name in enumerate(mass.blocks):
+            expected = sum(float(v[starts[i]:starts[i + 1]].pow(2).sum()) for i in blocks[name])
+            assert abs(mass.per_block[row, b] - expected) <= 1e-12
+    table = mass.to_arrow()
+    assert table.num_rows == 3 * len(space.names) and table.column_names == ["eigenvector", "block", "tensor", "mass"]
+
+
+def test_subspace_overlap_of_a_set_with_itself_and_with_a_known_rotation():
+    matrix, _ = known_spectrum(60)
+    _, vectors = torch.linalg.eigh(matrix)
+    space, _ = matrix_operator(matrix)
+
+    def as_vectors(columns: torch.Tensor):
+        return [[c[:space.params[0].numel()].view_as(space.params[0]), c[space.params[0].numel():]] for c in columns.T]
+
+    u = vectors[:, :4]
+    same = subspace_overlap(as_vectors(u), as_vectors(u), space=space)
+    assert np.allclose(same.matrix, np.eye(4), atol=1e-12) and np.allclose(same.angles, 0, atol=1e-6)
+    angles = np.array([0.0, 0.1, 0.4, 1.2])
+    rotated = u * torch.tensor(np.cos(angles)) + vectors[:, 4:8] * torch.tensor(np.sin(angles))  # each u_i towards w_i
+    turned = subspace_overlap(as_vectors(u), as_vectors(rotated[:, [2, 0, 3, 1]]), space=space)
+    assert np.allclose(np.sort(turned.angles), angles, atol=1e-7)
+    assert np.allclose(turned.matrix[[0, 1, 2, 3], [1, 3, 0, 2]], np.cos(angles), atol=1e-12)
