@@ -1,5 +1,5 @@
 """Top-k eigenpairs by thick-restart Lanczos, against explicit matrices with known spectra and the tiny float64 models'
-dense Hessians; resume bitwise; the measurements made with eigenvectors."""
+dense Hessians; resume bitwise and across world sizes; the measurements made with eigenvectors."""
 
 from __future__ import annotations
 
@@ -304,3 +304,46 @@ def test_subspace_overlap_of_a_set_with_itself_and_with_a_known_rotation():
     turned = subspace_overlap(as_vectors(u), as_vectors(rotated[:, [2, 0, 3, 1]]), space=space)
     assert np.allclose(np.sort(turned.angles), angles, atol=1e-7)
     assert np.allclose(turned.matrix[[0, 1, 2, 3], [1, 3, 0, 2]], np.cos(angles), atol=1e-12)
+
+
+# -- 2 FSDP2 ranks -------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_rank_fsdp2_eigenpairs_match_one_process_and_resume_on_one_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    from actors.worker import free_port
+    from eigen_dist_worker import ARCH, LANDSCAPE_TS, batches_for, run_rank, solve
+
+    mp.spawn(run_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    model = make_tiny_model(ARCH)
+    single, space = solve(model, batches_for(0, 1))
+    scale = single.norm_estimate
+    assert single.all_converged and single.restarts > 2
+
+    def assembled(index: int) -> torch.Tensor:
+        pieces = {n: torch.zeros(p.numel(), dtype=torch.float64) for n, p in model.named_parameters()}
+        for r in ranks:
+            for (name, start), t in zip(r["shards"], r["vectors"][index]):
+                pieces[name][start:start + t.numel()] = t
+        return torch.cat(list(pieces.values()))
+
+    for r in ranks:
+        assert r["restored"] and r["converged"].all()
+        assert np.max(np.abs(r["eigenvalues"] - single.eigenvalues)) <= 1e-10 * scale
+    for i in range(5):  # one global vector across the ranks, equal to the single process's
+        assert float((assembled(i) - flatten(single.eigenvectors[i])).norm()) <= 1e-8
+    mass = eigen_mass(single, model=model).per_block
+    fraction = gradient_fraction(model, batches_for(0, 1), single).fraction
+    landscape = landscape_1d(model, batches_for(0, 1), single.eigenvectors[0], LANDSCAPE_TS)
+    for r in ranks:
+        assert np.allclose(r["mass"], mass, atol=1e-10) and abs(r["fraction"] - fraction) <= 1e-10
+        assert np.allclose(r["landscape"], landscape, rtol=1e-12)
+    # the state the 2 ranks saved after restart 2, finished by one process
+    path, meta = latest_eigen_state(str(tmp_path / "state"))
+    assert meta["world_size"] == 2 and meta["restarts"] == 2
+    moved, _ = solve(model, batches_for(0, 1), state=load_eigen_state(path, space=space))
+    assert moved.all_converged and np.max(np.abs(moved.eigenvalues - single.eigenvalues)) <= 1e-10 * scale
+    assert all(abs(float(flatten(a) @ flatten(b))) >= 1 - 1e-10
+               for a, b in zip(moved.eigenvectors, single.eigenvectors))
