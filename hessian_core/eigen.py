@@ -71,7 +71,8 @@ class EigenState:
     H Q_j = Q_{j+1} projected[:size + 1, :size], so projected[:size, :size] is T_j and projected[size, :size]
     the coupling c. ``norm_estimate``: the largest |Ritz value| any restart saw. ``draws``: random vectors drawn
     after breakdowns (each a pure function of ``seed`` and its index). ``stopped``: None while running, else
-    ``converged``, ``max_hvps`` or ``invariant subspace``.
+    ``converged``, ``max_hvps`` or ``invariant subspace``. ``layout``: (parameter name, start in the flattened
+    global parameter, length) of each piece of a row on this rank, what a checkpoint names its elements by.
     """
 
     k: int
@@ -87,6 +88,7 @@ class EigenState:
     draws: int = 0
     norm_estimate: float = 0.0
     stopped: str | None = None
+    layout: list[tuple[str, int, int]] = field(default_factory=list)
 
     @property
     def basis(self) -> int:
@@ -199,7 +201,7 @@ def eigen_start(v0: Sequence[Tensor], *, space: ParamSpace, k: int, which: str =
     rows[0].copy_(torch.cat([t.reshape(-1) for t in v0])).div_(norm)
     return EigenState(k=k, which=which, tol=float(tol), rows=rows,
                       projected=torch.zeros((basis + 1, basis), dtype=torch.float64), shapes=[t.shape for t in v0],
-                      seed=seed)
+                      seed=seed, layout=[(s.name, s.flat_start, s.local_numel) for s in space.shards])
 
 
 def _dots(space: ParamSpace, rows, w: Tensor, *, to_host: bool = True) -> Tensor:

@@ -32,7 +32,8 @@ def eigenpairs(model: nn.Module, batches: Sequence[Batch | Mapping[str, torch.Te
     same eps choice: ``"auto"`` costs ~1 gradient + 2-6 HVPs, counted in ``hvp_count``, not in ``hvps``).
     basis: vectors the solver holds (default k + max(k, 10)); vector_dtype: their dtype (default float64 for
     float64 parameters, else float32). state / on_restart: resume a saved run, and a hook after each restart
-    (where ``hessian_core.eigen_checkpoint.save_eigen_state`` goes); a resumed run gives the same bits.
+    (``on_restart=lambda s: save_eigen_state(s, folder=...)``, with rank and world_size under FSDP2); a resumed
+    run gives the same bits at the same world size, and the same pairs to rounding at another.
     The result's eigenvectors are local shards on ``result.space``; each eigenvalue's bar (``error_bars``) adds
     the FD HVP's Weyl bound to the residual, from the eps calibration's error estimate (none for a fixed eps
     unless ``assess_eps``).

@@ -41,14 +41,18 @@ def _saved(folder: str) -> list[str]:
     return sorted(name for name in os.listdir(folder) if _STATE.match(name)) if os.path.isdir(folder) else []
 
 
-def save_eigen_state(state: EigenState, *, folder: str, space: ParamSpace, rank: int = 0, world_size: int = 1,
-                     meta: dict | None = None) -> str:
+def save_eigen_state(state: EigenState, *, folder: str, space: ParamSpace | None = None, rank: int = 0,
+                     world_size: int = 1, meta: dict | None = None) -> str:
     """Write this rank's part of ``state`` (every rank of the group calls it at the same point, with its own
-    part); the last rank to finish completes the save and prunes older ones. Returns the state's folder."""
+    part), its elements named by ``space``'s layout (default: the one the state was started or loaded with); the
+    last rank to finish completes the save and prunes older ones. Returns the state's folder."""
     target = _state_dir(folder, state.restarts, state.hvps)
     os.makedirs(target, exist_ok=True)
     part = _part(rank, world_size)
-    payload = {"flat": state.rows[:state.size + 1].cpu(), "layout": _layout(space)}
+    layout = _layout(space) if space is not None else state.layout
+    if not layout:
+        raise ValueError("the state has no layout (one made by eigen_start or load_eigen_state has): pass space")
+    payload = {"flat": state.rows[:state.size + 1].cpu(), "layout": layout}
     atomic_write(os.path.join(target, f"{part}.pt"), lambda tmp: torch.save(payload, tmp))
     if rank == 0:
         scalars = {"k": state.k, "which": state.which, "tol": state.tol, "seed": state.seed, "size": state.size,
@@ -90,4 +94,12 @@ def load_eigen_state(path: str, *, space: ParamSpace, device: torch.device | Non
                       projected=torch.tensor(meta["projected"], dtype=torch.float64),
                       shapes=[p.shape for p in space.local_params()], seed=meta["seed"], size=meta["size"],
                       hvps=meta["hvps"], restarts=meta["restarts"], draws=meta["draws"],
-                      norm_estimate=meta["norm_estimate"], stopped=meta["stopped"])
+                      norm_estimate=meta["norm_estimate"], stopped=meta["stopped"], layout=_layout(space))
+
+
+def discard_incomplete(folder: str) -> None:
+    """Before a run resumes from its latest complete state: remove the saves a killed group left incomplete,
+    whose parts (possibly from a group of another size) a later save of the same name would otherwise find."""
+    for name in _saved(folder):
+        if not os.path.exists(os.path.join(folder, name, MARKER)):
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)

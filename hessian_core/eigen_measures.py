@@ -192,7 +192,7 @@ class SubspaceOverlap:
     angles: np.ndarray
 
 
-def subspace_overlap(first: EigenResult | Sequence[Vector], second: EigenResult | Sequence[Vector], *,
+def subspace_overlap(first: EigenResult | Sequence[Vector], second: EigenResult | Sequence[Vector],
                      space: ParamSpace | None = None) -> SubspaceOverlap:
     """The overlap matrix and principal angles between two sets of vectors on the same parameters (the same
     names and sharding, e.g. eigenvectors of two checkpoints loaded onto one model): one all-reduce of the
