@@ -9,8 +9,9 @@ from .blocks import BlockMetrics, block_diagonal_metrics, parameter_blocks
 from .checkpoint import latest_complete_step, load_lanczos_state, save_lanczos_state
 from .eigen import (EigenResult, EigenState, eigen_cycle, eigen_restart, eigen_result, eigen_start, eigen_step,
                     thick_restart_lanczos)
-from .eigen_api import eigenpairs
-from .eigen_checkpoint import latest_eigen_state, load_eigen_state, save_eigen_state
+from .eigen_api import eigenpairs, with_fd_bars
+from .eigen_checkpoint import (latest_eigen_state, load_eigen_state, load_eigenvectors, save_eigen_state,
+                               save_eigenvectors)
 from .eigen_measures import (EigenMass, GradientFraction, SubspaceOverlap, eigen_mass, gradient_fraction, landscape_1d,
                              landscape_2d, subspace_overlap)
 from .eps import (DEFAULT_EPS, Calibrated, EpsChoice, HVPErrorStudy, calibrate, calibrate_eps, default_eps,
@@ -32,7 +33,8 @@ __all__ = [
     "BlockMetrics", "block_diagonal_metrics", "parameter_blocks",
     "latest_complete_step", "load_lanczos_state", "save_lanczos_state",
     "EigenResult", "EigenState", "eigen_cycle", "eigen_restart", "eigen_result", "eigen_start", "eigen_step",
-    "thick_restart_lanczos", "eigenpairs", "latest_eigen_state", "load_eigen_state", "save_eigen_state",
+    "thick_restart_lanczos", "eigenpairs", "with_fd_bars", "latest_eigen_state", "load_eigen_state", "save_eigen_state",
+    "load_eigenvectors", "save_eigenvectors",
     "EigenMass", "GradientFraction", "SubspaceOverlap", "eigen_mass", "gradient_fraction", "landscape_1d",
     "landscape_2d", "subspace_overlap",
     "DEFAULT_EPS", "Calibrated", "EpsChoice", "HVPErrorStudy", "calibrate", "calibrate_eps", "default_eps",

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .error_bars import ErrorBar, fd_eigenvalue_bound
+from .error_bars import ErrorBar, RayleighBound, fd_eigenvalue_bound, rayleigh_fd_bound
 from .lanczos import _row_dots, _row_subtract
 from .vectors import FlatVector, ParamSpace, Vector, probe_vector
 
@@ -132,6 +132,12 @@ class EigenResult:
     hvp_count: int = 0
     seconds: float = math.nan
     space: ParamSpace | None = field(default=None, repr=False, compare=False)
+    # the FD Rayleigh quotients <u_i, H_eps u_i> and <u_i, H_2eps u_i> of each eigenvector (hessian_core.eigen_api
+    # .with_fd_bars), the round-off coefficient c of one HVP (c / eps) and the FD scheme: each eigenvalue's own FD bar
+    rayleigh_eps: np.ndarray | None = field(default=None, compare=False)
+    rayleigh_2eps: np.ndarray | None = field(default=None, compare=False)
+    roundoff: float | None = None
+    scheme: str = "central"
 
     @property
     def k(self) -> int:
@@ -142,16 +148,31 @@ class EigenResult:
         return bool(self.converged.all())
 
     @property
+    def rayleigh_bounds(self) -> list[RayleighBound] | None:
+        """Each eigenvalue's FD bar from its own eigenvector's Rayleigh quotients at eps and 2 eps, in parts
+        (``hessian_core.error_bars.rayleigh_fd_bound``); None where they were not measured."""
+        if self.rayleigh_eps is None or self.rayleigh_2eps is None:
+            return None
+        return [rayleigh_fd_bound(ritz_value=float(v), rq_eps=float(a), rq_2eps=float(b), eps=self.eps,
+                                  roundoff=self.roundoff, scheme=self.scheme)
+                for v, a, b in zip(self.eigenvalues, self.rayleigh_eps, self.rayleigh_2eps)]
+
+    @property
     def fd_bounds(self) -> np.ndarray:
-        """Each eigenvalue's FD HVP bound (Weyl, as for lambda_max: hessian_core.error_bars); nan when the HVP's
-        error is unknown (the exact operator, or a fixed eps not assessed)."""
+        """Each eigenvalue's FD HVP bound: from its eigenvector's Rayleigh quotients at eps and 2 eps where they
+        were measured (``rayleigh_bounds``; ``eigenpairs`` does), else the Weyl bound of lambda_max's bar
+        (hessian_core.error_bars); nan when the HVP's error is unknown (the exact operator, or a fixed eps not
+        assessed)."""
+        bounds = self.rayleigh_bounds
+        if bounds is not None:
+            return np.array([b.total for b in bounds], dtype=np.float64)
         bound = fd_eigenvalue_bound(hvp_relative_error=self.hvp_relative_error, operator_norm=self.norm_estimate)
         return np.full(self.k, bound)
 
     @property
     def error_bars(self) -> list[ErrorBar]:
         """lambda_i = value +- (residual + fd): the residual puts an eigenvalue of the operator the run saw within
-        it, the FD bound moves that operator's eigenvalues to H's."""
+        it, the FD bound moves it to H's."""
         return [ErrorBar(float(v), float(r), float(f)) for v, r, f in zip(self.eigenvalues, self.residuals,
                                                                            self.fd_bounds)]
 
@@ -174,7 +195,8 @@ class EigenResult:
                 "residuals": self.residuals.tolist(), "converged": self.converged.tolist(),
                 "all_converged": self.all_converged, "norm_estimate": self.norm_estimate, "hvps": self.hvps,
                 "restarts": self.restarts, "stopped": self.stopped, "hvp_relative_error": self.hvp_relative_error,
-                "eps": self.eps, "hvp_count": self.hvp_count, "seconds": self.seconds}
+                "eps": self.eps, "fd_bounds": self.fd_bounds.tolist(), "hvp_count": self.hvp_count,
+                "seconds": self.seconds}
 
 
 def _check(k: int, which: str, tol: float, basis: int, dimension: int) -> None:

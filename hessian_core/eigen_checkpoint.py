@@ -13,6 +13,11 @@ state holds only the kept vectors and the next one (about half the basis). Every
 temporary name and renamed; the rank that finds every part done writes ``COMPLETE`` and then removes older
 states. ``load_eigen_state`` cuts each rank's elements out of whatever world size wrote them (the same bits),
 and the float64 scalars go through JSON, which keeps every bit of a double.
+
+The converged eigenvectors themselves are saved apart, as a torch.distributed.checkpoint folder (``save_eigenvectors``):
+one entry per eigenvector, each a mapping of parameter name -> tensor shaped like the parameter, which
+``dcp.load`` reads at any world size into a model-shaped mapping (DTensors on an FSDP2 group, plain tensors in one
+process).
 """
 
 from __future__ import annotations
@@ -103,3 +108,132 @@ def discard_incomplete(folder: str) -> None:
     for name in _saved(folder):
         if not os.path.exists(os.path.join(folder, name, MARKER)):
             shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+
+
+# -- eigenvectors as a torch.distributed.checkpoint folder ------------------------------------------------------
+
+def eigenvector_key(index: int) -> str:
+    """The entry of eigenvector ``index`` (0 = the best, as in ``EigenResult``) in a saved folder: a mapping of
+    parameter name -> tensor, which DCP stores under ``eigenvector_<index>.<parameter name>``."""
+    return f"eigenvector_{index}"
+
+
+def partial_folder(folder: str) -> str:
+    """Where ``save_eigenvectors`` writes before the folder is renamed into place: a hidden sibling."""
+    path = os.path.abspath(folder)
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
+
+
+def _collective(space: ParamSpace) -> bool:
+    import torch.distributed as dist
+
+    return space.group is not None and dist.is_initialized()
+
+
+def eigenvector_state_dict(vectors, *, space: ParamSpace) -> dict[str, dict[str, torch.Tensor]]:
+    """{eigenvector_key(i): {parameter name: tensor}} of ``vectors`` (Vectors of local shards on ``space``): on an
+    FSDP2-sharded space each tensor is a DTensor with its parameter's mesh and placements made from the local
+    shard (no copy, no gather), else the whole tensor."""
+    from torch.distributed.tensor import DTensor
+
+    from .vectors import local_view
+
+    out = {}
+    for i, u in enumerate(vectors):
+        if len(u) != len(space.params):
+            raise ValueError(f"eigenvector {i} has {len(u)} tensors, the space has {len(space.params)} parameters")
+        entry = {}
+        for name, p, t in zip(space.names, space.params, u):
+            t = t.detach().reshape(local_view(p.detach()).shape)
+            if space.sharded:
+                t = DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                       stride=p.stride())
+            entry[name] = t
+        out[eigenvector_key(i)] = entry
+    return out
+
+
+def save_eigenvectors(vectors, *, space: ParamSpace, folder: str) -> str:
+    """Write ``vectors`` (local shards on ``space``; every rank of an FSDP2 group calls it together) as a
+    torch.distributed.checkpoint folder that ``dcp.load`` reads at any world size into a model-shaped mapping per
+    eigenvector (``eigenvector_state_dict``; ``load_eigenvectors``). Written to ``partial_folder(folder)`` and
+    renamed into place by rank 0 once DCP's save has finished on every rank (its metadata is written last, after
+    every rank's data): a crash never leaves ``folder`` looking complete. An older ``folder`` is replaced. Every
+    rank returns once the folder is in place."""
+    import warnings
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    collective = _collective(space)
+    rank = dist.get_rank(space.group) if collective else 0
+    partial = partial_folder(folder)
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)  # a save a crash cut short
+    if collective:
+        dist.barrier(group=space.group)  # no rank writes into the partial folder before it is emptied
+    state = eigenvector_state_dict(vectors, space=space)
+    with warnings.catch_warnings():  # one process: DCP plans locally, and would warn that it does
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=partial, process_group=space.group if collective else None,
+                 no_dist=not collective)
+    if rank == 0:
+        target = os.path.abspath(folder)
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.rename(partial, target)
+        fd = os.open(os.path.dirname(target), os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename itself reaches the disk
+        finally:
+            os.close(fd)
+    if collective:
+        dist.barrier(group=space.group)  # every rank returns with the folder in place
+    return folder
+
+
+def saved_eigenvector_count(folder: str) -> int:
+    """How many eigenvectors a ``save_eigenvectors`` folder holds (from its DCP metadata alone)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(folder).read_metadata().state_dict_metadata
+    count = 0
+    while any(k.startswith(eigenvector_key(count) + ".") for k in keys):
+        count += 1
+    return count
+
+
+def load_eigenvectors(folder: str, *, space: ParamSpace, count: int | None = None) -> list[list[torch.Tensor]]:
+    """The first ``count`` (default all) eigenvectors of a ``save_eigenvectors`` folder as Vectors of this rank's
+    local shards on ``space`` (any world size; every rank of a sharded space calls it together), in the dtype
+    they were saved in; the space's parameter names must be the saved ones."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.tensor import DTensor
+
+    from .vectors import local_view
+
+    keys = FileSystemReader(folder).read_metadata().state_dict_metadata
+    count = saved_eigenvector_count(folder) if count is None else count
+    state = {}
+    for i in range(count):
+        entry = {}
+        for name, p in zip(space.names, space.params):
+            saved = keys.get(f"{eigenvector_key(i)}.{name}")
+            if saved is None:
+                raise ValueError(f"{folder}: eigenvector {i} has no parameter {name!r} (saved for another model?)")
+            if tuple(saved.size) != tuple(p.shape):
+                raise ValueError(f"{folder}: eigenvector {i}'s {name} is {tuple(saved.size)}, the parameter is "
+                                 f"{tuple(p.shape)}")
+            local = torch.empty(local_view(p.detach()).shape, dtype=saved.properties.dtype, device=space.device)
+            entry[name] = (DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                              stride=p.stride()) if space.sharded else local)
+        state[eigenvector_key(i)] = entry
+    collective = _collective(space)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=folder, process_group=space.group if collective else None,
+                 no_dist=not collective)
+    return [[local_view(state[eigenvector_key(i)][name]) for name in space.names] for i in range(count)]

@@ -117,6 +117,45 @@ def _losses_at(model: nn.Module, batches: Sequence[Batch], directions: Sequence[
     return out
 
 
+# landscape_range's default: the slice reaches where the quadratic model has raised the loss by this x |loss|
+LANDSCAPE_RISE = 1.0
+
+
+def landscape_range(eigenvalue: float, loss: float, *, rise: float = LANDSCAPE_RISE) -> float:
+    """The half-width t of a slice along a unit eigenvector with eigenvalue ``eigenvalue`` where the quadratic
+    model's change 1/2 |lambda| t^2 is ``rise`` x |loss| (1: the quadratic term alone doubles the loss at the
+    ends, a change the plot shows); 1.0 where lambda or the loss is zero or not finite."""
+    if not (math.isfinite(eigenvalue) and math.isfinite(loss)) or eigenvalue == 0 or loss == 0:
+        return 1.0
+    return math.sqrt(2.0 * rise * abs(loss) / abs(eigenvalue))
+
+
+def landscape_grid(points: int, half_width: float) -> np.ndarray:
+    """``points`` (odd, >= 3) equally spaced values over [-half_width, half_width]: i x half_width / (points // 2)
+    for i = -points // 2 .. points // 2, so 0 is exactly among them and the grid is exactly symmetric."""
+    if points < 3 or points % 2 == 0:
+        raise ValueError(f"a landscape grid needs an odd number of points >= 3, got {points}")
+    half = points // 2
+    return np.arange(-half, half + 1, dtype=np.float64) * (half_width / half)
+
+
+def curvature_at_0(ts: Sequence[float], losses: Sequence[float], *,
+                   eps_mach: float = float(np.finfo(np.float64).eps)) -> tuple[float, float]:
+    """(the second difference at t = 0, its truncation-and-rounding bound) of a ``landscape_grid`` slice along a
+    unit eigenvector, which equals the eigenvalue up to that bound: (L(h) - 2 L(0) + L(-h)) / h^2 errs by
+    h^2 / 12 x L''''(xi), estimated by the fourth difference of the five points around 0 (x2 for its variation
+    over [-2h, 2h]), plus the round-off 4 eps_mach |L(0)| / h^2 (eps_mach: the loss's precision). The
+    bound is nan on a grid of 3 points."""
+    ts, f = np.asarray(ts, dtype=np.float64), np.asarray(losses, dtype=np.float64)
+    c = len(ts) // 2
+    h = float(ts[c + 1] - ts[c])
+    second = float((f[c + 1] - 2 * f[c] + f[c - 1]) / h ** 2)
+    if len(ts) < 5:
+        return second, math.nan
+    fourth = float((f[c - 2] - 4 * f[c - 1] + 6 * f[c] - 4 * f[c + 1] + f[c + 2]) / h ** 4)
+    return second, 2 * h ** 2 / 12 * abs(fourth) + 4 * eps_mach * abs(float(f[c])) / h ** 2
+
+
 def landscape_1d(model: nn.Module, batches: Sequence[Batch], u: Sequence[Tensor], ts: Sequence[float], *,
                  loss_fn: LossFn | None = None, space: ParamSpace | None = None,
                  param_filter: ParamFilter | None = None) -> np.ndarray:

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from helpers import make_batches, make_tiny_model
 from hessian_core import (FiniteDifferenceHVP, ParamSpace, eigen_mass, gradient_fraction, landscape_1d,
-                          save_eigen_state, shard_model, thick_restart_lanczos)
+                          load_eigenvectors, save_eigen_state, save_eigenvectors, shard_model, thick_restart_lanczos)
 
 ARCH = "llama"
 EPS = 1e-3  # as tests/dist_worker.py: summation-order differences between layouts are divided by 2 eps
@@ -49,10 +49,16 @@ def run_rank(rank: int, world: int, port: int, out_dir: str) -> None:
         landscape = landscape_1d(model, batches, result.eigenvectors[0], LANDSCAPE_TS)
         fraction = gradient_fraction(model, batches, result)
         restored = all(torch.equal(a, b) for a, b in zip(before, space.local_params()))
+        # the eigenvectors saved sharded (DTensors of the local shards), and read back on the same 2 ranks
+        save_eigenvectors(result.eigenvectors, space=space, folder=f"{out_dir}/vectors")
+        loaded = load_eigenvectors(f"{out_dir}/vectors", space=space)
+        reloaded = len(loaded) == 5 and all(torch.equal(a, b) for u, w in zip(result.eigenvectors, loaded)
+                                            for a, b in zip(u, w))
         torch.save({"shards": [(s.name, s.flat_start) for s in space.shards],
                     "vectors": [[t.detach().reshape(-1).clone() for t in u] for u in result.eigenvectors],
                     "eigenvalues": result.eigenvalues, "residuals": result.residuals, "converged": result.converged,
                     "hvps": result.hvps, "mass": eigen_mass(result, model=model).per_block, "landscape": landscape,
-                    "fraction": fraction.fraction, "restored": restored}, f"{out_dir}/rank{rank}.pt")
+                    "fraction": fraction.fraction, "restored": restored, "reloaded": reloaded},
+                   f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
