@@ -9,7 +9,6 @@ from actors.records import (BlockResult, BlockSpectrumResult, BlockSpectrumTask,
                             CalibrationTask, EigenpairsResult, EigenTask, Placement, ProbeResult, ProbeTask)
 
 from . import handlers
-from .config import ConfigError
 from .eps_policy import calibration_task, known_calibration
 from .handlers import ResultHandling, RunContext
 from .output_lock import LockLost, ensure_held
@@ -44,11 +43,8 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
     recorder = Recorder(prepared)
     recorder.save_info()
     try:
-        num_params = parameter_count(model_spec(prepared))  # on the meta device, before any group
-        recorder.set_num_params(num_params)
-        if prepared.config.eigen.k > num_params:
-            raise ConfigError(f"eigen.k={prepared.config.eigen.k} exceeds the model's {num_params:,} parameters (the "
-                              f"Hessian's dimension); set eigen.k <= {num_params}")
+        # on the meta device, before any group (the preflight counted them already where eigen.k needed them)
+        recorder.set_num_params(prepared.num_params or parameter_count(model_spec(prepared)))
         calibration = known_calibration(prepared.config, recorder)
         if calibration is not None and not unfinished_tasks(prepared, recorder, eps=calibration.eps):
             log("every task of this run is finished: writing its results")

@@ -83,3 +83,15 @@ def test_a_bad_eigen_value_exits_2_in_one_line_before_ray(files, tmp_path, capsy
     err = one_line(capsys)
     assert needle in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_eigen_k_beyond_the_models_dimension_exits_2_before_ray(tmp_path, capsys, no_ray):
+    from pipeline_fixtures import assets
+
+    model, data = assets(str(tmp_path))  # the tiny GPT-NeoX: 1,128 parameters, counted on the meta device
+    config = write_config(str(tmp_path / "c.yaml"), model=model, data=data, output_dir=str(tmp_path / "out"),
+                          eigen={"k": 2000})
+    assert main(["run", config]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "eigen.k=2000 exceeds the model's 1,128 parameters" in err[-1] and "Traceback" not in "".join(err)
+    assert not (tmp_path / "out" / "run.json").exists()  # refused by the preflight, before the run records anything

@@ -247,8 +247,6 @@ def test_an_eigen_task_killed_after_a_restart_resumes_from_its_state_with_fewer_
                                       max_hvps=EIGEN_KILLED["max_hvps"], basis=EIGEN_KILLED["basis"],
                                       seed=EIGEN_SEED_OFFSET)
     pairs = pq.read_table(out / "eigenpairs.parquet").to_pandas().sort_values("index")
-    print(f"\nkilled at restart {killed_at}; resumed at {eigen['resumed_at_restart']} of {eigen['restarts']} restarts, "
-          f"{eigen['resumed_at_hvps']} of {eigen['hvps']} HVPs")
     assert reference.hvps == eigen["hvps"] and reference.restarts == eigen["restarts"]
     assert np.array_equal(pairs.eigenvalue.to_numpy(), reference.eigenvalues)
     assert np.array_equal(pairs.residual.to_numpy(), reference.residuals)
