@@ -192,12 +192,16 @@ def test_a_run_whose_lock_is_taken_over_stops_recording_nothing_and_the_new_hold
 
 # a small basis (k + 3): a restart, and so a saved state, every 2 HVPs, and a tight tol: many restarts, and time
 # to be killed after the second one
-EIGEN_KILLED = {"k": 3, "tol": 1e-10, "basis": 6, "max_hvps": 2000, "save_vectors": False,
-                "landscape": {"points_1d": 0, "points_2d": 0}}
+EIGEN_KILLED = {"k": 3, "tol": 1e-10, "basis": 6, "max_hvps": 2000, "landscape": {"points_1d": 0, "points_2d": 0}}
 
 
 def test_an_eigen_task_killed_after_a_restart_resumes_from_its_state_with_fewer_hvps_to_the_same_pairs(
         tmp_path, shared_ray_address):
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
     from helpers import make_batches
     from hessian_core import FiniteDifferenceHVP, ParamSpace, latest_eigen_state, thick_restart_lanczos
     from hessian_core.models import ModelSpec, load_model
@@ -250,6 +254,14 @@ def test_an_eigen_task_killed_after_a_restart_resumes_from_its_state_with_fewer_
     assert reference.hvps == eigen["hvps"] and reference.restarts == eigen["restarts"]
     assert np.array_equal(pairs.eigenvalue.to_numpy(), reference.eigenvalues)
     assert np.array_equal(pairs.residual.to_numpy(), reference.residuals)
+    # and the saved eigenvectors, read back with dcp.load, are the in-memory ones of that solve, bit for bit
+    target = {f"eigenvector_{i}": {n: torch.empty_like(p) for n, p in reference_model.named_parameters()}
+              for i in range(3)}
+    with warnings.catch_warnings():  # that it reads in one process, which it is asked to
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(target, checkpoint_id=str(out / "eigenvectors"), no_dist=True)
+    assert all(torch.equal(a, b) for i, u in enumerate(reference.eigenvectors)
+               for a, b in zip(u, target[f"eigenvector_{i}"].values()))
 
     # a run stopped after its eigen task finished does not run it again: straight to the finish, no group
     info["status"] = "interrupted"
