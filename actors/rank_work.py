@@ -16,7 +16,8 @@ from hessian_core.block_spectra import block_spectrum
 from hessian_core.checkpoint import CheckpointWriter
 from hessian_core.models import DTYPES
 
-from .results import BlockResult, BlockSpectrumResult, Calibration, KernelTiming, ProbeResult, ProgressEvent
+from .results import (BlockResult, BlockSpectrumResult, Calibration, EigenpairsResult, KernelTiming, ProbeResult,
+                      ProgressEvent)
 from .worker import CheckpointSchedule
 
 
@@ -164,3 +165,89 @@ def kernel_timings(ctx, task) -> list[KernelTiming]:
     rows = measure_kernels(ctx.model, ctx.batches, eps=task.eps, repeats=task.repeats, window=task.window,
                            vector_dtype=DTYPES[task.vector_dtype])
     return [KernelTiming(**row) for row in rows]
+
+
+def run_eigen(ctx, task) -> EigenpairsResult:
+    """The eigen task (actors.records.EigenTask) on this rank: thick-restart Lanczos on the rank's FD operator at
+    the run's eps, continued from the newest complete state in ``task.checkpoint_dir`` whose metadata matches
+    (written by a group of any size) and saved there after every restart; then each eigenvalue's FD bar (2k
+    HVPs), the gradient fraction (one gradient), the eigen mass, the landscape slices (one forward a point) and
+    the eigenvectors (a sharded DCP folder). Every step is a collective: all ranks run it together."""
+    import math
+
+    import numpy as np
+
+    from hessian_core import eigen_mass, gradient_fraction, landscape_1d, landscape_2d, thick_restart_lanczos
+    from hessian_core.eigen_api import roundoff_coefficient, with_fd_bars
+    from hessian_core.eigen_checkpoint import save_eigen_state, save_eigenvectors
+    from hessian_core.eigen_measures import landscape_grid, landscape_range
+
+    started = time.perf_counter()
+    op = ctx.operator(task.eps, task.scheme, task.placement.restore)
+    calls = op.calls
+    meta = {**task.checkpoint_meta, "eps": task.eps, "scheme": task.scheme, "k": task.k, "which": task.which,
+            "vector_dtype": task.vector_dtype}
+    state = _resume_eigen(ctx, task, meta)
+    resumed_at = (state.restarts, state.hvps) if state is not None else (0, 0)
+
+    def save(s):
+        if task.checkpoint_dir:
+            save_eigen_state(s, folder=task.checkpoint_dir, space=ctx.space, rank=ctx.rank,
+                             world_size=ctx.world_size, meta=meta)
+
+    try:
+        result = thick_restart_lanczos(op.matvec, space=ctx.space, k=task.k, which=task.which, tol=task.tol,
+                                       max_hvps=task.max_hvps, basis=task.basis,
+                                       vector_dtype=DTYPES[task.vector_dtype], seed=task.seed, state=state,
+                                       on_restart=save)
+    except FloatingPointError as e:
+        raise FloatingPointError(f"eigenpairs: {e}") from None
+    del state
+    fraction = gradient_fraction(ctx.model, ctx.batches, result, space=ctx.space)
+    roundoff = task.roundoff
+    if roundoff is None or not math.isfinite(roundoff):
+        roundoff = roundoff_coefficient(fraction.grad_norm, ctx.compute_dtype)
+    result = with_fd_bars(result, op, roundoff=roundoff)
+    mass = eigen_mass(result, model=ctx.model)
+    values = result.eigenvalues
+    vectors = result.eigenvectors
+
+    def half_width(i: int) -> float:
+        return task.landscape_range or landscape_range(float(values[i]), fraction.loss)
+
+    ts = landscape_grid(task.landscape_points_1d, half_width(0)) if task.landscape_points_1d else np.zeros(0)
+    losses = (landscape_1d(ctx.model, ctx.batches, vectors[0], ts, space=ctx.space) if ts.size
+              else np.zeros(0))
+    grid_s = grid_t = np.zeros(0)
+    grid = np.zeros((0, 0))
+    if task.landscape_points_2d and len(vectors) >= 2:
+        grid_s = landscape_grid(task.landscape_points_2d, half_width(0))
+        grid_t = landscape_grid(task.landscape_points_2d, half_width(1))
+        grid = landscape_2d(ctx.model, ctx.batches, vectors[0], vectors[1], grid_s, grid_t, space=ctx.space)
+    if task.vectors_dir:
+        save_eigenvectors(vectors, space=ctx.space, folder=task.vectors_dir)
+    bars = result.error_bars
+    return EigenpairsResult(
+        k=result.k, which=result.which, tol=result.tol, eps=op.eps, eigenvalues=values.tolist(),
+        residuals=result.residuals.tolist(), converged=[bool(c) for c in result.converged],
+        fd_bounds=[b.fd_bound for b in bars], errors=[b.total for b in bars],
+        rayleigh_eps=result.rayleigh_eps.tolist(), rayleigh_2eps=result.rayleigh_2eps.tolist(), roundoff=roundoff,
+        norm_estimate=result.norm_estimate, hvps=result.hvps, restarts=result.restarts, stopped=result.stopped,
+        hvp_count=op.calls - calls, resumed_at_restart=resumed_at[0], resumed_at_hvps=resumed_at[1],
+        mass_tensors=mass.tensors, mass_blocks=mass.blocks, mass_block_of=mass.block_of,
+        mass_per_tensor=mass.per_tensor.tolist(), mass_per_block=mass.per_block.tolist(),
+        gradient_fraction=fraction.fraction, gradient_per_vector=fraction.per_vector.tolist(),
+        grad_norm=fraction.grad_norm, loss=fraction.loss, landscape_t=ts.tolist(), landscape_loss=losses.tolist(),
+        landscape_2d_s=grid_s.tolist(), landscape_2d_t=grid_t.tolist(), landscape_2d_loss=grid.tolist(),
+        vectors_saved=bool(task.vectors_dir), seconds=time.perf_counter() - started)
+
+
+def _resume_eigen(ctx, task, meta: dict):
+    """The newest complete eigen state in the task's checkpoint folder with matching metadata (any writer world
+    size), laid out for this rank; None if there is none."""
+    from hessian_core.eigen_checkpoint import latest_eigen_state, load_eigen_state
+
+    found = latest_eigen_state(task.checkpoint_dir) if task.checkpoint_dir else None
+    if found is None or {k: found[1].get(k) for k in meta} != meta:
+        return None
+    return load_eigen_state(found[0], space=ctx.space, device=ctx.device)

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # the results live apart so that the rank-side code (actors.rank_work), which the tasks call, needs no task module
-from .results import (BlockResult, BlockSpectrumResult, Calibration, GroupInfo, KernelTiming, ProbeResult,  # noqa: F401
-                      ProgressEvent, as_dict)
+from .results import (BlockResult, BlockSpectrumResult, Calibration, EigenpairsResult, GroupInfo,  # noqa: F401
+                      KernelTiming, ProbeResult, ProgressEvent, as_dict)
 from .tasks import TaskRecord
 
 
@@ -54,6 +54,43 @@ class ProbeTask(TaskRecord):
         from .rank_work import run_probe
 
         return run_probe(ctx, self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EigenTask(TaskRecord):
+    """The top-k eigenpairs of the FD HVP at ``eps`` by thick-restart Lanczos, its state saved after every restart
+    in ``checkpoint_dir`` (None: never) and resumed from the newest complete one with matching metadata (written
+    by a group of any size); then each eigenvalue's FD bar, the eigen mass, the gradient fraction and the
+    landscape slices, and the eigenvectors saved to ``vectors_dir`` (None: not saved). ``roundoff``: the
+    calibration's c of one HVP's round-off c / eps (None: eps_mach x |grad L| on the ranks). ``landscape_range``:
+    the slices' half-width (None: from each eigenvalue and the loss)."""
+
+    k: int
+    which: str
+    tol: float
+    max_hvps: int
+    basis: int | None
+    seed: int
+    eps: float
+    scheme: str
+    vector_dtype: str
+    roundoff: float | None
+    checkpoint_dir: str | None
+    checkpoint_meta: dict = field(default_factory=dict)
+    vectors_dir: str | None
+    landscape_points_1d: int
+    landscape_points_2d: int
+    landscape_range: float | None
+    placement: Placement = field(default_factory=Placement)
+
+    @property
+    def label(self) -> str:
+        return "eigenpairs"
+
+    def run(self, ctx) -> EigenpairsResult:
+        from .rank_work import run_eigen
+
+        return run_eigen(ctx, self)
 
 
 @dataclass(frozen=True, kw_only=True)

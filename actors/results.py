@@ -110,3 +110,53 @@ class ProgressEvent:
     step: int
     steps: int
     hvp_seconds: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class EigenpairsResult:
+    """An eigen task's pairs and what was measured with them (``actors.rank_work.run_eigen``): best first in the
+    order of ``which``. ``hvps``/``restarts`` are the solver's over every invocation (a resumed task counts those
+    before its checkpoint), ``hvp_count`` this call's HVPs (the solver's since its checkpoint, plus the 2k of the
+    FD bars); ``resumed_at_restart``/``resumed_at_hvps``: where the checkpoint it resumed from stood (0: none).
+    ``fd_bounds`` is each eigenvalue's FD bar (hessian_core.error_bars.rayleigh_fd_bound) from the Rayleigh
+    quotients ``rayleigh_eps``/``rayleigh_2eps``; ``errors`` residual + fd_bound. Mass rows are per eigenvector,
+    over ``mass_tensors`` (each in block ``mass_block_of``) and ``mass_blocks``. The landscape: the loss at
+    theta + t u_1 for t in ``landscape_t``, and at theta + s u_1 + t u_2 on ``landscape_2d_s`` x ``landscape_2d_t``
+    (rows: s; empty without a second eigenvector or with points_2d 0). ``vectors_saved``: the eigenvectors are in
+    the task's ``vectors_dir``."""
+
+    k: int
+    which: str
+    tol: float
+    eps: float
+    eigenvalues: list[float]
+    residuals: list[float]
+    converged: list[bool]
+    fd_bounds: list[float]
+    errors: list[float]
+    rayleigh_eps: list[float]
+    rayleigh_2eps: list[float]
+    roundoff: float | None
+    norm_estimate: float
+    hvps: int
+    restarts: int
+    stopped: str
+    hvp_count: int
+    resumed_at_restart: int
+    resumed_at_hvps: int
+    mass_tensors: list[str]
+    mass_blocks: list[str]
+    mass_block_of: list[str]
+    mass_per_tensor: list[list[float]]
+    mass_per_block: list[list[float]]
+    gradient_fraction: float
+    gradient_per_vector: list[float]
+    grad_norm: float
+    loss: float
+    landscape_t: list[float]
+    landscape_loss: list[float]
+    landscape_2d_s: list[float]
+    landscape_2d_t: list[float]
+    landscape_2d_loss: list[list[float]]
+    vectors_saved: bool
+    seconds: float

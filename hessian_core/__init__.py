@@ -1,11 +1,19 @@
 """hessian_core: exact-Hessian HVPs as finite differences of gradient passes on plain or FSDP2-sharded models,
-Lanczos / stochastic Lanczos quadrature, spectra and block-diagonal analysis. Pure PyTorch; never imports Ray.
+Lanczos / stochastic Lanczos quadrature, spectra, top-k eigenpairs (thick-restart Lanczos) and what is measured
+with them, and block-diagonal analysis. Pure PyTorch; never imports Ray.
 Models are built and loaded for analysis by the sub-package ``hessian_core.models`` (imported on its own)."""
 
 from .api import SpectrumResult, analyze, append_row, preserved_state
 from .block_spectra import BlockOperator, block_space, block_spectrum
 from .blocks import BlockMetrics, block_diagonal_metrics, parameter_blocks
 from .checkpoint import latest_complete_step, load_lanczos_state, save_lanczos_state
+from .eigen import (EigenResult, EigenState, eigen_cycle, eigen_restart, eigen_result, eigen_start, eigen_step,
+                    thick_restart_lanczos)
+from .eigen_api import eigenpairs, with_fd_bars
+from .eigen_checkpoint import (latest_eigen_state, load_eigen_state, load_eigenvectors, save_eigen_state,
+                               save_eigenvectors)
+from .eigen_measures import (EigenMass, GradientFraction, SubspaceOverlap, eigen_mass, gradient_fraction, landscape_1d,
+                             landscape_2d, subspace_overlap)
 from .eps import (DEFAULT_EPS, Calibrated, EpsChoice, HVPErrorStudy, calibrate, calibrate_eps, default_eps,
                   error_model, hvp_error_study, optimal_eps, predicted_error)
 from .hvp import ExactHVPUnavailable, FiniteDifferenceHVP, exact_hvp
@@ -24,6 +32,11 @@ __all__ = [
     "BlockOperator", "block_space", "block_spectrum",
     "BlockMetrics", "block_diagonal_metrics", "parameter_blocks",
     "latest_complete_step", "load_lanczos_state", "save_lanczos_state",
+    "EigenResult", "EigenState", "eigen_cycle", "eigen_restart", "eigen_result", "eigen_start", "eigen_step",
+    "thick_restart_lanczos", "eigenpairs", "with_fd_bars", "latest_eigen_state", "load_eigen_state", "save_eigen_state",
+    "load_eigenvectors", "save_eigenvectors",
+    "EigenMass", "GradientFraction", "SubspaceOverlap", "eigen_mass", "gradient_fraction", "landscape_1d",
+    "landscape_2d", "subspace_overlap",
     "DEFAULT_EPS", "Calibrated", "EpsChoice", "HVPErrorStudy", "calibrate", "calibrate_eps", "default_eps",
     "error_model", "hvp_error_study", "optimal_eps",
     "predicted_error",

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -166,30 +167,40 @@ def latest_complete_step(folder: str) -> tuple[int, dict] | None:
     return None
 
 
-def _gather_vector(folder: str, index: int, world_size: int, space: ParamSpace, dtype: torch.dtype) -> torch.Tensor:
-    """This rank's elements of q_index, cut out of the pieces that the ``world_size`` writers saved."""
+def gather_local(paths: Sequence[str], space: ParamSpace, *, dtype: torch.dtype | None = None,
+                 what: str = "a vector") -> torch.Tensor:
+    """This rank's elements of saved vectors, cut out of the pieces their writers saved: ``paths`` holds one file
+    per writing rank, ``{"flat": [..., numel], "layout": [(parameter name, start, length), ...]}`` (a single
+    vector, or rows of vectors ``[rows, numel]``: the leading dimensions are kept). Any world size can read what
+    any world size wrote; the bits are the writers'. ``dtype``: the output's (default: the first file's)."""
     wanted = {}
     offset = 0
     for name, start, numel in _layout(space):
         wanted[name] = (start, numel, offset)
         offset += numel
-    out = torch.empty(offset, dtype=dtype)
+    out = None
     filled = 0
-    for rank in range(world_size):
-        path = os.path.join(_vector_dir(folder, index), f"{_part(rank, world_size)}.pt")
+    for path in paths:
         payload = torch.load(path, map_location="cpu", mmap=True)
         flat, src = payload["flat"], 0
+        if out is None:
+            out = torch.empty((*flat.shape[:-1], offset), dtype=dtype or flat.dtype)
         for name, start, numel in payload["layout"]:
             lo_w, n_w, dst = wanted[name]
             lo, hi = max(start, lo_w), min(start + numel, lo_w + n_w)
             if hi > lo:
-                out[dst + lo - lo_w: dst + hi - lo_w].copy_(flat[src + lo - start: src + hi - start])
+                out[..., dst + lo - lo_w: dst + hi - lo_w].copy_(flat[..., src + lo - start: src + hi - start])
                 filled += hi - lo
             src += numel
     if filled != offset:
-        raise ValueError(f"checkpoint {folder}: vector q_{index} covers {filled} of this rank's {offset} elements; "
-                         f"it was written for another model")
+        raise ValueError(f"{what} covers {filled} of this rank's {offset} elements; it was written for another model")
     return out
+
+
+def _gather_vector(folder: str, index: int, world_size: int, space: ParamSpace, dtype: torch.dtype) -> torch.Tensor:
+    """This rank's elements of q_index, cut out of the pieces that the ``world_size`` writers saved."""
+    paths = [os.path.join(_vector_dir(folder, index), f"{_part(rank, world_size)}.pt") for rank in range(world_size)]
+    return gather_local(paths, space, dtype=dtype, what=f"checkpoint {folder}: vector q_{index}")
 
 
 def load_lanczos_state(folder: str, *, step: int, space: ParamSpace, device: torch.device | None = None,

@@ -13,6 +13,8 @@ auto eps, the extreme eigenvalues moved up to 3.1x (float64), and 4.0x (float32 
 lambda_min) further than r ||H||. The bound therefore uses DIRECTION_FACTOR * r: an empirical allowance fitted
 on that one model, not a guarantee (docs/precision.md, "Error bars").
 The reported bar is the sum of the two: lambda = X +- (ritz + fd).
+Top-k eigenpairs (``hessian_core.eigenpairs``, the pipeline's eigen task) have their eigenvectors, and measure
+the FD part along each one instead (``rayleigh_fd_bound``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,47 @@ def fd_eigenvalue_bound(*, hvp_relative_error: float | None, operator_norm: floa
     if hvp_relative_error is None or not math.isfinite(hvp_relative_error):
         return float("nan")
     return DIRECTION_FACTOR * hvp_relative_error * operator_norm
+
+
+# Each eigenvalue's own FD bar (top-k eigenpairs, ``hessian_core.eigenpairs``): the Weyl bound above, with its
+# probe-fitted DIRECTION_FACTOR, fell 17x short of the true error on an SA pair of the tests' tiny Llama. Along
+# one eigenvector u the operator's truncation is measured instead: the FD Rayleigh quotient RQ(e) = <u, H_e u> is
+# <u, H u> + C e^p + O(e^(p+2)) (p = SCHEME_ORDER), so RQ(2 eps) - RQ(eps) = (2^p - 1) C eps^p to leading order
+# (Richardson) and the truncation at eps is that difference over 2^p - 1, times RICHARDSON_SAFETY for the next
+# term. The FD HVP is not linear in v (its truncation is cubic in v), so the solver's Ritz value theta, a
+# combination of HVPs along many Lanczos vectors, is not RQ(eps) itself: their measured difference is added.
+# The round-off part is the one the Weyl bound also carries: one HVP's c / eps (c = eps_mach |grad L|, or the
+# calibration's measured coefficient), times the stencil's ROUNDING_GAIN, bounds |<u, E u>| for a unit u.
+SCHEME_ORDER = {"central": 2, "richardson": 4}
+RICHARDSON_SAFETY = 2.0
+ROUNDING_GAIN = {"central": 1.0, "richardson": 18.0 / 12.0}  # sum |c_k| / divisor of the stencil (hessian_core.hvp)
+
+
+@dataclass(frozen=True)
+class RayleighBound:
+    """One eigenvalue's FD bar and its parts: ``truncation`` (Richardson, with RICHARDSON_SAFETY), ``mismatch``
+    |theta - RQ(eps)|, ``rounding`` (nan parts count as 0 in ``total``; all nan: unknown)."""
+
+    truncation: float
+    mismatch: float
+    rounding: float
+
+    @property
+    def total(self) -> float:
+        parts = [p for p in (self.truncation, self.mismatch, self.rounding) if not math.isnan(p)]
+        return sum(parts) if parts else float("nan")
+
+
+def rayleigh_fd_bound(*, ritz_value: float, rq_eps: float, rq_2eps: float, eps: float, roundoff: float | None,
+                      scheme: str = "central") -> RayleighBound:
+    """The FD HVP's part of one eigenvalue's bar from the Rayleigh quotients of its eigenvector at eps and 2 eps
+    (two HVPs; see above). ``roundoff``: c of one HVP's round-off c / eps (None or nan: not counted)."""
+    if scheme not in SCHEME_ORDER:
+        raise ValueError(f"scheme {scheme!r}: expected one of {sorted(SCHEME_ORDER)}")
+    truncation = RICHARDSON_SAFETY * abs(rq_2eps - rq_eps) / (2 ** SCHEME_ORDER[scheme] - 1)
+    rounding = (float("nan") if roundoff is None or not math.isfinite(roundoff)
+                else ROUNDING_GAIN[scheme] * roundoff / eps)
+    return RayleighBound(truncation, abs(ritz_value - rq_eps), rounding)
 
 
 def extreme_error_bars(summary: dict, *, hvp_relative_error: float | None) -> dict[str, ErrorBar]:

@@ -46,6 +46,13 @@ def format_summary(info: RunInfo | dict, run_dir: str | None = None) -> str:
         lines.append(f"  {'overall':<40} {o['rel_error_mean']:>9.3f} +- {o['rel_error_std']:<5.3f} "
                      f"{o['cosine_mean']:>9.3f} +- {o['cosine_std']:<5.3f}")
         lines.append(f"  whole block-diagonal approximation: relative error {o['whole_rel_error_mean']:.3f}")
+    e = info.eigen
+    if e:
+        lines.append(f"top-{e['k']} eigenpairs ({e['which']}): {e['converged']}/{e['k']} converged ({e['stopped']}) "
+                     f"in {e['hvps']} HVPs, {e['restarts']} restarts")
+        for i, (value, error) in enumerate(zip(e["eigenvalues"], e["errors"])):
+            lines.append(f"  lambda_{i + 1} = {value:.6g} +- {error:.2g}")
+        lines.append(f"  fraction of |grad L|^2 in their span: {e['gradient_fraction']:.4g}")
     t = info.timing
     if t:
         parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.items() if v is not None]

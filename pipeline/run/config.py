@@ -166,6 +166,36 @@ class BlocksConfig:
 
 
 @dataclass(kw_only=True)
+class LandscapeConfig:
+    points_1d: int = key(21, "grid points of the loss along theta + t u_1 (odd: the grid is symmetric about t = 0; 0: "
+                             "none); one forward over the analysis set each", min=0, max=1001,
+                         why_max="each point is one forward pass over the analysis set")
+    points_2d: int = key(11, "grid points per axis of the loss over theta + s u_1 + t u_2 (odd; 0: none; needs "
+                             "`eigen.k` >= 2); points_2d^2 forwards", min=0, max=101,
+                         why_max="the grid is points_2d^2 forward passes over the analysis set")
+    range: float | Literal["auto"] = key(
+        "auto", "half-width of the slices along the unit eigenvectors; `auto`: per axis, the t where the quadratic "
+                "term lambda_i t^2 / 2 is as large as the loss (the quadratic term alone doubles it at the ends)",
+        above=0)
+
+
+@dataclass(kw_only=True)
+class EigenConfig:
+    k: int = key(0, "top-k eigenpairs by thick-restart Lanczos on the FD HVP at the run's eps, one task beside the "
+                    "probes (0: none): `eigenpairs.parquet`, `eigenvectors/`, `eigen_mass.parquet`, "
+                    "`landscape.parquet`", min=0)
+    which: Literal["LA", "SA", "LM"] = key("LA", "`LA` the largest, `SA` the smallest (most negative), `LM` the "
+                                                 "largest in magnitude")
+    tol: float = key(1e-4, "a pair is converged when the norm of its residual H u - lambda u is at most tol x the "
+                           "largest eigenvalue magnitude (estimated)", above=0)
+    max_hvps: int = key(500, "the solver's HVP budget; past it the run records which pairs converged", min=1)
+    basis: int | None = key(None, "vectors the solver holds (null: k + max(k, 10)); at least `eigen.k` + 2", min=3)
+    save_vectors: bool = key(True, "save the eigenvectors sharded as a torch.distributed.checkpoint folder "
+                                   "`eigenvectors/` (one parameter-named mapping per eigenvector)")
+    landscape: LandscapeConfig = field(default_factory=LandscapeConfig)
+
+
+@dataclass(kw_only=True)
 class CheckpointConfig:
     # a large model's window is many GB per save, hence auto rather than a fixed interval
     every: int | Literal["auto"] = key(
@@ -182,6 +212,7 @@ class RunConfig:
     lanczos: LanczosConfig = field(default_factory=LanczosConfig)
     density: DensityConfig = field(default_factory=DensityConfig)
     blocks: BlocksConfig = field(default_factory=BlocksConfig)
+    eigen: EigenConfig = field(default_factory=EigenConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output_dir: str = key("runs/latest", "where results go")
 
@@ -221,10 +252,15 @@ PLACEMENT_KEYS = {"lanczos": ("vectors",), "hvp": ("restore",)}
 def results_part(config: dict) -> dict:
     """A config's keys that decide the results: all but ``cluster`` (the layout), ``output_dir`` and the memory
     placements (``PLACEMENT_KEYS``), so that a run may be resumed under another layout, on another cluster, or
-    with its vectors moved to host memory (and a run recorded before those keys existed still matches)."""
-    return {k: ({name: value for name, value in v.items() if name not in PLACEMENT_KEYS[k]}
+    with its vectors moved to host memory (and a run recorded before those keys existed still matches). The
+    ``eigen`` section counts only where it asks for eigenpairs (``eigen.k`` > 0): a run recorded before it
+    existed is the same as one with it off."""
+    part = {k: ({name: value for name, value in v.items() if name not in PLACEMENT_KEYS[k]}
                 if k in PLACEMENT_KEYS and isinstance(v, dict) else v)
             for k, v in config.items() if k not in ("cluster", "output_dir")}
+    if not (part.get("eigen") or {}).get("k"):
+        part.pop("eigen", None)
+    return part
 
 
 class _Absent:
@@ -417,9 +453,11 @@ def validate(config: RunConfig, *, this_machine: bool = True) -> None:
         problem = _bound_problem(name, _get(config, name), f.metadata, tp)
         if problem:
             raise ConfigError(problem)
-    if config.lanczos.probes == 0 and not config.blocks.enabled and not config.blocks.spectra:
-        raise ConfigError("lanczos.probes=0 and blocks.enabled=false leave nothing to compute; "
-                          "set lanczos.probes >= 1 or blocks.enabled=true")
+    if (config.lanczos.probes == 0 and not config.blocks.enabled and not config.blocks.spectra
+            and config.eigen.k == 0):
+        raise ConfigError("lanczos.probes=0, blocks.enabled=false and eigen.k=0 leave nothing to compute; "
+                          "set lanczos.probes >= 1, blocks.enabled=true or eigen.k >= 1")
+    _check_eigen(config.eigen)
     if config.hvp.eps == "auto" and not config.hvp.assess:
         raise ConfigError("hvp.assess=false needs a fixed hvp.eps (eps: auto is chosen by the assessment)")
     if config.data.batch_size % config.cluster.num_workers:
@@ -444,6 +482,18 @@ def validate(config: RunConfig, *, this_machine: bool = True) -> None:
 
         if not torch.cuda.is_available() and config.cluster.address is None:
             raise ConfigError("cluster.use_gpu is true but this machine has no CUDA GPU; set cluster.use_gpu=false")
+
+
+def _check_eigen(eigen: EigenConfig) -> None:
+    """The eigen section's rules between keys: a basis with room for the k pairs and two more, odd grids."""
+    if eigen.basis is not None and eigen.k and eigen.basis < eigen.k + 2:
+        raise ConfigError(f"eigen.basis must be >= eigen.k + 2 = {eigen.k + 2} (or null for k + max(k, 10)), got "
+                          f"{eigen.basis}")
+    for name in ("points_1d", "points_2d"):
+        points = getattr(eigen.landscape, name)
+        if points and (points < 3 or points % 2 == 0):
+            raise ConfigError(f"eigen.landscape.{name} must be an odd number >= 3 (a grid symmetric about 0, which "
+                              f"it includes) or 0 for none, got {points}")
 
 
 _BITS = {"float64": 64, "float32": 32, "bfloat16": 16}

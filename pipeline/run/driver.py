@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 
 from actors.records import (BlockResult, BlockSpectrumResult, BlockSpectrumTask, BlockTask, Calibration,
-                            CalibrationTask, Placement, ProbeResult, ProbeTask)
+                            CalibrationTask, EigenpairsResult, EigenTask, Placement, ProbeResult, ProbeTask)
 
 from . import handlers
 from .eps_policy import calibration_task, known_calibration
@@ -23,6 +23,7 @@ from .signals import Interrupted, as_interrupted, signal_of
 
 BLOCK_SEED_OFFSET = 1_000_003  # block probes are Gaussian and drawn from their own seed stream
 BLOCK_SPECTRA_SEED_OFFSET = 2_000_003  # and the per-block SLQ probes from another
+EIGEN_SEED_OFFSET = 3_000_003  # and the eigen task's start vector (Gaussian) from a third
 
 
 def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
@@ -42,7 +43,8 @@ def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
     recorder = Recorder(prepared)
     recorder.save_info()
     try:
-        recorder.set_num_params(parameter_count(model_spec(prepared)))  # on the meta device, before any group
+        # on the meta device, before any group (the preflight counted them already where eigen.k needed them)
+        recorder.set_num_params(prepared.num_params or parameter_count(model_spec(prepared)))
         calibration = known_calibration(prepared.config, recorder)
         if calibration is not None and not unfinished_tasks(prepared, recorder, eps=calibration.eps):
             log("every task of this run is finished: writing its results")
@@ -146,9 +148,13 @@ def _use_calibration(calibration: Calibration, prepared: Prepared, recorder: Rec
 
 
 def unfinished_tasks(prepared: Prepared, recorder: Recorder, *, eps: float) -> list:
-    """Every SLQ probe, block probe and (block, probe) spectrum that no invocation has finished yet, at ``eps``."""
+    """Every SLQ probe, block probe and (block, probe) spectrum, and the eigen task, that no invocation has
+    finished yet, at ``eps``. The eigen task comes first: it is the longest, and a group that takes it first
+    leaves the probes to the others."""
     lz, blocks = prepared.config.lanczos, prepared.config.blocks
-    tasks: list = [probe_task(prepared, recorder, pid, eps=eps) for pid in range(lz.probes) if pid not in recorder.probes]
+    eigen = prepared.config.eigen.k and not recorder.eigen_done
+    tasks: list = [eigen_task(prepared, recorder, eps=eps)] if eigen else []
+    tasks += [probe_task(prepared, recorder, pid, eps=eps) for pid in range(lz.probes) if pid not in recorder.probes]
     if blocks.enabled:
         tasks += [BlockTask(probe_id=pid, seed=lz.seed + BLOCK_SEED_OFFSET, eps=eps, scheme=prepared.config.hvp.scheme,
                             placement=recorder.placement)
@@ -218,11 +224,22 @@ def _block_probe_done(run: RunContext, task: BlockTask, result: BlockResult, gro
     log(f"block probe {result.probe_id} done: whole block-diagonal error {result.whole_rel_error:.3f}")
 
 
+def _eigen_done(run: RunContext, task: EigenTask, result: EigenpairsResult, group: int) -> None:
+    run.recorder.add_eigen(result)
+    run.scheduler.progress.task_done("eigenpairs")
+    resumed = f", resumed at restart {result.resumed_at_restart}" if result.resumed_at_restart else ""
+    log(f"eigenpairs done on group {group}: {sum(result.converged)}/{result.k} converged ({result.stopped}) in "
+        f"{result.hvps} HVPs, {result.restarts} restarts{resumed}; lambda_1 = {result.eigenvalues[0]:.6g} "
+        f"+- {result.errors[0]:.2g}; gradient fraction in the top {result.k}: {result.gradient_fraction:.3g}")
+
+
 handlers.register(CalibrationTask, finished=_calibrated, started=lambda run, task: run.recorder.phase("calibration"))
 handlers.register(ProbeTask, finished=_probe_done,
                   started=lambda run, task: run.recorder.clear_unfinished_checkpoint(task.probe_id))
 handlers.register(BlockTask, finished=_block_probe_done)
 handlers.register(BlockSpectrumTask, finished=_block_spectrum_done)
+handlers.register(EigenTask, finished=_eigen_done,
+                  started=lambda run, task: run.recorder.clear_unfinished_eigen_checkpoint())
 
 
 def probe_task(prepared: Prepared, recorder: Recorder, probe_id: int, *, eps: float) -> ProbeTask:
@@ -232,6 +249,24 @@ def probe_task(prepared: Prepared, recorder: Recorder, probe_id: int, *, eps: fl
                      reorth=lz.reorth, window=lz.window, vector_dtype=lz.vector_dtype,
                      checkpoint_dir=recorder.checkpoint_dir(probe_id), checkpoint_every=config.checkpoint.every,
                      checkpoint_meta={"config": config.digest()}, placement=recorder.placement)
+
+
+def eigen_task(prepared: Prepared, recorder: Recorder, *, eps: float) -> EigenTask:
+    """The run's eigen task at ``eps``: its vectors in float64 for a float64 model, else float32 (a tolerance
+    below bfloat16's resolution could never be met); its checkpoints and eigenvectors where the run folder
+    keeps them; the round-off coefficient from the eps calibration (None where it assessed nothing)."""
+    config = prepared.config
+    eigen = config.eigen
+    roundoff = (recorder.info.get("eps_calibration") or {}).get("roundoff")
+    return EigenTask(k=eigen.k, which=eigen.which, tol=eigen.tol, max_hvps=eigen.max_hvps, basis=eigen.basis,
+                     seed=config.lanczos.seed + EIGEN_SEED_OFFSET, eps=eps, scheme=config.hvp.scheme,
+                     vector_dtype="float64" if config.model.dtype == "float64" else "float32", roundoff=roundoff,
+                     checkpoint_dir=recorder.folder.eigen_checkpoint_dir if config.checkpoint.every != 0 else None,
+                     checkpoint_meta={"config": config.digest()},
+                     vectors_dir=recorder.folder.eigenvectors_dir if eigen.save_vectors else None,
+                     landscape_points_1d=eigen.landscape.points_1d, landscape_points_2d=eigen.landscape.points_2d,
+                     landscape_range=None if eigen.landscape.range == "auto" else float(eigen.landscape.range),
+                     placement=recorder.placement)
 
 
 def _remaining_steps(prepared: Prepared, recorder: Recorder) -> int:
@@ -245,7 +280,8 @@ def _remaining_steps(prepared: Prepared, recorder: Recorder) -> int:
         from hessian_core.models import block_names
 
         spectra = len(block_names(model_spec(prepared))) * config.blocks.probes - len(recorder.block_spectra)
-    return slq + blocks + spectra
+    eigen = int(bool(config.eigen.k) and not recorder.eigen_done)  # one progress step for the whole eigen task
+    return slq + blocks + spectra + eigen
 
 
 __all__ = ["preflight", "run", "draw_plots", "block_summary", "Prepared", "log", "probe_task"]

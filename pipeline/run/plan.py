@@ -14,6 +14,10 @@ Per rank, with S the largest local shard (FSDP2 pads dim 0 to a multiple of the 
   holds the newest vector and the rows streamed through it (2 on a GPU, 1 on CPU: ``hessian_core.lanczos``);
   with ``hvp.restore: host`` the FD HVP's retained copy is host memory too. ``auto`` (either key) takes the
   first placement that fits, in order of the PCIe traffic it adds (``AUTO_ORDER``);
+- the eigen task (``eigen.k`` > 0): its basis + 1 vectors and the k results it copies out (or the restart's
+  rotation buffer if larger), in float64 for a float64 model, else float32; a group runs one task at a time, so
+  the row counts only what it holds beyond a probe's Lanczos vectors (its saved states are counted in the
+  checkpoint per save where they are larger than a probe's);
 - gathered parameters (FSDP2 or mixed precision only): the root's parameters (embeddings, head, final norm)
   stay gathered through forward and backward, plus two blocks (the current one and the prefetched one), in
   the compute dtype; and unsharded gradients (compute + reduce dtype) before their reduce-scatter: the
@@ -242,6 +246,11 @@ def memory_plan(config: RunConfig, shape: ModelShape, *, pretrained_file_bytes: 
     placed = _placed_rows(config, s, master=master, vector=vector, kept=kept)
     rows += [(what, b) for what, b in placed if not what.endswith("(host)")]
     host_rows = [(what, b) for what, b in placed if what.endswith("(host)")]
+    if config.eigen.k:  # the eigen task runs instead of a probe on its group: the larger of the two counts
+        lanczos = sum(b for what, b in rows if what.startswith("Lanczos vectors"))
+        basis, held = eigen_bytes(config, s, shape.num_params)
+        rows.append((f"eigenpairs: {basis} + 1 basis and {config.eigen.k} result rows, beyond the Lanczos rows",
+                     max(0, held - lanczos)))
     if sharded:
         gathered = (shape.root_params + 2 * shape.block_params) * compute
         unsharded_grads = (shape.root_params + shape.block_params) * (compute + max(master, 4))
@@ -255,8 +264,38 @@ def memory_plan(config: RunConfig, shape: ModelShape, *, pretrained_file_bytes: 
                shape.num_params * master + (s * master if sharded else 0) + pretrained_file_bytes)
     peak = total if cl.use_gpu else max(total, loading)
     return MemoryPlan(rows=rows, host_rows=host_rows, total=total, loading=loading, peak=peak,
-                      checkpoint_per_save=(kept + 2) * s * vector, activations=act,
+                      checkpoint_per_save=max((kept + 2) * s * vector, eigen_save_bytes(config, s, shape.num_params)),
+                      activations=act,
                       activations_checkpointed=act_ckpt, shape=shape, config=config)
+
+
+def _eigen_shape(config: RunConfig, num_params: int) -> tuple[int, int, int]:
+    """(basis, kept vectors after a restart, bytes per element) of the eigen task (hessian_core.eigen): float64
+    vectors for a float64 model, else float32 (pipeline.run.driver.eigen_task)."""
+    from hessian_core.eigen import default_basis, kept_vectors
+
+    k = config.eigen.k
+    basis = min(config.eigen.basis or default_basis(k), num_params)
+    return basis, kept_vectors(k, basis), 8 if config.model.dtype == "float64" else 4
+
+
+def eigen_bytes(config: RunConfig, s: int, num_params: int) -> tuple[int, int]:
+    """(basis, bytes per rank) of the eigen task's vectors at their peak, with ``s`` elements a row: the basis
+    and the next vector, plus the larger of the k results copied out at the end and the restart's rotation
+    buffer (kept vectors x one column chunk)."""
+    from hessian_core.eigen import ROTATION_CHUNK
+
+    basis, kept, element = _eigen_shape(config, num_params)
+    return basis, ((basis + 1) * s + max(config.eigen.k * s, kept * min(ROTATION_CHUNK, s))) * element
+
+
+def eigen_save_bytes(config: RunConfig, s: int, num_params: int) -> int:
+    """Bytes per rank of one saved eigen state (after a restart: the kept vectors and the next one); 0 without
+    the eigen task."""
+    if not config.eigen.k:
+        return 0
+    _, kept, element = _eigen_shape(config, num_params)
+    return (kept + 1) * s * element
 
 
 def _placed_rows(config: RunConfig, s: int, *, master: int, vector: int, kept: int) -> list[tuple[str, int]]:
@@ -416,11 +455,25 @@ def verdict(plan: MemoryPlan, device_bytes: int) -> str:
     return f"does not fit ({need}): set {fix}" if fix else f"does not fit ({need}): use larger devices"
 
 
+def eigen_hvps(config: RunConfig) -> int:
+    """The eigen task's HVPs at most: the solver's budget and 2 a pair for the FD bars (0 without it)."""
+    return config.eigen.max_hvps + 2 * config.eigen.k if config.eigen.k else 0
+
+
+def landscape_forwards(config: RunConfig) -> int:
+    """Forward passes of the eigen task's landscape slices (0 without it)."""
+    if not config.eigen.k:
+        return 0
+    grid = config.eigen.landscape
+    return grid.points_1d + (grid.points_2d ** 2 if config.eigen.k >= 2 else 0)
+
+
 def hvp_count(config: RunConfig, num_blocks: int) -> int:
-    """HVPs of the configured probes (SLQ and block analysis); calibration adds 2-6 more once."""
+    """HVPs of the configured probes (SLQ and block analysis) and, at most, of the eigen task; calibration adds
+    2-6 more once."""
     outside = 1  # the modules outside the transformer blocks form one more block
     blocks = config.blocks.probes * (1 + num_blocks + outside) if config.blocks.enabled else 0
-    return config.lanczos.probes * config.lanczos.steps + blocks
+    return config.lanczos.probes * config.lanczos.steps + blocks + eigen_hvps(config)
 
 
 def predicted_seconds(config: RunConfig, num_blocks: int, *, grad_seconds: float, measured_with: RunConfig) -> float:
@@ -435,6 +488,8 @@ def predicted_seconds(config: RunConfig, num_blocks: int, *, grad_seconds: float
     slq = [config.lanczos.steps] * config.lanczos.probes
     blocks = [1 + num_blocks + 1] * (config.blocks.probes if config.blocks.enabled else 0)
     loads = [0.0] * config.cluster.num_groups
+    if config.eigen.k:  # queued first (its budget spent, a forward a third of a gradient, and one gradient)
+        loads[0] += eigen_hvps(config) * passes * grad + (landscape_forwards(config) / 3 + 1) * grad
     for hvps in sorted(slq + blocks, reverse=True):  # a free group takes the next task
         loads[loads.index(min(loads))] += hvps * passes * grad
     return CALIBRATION_GRADIENTS * grad + max(loads)
@@ -477,7 +532,9 @@ def format_plan(plan: MemoryPlan, *, device_bytes: int | None, grad: tuple[float
                  f"{_size(plan.checkpoint_per_save)}")
     count = hvp_count(c, shape.num_blocks)
     lines.append(f"HVPs: {count:,} ({c.lanczos.probes} probes x {c.lanczos.steps} steps"
-                 + (f" + {c.blocks.probes} block probes" if c.blocks.enabled else "") + ") + 2-6 for eps")
+                 + (f" + {c.blocks.probes} block probes" if c.blocks.enabled else "")
+                 + (f" + up to {eigen_hvps(c)} for the top {c.eigen.k} eigenpairs, and {landscape_forwards(c)} "
+                    f"landscape forwards" if c.eigen.k else "") + ") + 2-6 for eps")
     if grad is not None:
         secs = predicted_seconds(c, shape.num_blocks, grad_seconds=grad[0], measured_with=grad[1])
         lines.append(f"predicted wall time: {secs:,.0f} s ({secs / 3600:.2f} h) from grad_seconds={grad[0]:.4g}")

@@ -1,4 +1,5 @@
-"""Figures drawn from the result tables with matplotlib's Agg backend: density.png and blocks.png."""
+"""Figures drawn from the result tables with matplotlib's Agg backend: density.png, blocks.png, and the eigen task's
+eigen_mass.png and landscape.png."""
 
 from __future__ import annotations
 
@@ -99,6 +100,68 @@ def plot_blocks(path: str, *, blocks: list[str], rel_error: np.ndarray, cosine: 
         ax.axhline(1.0 if label == "cosine" else 0.0, color="gray", lw=0.8, ls="--")
     ax2.set_xticks(x, blocks, rotation=60, ha="right", fontsize=8)
     fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+@exclusive
+def plot_eigen_mass(path: str, *, blocks: list[str], mass: np.ndarray, eigenvalues: np.ndarray) -> None:
+    """Where curvature lives: each eigenvector's squared mass per block (rows: eigenvectors, best first; each row
+    sums to 1), a heatmap with the eigenvalues on the rows."""
+    plt = _pyplot()
+    k, b = mass.shape
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * b + 3), max(3.2, 0.4 * k + 2.6)))
+    image = ax.imshow(mass, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(float(mass.max()), 1e-12))
+    ax.set_xticks(np.arange(b), blocks, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(np.arange(k), [f"u{i + 1} ({v:.4g})" for i, v in enumerate(eigenvalues[:k])], fontsize=8)
+    ax.set_xlabel("block")
+    ax.set_ylabel("eigenvector")
+    if k * b <= 150:  # few cells: their values written in
+        for i in range(k):
+            for j in range(b):
+                ax.text(j, i, f"{mass[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="black" if mass[i, j] > 0.6 * float(mass.max()) else "white")
+    fig.colorbar(image, ax=ax, label="squared mass")
+    ax.set_title("Eigenvector mass per block", fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+@exclusive
+def plot_landscape(path: str, *, t: np.ndarray, loss: np.ndarray, eigenvalues: np.ndarray,
+                   grid: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
+    """The loss along theta + t u_1, with the quadratic model L(0) + L'(0) t + lambda_1 t^2 / 2 (L'(0) the grid's
+    central difference at 0), and with ``grid`` (s, t, loss[s, t]) its contour over theta + s u_1 + t u_2, as
+    PyHessian draws them."""
+    plt = _pyplot()
+    panels = int(len(t) > 0) + int(grid is not None)
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2), squeeze=False)
+    axes = list(axes[0])
+    if len(t):
+        ax = axes.pop(0)
+        ax.plot(t, loss, "o-", ms=3, color="tab:blue", lw=1.2, label="loss")
+        c = len(loss) // 2
+        slope = (loss[c + 1] - loss[c - 1]) / (t[c + 1] - t[c - 1])
+        ax.plot(t, loss[c] + slope * t + 0.5 * eigenvalues[0] * t ** 2, "--", color="gray", lw=1.0,
+                label=f"L(0) + L'(0) t + lambda_1 t^2 / 2 (lambda_1 = {eigenvalues[0]:.4g})")
+        ax.set_xlabel("t (along u_1)")
+        ax.set_ylabel("loss")
+        ax.legend(fontsize=8)
+        ax.set_title("1-D slice along the top eigenvector", fontsize=10)
+    if grid is not None:
+        s, t2, values = grid
+        ax = axes.pop(0)
+        contour = ax.contourf(t2, s, values, levels=20, cmap="viridis")
+        ax.contour(t2, s, values, levels=20, colors="white", linewidths=0.4, alpha=0.6)
+        ax.plot([0.0], [0.0], "r+", ms=10)
+        fig.colorbar(contour, ax=ax, label="loss")
+        ax.set_xlabel(f"t (along u_2, lambda_2 = {eigenvalues[1]:.4g})" if len(eigenvalues) > 1 else "t (along u_2)")
+        ax.set_ylabel("s (along u_1)")
+        ax.set_title("2-D slice over (u_1, u_2)", fontsize=10)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)

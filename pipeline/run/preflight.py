@@ -28,6 +28,7 @@ class Prepared:
     batches: torch.Tensor | BatchSet  # [num_batches, batch_size, seq_len] input_ids, or with masks/labels
     # cores (torch threads) per rank when a sweep shares a local Ray's cores among its points; None: the config's
     cpus_per_worker: int | None = None
+    num_params: int | None = None  # counted by the preflight where it needed the count (eigen.k), else by the run
 
     def worker_cpus(self) -> int:
         return self.cpus_per_worker or self.config.cpus_per_worker()
@@ -105,8 +106,25 @@ def preflight(config: RunConfig, *, fresh: bool = False) -> Prepared:
     batches = analysis_set(sequences, data)
     _check_analysis_set(batches, data.path, vocab=getattr(hf_config, "vocab_size", None))
     _check_address(config.cluster.address)
+    num_params = _check_eigen_k(config, model_path) if config.eigen.k else None
     check_output_dir(config, fresh=fresh)
-    return Prepared(config, model_path, batches)
+    return Prepared(config, model_path, batches, num_params=num_params)
+
+
+def _check_eigen_k(config: RunConfig, model_path: str | None) -> int | None:
+    """eigen.k within the Hessian's dimension: the parameters counted on the meta device (a second or so, only
+    with eigen.k > 0), before anything is written to output_dir. Returns the count (None if the meta build
+    failed: the ranks report that model)."""
+    from hessian_core.models import parameter_count
+
+    try:
+        count = parameter_count(spec_for(config, model_path))
+    except Exception:  # noqa: BLE001 - a model the meta build cannot make is the ranks' to report
+        return None
+    if config.eigen.k > count:
+        raise ConfigError(f"eigen.k={config.eigen.k} exceeds the model's {count:,} parameters (the Hessian's "
+                          f"dimension); set eigen.k <= {count}")
+    return count
 
 
 def _check_analysis_set(batches: torch.Tensor | BatchSet, data_path: str, *, vocab: int | None) -> None:

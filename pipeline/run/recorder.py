@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from actors.records import BlockResult, BlockSpectrumResult, Calibration, GroupInfo, Placement, ProbeResult, as_dict
+from actors.records import (BlockResult, BlockSpectrumResult, Calibration, EigenpairsResult, GroupInfo, Placement,
+                            ProbeResult, as_dict)
 from hessian_core import SpectralMeasure, latest_complete_step, ritz_rule, smoothed_density
 from hessian_core.checkpoint import discard_after
 from hessian_core.error_bars import summary_error_fields
@@ -24,8 +25,8 @@ from hessian_core.statistics import bulk_interval
 from .output_lock import ensure_held
 from .preflight import Prepared
 from .ray_connection import versions
-from .run_folder import (BLOCKS_PNG, DENSITY_PNG, REWRITE_FACTOR, BlockSpectrum, RunFolder, RunInfo, TableWriter,
-                         sigma_of)
+from .run_folder import (BLOCKS_PNG, DENSITY_PNG, EIGEN_MASS_PNG, EIGENVECTORS, LANDSCAPE_PNG, REWRITE_FACTOR,
+                         BlockSpectrum, RunFolder, RunInfo, TableWriter, sigma_of)
 
 PHASES = ("startup", "load", "calibration", "probes", "finish")
 CHEAP_SAVE_SECONDS = 0.05  # a run.json written faster than this is written after every event
@@ -59,6 +60,7 @@ class Recorder:
         self.previous: RunInfo = self.folder.read_info() or RunInfo()
         self.grad_seconds = self.previous.grad_seconds
         self.tables = TableWriter(self.folder, config_json=self.config.to_json())
+        self.eigen_done = self.folder.has_eigen()  # an earlier invocation finished the eigen task
         self._note_resumed()
         self._keep_previous()
 
@@ -81,12 +83,15 @@ class Recorder:
     def _note_resumed(self) -> None:
         checkpoints = self.folder.checkpoint_steps(pid for pid in range(self.config.lanczos.probes)
                                                    if pid not in self.probes)
-        if self.probes or self.block_probes or self.block_spectra or checkpoints:
+        eigen = _eigen_progress(self.folder) if self.config.eigen.k else None
+        if self.probes or self.block_probes or self.block_spectra or checkpoints or eigen:
             self.info["resumed"] = True
             self.info["resumed_from"] = {"finished_probes": sorted(self.probes),
                                          "finished_block_probes": sorted(self.block_probes),
                                          "finished_block_spectra": len(self.block_spectra),
                                          "checkpoint_steps": {str(k): v for k, v in checkpoints.items()}}
+            if eigen:
+                self.info["resumed_from"]["eigen"] = eigen
 
     def _keep_previous(self) -> None:
         """An earlier invocation's record stays (num_params, eps, its calibration, a summary until the finish
@@ -214,6 +219,25 @@ class Recorder:
             values=rule.values.tolist(), weights=rule.weights.tolist(), block_size=result.block_size))
         self._save_soon()
 
+    def add_eigen(self, result: EigenpairsResult) -> None:
+        """The eigen task's tables (eigenpairs.parquet last: the task counts as finished once it is written), its
+        summary in run.json's ``eigen``; its solver states are no longer needed."""
+        self.hvp_count += result.hvp_count
+        self.tables.write_eigen(**eigen_columns(result))
+        self.info["eigen"] = eigen_summary(result, compute_dtype=self.config.model.compute_dtype
+                                           or self.config.model.dtype)
+        self.eigen_done = True
+        self.folder.remove_eigen_checkpoint()
+        self.save_info()
+
+    def clear_unfinished_eigen_checkpoint(self) -> None:
+        """Before the eigen task (re)starts: drop the solver states a group killed mid-save left incomplete (maybe
+        of another group size), which a save of the same name would otherwise find."""
+        from hessian_core.eigen_checkpoint import discard_incomplete
+
+        ensure_held(self.out)
+        discard_incomplete(self.folder.eigen_checkpoint_dir)
+
     def complete(self, *, failures_recovered: int) -> None:
         self.info["worker_failures_recovered"] = failures_recovered
         ensure_held(self.out)  # deletes, then writes: not in a folder another run took over
@@ -231,7 +255,7 @@ class Recorder:
         self.info["error"] = f"{type(err).__name__}: {text.splitlines()[-1] if text else ''}"
         try:
             self.tables.compact()  # the folder as the finish leaves it: whole tables, no parts
-            if self.probes or self.block_probes or self.block_spectra:
+            if self.probes or self.block_probes or self.block_spectra or self.eigen_done:
                 self.finish()
         finally:
             self.save_info()
@@ -244,7 +268,7 @@ class Recorder:
         self.info["interrupted_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         try:
             self.tables.compact()
-            if self.probes or self.block_probes:
+            if self.probes or self.block_probes or self.eigen_done:
                 self.finish()
         finally:
             self.save_info()
@@ -289,6 +313,60 @@ def block_spectra_summary(df) -> dict:
             for block, rows in df.groupby("block", sort=False)}
 
 
+def _eigen_progress(folder: RunFolder) -> str | dict | None:
+    """What an earlier invocation left of the eigen task: ``"finished"``, or the restarts and HVPs of its newest
+    complete solver state, or None."""
+    from hessian_core.eigen_checkpoint import latest_eigen_state
+
+    if folder.has_eigen():
+        return "finished"
+    found = latest_eigen_state(folder.eigen_checkpoint_dir)
+    return None if found is None else {"restarts": found[1]["restarts"], "hvps": found[1]["hvps"]}
+
+
+def eigen_columns(result: EigenpairsResult) -> dict[str, dict]:
+    """The eigen task's tables as columns (``TableWriter.write_eigen``): one row per pair; one per eigenvector
+    and parameter tensor; one per landscape point (slice ``1d``: t1 along u_1, t2 = 0; ``2d``: t1 along u_1,
+    t2 along u_2)."""
+    n, p = len(result.eigenvalues), len(result.mass_tensors)
+    pairs = {"index": list(range(n)), "eigenvalue": result.eigenvalues, "residual": result.residuals,
+             "fd_bound": result.fd_bounds, "error": result.errors, "converged": result.converged,
+             "rayleigh_eps": result.rayleigh_eps, "rayleigh_2eps": result.rayleigh_2eps}
+    mass = {"eigenvector": [i for i in range(n) for _ in range(p)], "block": result.mass_block_of * n,
+            "tensor": result.mass_tensors * n, "mass": [m for row in result.mass_per_tensor for m in row]}
+    grid = [(s, t, loss) for s, row in zip(result.landscape_2d_s, result.landscape_2d_loss)
+            for t, loss in zip(result.landscape_2d_t, row)]
+    landscape = {"slice": ["1d"] * len(result.landscape_t) + ["2d"] * len(grid),
+                 "t1": result.landscape_t + [g[0] for g in grid],
+                 "t2": [0.0] * len(result.landscape_t) + [g[1] for g in grid],
+                 "loss": result.landscape_loss + [g[2] for g in grid]}
+    return {"pairs": pairs, "mass": mass, "landscape": landscape}
+
+
+def eigen_summary(result: EigenpairsResult, *, compute_dtype: str) -> dict:
+    """run.json's ``eigen``: the solver's run (k, which, tol, hvps, restarts, why it stopped, how many pairs
+    converged), the eigenvalues with their bars, the gradient fraction, and the landscape's curvature check
+    (the second difference at t = 0 along u_1, which equals lambda_1 within ``landscape_curvature_bound``)."""
+    import torch
+
+    from hessian_core.eigen_measures import curvature_at_0
+
+    out = {"k": result.k, "which": result.which, "tol": result.tol, "eps": result.eps, "hvps": result.hvps,
+           "restarts": result.restarts, "stopped": result.stopped, "converged": int(sum(result.converged)),
+           "all_converged": all(result.converged), "eigenvalues": result.eigenvalues, "errors": result.errors,
+           "norm_estimate": result.norm_estimate, "gradient_fraction": result.gradient_fraction,
+           "grad_norm": result.grad_norm, "loss": result.loss,
+           "vectors": EIGENVECTORS if result.vectors_saved else None,
+           "resumed_at_restart": result.resumed_at_restart, "resumed_at_hvps": result.resumed_at_hvps,
+           "seconds": result.seconds}
+    if len(result.landscape_t) >= 3:
+        eps_mach = float(torch.finfo(getattr(torch, compute_dtype)).eps)
+        second, bound = curvature_at_0(result.landscape_t, result.landscape_loss, eps_mach=eps_mach)
+        out.update(landscape_range=max(result.landscape_t), landscape_curvature=second,
+                   landscape_curvature_bound=bound)
+    return out
+
+
 def draw_plots(run_dir: str) -> list[str]:
     """(Re)draw every plot whose table exists; returns the files written."""
     from .plots import plot_blocks, plot_density
@@ -320,4 +398,33 @@ def draw_plots(run_dir: str) -> list[str]:
         plot_blocks(folder.plot_path(BLOCKS_PNG), blocks=names, rel_error=rel, cosine=cos,
                     title="Block-diagonal approximation: per-block error of H v")
         written.append(BLOCKS_PNG)
+    written += _draw_eigen_plots(folder)
+    return written
+
+
+def _draw_eigen_plots(folder: RunFolder) -> list[str]:
+    """eigen_mass.png (eigenvector x block heatmap) and landscape.png (the 1-D curve and the 2-D contour) from
+    the eigen task's tables, where they exist."""
+    from .plots import plot_eigen_mass, plot_landscape
+
+    written = []
+    pairs, mass = folder.eigenpairs_frame(), folder.eigen_mass_frame()
+    if pairs is not None and mass is not None and len(mass):
+        blocks = list(dict.fromkeys(mass.block))  # model order
+        per_block = mass.groupby(["eigenvector", "block"], sort=False).mass.sum().unstack("block")[blocks]
+        plot_eigen_mass(folder.plot_path(EIGEN_MASS_PNG), blocks=blocks, mass=per_block.sort_index().to_numpy(),
+                        eigenvalues=pairs.sort_values("index").eigenvalue.to_numpy())
+        written.append(EIGEN_MASS_PNG)
+    landscape = folder.landscape_frame()
+    if pairs is not None and landscape is not None and len(landscape):
+        one = landscape[landscape["slice"] == "1d"]
+        two = landscape[landscape["slice"] == "2d"]
+        grid = None
+        if len(two):
+            table = two.pivot(index="t1", columns="t2", values="loss").sort_index().sort_index(axis=1)
+            grid = (table.index.to_numpy(), table.columns.to_numpy(), table.to_numpy())
+        values = pairs.sort_values("index").eigenvalue.to_numpy()
+        plot_landscape(folder.plot_path(LANDSCAPE_PNG), t=one.t1.to_numpy(), loss=one.loss.to_numpy(), grid=grid,
+                       eigenvalues=values[:2])
+        written.append(LANDSCAPE_PNG)
     return written

@@ -9,7 +9,8 @@ Recording stays flat as tasks grow: a finished task is one record appended to it
 (``parts/``); the whole tables are rewritten, and the part logs they now hold deleted, only while that costs at
 most 1/REWRITE_FACTOR of the time since the last rewrite, and always at the finish. Tables are written
 atomically and a part record cut short by a kill is never read, so a kill at any point leaves complete tables
-plus complete parts, which a resume reads back together (a row in both is one row).
+plus complete parts, which a resume reads back together (a row in both is one row). The eigen task, one a run,
+writes its three tables whole when it finishes, and the eigenvectors' DCP folder (``eigenvectors/``) is its own.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ import numpy as np
 import pyarrow as pa
 
 from hessian_core import RitzRule, latest_complete_step, ritz_rule
+from hessian_core.eigen_checkpoint import partial_folder
 from hessian_core.quadrature import SIGMA_FRACTION, block_densities, rules_from_columns
 
 from .config import ConfigError
 from .output_lock import LOCK_NAME, ensure_held
-from .tables import (BLOCK_RITZ_SCHEMA, BLOCKS_SCHEMA, DENSITY_SCHEMA, LANCZOS_SCHEMA, RITZ_SCHEMA, read_json,
-                     read_table, write_json, write_table)
+from .tables import (BLOCK_RITZ_SCHEMA, BLOCKS_SCHEMA, DENSITY_SCHEMA, EIGEN_MASS_SCHEMA, EIGENPAIRS_SCHEMA,
+                     LANCZOS_SCHEMA, LANDSCAPE_SCHEMA, RITZ_SCHEMA, read_json, read_table, write_json, write_table)
 
 RUN_JSON = "run.json"
 LANCZOS = "lanczos.parquet"
@@ -39,6 +41,14 @@ BLOCKS = "blocks.parquet"
 BLOCK_RITZ = "block_ritz.parquet"
 DENSITY_PNG = "density.png"
 BLOCKS_PNG = "blocks.png"
+EIGENPAIRS = "eigenpairs.parquet"
+EIGEN_MASS = "eigen_mass.parquet"
+LANDSCAPE = "landscape.parquet"
+EIGEN_MASS_PNG = "eigen_mass.png"
+LANDSCAPE_PNG = "landscape.png"
+EIGENVECTORS = "eigenvectors"  # a torch.distributed.checkpoint folder (hessian_core.save_eigenvectors)
+EIGEN_CHECKPOINTS = "eigen"  # the eigen task's solver states, under CHECKPOINTS
+PLOTS = (DENSITY_PNG, BLOCKS_PNG, EIGEN_MASS_PNG, LANDSCAPE_PNG)
 CHECKPOINTS = "checkpoints"
 PARTS = "parts"  # finished tasks not yet compacted into the tables: one append-only log per table
 PART_LOG_SUFFIX = ".arrows"
@@ -46,7 +56,8 @@ SWEEP_JSON = "sweep.json"  # a sweep folder's record: a run folder never holds o
 CONFIG_YAML = "config.yaml"  # a sweep point's config, to resume the point alone
 HVP_ERROR = "hvp-error"  # the hvp-error study's default folder inside a run's output_dir
 # what --fresh removes (the checkpoints and parts are folders)
-OUTPUT_FILES = (RUN_JSON, LANCZOS, RITZ, DENSITY, BLOCKS, BLOCK_RITZ, DENSITY_PNG, BLOCKS_PNG)
+OUTPUT_FILES = (RUN_JSON, LANCZOS, RITZ, DENSITY, BLOCKS, BLOCK_RITZ, DENSITY_PNG, BLOCKS_PNG, EIGENPAIRS, EIGEN_MASS,
+                LANDSCAPE, EIGEN_MASS_PNG, LANDSCAPE_PNG)
 # a task's table, written as a part per finished task; ritz.parquet follows from lanczos.parquet
 PART_TABLES = {LANCZOS: LANCZOS_SCHEMA, BLOCKS: BLOCKS_SCHEMA, BLOCK_RITZ: BLOCK_RITZ_SCHEMA}
 REWRITE_FACTOR = 20  # the whole tables are rewritten when that costs <= 1/20 of the time since the last rewrite
@@ -66,6 +77,7 @@ class RunInfo:
     density: dict | None = None
     blocks: dict | None = None
     block_spectra: dict | None = None
+    eigen: dict | None = None  # the eigen task's summary (Recorder.add_eigen)
     timing: dict | None = None
     groups: list | None = None
     probe_groups: dict | None = None
@@ -132,6 +144,16 @@ class RunFolder:
         return os.path.abspath(os.path.join(self.path, CHECKPOINTS, f"probe-{probe_id:05d}"))
 
     @property
+    def eigen_checkpoint_dir(self) -> str:
+        """The eigen task's solver states (hessian_core.eigen_checkpoint)."""
+        return os.path.abspath(os.path.join(self.path, CHECKPOINTS, EIGEN_CHECKPOINTS))
+
+    @property
+    def eigenvectors_dir(self) -> str:
+        """The eigenvectors' torch.distributed.checkpoint folder (hessian_core.save_eigenvectors)."""
+        return os.path.abspath(self.file(EIGENVECTORS))
+
+    @property
     def lock_path(self) -> str:
         return self.file(LOCK_NAME)
 
@@ -194,9 +216,14 @@ class RunFolder:
                 os.unlink(self.file(name))
         shutil.rmtree(self.file(PARTS), ignore_errors=True)
         shutil.rmtree(self.file(CHECKPOINTS), ignore_errors=True)
+        for folder in (self.eigenvectors_dir, partial_folder(self.eigenvectors_dir)):
+            shutil.rmtree(folder, ignore_errors=True)
 
     def remove_checkpoint(self, probe_id: int) -> None:
         shutil.rmtree(self.checkpoint_dir(probe_id), ignore_errors=True)
+
+    def remove_eigen_checkpoint(self) -> None:
+        shutil.rmtree(self.eigen_checkpoint_dir, ignore_errors=True)
 
     def remove_checkpoints(self) -> None:
         shutil.rmtree(self.file(CHECKPOINTS), ignore_errors=True)
@@ -318,9 +345,29 @@ class RunFolder:
         path = self.file(BLOCK_RITZ)
         return read_table(path).to_pandas() if os.path.exists(path) else None
 
+    # -- the eigen task's results (one task: its tables are written whole, eigenpairs.parquet last) ----------------
+    def has_eigen(self) -> bool:
+        """Whether the eigen task finished: eigenpairs.parquet, the last of its tables written, is in place."""
+        return os.path.exists(self.file(EIGENPAIRS))
+
+    def _frame(self, name: str):
+        return read_table(self.file(name)).to_pandas() if os.path.exists(self.file(name)) else None
+
+    def eigenpairs_frame(self):
+        """eigenpairs.parquet as a DataFrame, None without it."""
+        return self._frame(EIGENPAIRS)
+
+    def eigen_mass_frame(self):
+        """eigen_mass.parquet as a DataFrame, None without it."""
+        return self._frame(EIGEN_MASS)
+
+    def landscape_frame(self):
+        """landscape.parquet as a DataFrame, None without it."""
+        return self._frame(LANDSCAPE)
+
     def plot_path(self, name: str) -> str:
-        """density.png or blocks.png in this folder."""
-        if name not in (DENSITY_PNG, BLOCKS_PNG):
+        """One of the run's plots (PLOTS) in this folder."""
+        if name not in PLOTS:
             raise ValueError(f"not a plot of a run folder: {name!r}")
         return self.file(name)
 
@@ -404,6 +451,14 @@ class TableWriter:
     def rules(self) -> list[RitzRule]:
         """The finished probes' rules in probe order."""
         return [self.rule(pid) for pid in sorted(self.probes)]
+
+    def write_eigen(self, *, pairs: dict, mass: dict, landscape: dict) -> None:
+        """The eigen task's tables (columns as EIGENPAIRS_SCHEMA, EIGEN_MASS_SCHEMA, LANDSCAPE_SCHEMA), each whole;
+        eigenpairs.parquet last: a kill before it leaves the task unfinished (``has_eigen``), and a resume
+        rewrites the others."""
+        write_table(self.folder.file(EIGEN_MASS), mass, schema=EIGEN_MASS_SCHEMA, config_json=self.config_json)
+        write_table(self.folder.file(LANDSCAPE), landscape, schema=LANDSCAPE_SCHEMA, config_json=self.config_json)
+        write_table(self.folder.file(EIGENPAIRS), pairs, schema=EIGENPAIRS_SCHEMA, config_json=self.config_json)
 
     def write_density(self, grid: np.ndarray, density: np.ndarray) -> None:
         write_table(self.folder.file(DENSITY), {"value": grid, "density": density}, schema=DENSITY_SCHEMA,

@@ -27,6 +27,14 @@ BLOCKS_SCHEMA = pa.schema([("probe_id", pa.int32()), ("block", pa.string()), ("r
                            ("cosine", pa.float64()), ("whole_rel_error", pa.float64())])
 BLOCK_RITZ_SCHEMA = pa.schema([("block", pa.string()), ("probe_id", pa.int32()), ("value", pa.float64()),
                                ("weight", pa.float64()), ("block_size", pa.int64())])
+# the eigen task's tables (pipeline.run.recorder.Recorder.add_eigen), each written whole once
+EIGENPAIRS_SCHEMA = pa.schema([("index", pa.int32()), ("eigenvalue", pa.float64()), ("residual", pa.float64()),
+                               ("fd_bound", pa.float64()), ("error", pa.float64()), ("converged", pa.bool_()),
+                               ("rayleigh_eps", pa.float64()), ("rayleigh_2eps", pa.float64())])
+EIGEN_MASS_SCHEMA = pa.schema([("eigenvector", pa.int32()), ("block", pa.string()), ("tensor", pa.string()),
+                               ("mass", pa.float64())])
+LANDSCAPE_SCHEMA = pa.schema([("slice", pa.string()), ("t1", pa.float64()), ("t2", pa.float64()),
+                              ("loss", pa.float64())])
 CONFIG_METADATA_KEY = b"hessian_spectrum.config"
 
 

@@ -63,3 +63,35 @@ def test_sweep_values_that_parse_equal_are_refused(files, tmp_path, capsys, no_r
     assert "'03'" in err and "'3'" in err, err
     assert not os.path.exists(tmp_path / "sweep" / "steps=3")
     assert yaml.safe_load("03") == 3  # the reason: YAML reads both as the integer 3
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("eigen.k=-1", "eigen.k must be >= 0"),
+    ("eigen.which=LR", "eigen.which: 'LR' is not valid; expected 'LA' or 'SA' or 'LM'"),
+    ("eigen.tol=0", "eigen.tol must be > 0"),
+    ("eigen.max_hvps=0", "eigen.max_hvps must be >= 1"),
+    ("eigen.basis=4", "eigen.basis must be >= eigen.k + 2 = 5"),
+    ("eigen.save_vectors=maybe", "eigen.save_vectors: 'maybe' is not valid; expected bool"),
+    ("eigen.landscape.points_1d=20", "eigen.landscape.points_1d must be an odd number >= 3"),
+    ("eigen.landscape.points_2d=1", "eigen.landscape.points_2d must be an odd number >= 3"),
+    ("eigen.landscape.range=-1", "eigen.landscape.range must be > 0 or 'auto'"),
+    ("eigen.landscape.steps=3", "unknown config key 'eigen.landscape.steps'"),
+])
+def test_a_bad_eigen_value_exits_2_in_one_line_before_ray(files, tmp_path, capsys, no_ray, override, needle):
+    config = write_config(str(tmp_path / "c.yaml"), output_dir=str(tmp_path / "out"), eigen={"k": 3}, **files)
+    assert main(["run", config, "--set", override]) == 2
+    err = one_line(capsys)
+    assert needle in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_eigen_k_beyond_the_models_dimension_exits_2_before_ray(tmp_path, capsys, no_ray):
+    from pipeline_fixtures import assets
+
+    model, data = assets(str(tmp_path))  # the tiny GPT-NeoX: 1,128 parameters, counted on the meta device
+    config = write_config(str(tmp_path / "c.yaml"), model=model, data=data, output_dir=str(tmp_path / "out"),
+                          eigen={"k": 2000})
+    assert main(["run", config]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "eigen.k=2000 exceeds the model's 1,128 parameters" in err[-1] and "Traceback" not in "".join(err)
+    assert not (tmp_path / "out" / "run.json").exists()  # refused by the preflight, before the run records anything

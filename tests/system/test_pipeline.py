@@ -14,6 +14,8 @@ from pipeline.run.tables import CONFIG_METADATA_KEY
 from pipeline_fixtures import assets, write_config
 
 LAYOUTS = {"1x1": (1, 1), "2x1": (2, 1), "1x2": (1, 2)}  # groups x workers; 2x1 after 1x1 takes its kept group
+# the 2-rank run also computes the top 3 eigenpairs (its eigenvectors saved by 2 ranks, read here by 1)
+EIGEN = {"k": 3, "tol": 1e-6, "landscape": {"points_2d": 5}}
 # one worker runs the whole module: its runs fixture is built once, on the module's shared Ray
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shared_ray"), pytest.mark.xdist_group("pipeline")]
 
@@ -26,7 +28,7 @@ def runs(tmp_path_factory, shared_ray):
     for name, (groups, workers) in LAYOUTS.items():
         config = write_config(str(tmp / f"{name}.yaml"), model=model, data=data, output_dir=str(tmp / name),
                               cluster={"num_groups": groups, "num_workers": workers}, hvp={"eps": "auto"},
-                              blocks={"enabled": name == "1x2", "probes": 2})
+                              blocks={"enabled": name == "1x2", "probes": 2}, eigen=EIGEN if name == "1x2" else {})
         assert main(["run", config]) == 0
         out[name] = str(tmp / name)
     # converged extremes: more steps and an eps near the float64 optimum
@@ -117,12 +119,21 @@ def test_run_json_records_status_summary_and_timing(runs):
     assert t["hvp_count"] >= 60 and t["total_seconds"] > 0
 
 
-def test_ritz_extremes_match_the_dense_hessian(runs):
+@pytest.fixture(scope="module")
+def dense(runs):
+    """(model, analysis batches, dense Hessian, its eigenvalues ascending, eigenvectors as columns) of the runs'
+    model and data."""
     from hessian_core.models import ModelSpec, load_model
 
     model = load_model(ModelSpec(path=runs["model"], dtype="float64"))
     batches = list(make_batches(num_batches=1, batch_size=8, seed=7)[0].reshape(2, 4, -1))
-    eigenvalues = torch.linalg.eigvalsh(dense_hessian(model, batches))
+    hessian = dense_hessian(model, batches)
+    values, vectors = torch.linalg.eigh(hessian)
+    return model, batches, hessian, values, vectors
+
+
+def test_ritz_extremes_match_the_dense_hessian(runs, dense):
+    eigenvalues = dense[3]
     summary = json.load(open(os.path.join(runs["long"], "run.json")))["summary"]
     assert abs(summary["lambda_max"] - float(eigenvalues[-1])) <= 1e-6 * abs(float(eigenvalues[-1]))
     assert abs(summary["lambda_min"] - float(eigenvalues[0])) <= 1e-4 * abs(float(eigenvalues[0]))
@@ -132,11 +143,12 @@ def test_plots_are_png_and_plot_show_commands_work(runs, capsys):
     from PIL import Image
 
     run_dir = runs["1x2"]
-    for name in ("density.png", "blocks.png"):
+    plots = ("density.png", "blocks.png", "eigen_mass.png", "landscape.png")
+    for name in plots:
         path = os.path.join(run_dir, name)
         os.unlink(path)
     assert main(["plot", run_dir]) == 0
-    for name in ("density.png", "blocks.png"):
+    for name in plots:
         with Image.open(os.path.join(run_dir, name)) as img:
             assert img.format == "PNG" and img.size[0] > 300
     assert main(["show", run_dir]) == 0
@@ -200,3 +212,80 @@ def test_a_fixed_eps_without_assessment_costs_exactly_the_slq_hvps(tmp_path):
     assert info["timing"]["grad_seconds"] > 0
 
 
+
+
+def test_the_eigen_task_writes_pairs_vectors_mass_and_landscape_that_match_the_dense_hessian(runs, dense):
+    """The 2-rank run's top 3 eigenpairs (FD operator at the auto eps) against the dense float64 Hessian: the
+    eigenvalues to 1e-6 of |lambda|max within their bars, the eigenvectors read at world size 1 with dcp.load
+    (saved by the 2 ranks), the mass, the gradient fraction and the 1-D landscape's curvature at 0."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.func import functional_call
+
+    from hessian_core import causal_lm_loss
+
+    model, batches, hessian, values, vectors = dense
+    run_dir = runs["1x2"]
+    info = json.load(open(os.path.join(run_dir, "run.json")))
+    eigen = info["eigen"]
+    assert (eigen["k"], eigen["which"], eigen["converged"], eigen["stopped"]) == (3, "LA", 3, "converged")
+    assert eigen["hvps"] > 0 and eigen["restarts"] >= 1 and eigen["vectors"] == "eigenvectors"
+    assert not os.path.exists(os.path.join(run_dir, "checkpoints"))
+    pairs = pq.read_table(os.path.join(run_dir, "eigenpairs.parquet")).to_pandas().sort_values("index")
+    assert list(pairs.columns) == ["index", "eigenvalue", "residual", "fd_bound", "error", "converged",
+                                   "rayleigh_eps", "rayleigh_2eps"]
+    top = values.numpy()[::-1][:3].copy()
+    scale = float(values.abs().max())
+    error = np.abs(pairs.eigenvalue.to_numpy() - top)
+    assert np.max(error) <= 1e-6 * scale
+    assert np.all(error <= pairs.error.to_numpy())  # each bar covers its eigenvalue's true error
+    assert pairs.converged.all() and (pairs.residual <= 1e-6 * scale).all()
+
+    # the eigenvectors the 2 ranks saved, read by one process into a model-shaped mapping per eigenvector
+    target = {f"eigenvector_{i}": {n: torch.empty_like(p) for n, p in model.named_parameters()} for i in range(3)}
+    with warnings.catch_warnings():  # that it reads in one process, which it is asked to
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(target, checkpoint_id=os.path.join(run_dir, "eigenvectors"), no_dist=True)
+    u = torch.stack([torch.cat([t.reshape(-1) for t in target[f"eigenvector_{i}"].values()]) for i in range(3)])
+    assert torch.allclose(u @ u.T, torch.eye(3, dtype=torch.float64), atol=1e-12)
+    # Davis-Kahan: 1 - |cos| <= (residual / gap)^2 + the FD operator's own tilt; the gap of each of the top 3 to
+    # the rest of the spectrum is stated here (>= 1e3 x tol x |lambda|max)
+    gaps = [float(np.min(np.abs(np.delete(values.numpy(), -1 - i) - top[i]))) for i in range(3)]
+    assert min(gaps) >= 1e3 * 1e-6 * scale  # measured: 0.70, 0.44, 0.44, and |lambda|max = 4.52
+    cosines = (u @ vectors[:, [-1, -2, -3]]).diagonal().abs()
+    assert float(cosines.min()) >= 1 - 1e-6
+
+    # eigen mass: each eigenvector's squared mass per tensor, read off the saved vectors themselves
+    mass = pq.read_table(os.path.join(run_dir, "eigen_mass.parquet")).to_pandas()
+    assert np.allclose(mass.groupby("eigenvector").mass.sum(), 1.0, atol=1e-12)
+    for i in range(3):
+        rows = mass[mass.eigenvector == i].set_index("tensor").mass
+        for name, t in target[f"eigenvector_{i}"].items():
+            assert abs(rows[name] - float(t.pow(2).sum())) <= 1e-12
+    assert set(mass.block) == {"gpt_neox.embed_in", "gpt_neox.layers.0", "gpt_neox.final_layer_norm", "lm_head"}
+
+    # the gradient fraction: |U^T g|^2 / |g|^2 with the dense gradient and the saved (orthonormal) eigenvectors
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    loss = sum(causal_lm_loss(lambda **kw: functional_call(model, params, args=(), kwargs=kw), b)
+               for b in batches) / len(batches)
+    g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, list(params.values()))])
+    expected = float((u @ g).pow(2).sum() / g.pow(2).sum())
+    assert abs(eigen["gradient_fraction"] - expected) <= 1e-8
+
+    # the 1-D landscape along u_1: its second difference at t = 0 is lambda_1 within the grid's truncation
+    # bound, h^2/12 x |L''''| (the five central points' fourth difference, x2 for its variation over [-2h, 2h])
+    # plus the round-off 4 eps_mach |L(0)| / h^2; the line is the saved u_1, whose curvature u^T H u is
+    # lambda_1 to (1 - cos^2) x the spread of the spectrum
+    land = pq.read_table(os.path.join(run_dir, "landscape.parquet")).to_pandas()
+    one = land[land["slice"] == "1d"].sort_values("t1")
+    t, f = one.t1.to_numpy(), one.loss.to_numpy()
+    assert len(t) == 21 and t[10] == 0.0 and np.allclose(t, -t[::-1], rtol=0, atol=0)
+    assert abs(f[10] - loss.item()) <= 1e-12 * loss.item()
+    h = t[11] - t[10]
+    second = (f[11] - 2 * f[10] + f[9]) / h ** 2
+    fourth = (f[8] - 4 * f[9] + 6 * f[10] - 4 * f[11] + f[12]) / h ** 4
+    bound = 2 * h ** 2 / 12 * abs(fourth) + 4 * np.finfo(float).eps * abs(f[10]) / h ** 2
+    assert abs(second - top[0]) <= bound  # measured: h = 0.125 (auto range 1.25), 4.407 against 4.515, bound 0.20
+    assert eigen["landscape_curvature"] == pytest.approx(second, rel=1e-12)
+    assert len(land[land["slice"] == "2d"]) == 25

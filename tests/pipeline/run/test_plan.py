@@ -357,3 +357,23 @@ def test_a_qwen3_30b_a3b_plan_counts_every_expert_and_the_activations_of_the_rou
     assert block_bytes(128, 8) - block_bytes(64, 8) < tokens * 64 * 4 * 4 < tokens * 64 * per_expert_token
     # twice the routed experts: their activations grow with them
     assert block_bytes(128, 16) - block_bytes(128, 8) >= tokens * 8 * per_expert_token
+
+
+def test_the_plan_counts_the_eigen_tasks_vectors_beyond_the_lanczos_rows_and_its_hvps(tmp_path):
+    from hessian_core.eigen import default_basis, kept_vectors
+    from pipeline.run.plan import format_plan
+
+    config = load_config(tiny_run_config(tmp_path, eigen={"k": 5, "max_hvps": 300}, lanczos={"vectors": "device"},
+                                         hvp={"restore": "device"}))
+    plan = plan_run(config)
+    s = plan.shape.local_params
+    rows = dict(plan.rows)
+    basis, kept = default_basis(5), kept_vectors(5, default_basis(5))
+    assert (basis, kept) == (15, 10)
+    # a group runs one task at a time: the eigen task's basis + 1 rows and the larger of its 5 results and its
+    # restart's rotation buffer (10 kept rows x the whole tiny shard), less the probe's 8 Lanczos rows it replaces
+    assert rows["eigenpairs: 15 + 1 basis and 5 result rows, beyond the Lanczos rows"] == (16 + 10 - 8) * s * 4
+    assert plan.total == sum(rows.values())
+    assert plan.checkpoint_per_save == max(10 * s * 4, (kept + 1) * s * 4)  # a saved eigen state: 10 kept + next
+    text = format_plan(plan, device_bytes=None, grad=None)
+    assert "HVPs: 350 (4 probes x 10 steps + up to 310 for the top 5 eigenpairs, and 142 landscape forwards)" in text

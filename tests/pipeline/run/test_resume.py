@@ -188,3 +188,85 @@ def test_a_run_whose_lock_is_taken_over_stops_recording_nothing_and_the_new_hold
     assert info["status"] == "complete" and json.load(open(out / "run.json"))["status"] == "complete"
     assert pq.read_table(out / "lanczos.parquet").to_pandas().probe_id.unique().tolist() == [0, 1]
     assert not (out / LOCK_NAME).exists()
+
+
+# a small basis (k + 3): a restart, and so a saved state, every 2 HVPs, and a tight tol: many restarts, and time
+# to be killed after the second one
+EIGEN_KILLED = {"k": 3, "tol": 1e-10, "basis": 6, "max_hvps": 2000, "landscape": {"points_1d": 0, "points_2d": 0}}
+
+
+def test_an_eigen_task_killed_after_a_restart_resumes_from_its_state_with_fewer_hvps_to_the_same_pairs(
+        tmp_path, shared_ray_address):
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from helpers import make_batches
+    from hessian_core import FiniteDifferenceHVP, ParamSpace, latest_eigen_state, thick_restart_lanczos
+    from hessian_core.models import ModelSpec, load_model
+    from pipeline.run.driver import EIGEN_SEED_OFFSET
+
+    model, data = assets(str(tmp_path))
+    out = tmp_path / "run"
+    cfg = write_config(str(tmp_path / "run.yaml"), output_dir=str(out), model=model, data=data,
+                       lanczos={"probes": 0}, eigen=EIGEN_KILLED, cluster={"address": shared_ray_address})
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", cfg], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    killed_at = None
+    tree = set()
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            found = latest_eigen_state(str(out / "checkpoints" / "eigen"))
+        except OSError:  # pruned between listing and reading: a newer state is complete
+            found = None
+        if found and found[1]["restarts"] >= 2:
+            tree = descendants(proc.pid)
+            os.kill(proc.pid, signal.SIGKILL)
+            killed_at = found[1]["restarts"]
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=60)
+    kill_all(alive(tree))
+    assert killed_at is not None, "the driver finished or stalled before it could be killed mid-solve"
+    assert json.load(open(out / "run.json"))["status"] == "running" and not (out / "eigenpairs.parquet").exists()
+
+    assert main(["run", cfg]) == 0
+    info = json.load(open(out / "run.json"))
+    eigen = info["eigen"]
+    assert info["status"] == "complete" and info["resumed_from"]["eigen"]["restarts"] >= killed_at
+    assert eigen["resumed_at_restart"] >= killed_at and eigen["all_converged"]
+    # this invocation: the solver's HVPs since the state it resumed from, and 2 a pair for the bars; no calibration
+    assert info["timing"]["hvp_count"] == eigen["hvps"] - eigen["resumed_at_hvps"] + 2 * 3 < eigen["hvps"] + 2 * 3
+    assert not (out / "checkpoints").exists()
+
+    # the same pairs as a solve never interrupted, bit for bit: the solver in this process, on the same model,
+    # data, eps and start vector (one rank, as the run's group: the same arithmetic)
+    reference_model = load_model(ModelSpec(path=model, dtype="float64"))
+    batches = list(make_batches(num_batches=1, batch_size=8, seed=7)[0].reshape(2, 4, -1))
+    space = ParamSpace(reference_model)
+    op = FiniteDifferenceHVP(reference_model, batches, eps=info["eps"], space=space)
+    reference = thick_restart_lanczos(op.matvec, space=space, k=3, which="LA", tol=EIGEN_KILLED["tol"],
+                                      max_hvps=EIGEN_KILLED["max_hvps"], basis=EIGEN_KILLED["basis"],
+                                      seed=EIGEN_SEED_OFFSET)
+    pairs = pq.read_table(out / "eigenpairs.parquet").to_pandas().sort_values("index")
+    assert reference.hvps == eigen["hvps"] and reference.restarts == eigen["restarts"]
+    assert np.array_equal(pairs.eigenvalue.to_numpy(), reference.eigenvalues)
+    assert np.array_equal(pairs.residual.to_numpy(), reference.residuals)
+    # and the saved eigenvectors, read back with dcp.load, are the in-memory ones of that solve, bit for bit
+    target = {f"eigenvector_{i}": {n: torch.empty_like(p) for n, p in reference_model.named_parameters()}
+              for i in range(3)}
+    with warnings.catch_warnings():  # that it reads in one process, which it is asked to
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(target, checkpoint_id=str(out / "eigenvectors"), no_dist=True)
+    assert all(torch.equal(a, b) for i, u in enumerate(reference.eigenvectors)
+               for a, b in zip(u, target[f"eigenvector_{i}"].values()))
+
+    # a run stopped after its eigen task finished does not run it again: straight to the finish, no group
+    info["status"] = "interrupted"
+    (out / "run.json").write_text(json.dumps(info))
+    assert main(["run", cfg]) == 0
+    again = json.load(open(out / "run.json"))
+    assert again["status"] == "complete" and again["resumed_from"]["eigen"] == "finished"
+    assert again["timing"]["hvp_count"] == 0 and again["eigen"] == eigen and not again["groups"]

@@ -22,8 +22,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[3]
 PACKAGES = ("pipeline", "actors", "hessian_core")
 FILE_NAMES = {run_folder.RUN_JSON, run_folder.LANCZOS, run_folder.RITZ, run_folder.DENSITY, run_folder.BLOCKS,
               run_folder.BLOCK_RITZ, run_folder.DENSITY_PNG, run_folder.BLOCKS_PNG, run_folder.CHECKPOINTS,
-              run_folder.PARTS, run_folder.SWEEP_JSON, run_folder.CONFIG_YAML, "probe-"}
-# not checked: HVP_ERROR, "hvp-error", is also the study's command name
+              run_folder.PARTS, run_folder.SWEEP_JSON, run_folder.CONFIG_YAML, "probe-", run_folder.EIGENPAIRS,
+              run_folder.EIGEN_MASS, run_folder.LANDSCAPE, run_folder.EIGEN_MASS_PNG, run_folder.LANDSCAPE_PNG,
+              run_folder.EIGENVECTORS}
+# not checked: HVP_ERROR, "hvp-error", is also the study's command name; EIGEN_CHECKPOINTS, "eigen", is also
+# run.json's key
 
 
 def _string_literals(tree: ast.AST) -> list[ast.Constant]:
