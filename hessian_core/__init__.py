@@ -11,7 +11,7 @@ from .eigen import (EigenResult, EigenState, eigen_cycle, eigen_restart, eigen_r
                     thick_restart_lanczos)
 from .eigen_api import eigenpairs, with_fd_bars
 from .eigen_checkpoint import (latest_eigen_state, load_eigen_state, load_eigenvectors, save_eigen_state,
-                               save_eigenvectors)
+                               save_eigenvectors, saved_subspace_overlap)
 from .eigen_measures import (EigenMass, GradientFraction, SubspaceOverlap, eigen_mass, gradient_fraction, landscape_1d,
                              landscape_2d, subspace_overlap)
 from .eps import (DEFAULT_EPS, Calibrated, EpsChoice, HVPErrorStudy, calibrate, calibrate_eps, default_eps,
@@ -34,7 +34,7 @@ __all__ = [
     "latest_complete_step", "load_lanczos_state", "save_lanczos_state",
     "EigenResult", "EigenState", "eigen_cycle", "eigen_restart", "eigen_result", "eigen_start", "eigen_step",
     "thick_restart_lanczos", "eigenpairs", "with_fd_bars", "latest_eigen_state", "load_eigen_state", "save_eigen_state",
-    "load_eigenvectors", "save_eigenvectors",
+    "load_eigenvectors", "save_eigenvectors", "saved_subspace_overlap",
     "EigenMass", "GradientFraction", "SubspaceOverlap", "eigen_mass", "gradient_fraction", "landscape_1d",
     "landscape_2d", "subspace_overlap",
     "DEFAULT_EPS", "Calibrated", "EpsChoice", "HVPErrorStudy", "calibrate", "calibrate_eps", "default_eps",

@@ -237,3 +237,48 @@ def load_eigenvectors(folder: str, *, space: ParamSpace, count: int | None = Non
         dcp.load(state, checkpoint_id=folder, process_group=space.group if collective else None,
                  no_dist=not collective)
     return [[local_view(state[eigenvector_key(i)][name]) for name in space.names] for i in range(count)]
+
+
+def saved_parameters(folder: str) -> dict[str, tuple[int, ...]]:
+    """The parameter names and shapes a ``save_eigenvectors`` folder holds (those of its first eigenvector)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    prefix = eigenvector_key(0) + "."
+    keys = FileSystemReader(folder).read_metadata().state_dict_metadata
+    return {k[len(prefix):]: tuple(v.size) for k, v in keys.items() if k.startswith(prefix)}
+
+
+def saved_subspace_overlap(first: str, second: str):
+    """``subspace_overlap`` of the eigenvectors saved in two ``save_eigenvectors`` folders (e.g. two checkpoints'
+    runs), read from disk one parameter tensor at a time: at most (k + k') times the largest parameter tensor is
+    in memory, never a whole eigenvector, and no process group is needed. The folders must hold the same parameter
+    names and shapes (ValueError naming the first difference)."""
+    import warnings
+
+    import numpy as np
+    import torch.distributed.checkpoint as dcp
+
+    from .eigen_measures import overlap_of_products
+
+    shapes = [saved_parameters(folder) for folder in (first, second)]
+    if shapes[0] != shapes[1]:
+        name = next(n for n in sorted(set(shapes[0]) | set(shapes[1])) if shapes[0].get(n) != shapes[1].get(n))
+        raise ValueError(f"the eigenvectors in {first!r} and {second!r} are of different parameters: {name!r} is "
+                         f"{shapes[0].get(name, 'missing')} in the first and {shapes[1].get(name, 'missing')} in the "
+                         f"second")
+    counts = [saved_eigenvector_count(folder) for folder in (first, second)]
+    cross = np.zeros((counts[0], counts[1]))
+    grams = [np.zeros((c, c)) for c in counts]
+    for name in shapes[0]:
+        parts = []
+        for folder, count in zip((first, second), counts):
+            state = {f"{eigenvector_key(i)}.{name}": torch.empty(shapes[0][name], dtype=torch.float64)
+                     for i in range(count)}
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(state, checkpoint_id=folder, no_dist=True)
+            parts.append(torch.stack([t.reshape(-1) for t in state.values()]))
+        cross += (parts[0] @ parts[1].T).numpy()
+        for gram, part in zip(grams, parts):
+            gram += (part @ part.T).numpy()
+    return overlap_of_products(cross, grams[0], grams[1])

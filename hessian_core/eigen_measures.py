@@ -255,7 +255,13 @@ def subspace_overlap(first: EigenResult | Sequence[Vector], second: EigenResult 
         gram[np.triu_indices(k)] = sums[offset:offset + count]
         grams.append(gram + np.triu(gram, 1).T)
         offset += count
-    l1, l2 = np.linalg.cholesky(grams[0]), np.linalg.cholesky(grams[1])
+    return overlap_of_products(cross, grams[0], grams[1])
+
+
+def overlap_of_products(cross: np.ndarray, gram_first: np.ndarray, gram_second: np.ndarray) -> SubspaceOverlap:
+    """The SubspaceOverlap of two sets from their inner products: ``cross[i, j]`` = <u_i, u'_j> and each set's Gram
+    matrix (the angles from the SVD of L^-1 M L'^-T, L and L' the Gram matrices' Cholesky factors)."""
+    l1, l2 = np.linalg.cholesky(gram_first), np.linalg.cholesky(gram_second)
     core = np.linalg.solve(l1, np.linalg.solve(l2, cross.T).T)
     cosines = np.clip(np.linalg.svd(core, compute_uv=False), 0.0, 1.0)
     return SubspaceOverlap(np.abs(cross), cosines, np.arccos(cosines))

@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="also run the first layout with this override, e.g. checkpoint.every=1 (repeatable)")
     b.add_argument("--peers", default="finite_difference,autograd",
                    help="hessian-eigenthings HVP methods to compare against ('' for none)")
+    b.add_argument("--eigen", type=int, default=0, metavar="K",
+                   help="also time the top K eigenpairs to eigen.tol, ours against hessian-eigenthings' Lanczos")
     sw = sub.add_parser("sweep", help="runs over the Cartesian product of --grid overrides, in parallel, resumable")
     sw.add_argument("config")
     sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
@@ -136,10 +138,12 @@ def _bench(args) -> None:
 
     if args.repeats < 1 or args.runs < 1:
         raise ConfigError(f"--repeats and --runs must be >= 1, got {args.repeats} and {args.runs}")
+    if args.eigen < 0:
+        raise ConfigError(f"--eigen must be >= 0 (0: no eigenpair benchmark), got {args.eigen}")
     variants = tuple(load_config(args.config, args.overrides + [v]) for v in args.variant)
     bench(load_config(args.config, args.overrides), repeats=args.repeats, out_dir=args.output, runs=args.runs,
           layouts=_layouts(args.layouts), kernels=not args.no_kernels,
-          peers=tuple(p for p in args.peers.split(",") if p), variants=variants)
+          peers=tuple(p for p in args.peers.split(",") if p), variants=variants, eigen_k=args.eigen)
 
 
 def _sweep(args) -> None:

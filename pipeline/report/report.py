@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from ..run.config import ConfigError
-from ..run.run_folder import BLOCKS_PNG, DENSITY_PNG, RunFolder, RunInfo
+from ..run.run_folder import BLOCKS_PNG, DENSITY_PNG, EIGEN_MASS_PNG, EIGENPAIRS, LANDSCAPE_PNG, RunFolder, RunInfo
 from ..run.tables import atomic_text, read_json, writable_folder
 
 STYLE = """
@@ -92,6 +92,11 @@ def _run_section(run_dir: str, info: RunInfo, *, heading: str) -> str:
         rows = [{"block": name, **blocks["per_block"][name]} for name in block_order(blocks)]
         rows.append({"block": "overall", **{k: v for k, v in blocks["overall"].items() if k != "whole_rel_error_mean"}})
         out.append(_table(rows, ["block", "rel_error_mean", "rel_error_std", "cosine_mean", "cosine_std"]))
+    if info.eigen:
+        out += [_table(_parquet_rows(folder.file(EIGENPAIRS)),
+                       ["index", "eigenvalue", "error", "residual", "converged"]),
+                _image(folder.plot_path(EIGEN_MASS_PNG), "eigenvector mass per block"),
+                _image(folder.plot_path(LANDSCAPE_PNG), "loss along the top eigenvectors")]
     out.append(_config_and_versions(info.to_dict()))
     study = folder.hvp_error_dir
     if os.path.exists(os.path.join(study, "hvp_error.json")):
@@ -155,7 +160,29 @@ def _compare_section(folder: str, *, heading: str) -> str:
     return "".join([f"<h2>{html.escape(heading)}</h2>",
                     f"<p>reference: {html.escape(rows[0]['run'])}; distance = W1 between the SLQ measures / the "
                     f"reference's lambda_max - lambda_min (see docs/studies.md, 'Comparisons')</p>",
-                    _table(rows), _image(os.path.join(folder, "compare.png"), "densities overlaid")])
+                    _table(rows), _image(os.path.join(folder, "compare.png"), "densities overlaid"),
+                    _subspace_section(folder)])
+
+
+def _subspace_section(folder: str) -> str:
+    """Each run's eigenvector overlap matrix with the reference and the principal angles (compare's tables)."""
+    from ..studies.compare import EIGEN_OVERLAP, PRINCIPAL_ANGLES
+
+    overlaps = _parquet_rows(os.path.join(folder, EIGEN_OVERLAP))
+    if not overlaps:
+        return ""
+    angles = _parquet_rows(os.path.join(folder, PRINCIPAL_ANGLES))
+    out = ["<h3>Eigenvector subspaces against the reference</h3>",
+           "<p>|&lt;u_i, u'_j&gt;|: rows u_i are the reference's eigenvectors, columns u'_j the run's; then the "
+           "principal angles between the two spans (degrees)</p>"]
+    for run in dict.fromkeys(r["run"] for r in overlaps):
+        cells = [r for r in overlaps if r["run"] == run]
+        cols = [f"u'{j}" for j in range(max(r["j"] for r in cells) + 1)]
+        matrix = [{"": f"u{i}", **{f"u'{r['j']}": r["overlap"] for r in cells if r["i"] == i}}
+                  for i in range(max(r["i"] for r in cells) + 1)]
+        out += [f"<h4>{html.escape(os.path.basename(os.path.normpath(run)))}</h4>", _table(matrix, ["", *cols]),
+                _table([r for r in angles if r["run"] == run], ["index", "cosine", "angle_degrees"])]
+    return "".join(out)
 
 
 def build_report(folder: str) -> str:

@@ -4,7 +4,12 @@ In one run: (1) kernel timings and peak memory inside one group of the config's 
 central and Richardson, exact HVP where it can run, Lanczos vector work per reorthogonalization mode);
 (2) end-to-end SLQ wall time, Ray start-up included, for the layouts 1x1, 1x2 and 2x1 (groups x workers);
 (3) the same SLQ with hessian-eigenthings (finite-difference and autograd HVPs) in one process, when it is
-installed. Writes bench.json and bench.parquet to the output folder and prints a table.
+installed; (4) with ``eigen_k`` > 0, HVPs and wall time to converge the top k eigenpairs to ``eigen.tol``: a run's
+eigen task (thick-restart Lanczos, basis k + max(k, 10)) against hessian-eigenthings' ``lanczos`` on its FD
+operator at the same eps, whose Lanczos runs a fixed number of steps with no restart: the peer's steps are
+doubled from 2k until every pair meets its own criterion (``|beta s_i| < tol |lambda_i|``, per pair, where ours is
+``tol |lambda_max|``), and the converging call's HVPs and time are reported, with the steps tried before it apart.
+Writes bench.json and bench.parquet to the output folder and prints a table.
 """
 
 from __future__ import annotations
@@ -160,9 +165,60 @@ def _eigenthings(prepared, *, eps: float, runs: int, methods=("finite_difference
     return rows
 
 
+def _eigen_rows(config: RunConfig, *, out_dir: str, k: int, peer: bool) -> list[dict]:
+    """Top-k eigenpairs to config.eigen.tol: one run with the eigen task (1 group, the config's workers, one
+    short SLQ probe beside it), then hessian-eigenthings' Lanczos at the run's eps on the same model and data."""
+    cfg = dataclasses.replace(
+        _layout_config(config, 1, config.cluster.num_workers, out_dir=out_dir),
+        output_dir=os.path.join(out_dir, "eigen"), eigen=dataclasses.replace(config.eigen, k=k),
+        lanczos=dataclasses.replace(config.lanczos, probes=1, steps=min(config.lanczos.steps, 10)))
+    validate(cfg)
+    started = time.perf_counter()
+    prepared = preflight(cfg, fresh=True)
+    info = run(prepared)
+    wall = time.perf_counter() - started
+    eigen = info["eigen"]
+    rows = [{"tool": "hessian-spectrum", "method": "thick-restart Lanczos", "k": k, "tol": cfg.eigen.tol,
+             "hvps": eigen["hvps"], "seconds": eigen["seconds"], "run_seconds": wall, "steps_tried_before": 0,
+             "converged": eigen["converged"], "eigenvalues": list(eigen["eigenvalues"]), "eps": info["eps"]}]
+    if peer:
+        rows += _eigenthings_topk(prepared, eps=info["eps"], k=k, tol=cfg.eigen.tol, which=cfg.eigen.which,
+                                  ceiling=cfg.eigen.max_hvps)
+    return rows
+
+
+def _eigenthings_topk(prepared, *, eps: float, k: int, tol: float, which: str, ceiling: int) -> list[dict]:
+    try:
+        import hessian_eigenthings as he
+    except ImportError:
+        log("hessian-eigenthings is not installed (pip install hessian-eigenthings): no peer comparison")
+        return []
+    from hessian_core import causal_lm_loss
+    from hessian_core.loss import rank_batches
+    from hessian_core.models import load_model
+
+    model = load_model(model_spec(prepared))
+    batches = rank_batches(prepared.batches, 0, 1)
+    op = he.HessianOperator(model, batches, lambda m, b: causal_lm_loss(m, b), method="finite_difference",
+                            fd_eps=eps)
+    steps, tried = 2 * k, 0
+    while True:
+        started = time.perf_counter()
+        result = he.lanczos(op, k=k, max_iter=steps, tol=tol, which=which, seed=0)
+        seconds = time.perf_counter() - started
+        done = bool(result.converged.all())
+        if done or steps >= ceiling:
+            return [{"tool": "hessian-eigenthings", "method": "Lanczos, no restart (lanczos)", "k": k, "tol": tol,
+                     "hvps": steps, "seconds": seconds, "run_seconds": seconds, "steps_tried_before": tried,
+                     "converged": int(result.converged.sum()),
+                     "eigenvalues": [float(v) for v in result.eigenvalues], "eps": eps}]
+        tried += steps
+        steps *= 2
+
+
 def bench(config: RunConfig, *, repeats: int = 5, out_dir: str | None = None, runs: int = 1,
           layouts=LAYOUTS, kernels: bool = True, peers=("finite_difference", "autograd"),
-          variants: tuple[RunConfig, ...] = ()) -> dict:
+          variants: tuple[RunConfig, ...] = (), eigen_k: int = 0) -> dict:
     """Kernels, end-to-end SLQ per layout (and per variant config on the first layout), and the peers, in one
     process so that every ratio shares one machine state."""
     for cfg, its_layouts in ((config, layouts), *((variant, layouts[:1]) for variant in variants)):
@@ -201,7 +257,10 @@ def bench(config: RunConfig, *, repeats: int = 5, out_dir: str | None = None, ru
                           "ray": ray.__version__,
                           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "config": config.to_dict(), "kernels": kernel_rows,
-              "slq": slq, "slq_runs": runs_e2e}
+              "slq": slq, "slq_runs": runs_e2e, "eigen": []}
+    if eigen_k:
+        log(f"top {eigen_k} eigenpairs to eigen.tol={config.eigen.tol:g}")
+        result["eigen"] = _eigen_rows(config, out_dir=out_dir, k=eigen_k, peer=bool(peers))
     write_json(os.path.join(out_dir, "bench.json"), result)
     import pyarrow.parquet as pq
 
@@ -226,6 +285,13 @@ def format_bench(result: dict) -> str:
         fixed = f"{100 * r['fixed_fraction']:>9.1f}" if "fixed_fraction" in r else f"{'-':>9}"
         lines.append(f"{r['tool']:<40}{r['layout']:>10}{r['seconds']:>10.2f}{r['hvps']:>7.0f}"
                      f"{r['seconds_vs_1x1']:>8.2f}{fixed}{r['lambda_max']:>12.5g}  {r['settings']}")
+    if result.get("eigen"):
+        lines.append("")
+        lines.append(f"{'top-k eigenpairs':<22}{'method':<32}{'k':>3}{'tol':>9}{'HVPs':>7}{'seconds':>10}"
+                     f"{'converged':>11}{'lambda_1':>12}")
+        for r in result["eigen"]:
+            lines.append(f"{r['tool']:<22}{r['method']:<32}{r['k']:>3}{r['tol']:>9.0e}{r['hvps']:>7}"
+                         f"{r['seconds']:>10.2f}{r['converged']:>11}{max(r['eigenvalues']):>12.6g}")
     phased = [r for r in result["slq"] if "fixed_seconds" in r]
     if phased:
         lines.append("")

@@ -2,6 +2,11 @@
 
 The statistics and the distance are defined in hessian_core.statistics. Writes compare.parquet (one row per
 run) and compare.png (the densities overlaid, linear and log) to the output folder, and prints the table.
+
+Where the reference run saved eigenvectors (``eigen.k > 0``), every run that saved some for the same parameters
+is also compared with it as subspaces: the overlap matrix |<u_i, u'_j>| (``eigen_overlap.parquet``) and the
+principal angles between span(u) and span(u') (``principal_angles.parquet``), both printed. The vectors are read
+from their DCP folders one parameter tensor at a time (hessian_core.saved_subspace_overlap), never whole.
 """
 
 from __future__ import annotations
@@ -12,13 +17,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hessian_core import RitzRule, SpectralMeasure, smoothed_density
+from hessian_core import RitzRule, SpectralMeasure, saved_subspace_overlap, smoothed_density
 from hessian_core.statistics import spectral_distance, spectrum_statistics
 
 from ..run.config import ConfigError
 from ..run.plots import exclusive
 from ..run.run_folder import RunFolder, RunInfo
 from ..run.tables import atomic_write
+
+EIGEN_OVERLAP = "eigen_overlap.parquet"
+PRINCIPAL_ANGLES = "principal_angles.parquet"
 
 
 def load_rules(run_dir: str) -> tuple[list[RitzRule], RunInfo]:
@@ -110,7 +118,64 @@ def compare(run_dirs: list[str], *, out_dir: str, reference: str | None = None,
     atomic_write(os.path.join(out_dir, "compare.parquet"), lambda tmp: pq.write_table(table, tmp))
     _plot(os.path.join(out_dir, "compare.png"), run_dirs, [r for r, _ in loaded])
     print(format_compare(rows))
+    overlaps, angles = eigen_overlaps(run_dirs)
+    for name, rows_of_run in ((EIGEN_OVERLAP, overlaps), (PRINCIPAL_ANGLES, angles)):
+        path = os.path.join(out_dir, name)
+        if rows_of_run:
+            eigen_table = pa.Table.from_pylist(rows_of_run)
+            atomic_write(path, lambda tmp, t=eigen_table: pq.write_table(t, tmp))
+        elif os.path.exists(path):  # an earlier comparison's, of other runs
+            os.remove(path)
+    if overlaps:
+        print(format_overlaps(overlaps, angles))
     return rows
+
+
+def eigen_overlaps(run_dirs: list[str]) -> tuple[list[dict], list[dict]]:
+    """(overlap rows, principal-angle rows) of every run's saved eigenvectors against the reference's (the first
+    run); none where the reference saved none. A run without eigenvectors, or with other parameters, is named
+    in the log and left out."""
+    from ..run.progress import log
+
+    reference = RunFolder(run_dirs[0]).eigenvectors_dir
+    if not os.path.isdir(reference):
+        return [], []
+    overlaps, angles = [], []
+    for run_dir in run_dirs:
+        name = os.path.abspath(run_dir)
+        folder = RunFolder(run_dir).eigenvectors_dir
+        if not os.path.isdir(folder):
+            log(f"compare: {run_dir} saved no eigenvectors: no subspace overlap for it")
+            continue
+        try:
+            overlap = saved_subspace_overlap(reference, folder)
+        except ValueError as e:
+            log(f"compare: {e}: no subspace overlap for {run_dir}")
+            continue
+        overlaps += [{"run": name, "i": i, "j": j, "overlap": float(overlap.matrix[i, j])}
+                     for i in range(overlap.matrix.shape[0]) for j in range(overlap.matrix.shape[1])]
+        angles += [{"run": name, "index": n, "cosine": float(c), "angle_degrees": float(np.degrees(a))}
+                   for n, (c, a) in enumerate(zip(overlap.cosines, overlap.angles))]
+    return overlaps, angles
+
+
+def format_overlaps(overlaps: list[dict], angles: list[dict]) -> str:
+    """Per run: the overlap matrix (rows: the reference's eigenvectors u_i, columns: the run's u'_j) and the
+    principal angles in degrees."""
+    lines = ["eigenvector overlap |<u_i, u'_j>| with the reference (rows u_i: the reference's; columns u'_j: the "
+             "run's) and the principal angles between the two subspaces"]
+    for run in dict.fromkeys(r["run"] for r in overlaps):
+        cells = [r for r in overlaps if r["run"] == run]
+        rows, cols = max(r["i"] for r in cells) + 1, max(r["j"] for r in cells) + 1
+        matrix = np.zeros((rows, cols))
+        for r in cells:
+            matrix[r["i"], r["j"]] = r["overlap"]
+        lines.append(os.path.basename(os.path.normpath(run)))
+        lines.append("      " + "".join(f"{'u' + chr(39) + str(j):>8}" for j in range(cols)))
+        lines += [f"  u{i:<3}" + "".join(f"{matrix[i, j]:>8.4f}" for j in range(cols)) for i in range(rows)]
+        degrees = [r["angle_degrees"] for r in angles if r["run"] == run]
+        lines.append("  principal angles (degrees): " + " ".join(f"{d:.3g}" for d in degrees))
+    return "\n".join(lines)
 
 
 @exclusive

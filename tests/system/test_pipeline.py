@@ -200,6 +200,67 @@ def test_compare_runs(runs, tmp_path, capsys):
     assert main(["compare", str(tmp_path / "nothing")]) == 2
 
 
+def _saved_eigenvectors(run_dir: str, model) -> np.ndarray:
+    """The run's saved eigenvectors, read whole with dcp.load, as the rows of a matrix."""
+    import torch.distributed.checkpoint as dcp
+
+    from hessian_core.eigen_checkpoint import saved_eigenvector_count
+
+    folder = os.path.join(run_dir, "eigenvectors")
+    count = saved_eigenvector_count(folder)
+    target = {f"eigenvector_{i}": {n: torch.empty_like(p) for n, p in model.named_parameters()} for i in range(count)}
+    dcp.load(target, checkpoint_id=folder, no_dist=True)
+    return torch.stack([torch.cat([t.reshape(-1) for t in target[f"eigenvector_{i}"].values()])
+                        for i in range(count)]).numpy()
+
+
+def test_compare_of_two_checkpoints_prints_their_eigenvector_overlap_and_angles_and_the_report_shows_them(
+        runs, dense, tmp_path, capsys):
+    """A later checkpoint (the runs' model after 3 SGD steps on its analysis data) gets its top 3 eigenpairs; compare
+    against the 2-rank run reads both saved sets one tensor at a time and gives the overlap |<u_i, u'_j>| and the
+    principal angles that the whole vectors give (1e-12); a run against itself gives the identity."""
+    from hessian_core.models import ModelSpec, load_model
+
+    model, batches = dense[0], dense[1]
+    later = load_model(ModelSpec(path=runs["model"], dtype="float64"))
+    optimizer = torch.optim.SGD(later.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        sum(later(input_ids=b, labels=b).loss for b in batches).backward()
+        optimizer.step()
+    later.save_pretrained(str(tmp_path / "later-model"))
+    config = write_config(str(tmp_path / "later.yaml"), model=str(tmp_path / "later-model"), data=runs["data"],
+                          output_dir=str(tmp_path / "later"), lanczos={"steps": 6, "probes": 1},
+                          eigen={"k": 3, "tol": 1e-6})
+    assert main(["run", config]) == 0
+    capsys.readouterr()
+    out = tmp_path / "cmp"
+    assert main(["compare", runs["1x2"], str(tmp_path / "later"), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "eigenvector overlap" in printed and "principal angles (degrees)" in printed
+
+    overlap = pq.read_table(out / "eigen_overlap.parquet").to_pandas()
+    angles = pq.read_table(out / "principal_angles.parquet").to_pandas()
+    first, second = _saved_eigenvectors(runs["1x2"], model), _saved_eigenvectors(str(tmp_path / "later"), model)
+    runs_compared = list(dict.fromkeys(overlap.run))  # the reference itself first, then the later checkpoint
+    assert len(runs_compared) == 2
+    for run, vectors in zip(runs_compared, (first, second)):
+        got = overlap[overlap.run == run].pivot(index="i", columns="j", values="overlap").to_numpy()
+        cross = first @ vectors.T
+        assert np.allclose(got, np.abs(cross), rtol=0, atol=1e-12)
+        cosines = np.clip(np.linalg.svd(cross, compute_uv=False), 0, 1)  # both sets orthonormal (to 1e-12)
+        assert np.allclose(angles[angles.run == run].cosine.to_numpy(), cosines, rtol=0, atol=1e-10)
+    itself = overlap[overlap.run == runs_compared[0]].pivot(index="i", columns="j", values="overlap").to_numpy()
+    assert np.allclose(itself, np.eye(3), atol=1e-10)
+    assert np.all(angles[angles.run == runs_compared[0]].angle_degrees.to_numpy() < 1e-3)
+    later_angles = angles[angles.run == runs_compared[1]].angle_degrees.to_numpy()
+    assert later_angles.max() > 1e-3  # training moved the top subspace (else the check above is vacuous)
+
+    assert main(["report", str(out)]) == 0
+    report = (out / "report.html").read_text()
+    assert "Eigenvector subspaces against the reference" in report and "angle_degrees" in report
+
+
 def test_a_fixed_eps_without_assessment_costs_exactly_the_slq_hvps(tmp_path):
     model, data = assets(str(tmp_path))
     config = write_config(str(tmp_path / "c.yaml"), model=model, data=data, output_dir=str(tmp_path / "out"),

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from pipeline.cli import main
@@ -23,7 +24,8 @@ def test_bench_measures_kernels_layouts_and_the_peer(tmp_path, capsys):
     model, data = assets(str(tmp_path))
     config = write_config(str(tmp_path / "b.yaml"), model=model, data=data, output_dir=str(tmp_path / "out"),
                           cluster={"num_workers": 2}, lanczos={"steps": 4, "probes": 1})
-    assert main(["bench", config, "--repeats", "2", "--runs", "1", "--layouts", "1x1,1x2"]) == 0
+    assert main(["bench", config, "--repeats", "2", "--runs", "1", "--layouts", "1x1,1x2", "--eigen", "3",
+                 "--set", "eigen.tol=1e-6"]) == 0
     result = json.load(open(tmp_path / "out" / "bench" / "bench.json"))
     kernels = {r["kernel"]: r for r in result["kernels"]}
     assert set(kernels) == KERNELS
@@ -43,7 +45,15 @@ def test_bench_measures_kernels_layouts_and_the_peer(tmp_path, capsys):
         assert 0 < r["fixed_seconds"] < r["seconds"] and 0 < r["fixed_fraction"] < 1
         assert all(r[f"{p}_seconds"] is not None and r[f"{p}_seconds"] >= 0 for p in ("startup", "probes", "finish"))
     assert os.path.exists(tmp_path / "out" / "bench" / "bench.parquet")
-    assert "fd_hvp_central" in capsys.readouterr().out
+    # the top 3 eigenpairs, converged by both tools at the same eps: the same eigenvalues, each tool's HVPs counted
+    ours, peer = result["eigen"]
+    assert (ours["tool"], peer["tool"]) == ("hessian-spectrum", "hessian-eigenthings")
+    assert ours["converged"] == peer["converged"] == 3 and ours["eps"] == peer["eps"]
+    assert ours["hvps"] > 0 and peer["hvps"] >= 6 and ours["seconds"] > 0 and peer["seconds"] > 0
+    top = sorted(ours["eigenvalues"], reverse=True)
+    assert np.allclose(top, sorted(peer["eigenvalues"], reverse=True), rtol=0, atol=1e-5 * abs(top[0]))
+    printed = capsys.readouterr().out
+    assert "fd_hvp_central" in printed and "top-k eigenpairs" in printed
 
 
 def test_gpu_script_runs_its_code_path_on_cpu(tmp_path):
