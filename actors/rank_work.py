@@ -195,6 +195,7 @@ def run_eigen(ctx, task) -> EigenpairsResult:
             save_eigen_state(s, folder=task.checkpoint_dir, space=ctx.space, rank=ctx.rank,
                              world_size=ctx.world_size, meta=meta)
 
+    solver_started = time.perf_counter()
     try:
         result = thick_restart_lanczos(op.matvec, space=ctx.space, k=task.k, which=task.which, tol=task.tol,
                                        max_hvps=task.max_hvps, basis=task.basis,
@@ -202,6 +203,7 @@ def run_eigen(ctx, task) -> EigenpairsResult:
                                        on_restart=save)
     except FloatingPointError as e:
         raise FloatingPointError(f"eigenpairs: {e}") from None
+    solver_seconds = time.perf_counter() - solver_started
     del state
     fraction = gradient_fraction(ctx.model, ctx.batches, result, space=ctx.space)
     roundoff = task.roundoff
@@ -239,7 +241,7 @@ def run_eigen(ctx, task) -> EigenpairsResult:
         gradient_fraction=fraction.fraction, gradient_per_vector=fraction.per_vector.tolist(),
         grad_norm=fraction.grad_norm, loss=fraction.loss, landscape_t=ts.tolist(), landscape_loss=losses.tolist(),
         landscape_2d_s=grid_s.tolist(), landscape_2d_t=grid_t.tolist(), landscape_2d_loss=grid.tolist(),
-        vectors_saved=bool(task.vectors_dir), seconds=time.perf_counter() - started)
+        vectors_saved=bool(task.vectors_dir), seconds=time.perf_counter() - started, solver_seconds=solver_seconds)
 
 
 def _resume_eigen(ctx, task, meta: dict):

@@ -160,3 +160,4 @@ class EigenpairsResult:
     landscape_2d_loss: list[list[float]]
     vectors_saved: bool
     seconds: float
+    solver_seconds: float = 0.0  # the thick-restart Lanczos alone (this invocation), within ``seconds``

@@ -358,7 +358,7 @@ def eigen_summary(result: EigenpairsResult, *, compute_dtype: str) -> dict:
            "grad_norm": result.grad_norm, "loss": result.loss,
            "vectors": EIGENVECTORS if result.vectors_saved else None,
            "resumed_at_restart": result.resumed_at_restart, "resumed_at_hvps": result.resumed_at_hvps,
-           "seconds": result.seconds}
+           "seconds": result.seconds, "solver_seconds": result.solver_seconds}
     if len(result.landscape_t) >= 3:
         eps_mach = float(torch.finfo(getattr(torch, compute_dtype)).eps)
         second, bound = curvature_at_0(result.landscape_t, result.landscape_loss, eps_mach=eps_mach)

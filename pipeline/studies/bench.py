@@ -179,7 +179,8 @@ def _eigen_rows(config: RunConfig, *, out_dir: str, k: int, peer: bool) -> list[
     wall = time.perf_counter() - started
     eigen = info["eigen"]
     rows = [{"tool": "hessian-spectrum", "method": "thick-restart Lanczos", "k": k, "tol": cfg.eigen.tol,
-             "hvps": eigen["hvps"], "seconds": eigen["seconds"], "run_seconds": wall, "steps_tried_before": 0,
+             "hvps": eigen["hvps"], "seconds": eigen["solver_seconds"], "task_seconds": eigen["seconds"],
+             "run_seconds": wall, "steps_tried_before": 0,
              "converged": eigen["converged"], "eigenvalues": list(eigen["eigenvalues"]), "eps": info["eps"]}]
     if peer:
         rows += _eigenthings_topk(prepared, eps=info["eps"], k=k, tol=cfg.eigen.tol, which=cfg.eigen.which,
