@@ -8,6 +8,8 @@ import threading
 from actors.records import (BlockResult, BlockSpectrumResult, BlockSpectrumTask, BlockTask, Calibration,
                             CalibrationTask, EigenpairsResult, EigenTask, Placement, ProbeResult, ProbeTask)
 
+from hessian_core.error_bars import WIDE_BAR_FRACTION, wide_bars
+
 from . import handlers
 from .eps_policy import calibration_task, known_calibration
 from .handlers import ResultHandling, RunContext
@@ -231,6 +233,12 @@ def _eigen_done(run: RunContext, task: EigenTask, result: EigenpairsResult, grou
     log(f"eigenpairs done on group {group}: {sum(result.converged)}/{result.k} converged ({result.stopped}) in "
         f"{result.hvps} HVPs, {result.restarts} restarts{resumed}; lambda_1 = {result.eigenvalues[0]:.6g} "
         f"+- {result.errors[0]:.2g}; gradient fraction in the top {result.k}: {result.gradient_fraction:.3g}")
+    wide = wide_bars(result.eigenvalues, result.errors)
+    if wide:
+        log(f"warning: eigenvalue(s) {', '.join(str(i + 1) for i in wide)} have FD bars over "
+            f"{WIDE_BAR_FRACTION:.0%} of their value at eps={result.eps:.3g}: the eps is too large along those "
+            f"eigenvectors and the bars may not cover the error; rerun with a smaller hvp.eps (e.g. "
+            f"--set hvp.eps={result.eps / 10:.2g})")
 
 
 handlers.register(CalibrationTask, finished=_calibrated, started=lambda run, task: run.recorder.phase("calibration"))

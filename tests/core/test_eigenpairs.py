@@ -407,3 +407,13 @@ def test_two_rank_fsdp2_eigenpairs_match_one_process_and_resume_on_one_rank(tmp_
     assert moved.all_converged and np.max(np.abs(moved.eigenvalues - single.eigenvalues)) <= 1e-10 * scale
     assert all(abs(float(flatten(a) @ flatten(b))) >= 1 - 1e-10
                for a, b in zip(moved.eigenvectors, single.eigenvectors))
+
+
+def test_a_bar_wider_than_5_percent_of_its_eigenvalue_is_named_as_untrustworthy():
+    """The demo model's lambda_1 at the float32 auto eps: 22.45 +- 12 against 41.77 in float64 (BENCHMARKS.md): a
+    bar that wide means the eps is far outside the bar's regime; a NaN bar is no bound either."""
+    from hessian_core.error_bars import wide_bars
+
+    assert wide_bars([22.45, 17.06, 9.4], [12.0, 0.5, 0.47]) == [0]
+    assert wide_bars([41.5, -3.0], [1.6, 0.15]) == []  # 3.9% and 5.0%: within
+    assert wide_bars([1.0, 2.0], [float("nan"), 0.2]) == [0, 1]
