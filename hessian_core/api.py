@@ -168,6 +168,18 @@ def _choose_eps(op: FiniteDifferenceHVP, eps: float | str, *, seed: int, assess:
     return calibrate_eps(op, v, eps=None if eps == "auto" else float(eps))
 
 
+def calibrated_operator(model: nn.Module, batches, *, space: ParamSpace, eps: float | str, scheme: str,
+                        loss_fn: LossFn | None, seed: int, assess: bool) -> tuple[FiniteDifferenceHVP, EpsChoice | None,
+                                                                                 float]:
+    """(the FD HVP operator at the chosen eps, the choice (None for a fixed eps not assessed), the analysis loss at
+    theta): what ``analyze`` and ``eigenpairs`` start from, inside ``preserved_state``."""
+    op = FiniteDifferenceHVP(model, batches, eps=1.0 if eps == "auto" else float(eps), scheme=scheme, space=space,
+                             loss_fn=loss_fn)
+    choice = _choose_eps(op, eps, seed=seed, assess=assess)
+    op = op.with_eps(choice.eps) if choice is not None else op
+    return op, choice, evaluate_loss(model, op.batches, space=space, loss=op.loss)
+
+
 def _checked_eps(eps: float | str) -> float | str:
     """``"auto"`` or a finite positive step, refused before any compute otherwise (inf or nan would fail deep
     inside Lanczos)."""
@@ -228,11 +240,8 @@ def analyze(model: nn.Module, batches: Sequence[Batch | Mapping[str, torch.Tenso
         space = _space(model, param_filter)
         steps = _capped_steps(steps, space.numel)
         dtype = vector_dtype or (torch.float64 if space.dtype == torch.float64 else torch.float32)
-        op = FiniteDifferenceHVP(model, batches, eps=1.0 if eps == "auto" else float(eps), scheme=scheme,
-                                 space=space, loss_fn=loss_fn)
-        choice = _choose_eps(op, eps, seed=seed, assess=assess_eps)
-        op = op.with_eps(choice.eps) if choice is not None else op
-        loss = evaluate_loss(model, op.batches, space=space, loss=op.loss)
+        op, choice, loss = calibrated_operator(model, batches, space=space, eps=eps, scheme=scheme, loss_fn=loss_fn,
+                                               seed=seed, assess=assess_eps)
         runs = [lanczos(op.matvec, probe_vector(space, seed=seed, probe_index=k, dtype=dtype), space=space,
                         steps=steps, reorth=reorth, window=window, vector_dtype=dtype) for k in range(probes)]
         block_index = parameter_blocks(model, space) if blocks or block_spectra else {}

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .api import ParamFilter, _checked_eps, _choose_eps, _space, preserved_state
+from .api import ParamFilter, _checked_eps, _space, calibrated_operator, preserved_state
 from .eigen import EigenResult, EigenState, thick_restart_lanczos
 from .hvp import FiniteDifferenceHVP
-from .loss import Batch, LossFn, evaluate_loss
+from .loss import Batch, LossFn
 
 
 def fd_rayleigh_quotients(op: FiniteDifferenceHVP, result: EigenResult) -> tuple[np.ndarray, np.ndarray]:
@@ -76,11 +76,8 @@ def eigenpairs(model: nn.Module, batches: Sequence[Batch | Mapping[str, torch.Te
     with preserved_state(model):
         space = _space(model, param_filter)
         dtype = vector_dtype or (torch.float64 if space.dtype == torch.float64 else torch.float32)
-        op = FiniteDifferenceHVP(model, batches, eps=1.0 if eps == "auto" else float(eps), scheme=scheme,
-                                 space=space, loss_fn=loss_fn)
-        choice = _choose_eps(op, eps, seed=seed, assess=assess_eps)
-        op = op.with_eps(choice.eps) if choice is not None else op
-        loss = evaluate_loss(model, op.batches, space=space, loss=op.loss)
+        op, choice, loss = calibrated_operator(model, batches, space=space, eps=eps, scheme=scheme, loss_fn=loss_fn,
+                                               seed=seed, assess=assess_eps)
         result = thick_restart_lanczos(op.matvec, space=space, k=k, which=which, tol=tol, max_hvps=max_hvps,
                                        basis=basis, vector_dtype=dtype, seed=seed, state=state,
                                        on_restart=on_restart)

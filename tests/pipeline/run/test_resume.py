@@ -22,6 +22,27 @@ STEPS = 60
 SWEEP_STEPS = 100  # a probe of each point must still be running when the stop reaches it, on a loaded machine
 
 
+def _sigkill_driver_when(cfg: str, reached, *, poll_seconds: float = 0.02, timeout: float = 120):
+    """Run the CLI on ``cfg`` in a subprocess and SIGKILL its driver as soon as ``reached()`` returns a value (which is
+    returned; None if the driver ended or stalled first). What the driver started itself is killed after it; its
+    actors end with its job."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", cfg], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    value = None
+    tree = set()
+    while time.monotonic() < deadline and proc.poll() is None:
+        value = reached()
+        if value is not None:
+            tree = descendants(proc.pid)
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(poll_seconds)
+    proc.wait(timeout=60)
+    kill_all(alive(tree))
+    return value
+
+
 def test_resume_after_driver_sigkill_gives_identical_alpha_beta_with_fewer_hvps(tmp_path, capsys, shared_ray_address):
     model, data = assets(str(tmp_path))
     # a checkpoint every step: under load an auto interval can skip past step 10, or past the probe's end;
@@ -30,21 +51,12 @@ def test_resume_after_driver_sigkill_gives_identical_alpha_beta_with_fewer_hvps(
                   checkpoint={"every": 1}, cluster={"address": shared_ray_address})
     cfg = write_config(str(tmp_path / "run.yaml"), output_dir=str(tmp_path / "run"), **common)
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", cfg], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    killed_at = None
-    tree = set()
-    while time.monotonic() < deadline and proc.poll() is None:
+
+    def probe_one_past_step_10():
         found = latest_complete_step(str(out / "checkpoints" / "probe-00001"))
-        if (out / "lanczos.parquet").exists() and found and found[0] >= 10:
-            tree = descendants(proc.pid)
-            os.kill(proc.pid, signal.SIGKILL)
-            killed_at = found[0]
-            break
-        time.sleep(0.02)
-    proc.wait(timeout=60)
-    kill_all(alive(tree))  # anything the killed driver started itself; its actors end with its job
+        return found[0] if (out / "lanczos.parquet").exists() and found and found[0] >= 10 else None
+
+    killed_at = _sigkill_driver_when(cfg, probe_one_past_step_10)
     assert killed_at is not None, "the driver finished or stalled before it could be killed mid-probe"
     assert (out / LOCK_NAME).exists()  # the killed run's lock is left behind; the rerun takes it over
 
@@ -211,24 +223,15 @@ def test_an_eigen_task_killed_after_a_restart_resumes_from_its_state_with_fewer_
     out = tmp_path / "run"
     cfg = write_config(str(tmp_path / "run.yaml"), output_dir=str(out), model=model, data=data,
                        lanczos={"probes": 0}, eigen=EIGEN_KILLED, cluster={"address": shared_ray_address})
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", cfg], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    killed_at = None
-    tree = set()
-    while time.monotonic() < deadline and proc.poll() is None:
+
+    def past_restart_2():
         try:
             found = latest_eigen_state(str(out / "checkpoints" / "eigen"))
         except OSError:  # pruned between listing and reading: a newer state is complete
-            found = None
-        if found and found[1]["restarts"] >= 2:
-            tree = descendants(proc.pid)
-            os.kill(proc.pid, signal.SIGKILL)
-            killed_at = found[1]["restarts"]
-            break
-        time.sleep(0.01)
-    proc.wait(timeout=60)
-    kill_all(alive(tree))
+            return None
+        return found[1]["restarts"] if found and found[1]["restarts"] >= 2 else None
+
+    killed_at = _sigkill_driver_when(cfg, past_restart_2, poll_seconds=0.01)
     assert killed_at is not None, "the driver finished or stalled before it could be killed mid-solve"
     assert json.load(open(out / "run.json"))["status"] == "running" and not (out / "eigenpairs.parquet").exists()
 
