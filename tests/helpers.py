@@ -117,3 +117,38 @@ def unflatten_like(flat: torch.Tensor, model) -> list[torch.Tensor]:
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
+
+
+def dense_gauss_newton(model, batches) -> torch.Tensor:
+    """The Gauss-Newton matrix of the analysis loss, sum over counted tokens of J_t^T (diag p_t - p_t p_t^T) J_t
+    divided by the set's counted tokens, with J_t the Jacobian of token t's logits w.r.t. the flattened parameters
+    (torch.func.jacrev through functional_call) and the counted tokens found from the labels, the attention mask
+    and -100 directly (not through hessian_core)."""
+    from torch.func import jacrev
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names, shapes, flat = flat_params(model)
+    sizes = [math.prod(s) for s in shapes]
+    total, count = torch.zeros(flat.numel(), flat.numel(), dtype=torch.float64), 0
+    for b in batches:
+        b = {"input_ids": b} if isinstance(b, torch.Tensor) else b
+        mask = b.get("attention_mask")
+
+        def logits_of(theta, b=b, mask=mask):
+            params = {n: t.reshape(s) for n, t, s in zip(names, torch.split(theta, sizes), shapes)}
+            return functional_call(model, params, args=(), kwargs=dict(input_ids=b["input_ids"], attention_mask=mask,
+                                                                         use_cache=False)).logits
+
+        with sdpa_kernel(SDPBackend.MATH):
+            logits = logits_of(flat).detach()
+            jac = jacrev(logits_of)(flat)  # [batch, seq, vocab, P]
+        labels = b.get("labels", b["input_ids"])
+        keep = labels[:, 1:] != -100
+        if mask is not None:
+            keep &= mask[:, 1:] == 1
+        for i, t in keep.nonzero().tolist():
+            p = torch.softmax(logits[i, t].double(), dim=-1)
+            j = jac[i, t].double()
+            total += j.T @ ((torch.diag(p) - torch.outer(p, p)) @ j)
+            count += 1
+    return total / count

@@ -1,0 +1,197 @@
+"""The Gauss-Newton operator G = J^T H_out J of the analysis loss, shard-locally on plain or FSDP2 parameters.
+
+J is the Jacobian of the logits with respect to the parameters and H_out the Hessian of the analysis loss with
+respect to the logits: per counted token t, scale x (diag(p_t) - p_t p_t^T) with p_t the softmax at theta and
+scale = world / (counted tokens of the whole set) as in ``AnalysisLoss``; positions the loss does not count get 0.
+G is the Hessian without the term of the logits' own curvature; it is PSD for cross-entropy.
+
+``GaussNewtonOperator`` computes G v per batch from
+- J v: a central difference of the logits, (f(theta + eps v) - f(theta - eps v)) / (2 eps), two no-grad forwards
+  at parameters perturbed in place, shard by shard, and restored bit-exactly from one retained copy, exactly as
+  ``FiniteDifferenceHVP`` does (it lends its backup and perturbation code);
+- H_out (J v): in token chunks, in place in the J v buffer, in ``accumulator_dtype``;
+- J^T w: one forward at theta with grad and the backward of sum(logits * w), so FSDP2 reduces the gradient as
+  it does a gradient pass's: its average over ranks with the ``world`` in scale gives the global G v.
+``gauss_newton_extra_bytes`` is what it holds beyond the model's own forward and backward, for ``plan``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .hvp import RESTORE_PLACES, FiniteDifferenceHVP, _copy_back, accumulator_dtype
+from .loss import IGNORE_INDEX, Batch, LossFn, as_batch, shifted_labels
+from .sharding import reshard
+from .vectors import FlatVector, ParamSpace, Vector, local_view
+
+
+def _check_eps(eps: float) -> None:
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+
+
+def _check_chunk(chunk_tokens: int) -> None:
+    if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be an integer >= 1, got {chunk_tokens!r}")
+
+
+def counted_positions(batch: Batch) -> Tensor:
+    """[batch, seq_len] bool: the positions whose next-token loss ``AnalysisLoss`` counts (never the last one)."""
+    b = as_batch(batch)
+    targets = shifted_labels(b) != IGNORE_INDEX
+    return torch.cat([targets, torch.zeros_like(targets[:, :1])], dim=1)
+
+
+def _logits(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
+
+
+@torch.no_grad()
+def output_hessian_(u: Tensor, logits: Tensor, weights: Tensor, *, chunk_tokens: int) -> Tensor:
+    """u <- weights x (diag(p) - p p^T) u per token, in place, with p = softmax(logits) in u's dtype.
+
+    ``u`` and ``logits`` are [tokens, vocab], ``weights`` [tokens] (0 for tokens the loss does not count). The
+    softmax is taken ``chunk_tokens`` rows at a time, so beside u and the logits only one chunk x vocab buffer
+    is alive; p.u goes through a batched matmul, which needs no product buffer."""
+    for lo in range(0, u.shape[0], chunk_tokens):
+        rows = slice(lo, min(lo + chunk_tokens, u.shape[0]))
+        p = torch.softmax(logits[rows], dim=-1, dtype=u.dtype)
+        uc = u[rows]
+        pu = torch.bmm(p.unsqueeze(1), uc.unsqueeze(2)).squeeze(2)  # [chunk, 1]
+        wc = weights[rows].unsqueeze(1)
+        uc.sub_(pu).mul_(p).mul_(wc).masked_fill_(wc == 0, 0.0)  # a padded row's logits may be anything, even NaN
+        del p
+    return u
+
+
+class GaussNewtonOperator:
+    """G v = J^T H_out J v of the analysis loss (the token mean of next-token cross-entropy, masks, labels and
+    -100 counted as ``AnalysisLoss`` counts them, over every batch and rank), with J v a central difference of
+    the logits at step ``eps``.
+
+    The surface is FiniteDifferenceHVP's: ``matvec(v)`` / ``__call__`` take local shards (entries may be ``None``
+    for zero) and return a FlatVector of local shards in ``out_dtype`` (``accumulator_dtype``); ``with_eps``
+    returns a copy sharing the model, the backup buffer and the ``calls`` count. Each product costs, per batch,
+    two no-grad forwards and one forward and backward (about 1.5 gradient passes in all). Batches are processed
+    one at a time; beyond the model's own passes the operator holds one batch's J v buffer, the logits at theta
+    and one ``chunk_tokens`` x vocab softmax chunk (``gauss_newton_extra_bytes``). Building it on a sharded model
+    is a collective call (the global token count).
+    """
+
+    def __init__(self, model: torch.nn.Module, batches: Sequence[Batch], *, eps: float,
+                 space: ParamSpace | None = None, chunk_tokens: int = 1024, restore: str = "device",
+                 loss_fn: LossFn | None = None):
+        if loss_fn is not None:
+            raise ValueError("the Gauss-Newton operator takes no loss_fn: its split J^T H_out J needs the logits "
+                             "of the default token-mean cross-entropy")
+        _check_eps(eps)
+        _check_chunk(chunk_tokens)
+        if restore not in RESTORE_PLACES:
+            raise ValueError(f"restore {restore!r}: expected one of {RESTORE_PLACES}")
+        # the FD HVP's backup buffer, perturbation and restore code, and its AnalysisLoss (the token scale)
+        self._fd = FiniteDifferenceHVP(model, batches, eps=eps, space=space, restore=restore)
+        self._batches = [as_batch(b) for b in self._fd.batches]
+        self._chunk_tokens = chunk_tokens
+
+    model = property(lambda self: self._fd.model)
+    batches = property(lambda self: self._fd.batches)
+    eps = property(lambda self: self._fd.eps)
+    space = property(lambda self: self._fd.space)
+    loss = property(lambda self: self._fd.loss)
+    calls = property(lambda self: self._fd.calls)
+    restore = property(lambda self: self._fd.restore)
+    chunk_tokens = property(lambda self: self._chunk_tokens)
+    out_dtype = property(lambda self: accumulator_dtype(self._fd.space.dtype))
+
+    def with_eps(self, eps: float) -> GaussNewtonOperator:
+        """The same operator at step ``eps``."""
+        _check_eps(eps)
+        other = copy.copy(self)
+        other._fd = self._fd.with_eps(eps)
+        return other
+
+    def matvec(self, v: Sequence[Tensor | None]) -> Vector:
+        space, fd = self.space, self._fd
+        params = space.local_params()
+        if len(v) != len(params):
+            raise ValueError(f"vector has {len(v)} tensors, the model has {len(params)} parameters")
+        reshard(self.model)  # a root left gathered by an earlier bare forward would hide the perturbation
+        with torch.no_grad():
+            backup = fd._save(params)
+        out = FlatVector(torch.zeros(space.local_numel, dtype=self.out_dtype, device=space.device),
+                         [p.shape for p in params])
+        in_place = space.dtype == self.out_dtype
+        self.model.zero_grad(set_to_none=True)
+        if in_place:  # the backward passes accumulate straight into out, as the FD HVP's do
+            space.attach_grads(out)
+        try:
+            for batch in self._batches:
+                self._batch_product(batch, params, backup, v)
+                if not in_place:
+                    with torch.no_grad():
+                        torch._foreach_add_(out, space.local_grads())
+                    self.model.zero_grad(set_to_none=True)
+            if in_place:
+                for name, p, mine in zip(space.names, space.params, out):
+                    if mine.numel() and (p.grad is None or local_view(p.grad).data_ptr() != mine.data_ptr()):
+                        raise RuntimeError(f"parameter {name}: its gradient was not accumulated in place into G v")
+        finally:
+            with torch.no_grad():
+                _copy_back(params, backup)
+            self.model.zero_grad(set_to_none=True)
+        fd._shared.calls += 1
+        return out
+
+    __call__ = matvec
+
+    def _batch_product(self, batch: dict[str, Tensor], params: Vector, backup: Vector,
+                       v: Sequence[Tensor | None]) -> None:
+        """Backpropagate J^T H_out J v of one batch into ``.grad``; leaves the parameters at theta."""
+        fd, acc = self._fd, self.out_dtype
+        with torch.no_grad():
+            fd._set_params(params, backup, v, self.eps, at_backup=True)
+            jv = _logits(self.model, batch)
+            reshard(self.model)
+            if jv.dtype != acc:
+                jv = jv.to(acc)  # the difference is taken in float32 at least, where it keeps its signal
+            fd._set_params(params, backup, v, -self.eps, at_backup=False)
+            minus = _logits(self.model, batch)
+            reshard(self.model)
+            jv.sub_(minus).mul_(1.0 / (2.0 * self.eps))
+            del minus
+            _copy_back(params, backup)
+        logits = _logits(self.model, batch)
+        vocab = logits.shape[-1]
+        weights = counted_positions(batch).to(device=jv.device, dtype=acc).reshape(-1) * self.loss.scale
+        w = output_hessian_(jv.view(-1, vocab), logits.detach().reshape(-1, vocab), weights,
+                            chunk_tokens=self._chunk_tokens).view_as(logits)
+        if w.dtype != logits.dtype:
+            w = w.to(logits.dtype)  # the backward's gradient in the logits' dtype, the J v buffer freed first
+        del jv
+        logits.backward(gradient=w)
+
+
+def gauss_newton_extra_bytes(*, tokens_per_batch: int, vocab: int, chunk_tokens: int, dtype: torch.dtype) -> int:
+    """Bytes ``GaussNewtonOperator`` holds at its peak beyond the model's own forward and backward of one batch
+    (whose activations a gradient pass holds too): the J v buffer (tokens x vocab in ``accumulator_dtype``), the
+    logits at theta kept through the backward (model dtype), and one softmax chunk (chunk x vocab, accumulator
+    dtype). For a model dtype below float32 the gradient w = H_out J v is cast to the model dtype before the
+    backward, for a moment beside the buffer; the larger of the two moments is counted.
+
+    A gradient pass holds tokens x vocab tensors of its own (the logits, their shifted copy and the saved
+    log-softmax): the figure is what the Gauss-Newton product adds to the model's activations, an upper bound on
+    what it adds to a gradient pass."""
+    for name, value in (("tokens_per_batch", tokens_per_batch), ("vocab", vocab), ("chunk_tokens", chunk_tokens)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    acc = accumulator_dtype(dtype)
+    acc_bytes, own_bytes = acc.itemsize, dtype.itemsize
+    chunk = min(chunk_tokens, tokens_per_batch)
+    buffer, logits = tokens_per_batch * vocab * acc_bytes, tokens_per_batch * vocab * own_bytes
+    chunk_bytes = chunk * vocab * acc_bytes
+    cast = tokens_per_batch * vocab * own_bytes if acc != dtype else 0
+    return buffer + logits + max(chunk_bytes, cast)
