@@ -38,6 +38,7 @@ class BlockMetrics:
     rel_error: list[float]
     cosine: list[float]
     whole_rel_error: float
+    whole_cosine: float = math.nan  # cos(A v, H v) over the whole vector
 
 
 def block_diagonal_metrics(matvec: Callable[[Sequence[Tensor | None]], Vector], v: Sequence[Tensor], *,
@@ -60,10 +61,17 @@ def block_diagonal_metrics(matvec: Callable[[Sequence[Tensor | None]], Vector], 
         if on_hvp:
             on_hvp(k + 2, total_hvps)
     sums = space.all_reduce(torch.stack(partial)).tolist()
+    return summarize(list(blocks), sums)
+
+
+def summarize(names: list[str], sums: Sequence[Sequence[float]]) -> BlockMetrics:
+    """BlockMetrics from each block's global (|h - a|^2, |h|^2, |a|^2, <h, a>), h = H v and a = A v in block b:
+    blocks partition the parameters, so the whole vector's sums are the sums over blocks."""
     rel, cos = [], []
-    for diff2, h2, hb2, cross in sums:
+    for diff2, h2, a2, cross in sums:
         rel.append(math.sqrt(diff2 / h2) if h2 > 0 else float("nan"))
-        cos.append(cross / math.sqrt(h2 * hb2) if h2 > 0 and hb2 > 0 else float("nan"))
-    total_h2 = sum(row[1] for row in sums)
-    whole = math.sqrt(sum(row[0] for row in sums) / total_h2) if total_h2 > 0 else float("nan")
-    return BlockMetrics(list(blocks), rel, cos, whole)
+        cos.append(cross / math.sqrt(h2 * a2) if h2 > 0 and a2 > 0 else float("nan"))
+    diff2, h2, a2, cross = (sum(row[j] for row in sums) for j in range(4))
+    whole = math.sqrt(diff2 / h2) if h2 > 0 else float("nan")
+    whole_cos = cross / math.sqrt(h2 * a2) if h2 > 0 and a2 > 0 else float("nan")
+    return BlockMetrics(names, rel, cos, whole, whole_cos)
