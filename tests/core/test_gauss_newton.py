@@ -105,3 +105,21 @@ def test_two_rank_fsdp2_gauss_newton(tmp_path):
         sharded = torch.cat(list(pieces.values()))
         assert rel(sharded, torch.cat(single["gv"])) <= 1e-7, arch
         assert rel(sharded, dense_gauss_newton(model, full) @ torch.cat(single["v"])) <= 1e-7, arch
+
+
+@pytest.mark.parametrize("dtype, eps, bound", [(torch.float32, 1e-2, 1e-3), (torch.bfloat16, 1e-1, 0.3)])
+def test_low_precision_models(dtype, eps, bound):
+    """float32 (the buffer in place) and bfloat16 (J v and H_out in float32, w cast back for the backward, the
+    gradients summed into a float32 output) against the dense G of the same rounded parameters in float64; in
+    bfloat16 a step of eps v is mostly lost to the parameters' rounding (as for the FD HVP), hence the loose bound."""
+    model = make_tiny_model("llama", dtype=dtype)
+    reference = make_tiny_model("llama", dtype=dtype).to(torch.float64)
+    batches = masked_batches()
+    space = ParamSpace(model)
+    v = probe_vector(space, seed=3, probe_index=0, dtype=torch.float32)
+    before = [t.clone() for t in space.local_params()]
+    op = GaussNewtonOperator(model, batches, eps=eps, space=space)
+    gv = op.matvec(v)
+    assert all(torch.equal(a, b) for a, b in zip(before, space.local_params()))
+    assert op.out_dtype == torch.float32 and all(t.dtype == torch.float32 for t in gv)
+    assert rel(flatten(gv), dense_gauss_newton(reference, batches) @ flatten(v)) <= bound
