@@ -17,7 +17,7 @@ from .eigen_measures import (EigenMass, GradientFraction, SubspaceOverlap, eigen
                              landscape_2d, subspace_overlap)
 from .eps import (DEFAULT_EPS, Calibrated, EpsChoice, HVPErrorStudy, calibrate, calibrate_eps, default_eps,
                   error_model, hvp_error_study, optimal_eps, predicted_error)
-from .gauss_newton import GaussNewtonOperator, counted_positions, gauss_newton_extra_bytes
+from .gauss_newton import EmpiricalFisherOperator, GaussNewtonOperator, counted_positions, gauss_newton_extra_bytes
 from .hvp import ExactHVPUnavailable, FiniteDifferenceHVP, exact_hvp
 from .lanczos import LanczosResult, LanczosState, lanczos, lanczos_start, lanczos_step
 from .loss import (IGNORE_INDEX, AnalysisLoss, BatchSet, accumulate_gradient, as_batch, causal_lm_loss, counted_tokens,
@@ -43,7 +43,7 @@ __all__ = [
     "DEFAULT_EPS", "Calibrated", "EpsChoice", "HVPErrorStudy", "calibrate", "calibrate_eps", "default_eps",
     "error_model", "hvp_error_study", "optimal_eps",
     "predicted_error",
-    "GaussNewtonOperator", "counted_positions", "gauss_newton_extra_bytes",
+    "EmpiricalFisherOperator", "GaussNewtonOperator", "counted_positions", "gauss_newton_extra_bytes",
     "ExactHVPUnavailable", "FiniteDifferenceHVP", "exact_hvp",
     "LanczosResult", "LanczosState", "lanczos", "lanczos_start", "lanczos_step",
     "IGNORE_INDEX", "AnalysisLoss", "BatchSet", "accumulate_gradient", "as_batch", "causal_lm_loss", "counted_tokens",

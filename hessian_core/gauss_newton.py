@@ -13,6 +13,10 @@ G is the Hessian without the term of the logits' own curvature; it is PSD for cr
 - J^T w: one forward at theta with grad and the backward of sum(logits * w), so FSDP2 reduces the gradient as
   it does a gradient pass's: its average over ranks with the ``world`` in scale gives the global G v.
 ``gauss_newton_extra_bytes`` is what it holds beyond the model's own forward and backward, for ``plan``.
+
+``EmpiricalFisherOperator`` is F v = (1/n) sum_i g_i (g_i . v) over the n sequences of the whole set (all ranks)
+that have a counted token, g_i the gradient of sequence i's token-mean cross-entropy: n gradient passes of one
+sequence each (and n scalar all-reduces) per product, nothing stored between products.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .hvp import RESTORE_PLACES, FiniteDifferenceHVP, _copy_back, accumulator_dtype
-from .loss import IGNORE_INDEX, Batch, LossFn, as_batch, shifted_labels
+from .loss import IGNORE_INDEX, Batch, LossFn, as_batch, counted_tokens, shifted_labels, token_loss_sum
 from .sharding import reshard
 from .vectors import FlatVector, ParamSpace, Vector, local_view
 
@@ -197,3 +201,74 @@ def gauss_newton_extra_bytes(*, tokens_per_batch: int, vocab: int, chunk_tokens:
     chunk_bytes = chunk * vocab * acc_bytes
     cast = tokens_per_batch * vocab * own_bytes if acc != dtype else 0
     return buffer + logits + max(chunk_bytes, cast)
+
+
+class EmpiricalFisherOperator:
+    """F v = (1/n) sum_i g_i (g_i . v): g_i the gradient of sequence i's token-mean cross-entropy (its counted
+    tokens as ``AnalysisLoss`` counts them), i over the n sequences with a counted token in every batch of every
+    rank. The per-sequence gradients are recomputed at each product: n gradient passes of one sequence (about n / B
+    gradient passes of B-row batches, B the rows per batch) and n scalar all-reduces per product.
+
+    Under FSDP2 a backward averages the ranks' gradients, so sequence i of rank r is backpropagated by rank r
+    with weight world while the other ranks backpropagate 0 x a sequence of their own (the collectives need every
+    rank's pass): every rank runs n passes, n summed over the ranks. Output: local shards in ``out_dtype``.
+    """
+
+    def __init__(self, model: torch.nn.Module, batches: Sequence[Batch], *, space: ParamSpace | None = None):
+        if model.training:
+            raise ValueError("the model must be in eval mode (dropout off) for the empirical Fisher")
+        self._model = model
+        self._space = space or ParamSpace(model)
+        rows = [{k: t[i:i + 1] for k, t in as_batch(b).items() if t is not None}
+                for b in batches for i in range(as_batch(b)["input_ids"].shape[0])]
+        if not rows:
+            raise ValueError("the analysis set has no batches")
+        self._sequences = [(r, counted_tokens(r)) for r in rows if counted_tokens(r) > 0]
+        self._filler = rows[0]  # what this rank backpropagates x 0 while another rank's sequence is the one
+        self._world, self._rank = 1, 0
+        counts = [len(self._sequences)]
+        if self._space.group is not None:
+            import torch.distributed as dist
+
+            self._world, self._rank = dist.get_world_size(self._space.group), dist.get_rank(self._space.group)
+            mine = torch.zeros(self._world, dtype=torch.float64)
+            mine[self._rank] = len(self._sequences)
+            counts = [int(c) for c in self._space.all_reduce(mine).tolist()]
+        self._counts = counts
+        if sum(counts) == 0:
+            raise ValueError("the analysis set has no counted tokens (every label is -100 or padded)")
+        self._calls = 0
+
+    model = property(lambda self: self._model)
+    space = property(lambda self: self._space)
+    calls = property(lambda self: self._calls)
+    sequences = property(lambda self: sum(self._counts))
+    out_dtype = property(lambda self: accumulator_dtype(self._space.dtype))
+
+    def matvec(self, v: Sequence[Tensor | None]) -> Vector:
+        space = self._space
+        if len(v) != len(space.params):
+            raise ValueError(f"vector has {len(v)} tensors, the model has {len(space.params)} parameters")
+        idx = [i for i, t in enumerate(v) if t is not None]
+        out = FlatVector(torch.zeros(space.local_numel, dtype=self.out_dtype, device=space.device),
+                         [p.shape for p in space.local_params()])
+        n = sum(self._counts)
+        try:
+            for owner, count in enumerate(self._counts):
+                for j in range(count):
+                    self._model.zero_grad(set_to_none=True)
+                    if owner == self._rank:
+                        row, tokens = self._sequences[j]
+                        (token_loss_sum(self._model, row) * (self._world / tokens)).backward()
+                    else:
+                        (token_loss_sum(self._model, self._filler) * 0.0).backward()
+                    grads = space.local_grads()
+                    coeff = space.dots([([grads[i] for i in idx], [v[i] for i in idx])])[0] if idx else 0.0
+                    with torch.no_grad():
+                        torch._foreach_add_(out, grads, alpha=float(coeff) / n)
+        finally:
+            self._model.zero_grad(set_to_none=True)
+        self._calls += 1
+        return out
+
+    __call__ = matvec

@@ -59,3 +59,23 @@ def run_rank(rank: int, world: int, port: int, archs: tuple[str, ...], out_dir: 
             torch.save(compute(model, rank_slice(masked_set(world), rank, world)), f"{out_dir}/{arch}-rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def run_fisher_rank(rank: int, world: int, port: int, arch: str, out_dir: str) -> None:
+    """The empirical Fisher's F v on the shards (ranks own different sequences and token counts)."""
+    from hessian_core import EmpiricalFisherOperator
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.set_num_threads(1)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        model = shard_model(make_tiny_model(arch), mesh=init_device_mesh("cpu", (world,)))
+        space = ParamSpace(model)
+        op = EmpiricalFisherOperator(model, rank_slice(masked_set(world), rank, world), space=space)
+        fv = op.matvec(probe_vector(space, seed=11, probe_index=0, dtype=torch.float64))
+        torch.save({"shards": [(s.name, s.flat_start) for s in space.shards], "sequences": op.sequences,
+                    "fv": [t.reshape(-1).clone() for t in fv]}, f"{out_dir}/fisher-rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
