@@ -90,9 +90,9 @@ def approximation_metrics(matvec: Matvec, v: Sequence[Tensor], *, space: ParamSp
     """Per-block and whole-vector metrics of each approximation in ``approximations`` against H v, one H v shared.
 
     ``lowrank`` / ``residual_lowrank``: (values, vectors) with vectors as lists of local shards (eigenpairs of H,
-    and of H - B); ``gauss_newton``: G's matvec. ``on_hvp(done, total)`` counts the operator products: 1 + B for
-    either block approximation (B for both together with the plus-low-rank one) + B for block_tridiagonal + 1 for
-    gauss_newton (whose product costs about 1.5 gradient passes, an HVP 2)."""
+    and of H - B); ``gauss_newton``: G's matvec. ``on_hvp(done, total)`` counts the operator products: 1 (H v),
+    + B when block_diagonal or block_diagonal_plus_lowrank is asked (the two share them), + B for block_tridiagonal,
+    + 1 for gauss_newton (a G v costs about 1.5 gradient passes, an FD HVP 2)."""
     wanted = list(dict.fromkeys(approximations))
     unknown = [a for a in wanted if a not in APPROXIMATIONS]
     if unknown or not wanted:
