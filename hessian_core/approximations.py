@@ -84,7 +84,7 @@ def _sums(h: Sequence[Tensor], a: Sequence[Tensor]) -> Tensor:
 
 
 def approximation_metrics(matvec: Matvec, v: Sequence[Tensor], *, space: ParamSpace, blocks: dict[str, list[int]],
-                          approximations: Sequence[str] = APPROXIMATIONS, lowrank: Eigenpairs | None = None,
+                          approximations: Sequence[str], lowrank: Eigenpairs | None = None,
                           residual_lowrank: Eigenpairs | None = None, gauss_newton: Matvec | None = None,
                           on_hvp: Callable[[int, int], None] | None = None) -> dict[str, BlockMetrics]:
     """Per-block and whole-vector metrics of each approximation in ``approximations`` against H v, one H v shared.
