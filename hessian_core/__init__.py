@@ -4,7 +4,8 @@ with them, and block-diagonal analysis. Pure PyTorch; never imports Ray.
 Models are built and loaded for analysis by the sub-package ``hessian_core.models`` (imported on its own)."""
 
 from .api import SpectrumResult, analyze, append_row, preserved_state
-from .approximations import APPROXIMATIONS, approximation_metrics, block_residual_operator
+from .approximations import (APPROXIMATIONS, approximation_metrics, block_residual_operator, lowrank_ranks,
+                             parse_approximation)
 from .block_spectra import BlockOperator, block_space, block_spectrum
 from .blocks import BlockMetrics, block_diagonal_metrics, parameter_blocks
 from .checkpoint import latest_complete_step, load_lanczos_state, save_lanczos_state
@@ -31,7 +32,7 @@ from .vectors import ParamSpace, Vector, block_mask, probe_vector
 
 __all__ = [
     "SpectrumResult", "analyze", "append_row", "preserved_state",
-    "APPROXIMATIONS", "approximation_metrics", "block_residual_operator",
+    "APPROXIMATIONS", "approximation_metrics", "block_residual_operator", "lowrank_ranks", "parse_approximation",
     "BlockOperator", "block_space", "block_spectrum",
     "BlockMetrics", "block_diagonal_metrics", "parameter_blocks",
     "latest_complete_step", "load_lanczos_state", "save_lanczos_state",

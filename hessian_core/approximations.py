@@ -14,12 +14,17 @@ the whole vector (|a - h| / |h| and cos(a, h)). The approximations (``APPROXIMAT
   which="LM")``; it shares the block-diagonal HVPs when both block approximations are asked for;
 - ``gauss_newton``: a = G v from a given matvec (``GaussNewtonOperator``).
 
+The low-rank kinds may carry their rank in the name (``lowrank_8``, ``block_diagonal_plus_lowrank_8``: the 8 given
+pairs of largest magnitude), so that one call measures several ranks from one set of pairs; without it they use
+every pair given (``parse_approximation``).
+
 Everything is shard-local; the low-rank coefficients take one all-reduce each and every metric scalar goes into
 one final all-reduce.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 import torch
@@ -29,6 +34,40 @@ from .blocks import BlockMetrics, summarize
 from .vectors import ParamSpace, Vector, block_mask, local_dot
 
 APPROXIMATIONS = ("block_diagonal", "block_tridiagonal", "lowrank", "block_diagonal_plus_lowrank", "gauss_newton")
+LOW_RANK = ("lowrank", "block_diagonal_plus_lowrank")
+_RANKED = re.compile(r"^(lowrank|block_diagonal_plus_lowrank)_(\d+)$")
+NAMES = ("block_diagonal", "block_tridiagonal", "lowrank_<k>", "block_diagonal_plus_lowrank_<k>", "gauss_newton")
+
+
+def parse_approximation(name: str) -> tuple[str, int | None]:
+    """(kind, rank) of an approximation's name: ``lowrank_8`` -> ("lowrank", 8); ``lowrank`` -> ("lowrank", None)
+    (every pair given); rank None for the kinds that have none."""
+    if name in APPROXIMATIONS:
+        return name, None
+    found = _RANKED.match(name) if isinstance(name, str) else None
+    if found is None or int(found.group(2)) < 1:
+        raise ValueError(f"unknown approximation {name!r}; valid: {', '.join(NAMES)} (k >= 1)")
+    return found.group(1), int(found.group(2))
+
+
+def lowrank_ranks(names: Sequence[str]) -> dict[str, int]:
+    """The most eigenpairs each low-rank kind among ``names`` needs: {"lowrank": k, "block_diagonal_plus_lowrank":
+    k'} (a kind absent when no name of it has a rank); smaller ranks use the leading pairs of those."""
+    ranks: dict[str, int] = {}
+    for name in names:
+        kind, k = parse_approximation(name)
+        if k:
+            ranks[kind] = max(ranks.get(kind, 0), k)
+    return ranks
+
+
+def _leading(pairs: Eigenpairs, k: int | None, name: str) -> Eigenpairs:
+    """The k pairs of largest magnitude (all for k None)."""
+    values, vectors = pairs
+    if k is not None and k > len(values):
+        raise ValueError(f"approximation {name!r} needs {k} eigenpairs, {len(values)} were given")
+    order = sorted(range(len(values)), key=lambda i: -abs(float(values[i])))[:k]
+    return [values[i] for i in order], [vectors[i] for i in order]
 
 Matvec = Callable[[Sequence[Tensor | None]], Vector]
 Eigenpairs = tuple[Sequence[float], Sequence[Sequence[Tensor]]]
@@ -94,19 +133,20 @@ def approximation_metrics(matvec: Matvec, v: Sequence[Tensor], *, space: ParamSp
     + B when block_diagonal or block_diagonal_plus_lowrank is asked (the two share them), + B for block_tridiagonal,
     + 1 for gauss_newton (a G v costs about 1.5 gradient passes, an FD HVP 2)."""
     wanted = list(dict.fromkeys(approximations))
-    unknown = [a for a in wanted if a not in APPROXIMATIONS]
-    if unknown or not wanted:
-        raise ValueError(f"approximations {list(approximations)!r}: expected a non-empty subset of {APPROXIMATIONS}")
-    if "lowrank" in wanted:
-        _check_pairs("lowrank", lowrank, "lowrank")
-    if "block_diagonal_plus_lowrank" in wanted:
-        _check_pairs("residual_lowrank", residual_lowrank, "block_diagonal_plus_lowrank")
+    if not wanted:
+        raise ValueError(f"approximations {list(approximations)!r}: expected a non-empty list of {NAMES}")
+    kinds = {a: parse_approximation(a) for a in wanted}
+    for a, (kind, k) in kinds.items():
+        if kind == "lowrank":
+            _check_pairs("lowrank", lowrank, a)
+        elif kind == "block_diagonal_plus_lowrank":
+            _check_pairs("residual_lowrank", residual_lowrank, a)
     if "gauss_newton" in wanted and gauss_newton is None:
         raise ValueError("approximation 'gauss_newton' needs gauss_newton=<the Gauss-Newton matvec>, got None")
     if len(v) != len(space.params):
         raise ValueError(f"vector has {len(v)} tensors, the model has {len(space.params)} parameters")
 
-    diagonal = any(a in wanted for a in ("block_diagonal", "block_diagonal_plus_lowrank"))
+    diagonal = any(kind in ("block_diagonal", "block_diagonal_plus_lowrank") for kind, _ in kinds.values())
     total = 1 + len(blocks) * (diagonal + ("block_tridiagonal" in wanted)) + ("gauss_newton" in wanted)
     done = 0
 
@@ -121,10 +161,12 @@ def approximation_metrics(matvec: Matvec, v: Sequence[Tensor], *, space: ParamSp
     dtype = h[0].dtype
     # whole-vector approximations first (their low-rank coefficients need an all-reduce of their own)
     whole: dict[str, Vector] = {}
-    if "lowrank" in wanted:
-        whole["lowrank"] = _low_rank_product(lowrank, v, space=space, dtype=dtype)
-    correction = (_low_rank_product(residual_lowrank, v, space=space, dtype=dtype)
-                  if "block_diagonal_plus_lowrank" in wanted else None)
+    corrections: dict[str, Vector] = {}
+    for a, (kind, k) in kinds.items():
+        if kind == "lowrank":
+            whole[a] = _low_rank_product(_leading(lowrank, k, a), v, space=space, dtype=dtype)
+        elif kind == "block_diagonal_plus_lowrank":
+            corrections[a] = _low_rank_product(_leading(residual_lowrank, k, a), v, space=space, dtype=dtype)
     if "gauss_newton" in wanted:
         whole["gauss_newton"] = gauss_newton(list(v))
         count()
@@ -139,9 +181,9 @@ def approximation_metrics(matvec: Matvec, v: Sequence[Tensor], *, space: ParamSp
             hb_in = [hb[i] for i in idx]
             if "block_diagonal" in wanted:
                 partial["block_diagonal"].append(_sums(h_in, hb_in))
-            if correction is not None:
+            for name, correction in corrections.items():
                 plus = [a.to(dtype) + correction[i] for a, i in zip(hb_in, idx)]
-                partial["block_diagonal_plus_lowrank"].append(_sums(h_in, plus))
+                partial[name].append(_sums(h_in, plus))
             del hb, hb_in
         if "block_tridiagonal" in wanted:
             ht = matvec(block_mask(v, tridiagonal[k]))

@@ -33,6 +33,9 @@ from .sharding import reshard
 from .vectors import FlatVector, ParamSpace, Vector, local_view
 
 
+DEFAULT_CHUNK_TOKENS = 256  # softmax rows at a time: at 1024 the chunk is as large as a short batch's J v buffer
+
+
 def _check_eps(eps: float) -> None:
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
@@ -87,7 +90,7 @@ class GaussNewtonOperator:
     """
 
     def __init__(self, model: torch.nn.Module, batches: Sequence[Batch], *, eps: float,
-                 space: ParamSpace | None = None, chunk_tokens: int = 1024, restore: str = "device",
+                 space: ParamSpace | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, restore: str = "device",
                  loss_fn: LossFn | None = None):
         if loss_fn is not None:
             raise ValueError("the Gauss-Newton operator takes no loss_fn: its split J^T H_out J needs the logits "
@@ -272,3 +275,29 @@ class EmpiricalFisherOperator:
         return out
 
     __call__ = matvec
+
+
+class DifferenceOperator:
+    """(A - B) v from two operators on the same parameters, e.g. H - G (the part of the Hessian the Gauss-Newton
+    matrix leaves out: the logits' own curvature weighted by the loss's gradient); one product of each a matvec,
+    each counted by its own operator."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    space = property(lambda self: self.first.space)
+    out_dtype = property(lambda self: self.first.out_dtype)
+
+    def matvec(self, v: Sequence[Tensor | None]) -> Vector:
+        out = self.first.matvec(v)
+        other = self.second.matvec(v)
+        with torch.no_grad():
+            torch._foreach_sub_(out, [t.to(o.dtype) for t, o in zip(other, out)])
+        return out
+
+    __call__ = matvec
+
+
+def difference_operator(first, second) -> DifferenceOperator:
+    """The operator A - B of two operators with matvecs on the same parameter space."""
+    return DifferenceOperator(first, second)
