@@ -184,19 +184,21 @@ def _plot(path: str, names: list[str], rules_per_run: list[list[RitzRule]]) -> N
 
     plt = _pyplot()
     fig, (lin, log) = plt.subplots(1, 2, figsize=(11, 4))
+    peak = 0.0
     for name, rules in zip(names, rules_per_run):
         d = smoothed_density(SpectralMeasure.from_rules(rules), grid_size=2000)
         label = os.path.basename(os.path.normpath(name))
         lin.plot(d.grid, d.density, lw=1.1, label=label)
         log.plot(d.grid, np.maximum(d.density, 1e-300), lw=1.1, label=label)
+        peak = max(peak, float(d.density.max()))
     log.set_yscale("log")
-    top = log.get_ylim()[1]
-    log.set_ylim(top * 1e-9, top)
+    # from the densities themselves: autoscaling a log axis over the 1e-300 floor can leave every curve off it
+    log.set_ylim(peak * 1e-9, peak * 2)
     for ax in (lin, log):
         ax.set_xlabel("eigenvalue")
     lin.set_ylabel("density")
     lin.legend(fontsize=8)
-    fig.suptitle(f"Hessian spectral densities (reference: {os.path.basename(os.path.normpath(names[0]))})")
+    fig.suptitle(f"Spectral densities (reference: {os.path.basename(os.path.normpath(names[0]))})")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
