@@ -16,7 +16,7 @@ from hessian_core.block_spectra import block_spectrum
 from hessian_core.checkpoint import CheckpointWriter
 from hessian_core.models import DTYPES
 
-from .results import (BlockResult, BlockSpectrumResult, Calibration, EigenpairsResult, KernelTiming, ProbeResult,
+from .results import (ApproximationResult, BlockResult, BlockSpectrumResult, Calibration, EigenpairsResult, KernelTiming, ProbeResult,
                       ProgressEvent)
 from .worker import CheckpointSchedule
 
@@ -55,14 +55,15 @@ def gradient_seconds(ctx, *, repeats: int, warmup: bool = True) -> float:
 
 def run_probe(ctx, task) -> ProbeResult:
     """One probe's whole Lanczos run, continued from its newest complete checkpoint when there is one whose
-    metadata matches (written by a group of any size); returns alpha, beta and this call's timings."""
-    op = ctx.operator(task.eps, task.scheme, task.placement.restore)
+    metadata matches (written by a group of any size); returns alpha, beta and this call's timings. The operator
+    is the Hessian's FD HVP, or (``task.operator``) the Gauss-Newton matrix or H - G."""
+    op = ctx.curvature(task.operator, task.eps, task.scheme, task.placement.restore)
     hvp_seconds: list[float] = []
     step_seconds: list[float] = []
     meta = {**task.checkpoint_meta, "probe_id": task.probe_id, "eps": task.eps}
     state, resumed_at = _resume(ctx, task, meta)
     kept = (ctx.take_kept_matvec((task.probe_id, task.seed, task.vector_dtype, task.eps, task.scheme))
-            if state is None else None)
+            if state is None and task.operator == "hessian" else None)
 
     def timed_matvec(v):
         nonlocal kept
@@ -128,6 +129,61 @@ def run_blocks(ctx, task) -> BlockResult:
     m = block_diagonal_metrics(op.matvec, v, space=ctx.space, blocks=blocks)
     return BlockResult(probe_id=task.probe_id, blocks=m.blocks, rel_error=m.rel_error, cosine=m.cosine,
                        whole_rel_error=m.whole_rel_error, hvp_count=1 + len(blocks))
+
+
+def run_approximations(ctx, task) -> ApproximationResult:
+    """One probe of the approximation study (actors.records.ApproximationTask) on this rank."""
+    from hessian_core.approximations import (approximation_metrics, block_residual_operator, lowrank_ranks,
+                                             parse_approximation)
+    from hessian_core.eigen import thick_restart_lanczos
+
+    started = time.perf_counter()
+    op = ctx.operator(task.eps, task.scheme, task.placement.restore)
+    calls = op.calls
+    blocks = parameter_blocks(ctx.model, ctx.space)
+    ranks = lowrank_ranks(task.approximations)
+    lowrank_hvps = 0
+    pairs = {}
+    solves = {}
+    for kind, k in ranks.items():
+        key = ("lowrank", kind, k, task.eps, task.scheme, task.eigen_tol, task.eigen_max_hvps, task.eigen_seed)
+        found = ctx.memo_get(key)
+        if found is None:
+            before = op.calls
+            matvec = op.matvec if kind == "lowrank" else block_residual_operator(op.matvec, blocks=blocks)
+            solved = thick_restart_lanczos(matvec, space=ctx.space, k=k, which="LM", tol=task.eigen_tol,
+                                           max_hvps=task.eigen_max_hvps, vector_dtype=DTYPES[task.vector_dtype],
+                                           seed=task.eigen_seed)
+            found = (solved.eigenvalues.tolist(), solved.eigenvectors)
+            ctx.memo_put(key, found)
+            lowrank_hvps += op.calls - before
+            solves[kind] = {"k": k, "eigenvalues": found[0], "converged": int(sum(solved.converged)),
+                            "hvps": op.calls - before, "stopped": solved.stopped}
+        pairs[kind] = found
+    gn = ctx.gauss_newton(task.eps) if any(parse_approximation(n)[0] == "gauss_newton"
+                                           for n in task.approximations) else None
+    gn_calls = gn.calls if gn is not None else 0
+    v = probe_vector(ctx.space, seed=task.seed, probe_index=task.probe_id, kind="gaussian", dtype=op.out_dtype)
+    metrics = approximation_metrics(op.matvec, v, space=ctx.space, blocks=blocks, approximations=task.approximations,
+                                    lowrank=pairs.get("lowrank"),
+                                    residual_lowrank=pairs.get("block_diagonal_plus_lowrank"),
+                                    gauss_newton=gn.matvec if gn is not None else None)
+    rows: dict[str, list] = {"approximations": [], "blocks": [], "rel_error": [], "cosine": [],
+                             "whole_rel_error": [], "whole_cosine": []}
+    for name in task.approximations:
+        m = metrics[name]
+        for block, rel, cos in zip(m.blocks, m.rel_error, m.cosine):
+            rows["approximations"].append(name)
+            rows["blocks"].append(block)
+            rows["rel_error"].append(rel)
+            rows["cosine"].append(cos)
+            rows["whole_rel_error"].append(m.whole_rel_error)
+            rows["whole_cosine"].append(m.whole_cosine)
+    return ApproximationResult(probe_id=task.probe_id, **rows, hvp_count=op.calls - calls,
+                               gauss_newton_products=(gn.calls - gn_calls) if gn is not None else 0,
+                               lowrank_hvps=lowrank_hvps,
+                               lowrank_solves=solves,
+                               seconds=time.perf_counter() - started)
 
 
 def run_block_spectrum(ctx, task) -> BlockSpectrumResult:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # the results live apart so that the rank-side code (actors.rank_work), which the tasks call, needs no task module
-from .results import (BlockResult, BlockSpectrumResult, Calibration, EigenpairsResult, GroupInfo,  # noqa: F401
+from .results import (ApproximationResult, BlockResult, BlockSpectrumResult, Calibration, EigenpairsResult, GroupInfo,  # noqa: F401
                       KernelTiming, ProbeResult, ProgressEvent, as_dict)
 from .tasks import TaskRecord
 
@@ -41,6 +41,7 @@ class ProbeTask(TaskRecord):
     checkpoint_every: int | str
     checkpoint_meta: dict = field(default_factory=dict)
     placement: Placement = field(default_factory=Placement)
+    operator: str = "hessian"  # lanczos.operator: hessian, gauss_newton or residual (H - G)
 
     @property
     def label(self) -> str:
@@ -111,6 +112,41 @@ class BlockTask(TaskRecord):
         from .rank_work import run_blocks
 
         return run_blocks(ctx, self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApproximationTask(TaskRecord):
+    """One probe of the approximation study (``blocks.approximations``): a Gaussian vector v, the exact FD H v,
+    and each approximation's A v against it per block. The low-rank approximations' eigenpairs (of H, and of
+    H - B for ``block_diagonal_plus_lowrank``) are solved once per group, to ``eigen_tol`` within
+    ``eigen_max_hvps`` FD HVPs per solve, and kept by the group for its later probes (``affinity``)."""
+
+    probe_id: int
+    seed: int
+    eps: float
+    scheme: str
+    approximations: tuple[str, ...]
+    eigen_tol: float
+    eigen_max_hvps: int
+    eigen_seed: int
+    vector_dtype: str
+    placement: Placement = field(default_factory=Placement)
+
+    @property
+    def label(self) -> str:
+        return f"approximation probe {self.probe_id}"
+
+    @property
+    def affinity(self) -> tuple:
+        return ("lowrank", self.eps, self.scheme, self.approximations)
+
+    def kept_affinity(self, result) -> tuple:
+        return self.affinity
+
+    def run(self, ctx) -> ApproximationResult:
+        from .rank_work import run_approximations
+
+        return run_approximations(ctx, self)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -105,6 +105,26 @@ class BlockResult:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ApproximationResult:
+    """One probe of the approximation study: a row per (approximation, block), in the task's order, with the
+    whole-vector figures of its approximation repeated on each of its rows."""
+
+    probe_id: int
+    approximations: list[str]
+    blocks: list[str]
+    rel_error: list[float]
+    cosine: list[float]
+    whole_rel_error: list[float]
+    whole_cosine: list[float]
+    hvp_count: int  # FD HVPs, the low-rank eigenpairs' included where this task computed them
+    gauss_newton_products: int
+    lowrank_hvps: int  # of hvp_count: the eigenpairs' solves (0 where the group had them from an earlier probe)
+    # per low-rank kind solved on this group: k, the eigenvalues, how many converged, the solve's HVPs, why it stopped
+    lowrank_solves: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
 class ProgressEvent:
     probe_id: int
     step: int

@@ -30,6 +30,18 @@ class RankContext(Protocol):
         """The rank's FD HVP operator (hessian_core.FiniteDifferenceHVP) at eps/scheme, built once, its restore
         copy on the device or in host memory (``hvp.restore``)."""
 
+    def gauss_newton(self, eps: float) -> Any:
+        """The rank's Gauss-Newton operator (hessian_core.GaussNewtonOperator) at eps, built once."""
+
+    def curvature(self, kind: str, eps: float, scheme: str, restore: str = "device") -> Any:
+        """The operator ``lanczos.operator`` names: ``hessian``, ``gauss_newton`` or ``residual`` (H - G)."""
+
+    def memo_get(self, key: Hashable) -> Any:
+        """What an earlier task on this group kept under ``key`` (None: nothing), until the model is dropped."""
+
+    def memo_put(self, key: Hashable, value: Any) -> None:
+        """Keep ``value`` for the group's later tasks (e.g. eigenpairs every probe of a study uses)."""
+
     def timed(self, fn: Callable, *args) -> tuple[Any, float]:
         """(fn(*args), its wall time, the device synchronized before and after)."""
 

@@ -14,7 +14,7 @@ import os
 import socket
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import torch
 import torch.distributed as dist
@@ -68,8 +68,9 @@ class Worker:
         self.rank, self.world_size, self.use_gpu = rank, world_size, use_gpu
         torch.set_num_threads(threads)  # the cores Ray reserved for this rank, no more (no oversubscription)
         self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
-        self.model = self.op = self.space = self.batches = None
+        self.model = self.op = self.gn = self.space = self.batches = None
         self._kept_matvec = None
+        self._memo: dict = {}
         self.progress = None  # set by execute for the task's duration
 
     def rendezvous_address(self) -> tuple[str, int]:
@@ -103,6 +104,7 @@ class Worker:
         self.model = model
         self.space = ParamSpace(model)
         self._kept_matvec = None
+        self._memo = {}
         return GroupInfo(index=index, num_workers=self.world_size, num_params=self.space.numel,
                          load_seconds=time.perf_counter() - started, peak_rss_mib_per_rank=[_peak_rss_mib()],
                          pids=[os.getpid()],
@@ -113,8 +115,9 @@ class Worker:
         """Release the previous setup's model, operator (its parameter backup) and batches before a new load."""
         if self.model is None:
             return
-        self.model = self.op = self.space = self.batches = None
+        self.model = self.op = self.gn = self.space = self.batches = None
         self._kept_matvec = None
+        self._memo = {}
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -138,6 +141,37 @@ class Worker:
         elif (self.op.eps, self.op.scheme) != (float(eps), scheme):
             self.op = self.op.with_eps(eps).with_scheme(scheme)  # copies share the backup buffer
         return self.op
+
+    def gauss_newton(self, eps: float):
+        """The rank's Gauss-Newton operator (hessian_core.GaussNewtonOperator) at eps, built once."""
+        from hessian_core.gauss_newton import GaussNewtonOperator
+
+        if self.gn is None:
+            self.gn = GaussNewtonOperator(self.model, self.batches, eps=eps, space=self.space)
+        elif self.gn.eps != float(eps):
+            self.gn = self.gn.with_eps(eps)
+        return self.gn
+
+    def curvature(self, kind: str, eps: float, scheme: str, restore: str = "device"):
+        """The matrix a probe runs on (``lanczos.operator``): ``hessian`` (the FD HVP operator), ``gauss_newton``,
+        or ``residual`` (H - G, one of each product a matvec)."""
+        from hessian_core.gauss_newton import difference_operator
+
+        if kind == "hessian":
+            return self.operator(eps, scheme, restore)
+        if kind == "gauss_newton":
+            return self.gauss_newton(eps)
+        if kind == "residual":
+            return difference_operator(self.operator(eps, scheme, restore), self.gauss_newton(eps))
+        raise ValueError(f"operator {kind!r}: expected hessian, gauss_newton or residual")
+
+    def memo_get(self, key: Hashable):
+        """What a task of this group kept under ``key`` for later tasks on the same model (None: nothing)."""
+        return self._memo.get(key)
+
+    def memo_put(self, key: Hashable, value) -> None:
+        """Keep ``value`` for this group's later tasks until the model is dropped (a new setup)."""
+        self._memo[key] = value
 
     def start_vector(self, *, seed: int, probe_id: int, vector_dtype: str) -> LanczosState:
         """Probe ``probe_id``'s Lanczos start, exactly as ``lanczos`` would make it."""

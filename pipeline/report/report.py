@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import yaml
 
 from ..run.config import ConfigError
-from ..run.run_folder import BLOCKS_PNG, DENSITY_PNG, EIGEN_MASS_PNG, EIGENPAIRS, LANDSCAPE_PNG, RunFolder, RunInfo
+from ..run.run_folder import (APPROXIMATIONS_PNG, BLOCKS_PNG, DENSITY_PNG, EIGEN_MASS_PNG, EIGENPAIRS, LANDSCAPE_PNG,
+                              RunFolder, RunInfo)
 from ..run.tables import atomic_text, read_json, writable_folder
 
 STYLE = """
@@ -92,6 +93,13 @@ def _run_section(run_dir: str, info: RunInfo, *, heading: str) -> str:
         rows = [{"block": name, **blocks["per_block"][name]} for name in block_order(blocks)]
         rows.append({"block": "overall", **{k: v for k, v in blocks["overall"].items() if k != "whole_rel_error_mean"}})
         out.append(_table(rows, ["block", "rel_error_mean", "rel_error_std", "cosine_mean", "cosine_std"]))
+    if info.approximations:
+        study = info.approximations
+        out += [_table([{"approximation": name, **{k: v for k, v in study["per_approximation"][name].items()
+                                                   if k != "per_block"}} for name in study["order"]],
+                       ["approximation", "whole_rel_error_mean", "whole_rel_error_std", "whole_cosine_mean",
+                        "whole_cosine_std", "probes"]),
+                _image(folder.plot_path(APPROXIMATIONS_PNG), "curvature approximations against the exact H v")]
     if info.eigen:
         out += [_table(_parquet_rows(folder.file(EIGENPAIRS)),
                        ["index", "eigenvalue", "error", "residual", "converged"]),

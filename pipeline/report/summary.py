@@ -46,6 +46,10 @@ def format_summary(info: RunInfo | dict, run_dir: str | None = None) -> str:
         lines.append(f"  {'overall':<40} {o['rel_error_mean']:>9.3f} +- {o['rel_error_std']:<5.3f} "
                      f"{o['cosine_mean']:>9.3f} +- {o['cosine_std']:<5.3f}")
         lines.append(f"  whole block-diagonal approximation: relative error {o['whole_rel_error_mean']:.3f}")
+    if info.approximations:
+        from ..run.approximations import format_approximations
+
+        lines += format_approximations(info.approximations)
     e = info.eigen
     if e:
         lines.append(f"top-{e['k']} eigenpairs ({e['which']}): {e['converged']}/{e['k']} converged ({e['stopped']}) "

@@ -136,6 +136,10 @@ class LanczosConfig:
                              "2-4 gradient passes, and Lanczos in floating point loses orthogonality long before")
     probes: int = key(4, "SLQ probes (Rademacher, unit norm); 0 for a block-analysis-only run", min=0)
     reorth: Literal["none", "window", "full"] = key("window", "`none`, `window` (last `window` vectors), `full`")
+    operator: Literal["hessian", "gauss_newton", "residual"] = key(
+        "hessian", "the matrix the SLQ probes run on: `hessian` (the FD HVP), `gauss_newton` (G = J^T H_out J, "
+                   "from FD Jacobian-vector products of the logits), `residual` (H - G): sweep it to overlay the "
+                   "three densities (`compare.png`, the Papyan decomposition)")
     window: int = key(8, "reorthogonalization window", min=0)
     vector_dtype: Literal["float64", "float32", "bfloat16"] = key(
         "float32", "storage of Lanczos vectors: `float64`, `float32`, `bfloat16`")
@@ -163,6 +167,12 @@ class BlocksConfig:
                                "`density.png`")
     spectra_steps: int | None = key(None, "Lanczos steps per block probe (null: `lanczos.steps`), capped at the "
                                           "block's size", min=1)
+    approximations: list[str] = key(
+        [], "curvature approximations measured against the exact H v, each on its own `blocks.probes` Gaussian "
+            "probes (one task a probe): `block_diagonal`, `block_tridiagonal` (each block and its neighbours in "
+            "model order), `lowrank_<k>` (the k eigenpairs of H largest in magnitude), "
+            "`block_diagonal_plus_lowrank_<k>` (block-diagonal plus the k largest-magnitude eigenpairs of what it "
+            "misses, H - B), `gauss_newton` (G v); `approximations.parquet`, `approximations.png`")
 
 
 @dataclass(kw_only=True)
@@ -253,13 +263,18 @@ def results_part(config: dict) -> dict:
     """A config's keys that decide the results: all but ``cluster`` (the layout), ``output_dir`` and the memory
     placements (``PLACEMENT_KEYS``), so that a run may be resumed under another layout, on another cluster, or
     with its vectors moved to host memory (and a run recorded before those keys existed still matches). The
-    ``eigen`` section counts only where it asks for eigenpairs (``eigen.k`` > 0): a run recorded before it
-    existed is the same as one with it off."""
+    ``eigen`` section counts only where something uses it (``eigen.k`` > 0, or a low-rank approximation's
+    eigenpairs), ``lanczos.operator`` only when it is not ``hessian`` and ``blocks.approximations`` only when not
+    empty: a run recorded before those keys existed is the same as one with them off."""
     part = {k: ({name: value for name, value in v.items() if name not in PLACEMENT_KEYS[k]}
                 if k in PLACEMENT_KEYS and isinstance(v, dict) else v)
             for k, v in config.items() if k not in ("cluster", "output_dir")}
-    if not (part.get("eigen") or {}).get("k"):
+    approximations = (part.get("blocks") or {}).get("approximations") or []
+    if not (part.get("eigen") or {}).get("k") and not any("lowrank" in str(a) for a in approximations):
         part.pop("eigen", None)
+    for section, name, default in (("lanczos", "operator", "hessian"), ("blocks", "approximations", [])):
+        if isinstance(part.get(section), dict) and part[section].get(name, default) == default:
+            part[section] = {k: v for k, v in part[section].items() if k != name}
     return part
 
 
@@ -288,6 +303,8 @@ def _type_name(tp) -> str:
         return " or ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
     return {type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
@@ -320,6 +337,12 @@ def _matches(value: Any, tp) -> tuple[bool, Any]:
         return isinstance(value, str), value
     if tp is dict:
         return isinstance(value, dict), value
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list):
+            return False, value
+        (item,) = typing.get_args(tp)
+        checked = [_matches(v, item) for v in value]
+        return all(ok for ok, _ in checked), [v for _, v in checked]
     return False, value
 
 
@@ -454,10 +477,12 @@ def validate(config: RunConfig, *, this_machine: bool = True) -> None:
         if problem:
             raise ConfigError(problem)
     if (config.lanczos.probes == 0 and not config.blocks.enabled and not config.blocks.spectra
-            and config.eigen.k == 0):
-        raise ConfigError("lanczos.probes=0, blocks.enabled=false and eigen.k=0 leave nothing to compute; "
-                          "set lanczos.probes >= 1, blocks.enabled=true or eigen.k >= 1")
+            and config.eigen.k == 0 and not config.blocks.approximations):
+        raise ConfigError("lanczos.probes=0, blocks.enabled=false, blocks.approximations=[] and eigen.k=0 leave "
+                          "nothing to compute; set lanczos.probes >= 1, blocks.enabled=true, blocks.approximations "
+                          "or eigen.k >= 1")
     _check_eigen(config.eigen)
+    _check_approximations(config)
     if config.hvp.eps == "auto" and not config.hvp.assess:
         raise ConfigError("hvp.assess=false needs a fixed hvp.eps (eps: auto is chosen by the assessment)")
     if config.data.batch_size % config.cluster.num_workers:
@@ -494,6 +519,25 @@ def _check_eigen(eigen: EigenConfig) -> None:
         if points and (points < 3 or points % 2 == 0):
             raise ConfigError(f"eigen.landscape.{name} must be an odd number >= 3 (a grid symmetric about 0, which "
                               f"it includes) or 0 for none, got {points}")
+
+
+def _check_approximations(config: RunConfig) -> None:
+    """Each name of blocks.approximations known (hessian_core.approximations), a low-rank one with its rank, none
+    twice."""
+    from hessian_core.approximations import LOW_RANK, NAMES, parse_approximation
+
+    names = config.blocks.approximations
+    for name in names:
+        try:
+            kind, rank = parse_approximation(name)
+        except ValueError as e:
+            raise ConfigError(f"blocks.approximations: {e}") from None
+        if kind in LOW_RANK and rank is None:
+            raise ConfigError(f"blocks.approximations: {name!r} needs its rank, e.g. {name}_8; valid: "
+                              f"{', '.join(NAMES)} (k >= 1)")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"blocks.approximations names {repeated[0]!r} twice; list each approximation once")
 
 
 _BITS = {"float64": 64, "float32": 32, "bfloat16": 16}

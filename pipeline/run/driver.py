@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 
-from actors.records import (BlockResult, BlockSpectrumResult, BlockSpectrumTask, BlockTask, Calibration,
+from actors.records import (ApproximationResult, ApproximationTask, BlockResult, BlockSpectrumResult, BlockSpectrumTask, BlockTask, Calibration,
                             CalibrationTask, EigenpairsResult, EigenTask, Placement, ProbeResult, ProbeTask)
 
 from hessian_core.error_bars import WIDE_BAR_FRACTION, wide_bars
@@ -26,6 +26,8 @@ from .signals import Interrupted, as_interrupted, signal_of
 BLOCK_SEED_OFFSET = 1_000_003  # block probes are Gaussian and drawn from their own seed stream
 BLOCK_SPECTRA_SEED_OFFSET = 2_000_003  # and the per-block SLQ probes from another
 EIGEN_SEED_OFFSET = 3_000_003  # and the eigen task's start vector (Gaussian) from a third
+APPROXIMATION_SEED_OFFSET = 4_000_003  # the approximation study's probes (Gaussian)
+APPROXIMATION_EIGEN_SEED_OFFSET = 5_000_003  # and its low-rank eigenpairs' start vectors
 
 
 def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
@@ -163,7 +165,22 @@ def unfinished_tasks(prepared: Prepared, recorder: Recorder, *, eps: float) -> l
                   for pid in range(blocks.probes) if pid not in recorder.block_probes]
     if blocks.spectra:
         tasks += block_spectrum_tasks(prepared, recorder, eps=eps)
+    if blocks.approximations:
+        tasks += [approximation_task(prepared, pid, eps=eps, placement=recorder.placement)
+                  for pid in range(blocks.probes) if pid not in recorder.approximation_probes]
     return tasks
+
+
+def approximation_task(prepared: Prepared, probe_id: int, *, eps: float, placement) -> ApproximationTask:
+    """Probe ``probe_id`` of the approximation study; its low-rank eigenpairs to the eigen section's tolerance
+    and HVP budget (per solve), in float64 for a float64 model, else float32."""
+    config = prepared.config
+    return ApproximationTask(probe_id=probe_id, seed=config.lanczos.seed + APPROXIMATION_SEED_OFFSET, eps=eps,
+                             scheme=config.hvp.scheme, approximations=tuple(config.blocks.approximations),
+                             eigen_tol=config.eigen.tol, eigen_max_hvps=config.eigen.max_hvps,
+                             eigen_seed=config.lanczos.seed + APPROXIMATION_EIGEN_SEED_OFFSET,
+                             vector_dtype="float64" if config.model.dtype == "float64" else "float32",
+                             placement=placement)
 
 
 def block_spectrum_tasks(prepared: Prepared, recorder: Recorder, *, eps: float) -> list[BlockSpectrumTask]:
@@ -226,6 +243,16 @@ def _block_probe_done(run: RunContext, task: BlockTask, result: BlockResult, gro
     log(f"block probe {result.probe_id} done: whole block-diagonal error {result.whole_rel_error:.3f}")
 
 
+def _approximation_probe_done(run: RunContext, task: ApproximationTask, result: ApproximationResult,
+                              group: int) -> None:
+    run.recorder.add_approximation_probe(result)
+    run.scheduler.progress.task_done(f"approximation probe {result.probe_id}")
+    whole = dict(zip(result.approximations, result.whole_rel_error))
+    solved = f" (low-rank eigenpairs: {result.lowrank_hvps} HVPs)" if result.lowrank_hvps else ""
+    log(f"approximation probe {result.probe_id} done on group {group}{solved}: relative error of A v "
+        + ", ".join(f"{name} {err:.3f}" for name, err in whole.items()))
+
+
 def _eigen_done(run: RunContext, task: EigenTask, result: EigenpairsResult, group: int) -> None:
     run.recorder.add_eigen(result)
     run.scheduler.progress.task_done("eigenpairs")
@@ -246,6 +273,7 @@ handlers.register(ProbeTask, finished=_probe_done,
                   started=lambda run, task: run.recorder.clear_unfinished_checkpoint(task.probe_id))
 handlers.register(BlockTask, finished=_block_probe_done)
 handlers.register(BlockSpectrumTask, finished=_block_spectrum_done)
+handlers.register(ApproximationTask, finished=_approximation_probe_done)
 handlers.register(EigenTask, finished=_eigen_done,
                   started=lambda run, task: run.recorder.clear_unfinished_eigen_checkpoint())
 
@@ -256,7 +284,8 @@ def probe_task(prepared: Prepared, recorder: Recorder, probe_id: int, *, eps: fl
     return ProbeTask(probe_id=probe_id, seed=lz.seed, eps=eps, scheme=config.hvp.scheme, steps=lz.steps,
                      reorth=lz.reorth, window=lz.window, vector_dtype=lz.vector_dtype,
                      checkpoint_dir=recorder.checkpoint_dir(probe_id), checkpoint_every=config.checkpoint.every,
-                     checkpoint_meta={"config": config.digest()}, placement=recorder.placement)
+                     checkpoint_meta={"config": config.digest()}, placement=recorder.placement,
+                     operator=lz.operator)
 
 
 def eigen_task(prepared: Prepared, recorder: Recorder, *, eps: float) -> EigenTask:
@@ -289,7 +318,9 @@ def _remaining_steps(prepared: Prepared, recorder: Recorder) -> int:
 
         spectra = len(block_names(model_spec(prepared))) * config.blocks.probes - len(recorder.block_spectra)
     eigen = int(bool(config.eigen.k) and not recorder.eigen_done)  # one progress step for the whole eigen task
-    return slq + blocks + spectra + eigen
+    approximations = (config.blocks.probes - len(recorder.approximation_probes)
+                      if config.blocks.approximations else 0)
+    return slq + blocks + spectra + eigen + approximations
 
 
 __all__ = ["preflight", "run", "draw_plots", "block_summary", "Prepared", "log", "probe_task"]

@@ -78,6 +78,9 @@ class ModelShape:
     saved_per_block: list[int] = field(default_factory=list)  # bytes each block saves
     block_inputs: list[int] = field(default_factory=list)  # bytes of what a checkpointed block keeps
     largest_saved: int = 0  # bytes of the largest single saved tensor
+    vocab: int = 0  # the logits' width (the Gauss-Newton operator's buffers)
+    logits_saved: int = 0  # bytes of the saved tensors of tokens x vocab size (the loss's), in saved_outside_blocks
+    largest_saved_besides_logits: int = 0
 
 
 @contextmanager
@@ -144,6 +147,8 @@ def trace_model(spec, *, world: int, batch: int, seq_len: int) -> ModelShape:
     from hessian_core.models import hf_config as architecture
 
     traced, scale = _traced_dtype(architecture(spec), spec.dtype)
+    vocab = int(getattr(architecture(spec), "vocab_size", 0) or 0)
+    logits_sized: set[int] = set()  # storages of tokens x vocab elements or more: the logits and the loss's
     model = build(replace(spec, dtype=traced), device="fake", for_analysis=False)
     with fake_mode(model), _no_packed_sequences():
         params = {id(p): p for p in model.parameters()}.values()
@@ -170,6 +175,8 @@ def trace_model(spec, *, world: int, batch: int, seq_len: int) -> ModelShape:
             if key not in param_storages and key not in saved:
                 saved[key] = (int(storage.nbytes() * scale), current[0])
                 keep_alive.append(storage)
+                if vocab and t.numel() >= batch * (seq_len - 1) * vocab:
+                    logits_sized.add(key)
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -183,16 +190,22 @@ def trace_model(spec, *, world: int, batch: int, seq_len: int) -> ModelShape:
                       block_params=max(block_numels, default=0), num_blocks=len(blocks),
                       saved_outside_blocks=sum(b for b, owner in saved.values() if owner == "outside"),
                       saved_per_block=per_block, block_inputs=inputs[:len(blocks)],
-                      largest_saved=max((b for b, _ in saved.values()), default=0))
+                      largest_saved=max((b for b, _ in saved.values()), default=0), vocab=vocab,
+                      logits_saved=sum(saved[key][0] for key in logits_sized),
+                      largest_saved_besides_logits=max((b for key, (b, _) in saved.items() if key not in logits_sized),
+                                                       default=0))
 
 
-def activation_bytes(shape: ModelShape, *, checkpointing: bool) -> int:
-    """Peak activation memory of one batch slice's forward and backward."""
-    transient = 2 * shape.largest_saved
+def activation_bytes(shape: ModelShape, *, checkpointing: bool, without_loss: bool = False) -> int:
+    """Peak activation memory of one batch slice's forward and backward; ``without_loss``: of a pass that
+    backpropagates from the logits (the Gauss-Newton product's), which saves none of the loss's tokens x vocab
+    tensors."""
+    outside = shape.saved_outside_blocks - (shape.logits_saved if without_loss else 0)
+    transient = 2 * (shape.largest_saved_besides_logits if without_loss else shape.largest_saved)
     if not checkpointing:
-        return shape.saved_outside_blocks + sum(shape.saved_per_block) + transient
+        return outside + sum(shape.saved_per_block) + transient
     recompute = max(shape.saved_per_block, default=0)  # one block's activations, rebuilt in its backward
-    return shape.saved_outside_blocks + sum(shape.block_inputs) + recompute + transient
+    return outside + sum(shape.block_inputs) + recompute + transient
 
 
 # auto placements, (lanczos.vectors, hvp.restore), in order of the PCIe traffic they add per HVP: a host restore
@@ -251,6 +264,7 @@ def memory_plan(config: RunConfig, shape: ModelShape, *, pretrained_file_bytes: 
         basis, held = eigen_bytes(config, s, shape.num_params)
         rows.append((f"eigenpairs: {basis} + 1 basis and {config.eigen.k} result rows, beyond the Lanczos rows",
                      max(0, held - lanczos)))
+    rows += _study_rows(config, shape, s)
     if sharded:
         gathered = (shape.root_params + 2 * shape.block_params) * compute
         unsharded_grads = (shape.root_params + shape.block_params) * (compute + max(master, 4))
@@ -267,6 +281,48 @@ def memory_plan(config: RunConfig, shape: ModelShape, *, pretrained_file_bytes: 
                       checkpoint_per_save=max((kept + 2) * s * vector, eigen_save_bytes(config, s, shape.num_params)),
                       activations=act,
                       activations_checkpointed=act_ckpt, shape=shape, config=config)
+
+
+def uses_gauss_newton(config: RunConfig) -> bool:
+    return config.lanczos.operator != "hessian" or "gauss_newton" in config.blocks.approximations
+
+
+def _study_rows(config: RunConfig, shape: ModelShape, s: int) -> list[tuple[str, int]]:
+    """The Gauss-Newton operator's own restore copy and what its product holds beyond a gradient pass's peak, and
+    the approximation study's eigenvectors (kept by the group for all its probes) with one solver's basis."""
+    from hessian_core.approximations import lowrank_ranks
+    from hessian_core.eigen import default_basis
+
+    rows = []
+    if uses_gauss_newton(config):
+        extra = gauss_newton_peak(config, shape) - activation_bytes(
+            shape, checkpointing=config.model.activation_checkpointing)
+        rows.append(("Gauss-Newton: its restore copy, and J v logits beyond a gradient's peak",
+                     s * DTYPE_BYTES[config.model.dtype] + max(0, extra)))
+    ranks = lowrank_ranks(config.blocks.approximations)
+    if ranks:
+        element = 8 if config.model.dtype == "float64" else 4
+        largest = max(ranks.values())
+        held = sum(ranks.values()) + min(default_basis(largest), shape.num_params) + 1
+        rows.append((f"approximation study: {sum(ranks.values())} eigenvectors kept and one solver's basis",
+                     held * s * element))
+    return rows
+
+
+def gauss_newton_peak(config: RunConfig, shape: ModelShape) -> int:
+    """Bytes one G v holds at its peak on a rank (hessian_core.gauss_newton), activations included: the forward at
+    theta saves the model's activations but not the loss's tokens x vocab tensors (it backpropagates from the
+    logits), and the product adds one batch slice's J v buffer, its logits and a softmax chunk. Measured on a
+    50k-vocabulary model: within 1% (tests/core/test_gauss_newton_memory.py)."""
+    import torch
+
+    from hessian_core.gauss_newton import DEFAULT_CHUNK_TOKENS, gauss_newton_extra_bytes
+
+    tokens = config.data.batch_size // config.cluster.num_workers * config.data.seq_len
+    compute = getattr(torch, config.model.compute_dtype or config.model.dtype)
+    extra = gauss_newton_extra_bytes(tokens_per_batch=tokens, vocab=max(shape.vocab, 1),
+                                     chunk_tokens=DEFAULT_CHUNK_TOKENS, dtype=compute)
+    return activation_bytes(shape, checkpointing=config.model.activation_checkpointing, without_loss=True) + extra
 
 
 def _eigen_shape(config: RunConfig, num_params: int) -> tuple[int, int, int]:
@@ -473,7 +529,36 @@ def hvp_count(config: RunConfig, num_blocks: int) -> int:
     2-6 more once."""
     outside = 1  # the modules outside the transformer blocks form one more block
     blocks = config.blocks.probes * (1 + num_blocks + outside) if config.blocks.enabled else 0
-    return config.lanczos.probes * config.lanczos.steps + blocks + eigen_hvps(config)
+    return (config.lanczos.probes * config.lanczos.steps * OPERATOR_HVPS[config.lanczos.operator] + blocks
+            + eigen_hvps(config) + approximation_hvps(config, num_blocks + outside))
+
+
+OPERATOR_HVPS = {"hessian": 1, "gauss_newton": 0, "residual": 1}  # FD HVPs per SLQ step (G v is counted apart)
+
+
+def approximation_hvps(config: RunConfig, num_blocks: int) -> int:
+    """FD HVPs of the approximation study, at most: per probe the whole H v and one per block for each of the
+    block-diagonal and block-tridiagonal parts (block_diagonal_plus_lowrank needs the former), and per group
+    the low-rank solves' budgets (a matvec of H - B costs 1 + num_blocks HVPs). Gauss-Newton products, one a
+    probe, are counted apart."""
+    from hessian_core.approximations import lowrank_ranks, parse_approximation
+
+    names = config.blocks.approximations
+    if not names:
+        return 0
+    kinds = {parse_approximation(n)[0] for n in names}
+    per_probe = (1 + num_blocks * (bool(kinds & {"block_diagonal", "block_diagonal_plus_lowrank"})
+                                   + ("block_tridiagonal" in kinds)))
+    ranks = lowrank_ranks(names)
+    solves = (config.eigen.max_hvps * ("lowrank" in ranks)
+              + config.eigen.max_hvps * (1 + num_blocks) * ("block_diagonal_plus_lowrank" in ranks))
+    return config.blocks.probes * per_probe + solves * config.cluster.num_groups
+
+
+def gauss_newton_products(config: RunConfig) -> int:
+    """G v products: every SLQ step on gauss_newton or residual, and one a probe of the approximation study."""
+    slq = config.lanczos.probes * config.lanczos.steps if config.lanczos.operator != "hessian" else 0
+    return slq + (config.blocks.probes if "gauss_newton" in config.blocks.approximations else 0)
 
 
 def predicted_seconds(config: RunConfig, num_blocks: int, *, grad_seconds: float, measured_with: RunConfig) -> float:
@@ -534,7 +619,11 @@ def format_plan(plan: MemoryPlan, *, device_bytes: int | None, grad: tuple[float
     lines.append(f"HVPs: {count:,} ({c.lanczos.probes} probes x {c.lanczos.steps} steps"
                  + (f" + {c.blocks.probes} block probes" if c.blocks.enabled else "")
                  + (f" + up to {eigen_hvps(c)} for the top {c.eigen.k} eigenpairs, and {landscape_forwards(c)} "
-                    f"landscape forwards" if c.eigen.k else "") + ") + 2-6 for eps")
+                    f"landscape forwards" if c.eigen.k else "")
+                 + (f" + up to {approximation_hvps(c, shape.num_blocks + 1):,} for {c.blocks.probes} approximation "
+                    f"probes" if c.blocks.approximations else "") + ") + 2-6 for eps"
+                 + (f"; Gauss-Newton products: {gauss_newton_products(c):,} (each 3 forwards and a backward)"
+                    if uses_gauss_newton(c) else ""))
     if grad is not None:
         secs = predicted_seconds(c, shape.num_blocks, grad_seconds=grad[0], measured_with=grad[1])
         lines.append(f"predicted wall time: {secs:,.0f} s ({secs / 3600:.2f} h) from grad_seconds={grad[0]:.4g}")

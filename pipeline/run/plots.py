@@ -1,5 +1,5 @@
-"""Figures drawn from the result tables with matplotlib's Agg backend: density.png, blocks.png, and the eigen task's
-eigen_mass.png and landscape.png."""
+"""Figures drawn from the result tables with matplotlib's Agg backend: density.png, blocks.png, approximations.png,
+and the eigen task's eigen_mass.png and landscape.png."""
 
 from __future__ import annotations
 
@@ -101,6 +101,40 @@ def plot_blocks(path: str, *, blocks: list[str], rel_error: np.ndarray, cosine: 
     ax2.set_xticks(x, blocks, rotation=60, ha="right", fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+@exclusive
+def plot_approximations(path: str, df) -> None:
+    """The paper's Table 6 extended to every approximation of the study: per block and for the whole vector, the
+    relative error of A v and its cosine with H v, mean with a +-std bar over the probes, one bar per approximation."""
+    plt = _pyplot()
+    names = list(dict.fromkeys(df.approximation))
+    blocks = list(dict.fromkeys(df.block))
+    columns = blocks + ["whole"]
+    x = np.arange(len(columns))
+    width = 0.8 / len(names)
+    fig, axes = plt.subplots(2, 1, figsize=(max(7, 0.35 * len(columns) * len(names) + 3), 6.5), sharex=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, metric, whole, label in ((axes[0], "rel_error", "whole_rel_error", "relative error of A v"),
+                                     (axes[1], "cosine", "whole_cosine", "cos(A v, H v)")):
+        for j, name in enumerate(names):
+            rows = df[df.approximation == name]
+            table = rows.pivot(index="probe_id", columns="block", values=metric)[blocks]
+            values = np.column_stack([table.to_numpy(), rows.drop_duplicates("probe_id")
+                                      .set_index("probe_id").loc[table.index, whole].to_numpy()])
+            ax.bar(x - 0.4 + (j + 0.5) * width, np.nanmean(values, axis=0), width,
+                   yerr=np.nanstd(values, axis=0) if values.shape[0] > 1 else None, capsize=2,
+                   color=colors[j % len(colors)], label=name)
+        ax.axhline(1.0 if metric == "cosine" else 0.0, color="gray", lw=0.8, ls="--")
+        ax.set_ylabel(label)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.95), fontsize=8, ncol=min(5, len(names)),
+               frameon=False)
+    axes[1].set_xticks(x, columns, rotation=60, ha="right", fontsize=8)
+    fig.suptitle("Curvature approximations against the exact H v, per block and whole")
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 

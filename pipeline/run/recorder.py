@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from actors.records import (BlockResult, BlockSpectrumResult, Calibration, EigenpairsResult, GroupInfo, Placement,
+from actors.records import (ApproximationResult, BlockResult, BlockSpectrumResult, Calibration, EigenpairsResult, GroupInfo, Placement,
                             ProbeResult, as_dict)
 from hessian_core import SpectralMeasure, latest_complete_step, ritz_rule, smoothed_density
 from hessian_core.checkpoint import discard_after
@@ -25,9 +25,10 @@ from hessian_core.statistics import bulk_interval
 from .output_lock import ensure_held
 from .preflight import Prepared
 from .ray_connection import versions
-from .run_folder import (BLOCKS_PNG, DENSITY_PNG, EIGEN_MASS_PNG, EIGENVECTORS, LANDSCAPE_PNG, REWRITE_FACTOR,
+from .run_folder import (APPROXIMATIONS_PNG, BLOCKS_PNG, DENSITY_PNG, EIGEN_MASS_PNG, EIGENVECTORS, LANDSCAPE_PNG, REWRITE_FACTOR,
                          BlockSpectrum, RunFolder, RunInfo, TableWriter, sigma_of)
 
+OPERATOR_TITLES = {"hessian": "Hessian", "gauss_newton": "Gauss-Newton", "residual": "Residual H - G"}
 PHASES = ("startup", "load", "calibration", "probes", "finish")
 CHEAP_SAVE_SECONDS = 0.05  # a run.json written faster than this is written after every event
 # run.json's keys about how an invocation ended, which the next invocation does not inherit
@@ -77,6 +78,15 @@ class Recorder:
     def block_spectra(self) -> dict[tuple[str, int], BlockSpectrum]:
         return self.tables.block_spectra
 
+    @property
+    def approximation_probes(self) -> dict[int, list[dict]]:
+        """probe id -> its rows of the approximation study, every finished study probe."""
+        return self.tables.approximation_probes
+
+    def _anything_finished(self) -> bool:
+        return bool(self.probes or self.block_probes or self.block_spectra or self.approximation_probes
+                    or self.eigen_done)
+
     def checkpoint_dir(self, probe_id: int) -> str:
         return self.folder.checkpoint_dir(probe_id)
 
@@ -84,10 +94,11 @@ class Recorder:
         checkpoints = self.folder.checkpoint_steps(pid for pid in range(self.config.lanczos.probes)
                                                    if pid not in self.probes)
         eigen = _eigen_progress(self.folder) if self.config.eigen.k else None
-        if self.probes or self.block_probes or self.block_spectra or checkpoints or eigen:
+        if self._anything_finished() or checkpoints or eigen:
             self.info["resumed"] = True
             self.info["resumed_from"] = {"finished_probes": sorted(self.probes),
                                          "finished_block_probes": sorted(self.block_probes),
+                                         "finished_approximation_probes": sorted(self.approximation_probes),
                                          "finished_block_spectra": len(self.block_spectra),
                                          "checkpoint_steps": {str(k): v for k, v in checkpoints.items()}}
             if eigen:
@@ -201,7 +212,12 @@ class Recorder:
         self.step_seconds += result.step_seconds
         self.checkpoint_seconds += sum(result.checkpoint_seconds)
         # the calibration counted the HVP that this probe reused as its first step
-        self.hvp_count += len(result.hvp_seconds) - int(result.reused_first_matvec)
+        steps = len(result.hvp_seconds) - int(result.reused_first_matvec)
+        operator = self.config.lanczos.operator  # a step is an HVP, a G v (gauss_newton) or one of each (residual)
+        if operator != "gauss_newton":
+            self.hvp_count += steps
+        if operator != "hessian":
+            self.info["gauss_newton_products"] = self.info.get("gauss_newton_products", 0) + steps
         self.tables.add_probe(result.probe_id, result.alphas, result.betas)
         # the probe is now final rows on disk: its checkpoint is no longer needed
         self.folder.remove_checkpoint(result.probe_id)
@@ -210,6 +226,19 @@ class Recorder:
     def add_block_probe(self, result: BlockResult) -> None:
         self.hvp_count += result.hvp_count
         self.tables.add_block_probe(as_dict(result))
+        self._save_soon()
+
+    def add_approximation_probe(self, result: ApproximationResult) -> None:
+        self.hvp_count += result.hvp_count
+        self.info["gauss_newton_products"] = self.info.get("gauss_newton_products", 0) + result.gauss_newton_products
+        rows = [{"probe_id": result.probe_id, "approximation": name, "block": block, "rel_error": rel,
+                 "cosine": cos, "whole_rel_error": whole_rel, "whole_cosine": whole_cos}
+                for name, block, rel, cos, whole_rel, whole_cos in zip(
+                    result.approximations, result.blocks, result.rel_error, result.cosine, result.whole_rel_error,
+                    result.whole_cosine)]
+        self.tables.add_approximation_probe(result.probe_id, rows)
+        if result.lowrank_solves:  # the group's own solve (every group that took a study probe makes the same one)
+            self.info.setdefault("approximation_eigen", {}).update(result.lowrank_solves)
         self._save_soon()
 
     def add_block_spectrum(self, result: BlockSpectrumResult) -> None:
@@ -255,7 +284,7 @@ class Recorder:
         self.info["error"] = f"{type(err).__name__}: {text.splitlines()[-1] if text else ''}"
         try:
             self.tables.compact()  # the folder as the finish leaves it: whole tables, no parts
-            if self.probes or self.block_probes or self.block_spectra or self.eigen_done:
+            if self._anything_finished():
                 self.finish()
         finally:
             self.save_info()
@@ -268,7 +297,7 @@ class Recorder:
         self.info["interrupted_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         try:
             self.tables.compact()
-            if self.probes or self.block_probes or self.eigen_done:
+            if self._anything_finished():
                 self.finish()
         finally:
             self.save_info()
@@ -290,6 +319,10 @@ class Recorder:
             self.info["blocks"] = block_summary(self.folder.blocks_frame())
         if self.block_spectra:
             self.info["block_spectra"] = block_spectra_summary(self.folder.block_ritz_frame())
+        if self.approximation_probes:
+            from .approximations import approximation_summary
+
+            self.info["approximations"] = approximation_summary(self.folder.approximations_frame())
         draw_plots(self.out)
 
 
@@ -378,7 +411,9 @@ def draw_plots(run_dir: str) -> list[str]:
     if folder.has_spectrum() and (wanted or table is not None):
         rules = folder.ritz_rules()
         measure = SpectralMeasure.from_rules(rules)
-        title = f"Hessian spectral density ({len(rules)} probe{'s' if len(rules) != 1 else ''})"
+        matrix = OPERATOR_TITLES.get(((folder.read_info() or RunInfo()).config.get("lanczos") or {}).get("operator"),
+                                     "Hessian")
+        title = f"{matrix} spectral density ({len(rules)} probe{'s' if len(rules) != 1 else ''})"
         if table is not None:
             grid, density = table
         else:  # a run stopped before its end: the density of the probes it finished, not written as a table
@@ -398,6 +433,12 @@ def draw_plots(run_dir: str) -> list[str]:
         plot_blocks(folder.plot_path(BLOCKS_PNG), blocks=names, rel_error=rel, cosine=cos,
                     title="Block-diagonal approximation: per-block error of H v")
         written.append(BLOCKS_PNG)
+    approximations = folder.approximations_frame()
+    if approximations is not None:
+        from .plots import plot_approximations
+
+        plot_approximations(folder.plot_path(APPROXIMATIONS_PNG), approximations)
+        written.append(APPROXIMATIONS_PNG)
     written += _draw_eigen_plots(folder)
     return written
 

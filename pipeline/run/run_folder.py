@@ -30,7 +30,7 @@ from hessian_core.quadrature import SIGMA_FRACTION, block_densities, rules_from_
 
 from .config import ConfigError
 from .output_lock import LOCK_NAME, ensure_held
-from .tables import (BLOCK_RITZ_SCHEMA, BLOCKS_SCHEMA, DENSITY_SCHEMA, EIGEN_MASS_SCHEMA, EIGENPAIRS_SCHEMA,
+from .tables import (APPROXIMATIONS_SCHEMA, BLOCK_RITZ_SCHEMA, BLOCKS_SCHEMA, DENSITY_SCHEMA, EIGEN_MASS_SCHEMA, EIGENPAIRS_SCHEMA,
                      LANCZOS_SCHEMA, LANDSCAPE_SCHEMA, RITZ_SCHEMA, read_json, read_table, write_json, write_table)
 
 RUN_JSON = "run.json"
@@ -41,6 +41,8 @@ BLOCKS = "blocks.parquet"
 BLOCK_RITZ = "block_ritz.parquet"
 DENSITY_PNG = "density.png"
 BLOCKS_PNG = "blocks.png"
+APPROXIMATIONS = "approximations.parquet"
+APPROXIMATIONS_PNG = "approximations.png"
 EIGENPAIRS = "eigenpairs.parquet"
 EIGEN_MASS = "eigen_mass.parquet"
 LANDSCAPE = "landscape.parquet"
@@ -48,7 +50,7 @@ EIGEN_MASS_PNG = "eigen_mass.png"
 LANDSCAPE_PNG = "landscape.png"
 EIGENVECTORS = "eigenvectors"  # a torch.distributed.checkpoint folder (hessian_core.save_eigenvectors)
 EIGEN_CHECKPOINTS = "eigen"  # the eigen task's solver states, under CHECKPOINTS
-PLOTS = (DENSITY_PNG, BLOCKS_PNG, EIGEN_MASS_PNG, LANDSCAPE_PNG)
+PLOTS = (DENSITY_PNG, BLOCKS_PNG, APPROXIMATIONS_PNG, EIGEN_MASS_PNG, LANDSCAPE_PNG)
 CHECKPOINTS = "checkpoints"
 PARTS = "parts"  # finished tasks not yet compacted into the tables: one append-only log per table
 PART_LOG_SUFFIX = ".arrows"
@@ -57,9 +59,10 @@ CONFIG_YAML = "config.yaml"  # a sweep point's config, to resume the point alone
 HVP_ERROR = "hvp-error"  # the hvp-error study's default folder inside a run's output_dir
 # what --fresh removes (the checkpoints and parts are folders)
 OUTPUT_FILES = (RUN_JSON, LANCZOS, RITZ, DENSITY, BLOCKS, BLOCK_RITZ, DENSITY_PNG, BLOCKS_PNG, EIGENPAIRS, EIGEN_MASS,
-                LANDSCAPE, EIGEN_MASS_PNG, LANDSCAPE_PNG)
+                LANDSCAPE, EIGEN_MASS_PNG, LANDSCAPE_PNG, APPROXIMATIONS, APPROXIMATIONS_PNG)
 # a task's table, written as a part per finished task; ritz.parquet follows from lanczos.parquet
-PART_TABLES = {LANCZOS: LANCZOS_SCHEMA, BLOCKS: BLOCKS_SCHEMA, BLOCK_RITZ: BLOCK_RITZ_SCHEMA}
+PART_TABLES = {LANCZOS: LANCZOS_SCHEMA, BLOCKS: BLOCKS_SCHEMA, BLOCK_RITZ: BLOCK_RITZ_SCHEMA,
+               APPROXIMATIONS: APPROXIMATIONS_SCHEMA}
 REWRITE_FACTOR = 20  # the whole tables are rewritten when that costs <= 1/20 of the time since the last rewrite
 
 
@@ -77,6 +80,7 @@ class RunInfo:
     density: dict | None = None
     blocks: dict | None = None
     block_spectra: dict | None = None
+    approximations: dict | None = None  # the approximation study's summary (pipeline.run.approximations)
     eigen: dict | None = None  # the eigen task's summary (Recorder.add_eigen)
     timing: dict | None = None
     groups: list | None = None
@@ -277,6 +281,25 @@ class RunFolder:
             found["cosine"].append(row["cosine"])
         return dict(sorted(by_probe.items()))
 
+    def approximation_probes(self) -> dict[int, list[dict]]:
+        """probe id -> its rows of approximations.parquet (APPROXIMATIONS_SCHEMA), every finished study probe. A
+        part that repeats a probe the table (or an earlier part) holds replaces it: each source holds whole probes."""
+        path = self.file(APPROXIMATIONS)
+        sources = [read_table(path).to_pylist()] if os.path.exists(path) else []
+        sources += [part.to_pylist() for part in self._parts(APPROXIMATIONS)]
+        by_probe: dict[int, list[dict]] = {}
+        for rows in sources:
+            fresh: dict[int, list[dict]] = {}
+            for row in rows:
+                fresh.setdefault(int(row["probe_id"]), []).append(row)
+            by_probe.update(fresh)
+        return dict(sorted(by_probe.items()))
+
+    def approximations_frame(self):
+        """approximations.parquet as a DataFrame, None without it."""
+        path = self.file(APPROXIMATIONS)
+        return read_table(path).to_pandas() if os.path.exists(path) else None
+
     def block_spectra(self) -> dict[tuple[str, int], BlockSpectrum]:
         """(block, probe id) -> its rule, in the order they finished."""
         grouped: dict[tuple[str, int], list[dict]] = {}
@@ -389,6 +412,7 @@ class TableWriter:
         self.probes = folder.lanczos_probes()
         self.block_probes = folder.block_probes()
         self.block_spectra = folder.block_spectra()
+        self.approximation_probes = folder.approximation_probes()
         self._rules: dict[int, RitzRule] = {}
         self._dirty = {table for table in PART_TABLES if folder._parts(table)}  # rows only in parts yet
         for table in PART_TABLES:  # a record a kill cut short is dropped, so that appends follow whole ones
@@ -410,6 +434,10 @@ class TableWriter:
     def add_block_spectrum(self, block: str, probe_id: int, spectrum: BlockSpectrum) -> None:
         self.block_spectra[(block, probe_id)] = spectrum
         self._record(BLOCK_RITZ, _block_ritz_columns({(block, probe_id): spectrum}))
+
+    def add_approximation_probe(self, probe_id: int, rows: list[dict]) -> None:
+        self.approximation_probes[probe_id] = rows
+        self._record(APPROXIMATIONS, _approximation_columns({probe_id: rows}))
 
     def _record(self, table: str, columns: dict) -> None:
         """The task's rows on disk now: the whole tables if a rewrite is due, else one part."""
@@ -433,6 +461,10 @@ class TableWriter:
         if BLOCKS in self._dirty:
             write_table(self.folder.file(BLOCKS), _blocks_columns(dict(sorted(self.block_probes.items()))),
                         schema=BLOCKS_SCHEMA, config_json=self.config_json)
+        if APPROXIMATIONS in self._dirty:
+            write_table(self.folder.file(APPROXIMATIONS),
+                        _approximation_columns(dict(sorted(self.approximation_probes.items()))),
+                        schema=APPROXIMATIONS_SCHEMA, config_json=self.config_json)
         if BLOCK_RITZ in self._dirty:
             write_table(self.folder.file(BLOCK_RITZ), _block_ritz_columns(self.block_spectra),
                         schema=BLOCK_RITZ_SCHEMA, config_json=self.config_json)
@@ -526,6 +558,11 @@ def _blocks_columns(block_probes: dict[int, dict]) -> dict:
         cols["cosine"] += res["cosine"]
         cols["whole_rel_error"] += [res["whole_rel_error"]] * n
     return cols
+
+
+def _approximation_columns(probes: dict[int, list[dict]]) -> dict:
+    rows = [row for pid in probes for row in probes[pid]]
+    return {name: [row[name] for row in rows] for name in APPROXIMATIONS_SCHEMA.names}
 
 
 def _block_ritz_columns(spectra: dict[tuple[str, int], BlockSpectrum]) -> dict:

@@ -31,6 +31,9 @@ def holdings(run_dir: str, info: RunInfo) -> str:
         parts.append(f"probe {pid} checkpointed at step {step}")
     if info.block_probes is not None:
         parts.append(f"{len(folder.finished_block_probe_ids())} of {info.block_probes} block probes finished")
+    blocks = info.config.get("blocks") or {}
+    if blocks.get("approximations"):
+        parts.append(f"{len(folder.approximation_probes())} of {blocks.get('probes')} approximation probes finished")
     return ", ".join(parts)
 
 

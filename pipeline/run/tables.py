@@ -25,6 +25,10 @@ RITZ_SCHEMA = pa.schema([("probe_id", pa.int32()), ("value", pa.float64()), ("we
 DENSITY_SCHEMA = pa.schema([("value", pa.float64()), ("density", pa.float64())])
 BLOCKS_SCHEMA = pa.schema([("probe_id", pa.int32()), ("block", pa.string()), ("rel_error", pa.float64()),
                            ("cosine", pa.float64()), ("whole_rel_error", pa.float64())])
+# the approximation study (blocks.approximations): a row per (probe, approximation, block)
+APPROXIMATIONS_SCHEMA = pa.schema([("probe_id", pa.int32()), ("approximation", pa.string()), ("block", pa.string()),
+                                   ("rel_error", pa.float64()), ("cosine", pa.float64()),
+                                   ("whole_rel_error", pa.float64()), ("whole_cosine", pa.float64())])
 BLOCK_RITZ_SCHEMA = pa.schema([("block", pa.string()), ("probe_id", pa.int32()), ("value", pa.float64()),
                                ("weight", pa.float64()), ("block_size", pa.int64())])
 # the eigen task's tables (pipeline.run.recorder.Recorder.add_eigen), each written whole once

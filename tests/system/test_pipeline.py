@@ -350,3 +350,82 @@ def test_the_eigen_task_writes_pairs_vectors_mass_and_landscape_that_match_the_d
     assert abs(second - top[0]) <= bound  # measured: h = 0.125 (auto range 1.25), 4.407 against 4.515, bound 0.20
     assert eigen["landscape_curvature"] == pytest.approx(second, rel=1e-12)
     assert len(land[land["slice"] == "2d"]) == 25
+
+
+APPROXIMATIONS = ["block_diagonal", "block_tridiagonal", "lowrank_3", "block_diagonal_plus_lowrank_2", "gauss_newton"]
+
+
+def test_the_approximation_study_and_slq_on_gauss_newton_match_the_dense_h_and_g(runs, dense, tmp_path, capsys):
+    """``blocks.approximations`` on one rank (FD at eps 1e-5, the low-rank pairs solved by the run to 1e-10 x
+    |lambda|max, largest in magnitude): every row of approximations.parquet equals its metric from the dense H,
+    the dense G and their dense eigenpairs. The same run's SLQ probe ran on G (``lanczos.operator``): its Ritz
+    values lie in G's spectrum, the largest G's lambda_max. ``plan`` counts both; ``show`` prints the table."""
+    from helpers import dense_gauss_newton, flatten
+    from hessian_core import ParamSpace, parameter_blocks, probe_vector
+    from pipeline.run.driver import APPROXIMATION_SEED_OFFSET
+    from test_approximations import block_diagonal_part, dense_metrics, masks
+
+    model, batches, hessian, values, vectors = dense
+    out = tmp_path / "approx"
+    config = write_config(str(tmp_path / "approx.yaml"), model=runs["model"], data=runs["data"], output_dir=str(out),
+                          hvp={"eps": 1e-5}, lanczos={"operator": "gauss_newton", "probes": 1, "steps": 60},
+                          blocks={"probes": 2, "approximations": APPROXIMATIONS},
+                          eigen={"tol": 1e-10, "max_hvps": 3000})
+    assert main(["plan", config]) == 0
+    planned = capsys.readouterr().out
+    assert "Gauss-Newton: its restore copy" in planned and "approximation study: 5 eigenvectors" in planned
+    assert "Gauss-Newton products: 62" in planned  # 60 SLQ steps and one a study probe
+    assert main(["run", config]) == 0
+    info = json.load(open(out / "run.json"))
+    assert info["status"] == "complete" and info["gauss_newton_products"] == 2 + 60
+    assert all(solve["converged"] == solve["k"] for solve in info["approximation_eigen"].values())
+
+    space = ParamSpace(model)
+    blocks = parameter_blocks(model, space)
+    bm = masks(model, space, blocks)
+    gauss_newton = dense_gauss_newton(model, batches)
+    diag = block_diagonal_part(hessian, bm)
+    r_values, r_vectors = torch.linalg.eigh(hessian - diag)
+
+    def largest(vals, vecs, k):
+        order = torch.argsort(vals.abs(), descending=True)
+        # the k-th and (k+1)-th magnitudes apart, so the rank-k part is well defined (measured: >= 0.05)
+        assert float(vals.abs()[order[k - 1]] - vals.abs()[order[k]]) >= 1e-2
+        return vecs[:, order[:k]], vals[order[:k]]
+
+    u, lam = largest(values, vectors, 3)
+    w, mu = largest(r_values, r_vectors, 2)
+    table = pq.read_table(out / "approximations.parquet").to_pandas()
+    assert list(table.columns) == ["probe_id", "approximation", "block", "rel_error", "cosine", "whole_rel_error",
+                                   "whole_cosine"]
+    assert sorted(set(table.probe_id)) == [0, 1] and list(dict.fromkeys(table.approximation)) == APPROXIMATIONS
+    for pid in (0, 1):
+        x = flatten(probe_vector(space, seed=APPROXIMATION_SEED_OFFSET, probe_index=pid, kind="gaussian",
+                                 dtype=torch.float64))
+        h = hessian @ x
+        tri = torch.zeros_like(h)
+        for k, m in enumerate(bm):
+            near = bm[max(k - 1, 0)] | bm[k] | bm[min(k + 1, len(bm) - 1)]
+            tri[m] = (hessian @ torch.where(near, x, 0.0))[m]
+        want = {"block_diagonal": diag @ x, "block_tridiagonal": tri, "lowrank_3": u @ (lam * (u.T @ x)),
+                "block_diagonal_plus_lowrank_2": diag @ x + w @ (mu * (w.T @ x)), "gauss_newton": gauss_newton @ x}
+        for name, a in want.items():
+            rows = table[(table.probe_id == pid) & (table.approximation == name)]
+            assert list(rows.block) == list(blocks)
+            rel, cos, whole_rel, whole_cos = dense_metrics(h, a, bm)
+            got = np.concatenate([rows.rel_error, rows.cosine, rows.whole_rel_error.iloc[:1], rows.whole_cosine.iloc[:1]])
+            assert np.allclose(got, rel + cos + [whole_rel, whole_cos], rtol=0, atol=1e-6), (pid, name)
+
+    study = info["approximations"]
+    assert study["order"] == APPROXIMATIONS and study["per_approximation"]["gauss_newton"]["probes"] == 2
+    g_values = torch.linalg.eigvalsh(gauss_newton)
+    g_max = float(g_values[-1])
+    assert float(g_values[0]) >= -1e-10 * g_max  # G is PSD
+    ritz = pq.read_table(out / "ritz.parquet").column("value").to_numpy()
+    assert ritz.min() >= -1e-8 * g_max and ritz.max() <= g_max * (1 + 1e-8)
+    assert abs(info["summary"]["lambda_max"] - g_max) <= 1e-6 * g_max
+    assert open(out / "approximations.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert main(["show", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "curvature approximations against the exact H v" in shown
+    assert all(name in shown for name in APPROXIMATIONS)

@@ -55,6 +55,14 @@ def test_cpus_per_worker_default_shares_out_a_local_machine(cluster, expected, m
     ({"cluster.worker_resources": {"spot": "x"}}, "cluster.worker_resources.spot must be a number, got 'x'"),
     ({"data.split": ""}, "data.split is required"),
     ({"cluster.min_groups": 3, "cluster.num_groups": 2}, "cluster.min_groups must be <= cluster.num_groups=2"),
+    ({"blocks.approximations": ["lowrank"]}, "blocks.approximations: 'lowrank' needs its rank, e.g. lowrank_8; valid: "
+                                             "block_diagonal, block_tridiagonal, lowrank_<k>"),
+    ({"blocks.approximations": ["lowrank_0"]}, "unknown approximation 'lowrank_0'"),
+    ({"blocks.approximations": ["gauss_newton", "gauss_newton"]}, "names 'gauss_newton' twice"),
+    ({"blocks.approximations": "gauss_newton"}, "blocks.approximations: 'gauss_newton' is not valid; expected a list "
+                                                "of str"),
+    ({"lanczos.operator": "fisher"}, "lanczos.operator: 'fisher' is not valid; expected 'hessian' or "
+                                     "'gauss_newton' or 'residual'"),
 ], ids=lambda case: ",".join(case) if isinstance(case, dict) else None)
 def test_a_bad_value_is_refused_in_one_line_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

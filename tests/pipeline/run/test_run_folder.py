@@ -14,8 +14,8 @@ import pytest
 from hessian_core import ritz_rule
 from hessian_core.quadrature import block_densities, rules_from_columns, summarize
 from pipeline.run import run_folder
-from pipeline.run.run_folder import (BLOCK_RITZ, BLOCKS, LANCZOS, PARTS, RITZ, BlockSpectrum, RunFolder, RunInfo,
-                                     TableWriter)
+from pipeline.run.run_folder import (APPROXIMATIONS, BLOCK_RITZ, BLOCKS, LANCZOS, PARTS, RITZ, BlockSpectrum, RunFolder,
+                                     RunInfo, TableWriter)
 from pipeline.run.tables import LANCZOS_SCHEMA, RITZ_SCHEMA, write_json, write_table
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
@@ -78,10 +78,14 @@ def _fill(writer: TableWriter, probes: int) -> None:
             rule = ritz_rule(*_probe(10 + pid))
             writer.add_block_spectrum(block, pid, BlockSpectrum(values=rule.values.tolist(),
                                                                 weights=rule.weights.tolist(), block_size=size))
+        writer.add_approximation_probe(pid, [
+            {"probe_id": pid, "approximation": name, "block": block, "rel_error": 0.1 * pid + k, "cosine": 0.5,
+             "whole_rel_error": 0.3 + k, "whole_cosine": 0.7} for k, name in enumerate(("block_diagonal", "lowrank_2"))
+            for block in ("a", "b")])
 
 
 def _tables(folder: RunFolder) -> dict:
-    return {name: pq.read_table(folder.file(name)) for name in (LANCZOS, RITZ, BLOCKS, BLOCK_RITZ)}
+    return {name: pq.read_table(folder.file(name)) for name in (LANCZOS, RITZ, BLOCKS, BLOCK_RITZ, APPROXIMATIONS)}
 
 
 def test_parts_read_back_with_the_tables_and_compact_to_the_tables_written_whole(tmp_path, monkeypatch):
@@ -96,11 +100,12 @@ def test_parts_read_back_with_the_tables_and_compact_to_the_tables_written_whole
     monkeypatch.setattr(run_folder, "REWRITE_FACTOR", 1e12)  # only the first task rewrites: the rest are parts
     writer = TableWriter(parted, config_json="{}")
     _fill(writer, probes=3)
-    assert sum(len(parted._parts(table)) for table in (LANCZOS, BLOCKS, BLOCK_RITZ)) == 3 * 4 - 1
+    assert sum(len(parted._parts(table)) for table in (LANCZOS, BLOCKS, BLOCK_RITZ, APPROXIMATIONS)) == 3 * 5 - 1
     assert pq.read_table(parted.file(LANCZOS)).column("probe_id").to_pylist() == [0] * 5  # as a kill leaves it
     # a resume (or show, plot, compare) reads what the parts hold
     assert parted.lanczos_probes() == whole.lanczos_probes() and parted.block_probes() == whole.block_probes()
     assert parted.block_spectra() == whole.block_spectra() and parted.finished_probe_ids() == {0, 1, 2}
+    assert parted.approximation_probes() == whole.approximation_probes() and len(whole.approximation_probes()) == 3
     for a, b in zip(parted.ritz_rules(), whole.ritz_rules()):
         np.testing.assert_array_equal(a.values, b.values)
     resumed = TableWriter(parted, config_json="{}")  # a new invocation: appends after the parts it found
@@ -123,6 +128,7 @@ def test_a_kill_between_the_rewrite_and_dropping_the_parts_reads_each_row_once(t
         (tmp_path / PARTS / name).write_bytes(data)
     assert folder.lanczos_probes() == writer.probes and folder.block_probes() == writer.block_probes
     assert folder.block_spectra() == writer.block_spectra
+    assert folder.approximation_probes() == writer.approximation_probes
 
 
 def test_a_part_record_cut_short_by_a_kill_is_never_read_and_the_next_append_follows_the_whole_ones(tmp_path,
