@@ -304,10 +304,12 @@ def _check_finite(name: str, value: float, step: int) -> None:
 def lanczos(matvec: Callable[[Vector], Vector], v0: Sequence[Tensor] | None, *, space: ParamSpace, steps: int,
             reorth: str = "window", window: int = 8, vector_dtype: torch.dtype = torch.float32, tol: float = 1e-10,
             state: LanczosState | None = None, on_step: Callable[[LanczosState], None] | None = None,
-            vectors: str = "device") -> LanczosResult:
+            vectors: str = "device",
+            stop: Callable[[Sequence[float], Sequence[float]], bool] | None = None) -> LanczosResult:
     """Run ``steps`` Lanczos steps from v0, or continue ``state`` (then v0 may be None) up to ``steps`` in all;
-    stops early at an invariant subspace. ``vectors``: where a new state keeps its rows (a given state keeps
-    its own)."""
+    stops early at an invariant subspace, or (``stop``, e.g. ``hessian_core.convergence.ProbeStopRule``) once
+    ``stop(alphas, betas)`` holds: ``stopped`` is then "converged". ``vectors``: where a new state keeps its rows
+    (a given state keeps its own)."""
     _check_options(reorth, window)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -318,9 +320,15 @@ def lanczos(matvec: Callable[[Vector], Vector], v0: Sequence[Tensor] | None, *, 
         state = lanczos_start(v0, space=space, vector_dtype=vector_dtype, capacity=capacity, vectors=vectors)
     else:
         state.reserve(capacity)
-    while state.steps_done < steps and not state.stopped:
+    def converged() -> bool:  # checked before a step too: a resumed state may hold already
+        return stop is not None and state.steps_done > 0 and not state.stopped and stop(state.alphas, state.betas)
+
+    done = converged()
+    while state.steps_done < steps and not state.stopped and not done:
         lanczos_step(state, matvec, space=space, reorth=reorth, window=window, tol=tol)
         if on_step is not None:
             on_step(state)
+        done = converged()
     return LanczosResult(torch.tensor(state.alphas, dtype=torch.float64),
-                         torch.tensor(state.betas, dtype=torch.float64), state.stopped or "steps")
+                         torch.tensor(state.betas, dtype=torch.float64),
+                         state.stopped or ("converged" if done else "steps"))
