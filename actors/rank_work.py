@@ -5,6 +5,7 @@ module never imports: the records depend on this code, not the other way round."
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 
@@ -14,10 +15,11 @@ from hessian_core import (LanczosState, accumulate_gradient, block_diagonal_metr
                           lanczos, latest_complete_step, load_lanczos_state, parameter_blocks, probe_vector)
 from hessian_core.block_spectra import block_spectrum
 from hessian_core.checkpoint import CheckpointWriter
+from hessian_core.convergence import ProbeStopRule
 from hessian_core.models import DTYPES
 
-from .results import (ApproximationResult, BlockResult, BlockSpectrumResult, Calibration, EigenpairsResult, KernelTiming, ProbeResult,
-                      ProgressEvent)
+from .results import (ApproximationResult, BlockResult, BlockSpectrumResult, Calibration, EigenpairsResult,
+                      KernelTiming, ProbeResult, ProgressEvent, TraceResult)
 from .worker import CheckpointSchedule
 
 
@@ -101,7 +103,8 @@ def run_probe(ctx, task) -> ProbeResult:
     try:
         result = lanczos(timed_matvec, v0, space=ctx.space, steps=task.steps, reorth=task.reorth,
                          window=task.window, vector_dtype=DTYPES[task.vector_dtype], state=state, on_step=on_step,
-                         vectors=task.placement.vectors)
+                         vectors=task.placement.vectors,
+                         stop=ProbeStopRule(tol=task.stop_tol) if task.stop_tol is not None else None)
     except FloatingPointError as e:
         raise FloatingPointError(f"probe {task.probe_id}: {e}") from None
     finally:
@@ -184,6 +187,31 @@ def run_approximations(ctx, task) -> ApproximationResult:
                                lowrank_hvps=lowrank_hvps,
                                lowrank_solves=solves,
                                seconds=time.perf_counter() - started)
+
+
+def run_trace(ctx, task) -> TraceResult:
+    """The trace task (actors.records.TraceTask: Hutch++ or deflated) on this rank's FD operator."""
+    from hessian_core.eigen import thick_restart_lanczos
+    from hessian_core.trace import deflated_trace, hutchpp
+
+    started = time.perf_counter()
+    op = ctx.operator(task.eps, task.scheme, task.placement.restore)
+    dtype = DTYPES[task.vector_dtype]
+    if task.estimator == "hutchpp":
+        est = hutchpp(op.matvec, space=ctx.space, sketch=task.sketch, max_hvps=task.max_hvps, rtol=task.rtol,
+                      seed=task.seed, dtype=dtype)
+    else:  # the pairs may take half the budget; the samples the rest
+        calls = op.calls
+        pairs = thick_restart_lanczos(op.matvec, space=ctx.space, k=task.sketch, which="LM", tol=task.eigen_tol,
+                                      max_hvps=task.max_hvps // 2, vector_dtype=dtype, seed=task.seed)
+        spent = op.calls - calls
+        est = deflated_trace(op.matvec, space=ctx.space, eigenvalues=pairs.eigenvalues.tolist(),
+                             eigenvectors=pairs.eigenvectors, samples=task.max_hvps - spent, rtol=task.rtol,
+                             seed=task.seed, dtype=dtype)
+        est = dataclasses.replace(est, hvps=est.hvps + spent)
+    return TraceResult(trace=est.trace, stderr=est.stderr, sketch_trace=est.sketch_trace, sketch=est.sketch,
+                       samples=list(est.samples), hvps=est.hvps, stopped=est.stopped,
+                       seconds=time.perf_counter() - started)
 
 
 def run_block_spectrum(ctx, task) -> BlockSpectrumResult:

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # the results live apart so that the rank-side code (actors.rank_work), which the tasks call, needs no task module
-from .results import (ApproximationResult, BlockResult, BlockSpectrumResult, Calibration, EigenpairsResult, GroupInfo,  # noqa: F401
-                      KernelTiming, ProbeResult, ProgressEvent, as_dict)
+from .results import (ApproximationResult, as_dict, BlockResult, BlockSpectrumResult, Calibration, EigenpairsResult,
+                      GroupInfo, KernelTiming, ProbeResult, ProgressEvent, TraceResult)  # noqa: F401
 from .tasks import TaskRecord
 
 
@@ -42,6 +42,8 @@ class ProbeTask(TaskRecord):
     checkpoint_meta: dict = field(default_factory=dict)
     placement: Placement = field(default_factory=Placement)
     operator: str = "hessian"  # lanczos.operator: hessian, gauss_newton or residual (H - G)
+    stop_tol: float | None = None  # lanczos.steps: auto: stop at hessian_core.convergence.ProbeStopRule(tol), else
+    # run all ``steps``
 
     @property
     def label(self) -> str:
@@ -147,6 +149,34 @@ class ApproximationTask(TaskRecord):
         from .rank_work import run_approximations
 
         return run_approximations(ctx, self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TraceTask(TaskRecord):
+    """The trace by Hutch++ (``estimator`` "hutchpp": a sketch of ``sketch`` HVPs, the trace on its span) or by
+    deflation ("deflated": the ``sketch`` eigenpairs largest in magnitude to ``eigen_tol``, their eigenvalues
+    summed), plus Hutchinson samples on the rest until their standard error is <= ``rtol`` x |trace| or the
+    whole task has spent ``max_hvps``."""
+
+    estimator: str
+    eigen_tol: float
+    seed: int
+    eps: float
+    scheme: str
+    sketch: int
+    max_hvps: int
+    rtol: float
+    vector_dtype: str
+    placement: Placement = field(default_factory=Placement)
+
+    @property
+    def label(self) -> str:
+        return f"trace ({self.estimator})"
+
+    def run(self, ctx) -> TraceResult:
+        from .rank_work import run_trace
+
+        return run_trace(ctx, self)
 
 
 @dataclass(frozen=True, kw_only=True)

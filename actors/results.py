@@ -125,6 +125,20 @@ class ApproximationResult:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TraceResult:
+    """The Hutch++ task's estimate (hessian_core.trace.TraceEstimate) and its cost."""
+
+    trace: float
+    stderr: float
+    sketch_trace: float
+    sketch: int
+    samples: list[float]
+    hvps: int
+    stopped: str
+    seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class ProgressEvent:
     probe_id: int
     step: int

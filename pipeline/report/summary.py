@@ -32,6 +32,14 @@ def format_summary(info: RunInfo | dict, run_dir: str | None = None) -> str:
             lines.append(format_error_bar(name, bar))
         stderr = f" +- {s['trace_stderr']:.3g}" if s.get("trace_stderr") is not None else ""
         lines.append(f"trace: {s['trace']:.6g}{stderr}  ({s['probes']} probes)")
+    t = info.trace
+    if t:
+        what = "sketch vectors" if t.get("estimator") == "hutchpp" else "eigenpairs"
+        lines.append(f"trace ({t.get('estimator')}): {t['trace']:.6g} +- {t['stderr']:.3g}  ({t['sketch']} {what}, "
+                     f"{t['samples']} samples, {t['hvps']} HVPs)")
+    auto = info.to_dict().get("probes_auto")
+    if auto:
+        lines.append(f"probes: {auto['probes']} ({auto['stopped']}; lanczos.probes: auto)")
     b = info.blocks
     if b:
         o = b["overall"]

@@ -130,11 +130,23 @@ class HVPConfig:
 
 @dataclass(kw_only=True)
 class LanczosConfig:
-    steps: int = key(30, "Lanczos steps per probe, at most 10000 (the density settles within a few hundred; each step "
-                         "is 2-4 gradient passes)", min=1, max=10_000,
-                     why_max="SLQ's density and extreme eigenvalues settle within a few hundred steps, each step costs "
-                             "2-4 gradient passes, and Lanczos in floating point loses orthogonality long before")
-    probes: int = key(4, "SLQ probes (Rademacher, unit norm); 0 for a block-analysis-only run", min=0)
+    steps: int | Literal["auto"] = key(
+        30, "Lanczos steps per probe, at most 10000 (the density settles within a few hundred; each step is 2-4 "
+            "gradient passes); `auto`: each probe stops once its extreme Ritz values are converged and its "
+            "quadrature rule has settled, both to `lanczos.tol` x its width, or at `lanczos.max_steps`",
+        min=1, max=10_000,
+        why_max="SLQ's density and extreme eigenvalues settle within a few hundred steps, each step costs "
+                "2-4 gradient passes, and Lanczos in floating point loses orthogonality long before")
+    max_steps: int = key(300, "with `steps: auto`, the most steps a probe takes", min=2, max=10_000)
+    tol: float = key(1e-3, "with `steps: auto`, a probe stops when the residual bounds of its extreme Ritz values and "
+                           "the W1 distance between its rule now and 5 steps back are each <= tol x its width",
+                     above=0)
+    probes: int | Literal["auto"] = key(
+        4, "SLQ probes (Rademacher, unit norm); 0 for a block-analysis-only run; `auto`: probes are added in waves "
+           "of `cluster.num_groups` until the trace's standard error is <= `trace.rtol` x abs(trace) and the density "
+           "of the first half of the probes is within `density.tol` of the second half's, or at "
+           "`lanczos.max_probes`", min=0)
+    max_probes: int = key(64, "with `probes: auto`, the most probes a run takes", min=2)
     reorth: Literal["none", "window", "full"] = key("window", "`none`, `window` (last `window` vectors), `full`")
     operator: Literal["hessian", "gauss_newton", "residual"] = key(
         "hessian", "the matrix the SLQ probes run on: `hessian` (the FD HVP), `gauss_newton` (G = J^T H_out J, "
@@ -149,6 +161,34 @@ class LanczosConfig:
                 "the device a row at a time), or `auto`: `device` where `plan` says the run fits, else `host`")
 
 
+    @property
+    def step_budget(self) -> int:
+        """Steps a probe takes at most: ``steps``, or ``max_steps`` with ``steps: auto``."""
+        return self.max_steps if self.steps == "auto" else self.steps
+
+    @property
+    def probe_budget(self) -> int:
+        """Probes a run takes at most: ``probes``, or ``max_probes`` with ``probes: auto``."""
+        return self.max_probes if self.probes == "auto" else self.probes
+
+
+@dataclass(kw_only=True)
+class TraceConfig:
+    rtol: float = key(0.02, "with `lanczos.probes: auto`, the trace's standard error a run reaches: <= rtol x abs(trace)",
+                      above=0)
+    estimator: Literal["slq", "hutchpp", "deflated"] = key(
+        "slq", "`slq`: Hutchinson over the SLQ probes (one trace sample a probe); `hutchpp`: also Hutch++ (Meyer et "
+               "al. 2021) as its own task beside the probes, the exact trace on a sketch of `trace.sketch` HVPs plus "
+               "Hutchinson on the rest; `deflated`: also the `trace.sketch` eigenvalues largest in magnitude "
+               "(thick-restart Lanczos, `eigen.tol`) summed exactly plus Hutchinson on the rest. Either samples until "
+               "its standard error is <= `trace.rtol` x abs(trace) or `trace.max_hvps`; `trace.parquet`, run.json's "
+               "`trace`")
+    sketch: int = key(10, "with `estimator: hutchpp` the sketch's vectors, with `deflated` the eigenpairs (vectors "
+                          "held either way)", min=1)
+    max_hvps: int = key(200, "with `estimator: hutchpp` or `deflated`, its HVP budget, the sketch's or the "
+                             "eigenpairs' included", min=3)
+
+
 @dataclass(kw_only=True)
 class DensityConfig:
     enabled: bool = key(True, "write density.parquet / density.png")
@@ -156,6 +196,8 @@ class DensityConfig:
                          why_min="a density needs at least its two end points",
                          why_max="the density is evaluated at every grid point for every Ritz value at once, and a "
                                  "plot is a few thousand pixels wide")
+    tol: float = key(0.005, "with `lanczos.probes: auto`, how close (W1 over the spectrum's width) the density of the "
+                            "first half of the probes must be to the second half's", above=0)
 
 
 @dataclass(kw_only=True)
@@ -221,6 +263,7 @@ class RunConfig:
     hvp: HVPConfig = field(default_factory=HVPConfig)
     lanczos: LanczosConfig = field(default_factory=LanczosConfig)
     density: DensityConfig = field(default_factory=DensityConfig)
+    trace: TraceConfig = field(default_factory=TraceConfig)
     blocks: BlocksConfig = field(default_factory=BlocksConfig)
     eigen: EigenConfig = field(default_factory=EigenConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -275,6 +318,16 @@ def results_part(config: dict) -> dict:
     for section, name, default in (("lanczos", "operator", "hessian"), ("blocks", "approximations", [])):
         if isinstance(part.get(section), dict) and part[section].get(name, default) == default:
             part[section] = {k: v for k, v in part[section].items() if k != name}
+    # the auto settings' keys count only where auto uses them
+    lanczos = part.get("lanczos") or {}
+    unused = {("lanczos", "max_steps"), ("lanczos", "tol")} if lanczos.get("steps") != "auto" else set()
+    if lanczos.get("probes") != "auto":
+        unused |= {("lanczos", "max_probes"), ("density", "tol")}
+    for section, name in unused:
+        if isinstance(part.get(section), dict):
+            part[section] = {k: v for k, v in part[section].items() if k != name}
+    if lanczos.get("probes") != "auto" and (part.get("trace") or {}).get("estimator", "slq") == "slq":
+        part.pop("trace", None)
     return part
 
 
@@ -476,6 +529,9 @@ def validate(config: RunConfig, *, this_machine: bool = True) -> None:
         problem = _bound_problem(name, _get(config, name), f.metadata, tp)
         if problem:
             raise ConfigError(problem)
+    if config.lanczos.steps == "auto" and config.lanczos.max_steps < 11:
+        raise ConfigError(f"lanczos.max_steps must be >= 11 with lanczos.steps=auto (the stopping rule compares the "
+                          f"rule with the one 5 steps back, from step 10), got {config.lanczos.max_steps}")
     if (config.lanczos.probes == 0 and not config.blocks.enabled and not config.blocks.spectra
             and config.eigen.k == 0 and not config.blocks.approximations):
         raise ConfigError("lanczos.probes=0, blocks.enabled=false, blocks.approximations=[] and eigen.k=0 leave "

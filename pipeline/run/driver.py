@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import threading
 
-from actors.records import (ApproximationResult, ApproximationTask, BlockResult, BlockSpectrumResult, BlockSpectrumTask, BlockTask, Calibration,
-                            CalibrationTask, EigenpairsResult, EigenTask, Placement, ProbeResult, ProbeTask)
+from actors.records import (ApproximationResult, ApproximationTask, BlockResult, BlockSpectrumResult,
+                            BlockSpectrumTask, BlockTask, Calibration, CalibrationTask, EigenpairsResult, EigenTask,
+                            Placement, ProbeResult, ProbeTask, TraceResult, TraceTask)
 
 from hessian_core.error_bars import WIDE_BAR_FRACTION, wide_bars
 
@@ -15,6 +16,7 @@ from .eps_policy import calibration_task, known_calibration
 from .handlers import ResultHandling, RunContext
 from .output_lock import LockLost, ensure_held
 from .preflight import Prepared, model_spec, preflight
+from .probe_policy import ProbesPolicy
 from .progress import Progress, log, set_run_name
 from .ray_connection import connect_ray, stop_ray
 from .ray_groups import GroupPool, RayGroups
@@ -28,6 +30,7 @@ BLOCK_SPECTRA_SEED_OFFSET = 2_000_003  # and the per-block SLQ probes from anoth
 EIGEN_SEED_OFFSET = 3_000_003  # and the eigen task's start vector (Gaussian) from a third
 APPROXIMATION_SEED_OFFSET = 4_000_003  # the approximation study's probes (Gaussian)
 APPROXIMATION_EIGEN_SEED_OFFSET = 5_000_003  # and its low-rank eigenpairs' start vectors
+TRACE_SEED_OFFSET = 6_000_003  # the Hutch++ task's sketch and samples
 
 
 def run(prepared: Prepared, *, name: str | None = None, own_ray: bool = True,
@@ -92,14 +95,15 @@ def _compute(prepared: Prepared, recorder: Recorder, calibration: Calibration | 
             pool = GroupPool.for_this_session()
         log(f"requesting {cl.num_groups} group(s) x {cl.num_workers} worker(s) (at least {prepared.config.min_groups()} "
             f"alive)")
+        policy = probes_policy(prepared, recorder)
         progress = Progress(_remaining_steps(prepared, recorder), bar=own_ray)
         scheduler = ray_scheduler(prepared, recorder, batches_ref=ray.put(prepared.batches), progress=progress,
-                                  cancel=cancel, own_ray=own_ray, pool=pool)
+                                  cancel=cancel, own_ray=own_ray, pool=pool, policy=policy)
         recorder.phase("load")
         if calibration is None:
             scheduler.submit([calibration_task(prepared.config, probe_task(prepared, recorder, 0, eps=0.0))])
         else:
-            _use_calibration(calibration, prepared, recorder, scheduler)
+            _use_calibration(calibration, prepared, recorder, scheduler, policy)
         scheduler.run()
         return scheduler.failures
     except (KeyboardInterrupt, LockLost):  # stopped by a signal, the sweep, or another run's takeover
@@ -141,24 +145,42 @@ def _choose_placement(config, plan, recorder: Recorder) -> None:
         + ("" if plan is not None or not auto else " (no plan: auto keeps them on the device)"))
 
 
-def _use_calibration(calibration: Calibration, prepared: Prepared, recorder: Recorder, scheduler: Scheduler) -> None:
+def _use_calibration(calibration: Calibration, prepared: Prepared, recorder: Recorder, scheduler: Scheduler,
+                     policy: ProbesPolicy | None = None) -> None:
     """Record the eps and queue every unfinished task at it (probe 0 first: its group holds its first HVP)."""
     recorder.set_calibration(calibration)
     log(calibration.message)
     if calibration.reliable is False:
         log("warning: the HVP at this eps is unreliable; results may be dominated by numerical noise")
     recorder.phase("probes")
-    scheduler.submit(unfinished_tasks(prepared, recorder, eps=calibration.eps))
+    scheduler.submit(unfinished_tasks(prepared, recorder, eps=calibration.eps, policy=policy))
 
 
-def unfinished_tasks(prepared: Prepared, recorder: Recorder, *, eps: float) -> list:
+def _note_probe_decision(recorder: Recorder, policy: ProbesPolicy) -> None:
+    """run.json's ``probes_auto`` once the policy has stopped adding probes (``lanczos.probes: auto``)."""
+    if policy.auto and policy.decision is not None:
+        recorder.info["probes_auto"] = policy.decision.as_record(probes=len(recorder.probes))
+
+
+def probes_policy(prepared: Prepared, recorder: Recorder) -> ProbesPolicy:
+    return ProbesPolicy(prepared.config, dimension=recorder.info["num_params"])
+
+
+def unfinished_tasks(prepared: Prepared, recorder: Recorder, *, eps: float, policy: ProbesPolicy | None = None) -> list:
     """Every SLQ probe, block probe and (block, probe) spectrum, and the eigen task, that no invocation has
-    finished yet, at ``eps``. The eigen task comes first: it is the longest, and a group that takes it first
-    leaves the probes to the others."""
+    finished yet, at ``eps``; the SLQ probes as many as ``policy`` (the run's; a new one by default) starts with.
+    The eigen task comes first: it is the longest, and a group that takes it first leaves the probes to the
+    others."""
     lz, blocks = prepared.config.lanczos, prepared.config.blocks
     eigen = prepared.config.eigen.k and not recorder.eigen_done
     tasks: list = [eigen_task(prepared, recorder, eps=eps)] if eigen else []
-    tasks += [probe_task(prepared, recorder, pid, eps=eps) for pid in range(lz.probes) if pid not in recorder.probes]
+    if prepared.config.trace.estimator != "slq" and not recorder.trace_done:
+        tasks.append(trace_task(prepared, eps=eps, placement=recorder.placement))
+    policy = policy or probes_policy(prepared, recorder)
+    started = set(recorder.folder.checkpoint_steps(pid for pid in range(lz.probe_budget) if pid not in recorder.probes))
+    first = policy.begin({pid: recorder.tables.rule(pid) for pid in recorder.probes}, started=started)
+    _note_probe_decision(recorder, policy)
+    tasks += [probe_task(prepared, recorder, pid, eps=eps) for pid in first]
     if blocks.enabled:
         tasks += [BlockTask(probe_id=pid, seed=lz.seed + BLOCK_SEED_OFFSET, eps=eps, scheme=prepared.config.hvp.scheme,
                             placement=recorder.placement)
@@ -169,6 +191,17 @@ def unfinished_tasks(prepared: Prepared, recorder: Recorder, *, eps: float) -> l
         tasks += [approximation_task(prepared, pid, eps=eps, placement=recorder.placement)
                   for pid in range(blocks.probes) if pid not in recorder.approximation_probes]
     return tasks
+
+
+def trace_task(prepared: Prepared, *, eps: float, placement) -> TraceTask:
+    """The trace task at ``eps`` (trace.*: Hutch++ or deflated): float64 vectors for a float64 model, else
+    float32."""
+    config = prepared.config
+    trace = config.trace
+    return TraceTask(estimator=trace.estimator, eigen_tol=config.eigen.tol,
+                     seed=config.lanczos.seed + TRACE_SEED_OFFSET, eps=eps, scheme=config.hvp.scheme,
+                     sketch=trace.sketch, max_hvps=trace.max_hvps, rtol=trace.rtol,
+                     vector_dtype="float64" if config.model.dtype == "float64" else "float32", placement=placement)
 
 
 def approximation_task(prepared: Prepared, probe_id: int, *, eps: float, placement) -> ApproximationTask:
@@ -198,7 +231,7 @@ def block_spectrum_tasks(prepared: Prepared, recorder: Recorder, *, eps: float) 
 
 def ray_scheduler(prepared: Prepared, recorder: Recorder, *, batches_ref, progress: Progress | None = None,
                   cancel: threading.Event | None = None, own_ray: bool = True,
-                  pool: GroupPool | None = None) -> Scheduler:
+                  pool: GroupPool | None = None, policy: ProbesPolicy | None = None) -> Scheduler:
     """The run's scheduler on Ray: its layout's groups, the recorder and the registered handlers listening."""
     config = prepared.config
     cluster = config.cluster
@@ -208,7 +241,8 @@ def ray_scheduler(prepared: Prepared, recorder: Recorder, *, batches_ref, progre
     scheduler = Scheduler(settings=settings, backend=RayGroups(prepared, batches_ref=batches_ref, own_ray=own_ray, pool=pool),
                           listeners=[RecordingListener(recorder)], progress=progress,
                           checks=[lambda: ensure_held(recorder.out), lambda: _check_cancel(cancel)])
-    scheduler.listeners.append(ResultHandling(RunContext(prepared=prepared, recorder=recorder, scheduler=scheduler)))
+    scheduler.listeners.append(ResultHandling(RunContext(prepared=prepared, recorder=recorder, scheduler=scheduler,
+                                                         probes=policy)))
     return scheduler
 
 
@@ -222,13 +256,29 @@ def _check_cancel(cancel: threading.Event | None) -> None:
 
 # -- the handlers of the package's tasks (pipeline.run.handlers) ------------------------------------------------
 def _calibrated(run: RunContext, task: CalibrationTask, result: Calibration, group: int) -> None:
-    _use_calibration(result, run.prepared, run.recorder, run.scheduler)
+    _use_calibration(result, run.prepared, run.recorder, run.scheduler, run.probes)
 
 
 def _probe_done(run: RunContext, task: ProbeTask, result: ProbeResult, group: int) -> None:
     run.recorder.add_probe(result, group=group)
     resumed = f", resumed at step {result.resumed_at_step}" if result.resumed_at_step else ""
+    run.scheduler.progress.probe_finished(probe_id=result.probe_id, steps=len(result.alphas),
+                                          budget=task.steps)
     log(f"probe {result.probe_id} done on group {group}: {len(result.alphas)} steps ({result.stopped}{resumed})")
+    policy = run.probes
+    if policy is not None and policy.auto:
+        more = policy.finished({pid: run.recorder.tables.rule(pid) for pid in run.recorder.probes})
+        _note_probe_decision(run.recorder, policy)
+        if more:
+            run.scheduler.progress.grow(len(more) * task.steps)
+            log(f"probes: {len(run.recorder.probes)} finished, not converged yet: queueing probe(s) "
+                f"{', '.join(map(str, more))}")
+            run.scheduler.submit([probe_task(run.prepared, run.recorder, pid, eps=task.eps) for pid in more])
+        elif policy.decision is not None and len(run.recorder.probes) == policy.queued:
+            d = policy.decision
+            log(f"probes: {len(run.recorder.probes)} finished; {d.stopped}"
+                + (f" (trace stderr {d.figures.trace_rel_stderr:.3g} x |trace|, halves' W1 {d.figures.halves_w1:.3g} x "
+                   f"width)" if d.figures is not None else ""))
 
 
 def _block_spectrum_done(run: RunContext, task: BlockSpectrumTask, result: BlockSpectrumResult, group: int) -> None:
@@ -253,6 +303,15 @@ def _approximation_probe_done(run: RunContext, task: ApproximationTask, result: 
         + ", ".join(f"{name} {err:.3f}" for name, err in whole.items()))
 
 
+def _trace_done(run: RunContext, task: TraceTask, result: TraceResult, group: int) -> None:
+    run.recorder.add_trace(result)
+    run.scheduler.progress.task_done(task.label)
+    log(f"{task.label} done on group {group}: {result.trace:.6g} +- {result.stderr:.3g} "
+        f"({result.stderr / abs(result.trace) if result.trace else float('nan'):.2%}) in {result.hvps} HVPs "
+        f"({result.sketch} {'sketch vectors' if task.estimator == 'hutchpp' else 'eigenpairs'}, "
+        f"{len(result.samples)} samples; {result.stopped})")
+
+
 def _eigen_done(run: RunContext, task: EigenTask, result: EigenpairsResult, group: int) -> None:
     run.recorder.add_eigen(result)
     run.scheduler.progress.task_done("eigenpairs")
@@ -274,6 +333,7 @@ handlers.register(ProbeTask, finished=_probe_done,
 handlers.register(BlockTask, finished=_block_probe_done)
 handlers.register(BlockSpectrumTask, finished=_block_spectrum_done)
 handlers.register(ApproximationTask, finished=_approximation_probe_done)
+handlers.register(TraceTask, finished=_trace_done)
 handlers.register(EigenTask, finished=_eigen_done,
                   started=lambda run, task: run.recorder.clear_unfinished_eigen_checkpoint())
 
@@ -281,11 +341,11 @@ handlers.register(EigenTask, finished=_eigen_done,
 def probe_task(prepared: Prepared, recorder: Recorder, probe_id: int, *, eps: float) -> ProbeTask:
     config = prepared.config
     lz = config.lanczos
-    return ProbeTask(probe_id=probe_id, seed=lz.seed, eps=eps, scheme=config.hvp.scheme, steps=lz.steps,
+    return ProbeTask(probe_id=probe_id, seed=lz.seed, eps=eps, scheme=config.hvp.scheme, steps=lz.step_budget,
                      reorth=lz.reorth, window=lz.window, vector_dtype=lz.vector_dtype,
                      checkpoint_dir=recorder.checkpoint_dir(probe_id), checkpoint_every=config.checkpoint.every,
                      checkpoint_meta={"config": config.digest()}, placement=recorder.placement,
-                     operator=lz.operator)
+                     operator=lz.operator, stop_tol=lz.tol if lz.steps == "auto" else None)
 
 
 def eigen_task(prepared: Prepared, recorder: Recorder, *, eps: float) -> EigenTask:
@@ -309,8 +369,10 @@ def eigen_task(prepared: Prepared, recorder: Recorder, *, eps: float) -> EigenTa
 def _remaining_steps(prepared: Prepared, recorder: Recorder) -> int:
     config = prepared.config
     done = recorder.info.get("resumed_from", {}).get("checkpoint_steps", {})
-    slq = sum(config.lanczos.steps - done.get(str(pid), 0)
-              for pid in range(config.lanczos.probes) if pid not in recorder.probes)
+    lz = config.lanczos
+    # the probes the run begins with (auto: its first wave and what it resumes; later waves grow the total)
+    count = ProbesPolicy(config, dimension=1).first_count(set(recorder.probes), {int(pid) for pid in done})
+    slq = sum(lz.step_budget - done.get(str(pid), 0) for pid in range(count) if pid not in recorder.probes)
     blocks = config.blocks.probes - len(recorder.block_probes) if config.blocks.enabled else 0
     spectra = 0
     if config.blocks.spectra:  # one progress step per (block, probe) task; the block count needs the model
@@ -320,7 +382,8 @@ def _remaining_steps(prepared: Prepared, recorder: Recorder) -> int:
     eigen = int(bool(config.eigen.k) and not recorder.eigen_done)  # one progress step for the whole eigen task
     approximations = (config.blocks.probes - len(recorder.approximation_probes)
                       if config.blocks.approximations else 0)
-    return slq + blocks + spectra + eigen + approximations
+    trace = int(config.trace.estimator != "slq" and not recorder.trace_done)
+    return slq + blocks + spectra + eigen + approximations + trace
 
 
 __all__ = ["preflight", "run", "draw_plots", "block_summary", "Prepared", "log", "probe_task"]

@@ -22,6 +22,7 @@ class RunContext:
     prepared: Any  # pipeline.run.preflight.Prepared
     recorder: Any  # pipeline.run.recorder.Recorder
     scheduler: Any  # pipeline.run.scheduler.Scheduler
+    probes: Any = None  # pipeline.run.probe_policy.ProbesPolicy: how many SLQ probes (lanczos.probes: auto)
 
 
 Finished = Callable[[RunContext, Any, Any, int], None]  # (run, task, result, group index)

@@ -217,7 +217,7 @@ AUTO_ORDER = (("device", "device"), ("device", "host"), ("host", "device"), ("ho
 def _kept_rows(config: RunConfig) -> int:
     from hessian_core.lanczos import _capacity
 
-    return _capacity(config.lanczos.steps, config.lanczos.reorth, config.lanczos.window)
+    return _capacity(config.lanczos.step_budget, config.lanczos.reorth, config.lanczos.window)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -529,7 +529,8 @@ def hvp_count(config: RunConfig, num_blocks: int) -> int:
     2-6 more once."""
     outside = 1  # the modules outside the transformer blocks form one more block
     blocks = config.blocks.probes * (1 + num_blocks + outside) if config.blocks.enabled else 0
-    return (config.lanczos.probes * config.lanczos.steps * OPERATOR_HVPS[config.lanczos.operator] + blocks
+    lz = config.lanczos
+    return (lz.probe_budget * lz.step_budget * OPERATOR_HVPS[lz.operator] + blocks
             + eigen_hvps(config) + approximation_hvps(config, num_blocks + outside))
 
 
@@ -557,7 +558,8 @@ def approximation_hvps(config: RunConfig, num_blocks: int) -> int:
 
 def gauss_newton_products(config: RunConfig) -> int:
     """G v products: every SLQ step on gauss_newton or residual, and one a probe of the approximation study."""
-    slq = config.lanczos.probes * config.lanczos.steps if config.lanczos.operator != "hessian" else 0
+    lz = config.lanczos
+    slq = lz.probe_budget * lz.step_budget if lz.operator != "hessian" else 0
     return slq + (config.blocks.probes if "gauss_newton" in config.blocks.approximations else 0)
 
 
@@ -570,7 +572,7 @@ def predicted_seconds(config: RunConfig, num_blocks: int, *, grad_seconds: float
         return c.data.num_batches * c.data.batch_size / c.cluster.num_workers * c.data.seq_len
 
     grad = grad_seconds * work(config) / work(measured_with)
-    slq = [config.lanczos.steps] * config.lanczos.probes
+    slq = [config.lanczos.step_budget] * config.lanczos.probe_budget
     blocks = [1 + num_blocks + 1] * (config.blocks.probes if config.blocks.enabled else 0)
     loads = [0.0] * config.cluster.num_groups
     if config.eigen.k:  # queued first (its budget spent, a forward a third of a gradient, and one gradient)
@@ -616,7 +618,8 @@ def format_plan(plan: MemoryPlan, *, device_bytes: int | None, grad: tuple[float
     lines.append(f"  {'checkpoint per save (all ranks: x' + str(c.cluster.num_workers) + ')':<58}"
                  f"{_size(plan.checkpoint_per_save)}")
     count = hvp_count(c, shape.num_blocks)
-    lines.append(f"HVPs: {count:,} ({c.lanczos.probes} probes x {c.lanczos.steps} steps"
+    auto = " (at most: auto)" if "auto" in (c.lanczos.probes, c.lanczos.steps) else ""
+    lines.append(f"HVPs{auto}: {count:,} ({c.lanczos.probe_budget} probes x {c.lanczos.step_budget} steps"
                  + (f" + {c.blocks.probes} block probes" if c.blocks.enabled else "")
                  + (f" + up to {eigen_hvps(c)} for the top {c.eigen.k} eigenpairs, and {landscape_forwards(c)} "
                     f"landscape forwards" if c.eigen.k else "")

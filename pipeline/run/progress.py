@@ -46,6 +46,21 @@ class Progress:
             text += f" | last HVP {hvp_seconds:.3f}s"
         self._advance(text, int(new), last=step == steps)
 
+    def probe_finished(self, *, probe_id: int, steps: int, budget: int) -> None:
+        """A probe stopped at ``steps`` of its ``budget`` (``lanczos.steps: auto``): the steps it will never take
+        leave the total."""
+        self.total -= max(0, budget - max(steps, self._high.get(probe_id, 0)))
+        if self.bar is not None:
+            self.bar.total = self.total
+            self.bar.refresh()
+
+    def grow(self, steps: int) -> None:
+        """More work was queued (a wave of ``lanczos.probes: auto``)."""
+        self.total += steps
+        if self.bar is not None:
+            self.bar.total = self.total
+            self.bar.refresh()
+
     def task_done(self, text: str) -> None:
         """One whole task (a block probe) finished: one progress step."""
         self._advance(text, 1, last=False)

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from actors.records import (ApproximationResult, BlockResult, BlockSpectrumResult, Calibration, EigenpairsResult, GroupInfo, Placement,
-                            ProbeResult, as_dict)
+from actors.records import (ApproximationResult, as_dict, BlockResult, BlockSpectrumResult, Calibration,
+                            EigenpairsResult, GroupInfo, Placement, ProbeResult, TraceResult)
 from hessian_core import SpectralMeasure, latest_complete_step, ritz_rule, smoothed_density
 from hessian_core.checkpoint import discard_after
 from hessian_core.error_bars import summary_error_fields
@@ -25,8 +25,8 @@ from hessian_core.statistics import bulk_interval
 from .output_lock import ensure_held
 from .preflight import Prepared
 from .ray_connection import versions
-from .run_folder import (APPROXIMATIONS_PNG, BLOCKS_PNG, DENSITY_PNG, EIGEN_MASS_PNG, EIGENVECTORS, LANDSCAPE_PNG, REWRITE_FACTOR,
-                         BlockSpectrum, RunFolder, RunInfo, TableWriter, sigma_of)
+from .run_folder import (APPROXIMATIONS_PNG, BLOCKS_PNG, BlockSpectrum, DENSITY_PNG, EIGEN_MASS_PNG, EIGENVECTORS,
+                         LANDSCAPE_PNG, REWRITE_FACTOR, RunFolder, RunInfo, sigma_of, TableWriter)
 
 OPERATOR_TITLES = {"hessian": "Hessian", "gauss_newton": "Gauss-Newton", "residual": "Residual H - G"}
 PHASES = ("startup", "load", "calibration", "probes", "finish")
@@ -62,6 +62,7 @@ class Recorder:
         self.grad_seconds = self.previous.grad_seconds
         self.tables = TableWriter(self.folder, config_json=self.config.to_json())
         self.eigen_done = self.folder.has_eigen()  # an earlier invocation finished the eigen task
+        self.trace_done = self.folder.has_trace()
         self._note_resumed()
         self._keep_previous()
 
@@ -85,13 +86,13 @@ class Recorder:
 
     def _anything_finished(self) -> bool:
         return bool(self.probes or self.block_probes or self.block_spectra or self.approximation_probes
-                    or self.eigen_done)
+                    or self.eigen_done or self.trace_done)
 
     def checkpoint_dir(self, probe_id: int) -> str:
         return self.folder.checkpoint_dir(probe_id)
 
     def _note_resumed(self) -> None:
-        checkpoints = self.folder.checkpoint_steps(pid for pid in range(self.config.lanczos.probes)
+        checkpoints = self.folder.checkpoint_steps(pid for pid in range(self.config.lanczos.probe_budget)
                                                    if pid not in self.probes)
         eigen = _eigen_progress(self.folder) if self.config.eigen.k else None
         if self._anything_finished() or checkpoints or eigen:
@@ -240,6 +241,19 @@ class Recorder:
         if result.lowrank_solves:  # the group's own solve (every group that took a study probe makes the same one)
             self.info.setdefault("approximation_eigen", {}).update(result.lowrank_solves)
         self._save_soon()
+
+    def add_trace(self, result: TraceResult) -> None:
+        """The trace task's estimate: run.json's ``trace`` (saved first), then trace.parquet, which marks it
+        finished."""
+        self.hvp_count += result.hvps
+        self.info["trace"] = {"estimator": self.config.trace.estimator, "trace": result.trace, "stderr": result.stderr,
+                              "rel_stderr": result.stderr / abs(result.trace) if result.trace else None,
+                              "sketch": result.sketch, "sketch_trace": result.sketch_trace,
+                              "samples": len(result.samples), "hvps": result.hvps, "stopped": result.stopped,
+                              "seconds": result.seconds}
+        self.save_info()
+        self.tables.write_trace(span=result.sketch_trace, samples=result.samples)
+        self.trace_done = True
 
     def add_block_spectrum(self, result: BlockSpectrumResult) -> None:
         rule = ritz_rule(result.alphas, result.betas)

@@ -30,7 +30,7 @@ from hessian_core.quadrature import SIGMA_FRACTION, block_densities, rules_from_
 
 from .config import ConfigError
 from .output_lock import LOCK_NAME, ensure_held
-from .tables import (APPROXIMATIONS_SCHEMA, BLOCK_RITZ_SCHEMA, BLOCKS_SCHEMA, DENSITY_SCHEMA, EIGEN_MASS_SCHEMA, EIGENPAIRS_SCHEMA,
+from .tables import (APPROXIMATIONS_SCHEMA, TRACE_SCHEMA, BLOCK_RITZ_SCHEMA, BLOCKS_SCHEMA, DENSITY_SCHEMA, EIGEN_MASS_SCHEMA, EIGENPAIRS_SCHEMA,
                      LANCZOS_SCHEMA, LANDSCAPE_SCHEMA, RITZ_SCHEMA, read_json, read_table, write_json, write_table)
 
 RUN_JSON = "run.json"
@@ -42,6 +42,7 @@ BLOCK_RITZ = "block_ritz.parquet"
 DENSITY_PNG = "density.png"
 BLOCKS_PNG = "blocks.png"
 APPROXIMATIONS = "approximations.parquet"
+TRACE = "trace.parquet"
 APPROXIMATIONS_PNG = "approximations.png"
 EIGENPAIRS = "eigenpairs.parquet"
 EIGEN_MASS = "eigen_mass.parquet"
@@ -59,7 +60,7 @@ CONFIG_YAML = "config.yaml"  # a sweep point's config, to resume the point alone
 HVP_ERROR = "hvp-error"  # the hvp-error study's default folder inside a run's output_dir
 # what --fresh removes (the checkpoints and parts are folders)
 OUTPUT_FILES = (RUN_JSON, LANCZOS, RITZ, DENSITY, BLOCKS, BLOCK_RITZ, DENSITY_PNG, BLOCKS_PNG, EIGENPAIRS, EIGEN_MASS,
-                LANDSCAPE, EIGEN_MASS_PNG, LANDSCAPE_PNG, APPROXIMATIONS, APPROXIMATIONS_PNG)
+                LANDSCAPE, EIGEN_MASS_PNG, LANDSCAPE_PNG, APPROXIMATIONS, APPROXIMATIONS_PNG, TRACE)
 # a task's table, written as a part per finished task; ritz.parquet follows from lanczos.parquet
 PART_TABLES = {LANCZOS: LANCZOS_SCHEMA, BLOCKS: BLOCKS_SCHEMA, BLOCK_RITZ: BLOCK_RITZ_SCHEMA,
                APPROXIMATIONS: APPROXIMATIONS_SCHEMA}
@@ -81,6 +82,7 @@ class RunInfo:
     blocks: dict | None = None
     block_spectra: dict | None = None
     approximations: dict | None = None  # the approximation study's summary (pipeline.run.approximations)
+    trace: dict | None = None  # the Hutch++ trace task's estimate (trace.estimator: hutchpp)
     eigen: dict | None = None  # the eigen task's summary (Recorder.add_eigen)
     timing: dict | None = None
     groups: list | None = None
@@ -104,8 +106,10 @@ class RunInfo:
 
     @property
     def probes(self) -> int:
-        """The SLQ probes its config asks for."""
-        return int((self.config.get("lanczos") or {}).get("probes", 0))
+        """The SLQ probes its config asks for (with ``probes: auto``, the most it may take)."""
+        lanczos = self.config.get("lanczos") or {}
+        probes = lanczos.get("probes", 0)
+        return int(lanczos.get("max_probes", 64) if probes == "auto" else probes)
 
     @property
     def block_probes(self) -> int | None:
@@ -294,6 +298,10 @@ class RunFolder:
                 fresh.setdefault(int(row["probe_id"]), []).append(row)
             by_probe.update(fresh)
         return dict(sorted(by_probe.items()))
+
+    def has_trace(self) -> bool:
+        """The Hutch++ trace task finished (its table is written whole, once)."""
+        return os.path.exists(self.file(TRACE))
 
     def approximations_frame(self):
         """approximations.parquet as a DataFrame, None without it."""
@@ -491,6 +499,12 @@ class TableWriter:
         write_table(self.folder.file(EIGEN_MASS), mass, schema=EIGEN_MASS_SCHEMA, config_json=self.config_json)
         write_table(self.folder.file(LANDSCAPE), landscape, schema=LANDSCAPE_SCHEMA, config_json=self.config_json)
         write_table(self.folder.file(EIGENPAIRS), pairs, schema=EIGENPAIRS_SCHEMA, config_json=self.config_json)
+
+    def write_trace(self, *, span: float, samples: list[float]) -> None:
+        """The Hutch++ task's table (TRACE_SCHEMA), whole: its existence marks the task finished."""
+        write_table(self.folder.file(TRACE), {"kind": ["span"] + ["sample"] * len(samples),
+                                              "index": [0] + list(range(len(samples))), "value": [span, *samples]},
+                    schema=TRACE_SCHEMA, config_json=self.config_json)
 
     def write_density(self, grid: np.ndarray, density: np.ndarray) -> None:
         write_table(self.folder.file(DENSITY), {"value": grid, "density": density}, schema=DENSITY_SCHEMA,

@@ -25,6 +25,9 @@ RITZ_SCHEMA = pa.schema([("probe_id", pa.int32()), ("value", pa.float64()), ("we
 DENSITY_SCHEMA = pa.schema([("value", pa.float64()), ("density", pa.float64())])
 BLOCKS_SCHEMA = pa.schema([("probe_id", pa.int32()), ("block", pa.string()), ("rel_error", pa.float64()),
                            ("cosine", pa.float64()), ("whole_rel_error", pa.float64())])
+# the Hutch++ trace task (trace.estimator: hutchpp), written whole once: the sketch's part (kind "span", the exact
+# trace on the sketch's span) and each Hutchinson sample on the rest (kind "sample")
+TRACE_SCHEMA = pa.schema([("kind", pa.string()), ("index", pa.int32()), ("value", pa.float64())])
 # the approximation study (blocks.approximations): a row per (probe, approximation, block)
 APPROXIMATIONS_SCHEMA = pa.schema([("probe_id", pa.int32()), ("approximation", pa.string()), ("block", pa.string()),
                                    ("rel_error", pa.float64()), ("cosine", pa.float64()),

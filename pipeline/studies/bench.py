@@ -71,7 +71,8 @@ def settings_label(config: RunConfig) -> str:
 def _slq_row(info: dict, wall: float, *, layout: str, label: str) -> dict:
     """One end-to-end run: wall time, and its fixed cost = wall - (probe HVP steps) x (median step time)."""
     t, lz = info["timing"], info["config"]["lanczos"]
-    steps = lz["probes"] * lz["steps"]
+    fixed = isinstance(lz["probes"], int) and isinstance(lz["steps"], int)
+    steps = lz["probes"] * lz["steps"] if fixed else info.get("slq_steps", t["hvp_count"])  # auto: as taken
     step = (t["lanczos_step_seconds"] or 0.0) + t["checkpoint_seconds"] / max(steps, 1)
     row = {"tool": "hessian-spectrum", "layout": layout, "settings": label, "seconds": wall,
            "hvps": t["hvp_count"], "lambda_max": info["summary"]["lambda_max"], "step_seconds": step,
@@ -155,13 +156,13 @@ def _eigenthings(prepared, *, eps: float, runs: int, methods=("finite_difference
         kernel = (torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH) if method == "autograd"
                   else contextlib.nullcontext())
         with kernel:
-            result = he.spectral_density(op, num_runs=config.lanczos.probes, lanczos_steps=config.lanczos.steps,
-                                         seed=0)
+            result = he.spectral_density(op, num_runs=config.lanczos.probe_budget,
+                                         lanczos_steps=config.lanczos.step_budget, seed=0)
         wall = time.perf_counter() - started
         top = float(result.raw_eigenvalues.max())
         rows.append({"tool": f"hessian-eigenthings ({method})", "layout": "1 process", "settings": f"eps={eps:.3g}",
                      "seconds": wall,
-                     "hvps": config.lanczos.probes * config.lanczos.steps, "lambda_max": top})
+                     "hvps": config.lanczos.probe_budget * config.lanczos.step_budget, "lambda_max": top})
     return rows
 
 
@@ -171,7 +172,7 @@ def _eigen_rows(config: RunConfig, *, out_dir: str, k: int, peer: bool) -> list[
     cfg = dataclasses.replace(
         _layout_config(config, 1, config.cluster.num_workers, out_dir=out_dir),
         output_dir=os.path.join(out_dir, "eigen"), eigen=dataclasses.replace(config.eigen, k=k),
-        lanczos=dataclasses.replace(config.lanczos, probes=1, steps=min(config.lanczos.steps, 10)))
+        lanczos=dataclasses.replace(config.lanczos, probes=1, steps=min(config.lanczos.step_budget, 10)))
     validate(cfg)
     started = time.perf_counter()
     prepared = preflight(cfg, fresh=True)

@@ -429,3 +429,39 @@ def test_the_approximation_study_and_slq_on_gauss_newton_match_the_dense_h_and_g
     shown = capsys.readouterr().out
     assert "curvature approximations against the exact H v" in shown
     assert all(name in shown for name in APPROXIMATIONS)
+
+
+def test_auto_steps_and_probes_stop_by_their_rules_and_the_deflated_trace_meets_its_target(runs, dense, tmp_path):
+    """``lanczos.steps: auto`` and ``probes: auto`` with the deflated trace task on one rank: every probe stopped
+    before the cap (its rule holds at its last step), the probes stopped by the policy's rule (recorded), the
+    extremes are the dense ones within their bars, and the trace task's estimate is within 4 standard errors of
+    the dense trace with its standard error <= trace.rtol x |trace|."""
+    from hessian_core.convergence import ProbeStopRule
+
+    model, batches, hessian, values, vectors = dense
+    out = tmp_path / "auto"
+    config = write_config(str(tmp_path / "auto.yaml"), model=runs["model"], data=runs["data"], output_dir=str(out),
+                          hvp={"eps": 1e-5}, lanczos={"steps": "auto", "probes": "auto", "max_steps": 200,
+                                                      "max_probes": 6, "tol": 1e-3},
+                          trace={"estimator": "deflated", "sketch": 10, "rtol": 0.05, "max_hvps": 400},
+                          density={"tol": 0.01})
+    assert main(["run", config]) == 0
+    info = json.load(open(out / "run.json"))
+    auto = info["probes_auto"]
+    table = lanczos_table(str(out))
+    assert auto["probes"] == table.probe_id.nunique() >= 2 and auto["stopped"] in ("converged", "max_probes")
+    if auto["stopped"] == "converged":
+        assert auto["halves_w1"] <= 0.01
+    rule = ProbeStopRule(tol=1e-3)
+    for pid, rows in table.groupby("probe_id"):
+        assert len(rows) < 200 and rule(rows.alpha.tolist(), rows.beta.tolist())  # stopped by the rule, not the cap
+        assert not rule(rows.alpha.tolist()[:-1], rows.beta.tolist()[:-1])  # and no later than it held
+    s = info["summary"]
+    scale = float(values.abs().max())
+    assert abs(s["lambda_max"] - float(values[-1])) <= s["lambda_max_residual"] + 1e-7 * scale
+    trace = info["trace"]
+    exact = float(torch.trace(hessian))
+    assert trace["estimator"] == "deflated" and trace["sketch"] == 10
+    assert abs(trace["trace"] - exact) <= 4 * trace["stderr"], (trace, exact)
+    assert trace["stopped"] == "rtol" and trace["stderr"] <= 0.05 * abs(trace["trace"]) and trace["hvps"] <= 400
+    assert pq.read_table(out / "trace.parquet").num_rows == trace["samples"] + 1

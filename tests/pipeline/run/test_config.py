@@ -47,7 +47,7 @@ def test_cpus_per_worker_default_shares_out_a_local_machine(cluster, expected, m
     ({"density.grid_size": 1}, "density.grid_size must be >= 2, got 1: a density needs at least its two end points"),
     ({"density.grid_size": 100_000_000}, "density.grid_size must be <= 100000, got 100000000"),
     ({"data.seq_len": 1}, "data.seq_len must be >= 2, got 1: a next-token loss needs two tokens"),
-    ({"lanczos.steps": 10_001}, "lanczos.steps must be <= 10000, got 10001: SLQ's density"),
+    ({"lanczos.steps": 10_001}, "lanczos.steps must be <= 10000 or 'auto', got 10001: SLQ's density"),
     ({"hvp.eps": 0}, "hvp.eps must be > 0 or 'auto', got 0.0"),
     ({"checkpoint.every": -1}, "checkpoint.every must be >= 0 or 'auto', got -1"),
     ({"blocks.spectra_steps": 0}, "blocks.spectra_steps must be >= 1 or null, got 0"),

@@ -44,40 +44,48 @@ def _sigkill_driver_when(cfg: str, reached, *, poll_seconds: float = 0.02, timeo
 
 
 def test_resume_after_driver_sigkill_gives_identical_alpha_beta_with_fewer_hvps(tmp_path, capsys, shared_ray_address):
+    """With the auto settings (``lanczos.steps`` and ``probes: auto``): the killed run resumes without redoing the
+    probe it finished (final: it stopped by its rule) nor the checkpointed steps of the next, and ends as the run
+    never killed does, probe for probe and coefficient for coefficient."""
     model, data = assets(str(tmp_path))
-    # a checkpoint every step: under load an auto interval can skip past step 10, or past the probe's end;
+    # a checkpoint every step: under load an auto interval can skip past step 5, or past the probe's end;
     # the killed driver joins the module's Ray (a driver's own local Ray and its cleanup: test_run_control)
-    common = dict(model=model, data=data, lanczos={"steps": STEPS, "probes": 2, "reorth": "window", "window": 4},
+    common = dict(model=model, data=data, lanczos={"steps": "auto", "max_steps": STEPS, "tol": 1e-2, "probes": "auto",
+                                                   "max_probes": 3, "reorth": "window", "window": 4},
                   checkpoint={"every": 1}, cluster={"address": shared_ray_address})
     cfg = write_config(str(tmp_path / "run.yaml"), output_dir=str(tmp_path / "run"), **common)
     out = tmp_path / "run"
 
-    def probe_one_past_step_10():
+    def probe_one_past_step_5():
         found = latest_complete_step(str(out / "checkpoints" / "probe-00001"))
-        return found[0] if (out / "lanczos.parquet").exists() and found and found[0] >= 10 else None
+        return found[0] if (out / "lanczos.parquet").exists() and found and found[0] >= 5 else None
 
-    killed_at = _sigkill_driver_when(cfg, probe_one_past_step_10)
+    killed_at = _sigkill_driver_when(cfg, probe_one_past_step_5)
     assert killed_at is not None, "the driver finished or stalled before it could be killed mid-probe"
     assert (out / LOCK_NAME).exists()  # the killed run's lock is left behind; the rerun takes it over
 
     interrupted = json.load(open(out / "run.json"))
     assert interrupted["status"] == "running"  # never "complete" for an incomplete run
-    assert pq.read_table(out / "lanczos.parquet").to_pandas().probe_id.unique().tolist() == [0]
+    first = pq.read_table(out / "lanczos.parquet").to_pandas()
+    assert first.probe_id.unique().tolist() == [0] and len(first) < STEPS  # probe 0 stopped early by its rule
 
     assert main(["run", cfg]) == 0
     info = json.load(open(out / "run.json"))
     assert info["status"] == "complete" and info["resumed"]
     assert info["resumed_from"]["finished_probes"] == [0]
     assert int(info["resumed_from"]["checkpoint_steps"]["1"]) >= killed_at
-    assert info["timing"]["hvp_count"] <= STEPS - killed_at  # neither probe 0 nor probe 1's first steps again
+    resumed = pq.read_table(out / "lanczos.parquet").to_pandas()
+    # neither probe 0 nor probe 1's checkpointed steps again
+    assert info["timing"]["hvp_count"] <= len(resumed) - len(first) - killed_at
     assert not (out / "checkpoints").exists()
 
     clean_cfg = write_config(str(tmp_path / "clean.yaml"), output_dir=str(tmp_path / "clean"), **common)
     assert main(["run", clean_cfg]) == 0
-    resumed = pq.read_table(out / "lanczos.parquet").to_pandas()
     clean = pq.read_table(tmp_path / "clean" / "lanczos.parquet").to_pandas()
-    assert len(resumed) == len(clean) == 2 * STEPS
-    for col in ("alpha", "beta"):
+    clean_info = json.load(open(tmp_path / "clean" / "run.json"))
+    assert info["probes_auto"]["probes"] == clean_info["probes_auto"]["probes"] == resumed.probe_id.nunique() >= 2
+    assert len(resumed) == len(clean) < STEPS * resumed.probe_id.nunique()
+    for col in ("probe_id", "step", "alpha", "beta"):
         assert np.array_equal(resumed[col].to_numpy(), clean[col].to_numpy()), col
 
     # another config on this output_dir is refused, unless asked for a fresh run
