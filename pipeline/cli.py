@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="hessian-eigenthings HVP methods to compare against ('' for none)")
     b.add_argument("--eigen", type=int, default=0, metavar="K",
                    help="also time the top K eigenpairs to eigen.tol, ours against hessian-eigenthings' Lanczos")
+    b.add_argument("--targets", action="store_true",
+                   help="instead: HVPs and wall time to fixed targets (lambda_max, trace stderr, density) for the "
+                        "defaults, the auto settings (central and forward HVPs) and hessian-eigenthings")
     sw = sub.add_parser("sweep", help="runs over the Cartesian product of --grid overrides, in parallel, resumable")
     sw.add_argument("config")
     sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
@@ -140,6 +143,18 @@ def _bench(args) -> None:
         raise ConfigError(f"--repeats and --runs must be >= 1, got {args.repeats} and {args.runs}")
     if args.eigen < 0:
         raise ConfigError(f"--eigen must be >= 0 (0: no eigenpair benchmark), got {args.eigen}")
+    if args.targets:
+        import os
+
+        from .run.tables import write_json
+        from .studies.targets import format_targets, targets_study
+
+        config = load_config(args.config, args.overrides)
+        out_dir = args.output or os.path.join(config.output_dir, "bench-targets")
+        result = targets_study(config, out_dir=out_dir, peer=bool(args.peers))
+        write_json(os.path.join(out_dir, "bench.json"), result)
+        print(format_targets(result))
+        return
     variants = tuple(load_config(args.config, args.overrides + [v]) for v in args.variant)
     bench(load_config(args.config, args.overrides), repeats=args.repeats, out_dir=args.output, runs=args.runs,
           layouts=_layouts(args.layouts), kernels=not args.no_kernels,
