@@ -3,7 +3,7 @@
 ``FiniteDifferenceHVP`` computes Hv from ordinary gradient passes at parameters perturbed in place, shard by
 shard, so nothing is gathered beyond FSDP's own forward/backward. Its schemes: ``central`` (2 passes an HVP,
 O(eps^2)), ``richardson`` (4 passes, O(eps^4)) and ``forward`` (1 pass, O(eps): the gradient at theta is
-computed once and kept, ``_BaseGradient``). ``exact_hvp`` is the double-backward
+computed once and kept, ``FiniteDifferenceHVP._base_gradient``). ``exact_hvp`` is the double-backward
 reference for unsharded models, used by tests and by step-size calibration.
 """
 

@@ -119,8 +119,11 @@ class ClusterConfig:
 @dataclass(kw_only=True)
 class HVPConfig:
     eps: float | Literal["auto"] = key("auto", "step size, or `auto`", above=0)
-    scheme: Literal["central", "richardson"] = key(
-        "central", "`central` (2 passes) or `richardson` (4 passes, O(eps^4))")
+    scheme: Literal["central", "richardson", "forward"] = key(
+        "central", "`central` (2 passes, O(eps^2)), `richardson` (4 passes, O(eps^4)) or `forward` (1 pass, O(eps): "
+                   "reuses the gradient at theta, one more gradient-sized buffer; its error goes as sqrt(eps_mach), 1e-3 against "
+                   "1e-4 in float32: good for densities smoothed at 1% of the width, not for tight extremes, see "
+                   "docs/precision.md)")
     assess: bool = key(True, "with a fixed `hvp.eps`, estimate its error before the run (2-6 HVPs); "
                              "`false` skips that, e.g. in an eps sweep already measured with `hvp-error`")
     restore: Literal["auto", "device", "host"] = key(
@@ -131,9 +134,9 @@ class HVPConfig:
 @dataclass(kw_only=True)
 class LanczosConfig:
     steps: int = key(30, "Lanczos steps per probe, at most 10000 (the density settles within a few hundred; each step "
-                         "is 2-4 gradient passes)", min=1, max=10_000,
+                         "is 1-4 gradient passes)", min=1, max=10_000,
                      why_max="SLQ's density and extreme eigenvalues settle within a few hundred steps, each step costs "
-                             "2-4 gradient passes, and Lanczos in floating point loses orthogonality long before")
+                             "1-4 gradient passes, and Lanczos in floating point loses orthogonality long before")
     probes: int = key(4, "SLQ probes (Rademacher, unit norm); 0 for a block-analysis-only run", min=0)
     reorth: Literal["none", "window", "full"] = key("window", "`none`, `window` (last `window` vectors), `full`")
     operator: Literal["hessian", "gauss_newton", "residual"] = key(
