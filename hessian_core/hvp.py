@@ -95,10 +95,12 @@ class FiniteDifferenceHVP:
 
     The forward scheme keeps grad L(theta) in one more gradient-sized buffer (local shards, accumulator dtype),
     shared by the copies (it does not depend on eps) and computed on first use. It is keyed by the parameters'
-    state: every local shard's autograd version counter and storage address, recorded after each HVP's restore.
-    Any in-place change of the parameters by anyone else (an optimizer step, ``load_state_dict``, another
-    operator's perturb-and-restore) bumps a version, and the next HVP recomputes the gradient (one more pass)
-    instead of differencing against a stale one. ``gradient_passes`` counts every gradient pass the operator ran.
+    state: every parameter's autograd version counter and its local shard's address, recorded after each HVP's
+    restore (``_param_key``). An in-place change of the parameters by anyone else (an optimizer step,
+    ``load_state_dict``; on plain tensors also another operator's perturb-and-restore) bumps a version, and the
+    next HVP recomputes the gradient (one more pass) instead of differencing against a stale one; writes that the
+    key cannot see (through FSDP2's local shards) call ``forget_gradient``. ``gradient_passes`` counts every
+    gradient pass the operator ran.
     """
 
     def __init__(self, model: torch.nn.Module, batches: Sequence[Batch], *, eps: float, scheme: str = "central",
@@ -187,18 +189,26 @@ class FiniteDifferenceHVP:
         self._shared.gradient_passes += 1
         return accumulate_gradient(self.model, self.batches, loss=self.loss, **kwargs)
 
-    @staticmethod
-    def _param_key(params: Vector) -> tuple:
-        """The parameters' state as autograd sees it: an in-place write to a shard bumps its version counter (which
-        ``.detach()`` views share), and a replaced shard has another address."""
-        return tuple((p._version, p.data_ptr()) for p in params)
+    def _param_key(self) -> tuple:
+        """The parameters' state as autograd sees it: each parameter's version counter, which an in-place write
+        bumps (through the parameter, or for plain tensors through any ``.detach()`` view of it), and its local
+        shard's address (a replaced shard has another). A DTensor's counter is its own: writes through a
+        ``to_local()`` view of its shard do not bump it (nor the shard's, whose views each get a fresh counter),
+        so on FSDP2 only DTensor-level writes (an optimizer step, ``copy_``, ``load_state_dict``) are seen. Code
+        that writes the local shards without restoring them calls ``forget_gradient``."""
+        return tuple((p._version, local_view(p.detach()).data_ptr()) for p in self.space.params)
+
+    def forget_gradient(self) -> None:
+        """Drop the forward scheme's kept gradient at theta (it is recomputed by the next HVP): for callers that
+        change the parameters in a way ``_param_key`` cannot see (in place through FSDP2's local shards)."""
+        self._shared.base_key = None
 
     def _base_gradient(self, params: Vector) -> FlatVector:
         """grad L(theta) for the forward scheme, in ``out_dtype``: the kept one while the parameters have not
         changed since it was computed (or since the last HVP restored them), else one gradient pass into the
         kept buffer (allocated once; in place as ``.grad`` when the dtypes agree, as the HVP's passes are)."""
         shared = self._shared
-        if shared.base is not None and shared.base_key == self._param_key(params):
+        if shared.base is not None and shared.base_key is not None and shared.base_key == self._param_key():
             return shared.base
         if shared.base is None:
             shared.base = FlatVector(torch.empty(self.space.local_numel, dtype=self.out_dtype,
@@ -217,7 +227,7 @@ class FiniteDifferenceHVP:
                     torch._foreach_copy_(list(base), self.space.local_grads())
         finally:
             self.model.zero_grad(set_to_none=True)
-        shared.base_key = self._param_key(params)
+        shared.base_key = self._param_key()
         return base
 
     def matvec(self, v: Sequence[Tensor | None]) -> Vector:
@@ -240,7 +250,7 @@ class FiniteDifferenceHVP:
             with torch.no_grad():
                 _copy_back(params, backup)
             if forward:  # restored bit-exactly: the kept gradient is still the one at these parameters
-                self._shared.base_key = self._param_key(params)
+                self._shared.base_key = self._param_key()
             self.model.zero_grad(set_to_none=True)
         out.flat.mul_(scale)
         self._shared.calls += 1

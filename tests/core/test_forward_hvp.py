@@ -154,3 +154,29 @@ def test_forward_hvp_is_the_difference_of_two_gradients(dtype):
         for p, t in zip(model.parameters(), theta):
             p.copy_(t)
     assert rel(flatten(hv), reference) <= (1e-12 if dtype == torch.float64 else 1e-6)
+
+
+@pytest.mark.slow
+def test_forward_hvp_on_two_fsdp2_ranks_keeps_its_gradient_and_matches_one_process(tmp_path):
+    """FSDP2's forward and backward leave the local shards' version counters alone, so the kept gradient at theta
+    holds across HVPs on shards too (3 HVPs, 4 passes), and the sharded result is the one-process one."""
+    import torch.multiprocessing as mp
+
+    from actors.worker import free_port
+    from forward_dist_worker import EPS, run_rank
+
+    world, arch = 2, "llama"
+    mp.spawn(run_rank, args=(world, free_port(), arch, str(tmp_path)), nprocs=world, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    assert all(r["passes"] == 4 and r["same"] and r["restored"] for r in ranks), [
+        (r["passes"], r["same"], r["restored"]) for r in ranks]
+    model = make_tiny_model(arch)
+    batches = make_batches(num_batches=2, batch_size=2 * world, seed=7)
+    space = ParamSpace(model)
+    v = probe_vector(space, seed=11, probe_index=0, dtype=torch.float64)
+    single = flatten(FiniteDifferenceHVP(model, batches, eps=EPS, scheme="forward").matvec(v))
+    sharded = {name: torch.zeros(p.numel(), dtype=torch.float64) for name, p in zip(space.names, space.params)}
+    for r in ranks:
+        for (name, start), t in zip(r["shards"], r["hv"]):
+            sharded[name][start:start + t.numel()] = t
+    assert rel(torch.cat([sharded[name] for name in space.names]), single) <= 1e-8
