@@ -180,3 +180,23 @@ def test_forward_hvp_on_two_fsdp2_ranks_keeps_its_gradient_and_matches_one_proce
         for (name, start), t in zip(r["shards"], r["hv"]):
             sharded[name][start:start + t.numel()] = t
     assert rel(torch.cat([sharded[name] for name in space.names]), single) <= 1e-8
+
+
+def test_the_plan_counts_the_kept_gradient_and_one_pass_an_hvp(tmp_path):
+    """plan: hvp.scheme forward adds its kept gradient at theta (S x the accumulator dtype) to the per-rank memory
+    and predicts 1 gradient pass an HVP."""
+    import math
+
+    from pipeline.run.config import load_config
+    from pipeline.run.plan import plan_run, predicted_seconds
+    from test_plan import tiny_run_config
+
+    central = load_config(tiny_run_config(tmp_path, cluster={"num_groups": 2}))
+    forward = load_config(tiny_run_config(tmp_path, cluster={"num_groups": 2}, hvp={"scheme": "forward"}))
+    plan_c, plan_f = plan_run(central), plan_run(forward)
+    rows = dict(plan_f.rows)
+    assert rows["FD HVP forward scheme: the kept gradient at theta"] == 4 * plan_f.shape.local_params
+    assert plan_f.total - plan_c.total == 4 * plan_f.shape.local_params
+    # 6 calibration gradients, then 2 probes per group x 10 HVPs x 1 pass (central: x 2)
+    assert math.isclose(predicted_seconds(forward, 2, grad_seconds=1.0, measured_with=forward), 6 + 2 * 10)
+    assert math.isclose(predicted_seconds(central, 2, grad_seconds=1.0, measured_with=central), 6 + 2 * 10 * 2)
