@@ -134,9 +134,9 @@ class HVPConfig:
 @dataclass(kw_only=True)
 class LanczosConfig:
     steps: int = key(30, "Lanczos steps per probe, at most 10000 (the density settles within a few hundred; each step "
-                         "is 1-4 gradient passes)", min=1, max=10_000,
+                         "is 2-4 gradient passes)", min=1, max=10_000,
                      why_max="SLQ's density and extreme eigenvalues settle within a few hundred steps, each step costs "
-                             "1-4 gradient passes, and Lanczos in floating point loses orthogonality long before")
+                             "2-4 gradient passes, and Lanczos in floating point loses orthogonality long before")
     probes: int = key(4, "SLQ probes (Rademacher, unit norm); 0 for a block-analysis-only run", min=0)
     reorth: Literal["none", "window", "full"] = key("window", "`none`, `window` (last `window` vectors), `full`")
     operator: Literal["hessian", "gauss_newton", "residual"] = key(
