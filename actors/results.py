@@ -45,6 +45,7 @@ class Calibration:
     compute_dtype: str = ""  # forward/backward dtype (model.compute_dtype, or model.dtype)
     roundoff: float | None = None  # c of the round-off term c / eps (see hessian_core.eps)
     roundoff_source: str = ""  # eps_mach*|grad| | measured (mixed precision)
+    scheme: str = ""  # the HVP scheme whose error rule was applied (hessian_core.EpsChoice.scheme)
 
 
 @dataclass(frozen=True, kw_only=True)

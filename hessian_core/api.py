@@ -222,7 +222,8 @@ def analyze(model: nn.Module, batches: Sequence[Batch | Mapping[str, torch.Tenso
     probes, steps: SLQ probes (Rademacher, unit norm, a pure function of ``seed``) and Lanczos steps each;
         ``steps`` above the number of parameters analysed is capped to it, with a warning.
     eps: the FD step (finite, > 0), or ``"auto"`` (Theorem 3.1, ~1 gradient + 2-6 HVPs); ``assess_eps`` also
-        estimates a fixed eps's error. scheme: ``central`` (2 gradient passes per HVP) or ``richardson`` (4).
+        estimates a fixed eps's error. scheme: ``central`` (2 gradient passes per HVP), ``richardson`` (4) or
+        ``forward`` (1, reusing the gradient at theta; O(eps) error, its own eps rule: docs/precision.md).
     reorth, window, vector_dtype: Lanczos reorthogonalization (``none``, ``window``, ``full``) and the storage
         dtype of its vectors (default: float64 for float64 parameters, else float32).
     param_filter: ``(name, parameter) -> bool`` restricts the analysis to those trainable parameters (the
@@ -230,7 +231,8 @@ def analyze(model: nn.Module, batches: Sequence[Batch | Mapping[str, torch.Tenso
     blocks: also run the block-diagonal analysis with ``block_probes`` Gaussian probes (1 + B HVPs each).
     block_spectra: also run SLQ on every diagonal block H_bb (``block_probes`` probes x ``block_steps``
         steps each, default ``steps``, capped at the block's size).
-    Cost: probes x steps HVPs, each 2 (or 4) gradient passes over ``batches``, plus the options above.
+    Cost: probes x steps HVPs, each 2 (richardson 4, forward 1) gradient passes over ``batches``, plus the
+    options above.
     """
     if probes < 1 or steps < 1 or block_probes < 1:
         raise ValueError(f"probes, steps and block_probes must be >= 1, got {probes}, {steps}, {block_probes}")

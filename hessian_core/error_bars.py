@@ -11,7 +11,9 @@ r is the eps calibration's estimate along one random probe. Along the extreme ei
 curvature itself changes fastest, the step's truncation error is larger: on the tests' tiny GPT-NeoX at the
 auto eps, the extreme eigenvalues moved up to 3.1x (float64), and 4.0x (float32 master / bfloat16 compute,
 lambda_min) further than r ||H||. The bound therefore uses DIRECTION_FACTOR * r: an empirical allowance fitted
-on that one model, not a guarantee (docs/precision.md, "Error bars").
+on that one model, not a guarantee (docs/precision.md, "Error bars"). It was fitted on the central scheme; the
+forward scheme's r is its own rule's estimate (``hessian_core.eps``), and its truncation along the extreme
+directions (eps |D3[u,u]| / 2, first order) was not measured against the factor.
 The reported bar is the sum of the two: lambda = X +- (ritz + fd).
 Top-k eigenpairs (``hessian_core.eigenpairs``, the pipeline's eigen task) have their eigenvectors, and measure
 the FD part along each one instead (``rayleigh_fd_bound``).
@@ -58,13 +60,14 @@ def fd_eigenvalue_bound(*, hvp_relative_error: float | None, operator_norm: floa
 # one eigenvector u the operator's truncation is measured instead: the FD Rayleigh quotient RQ(e) = <u, H_e u> is
 # <u, H u> + C e^p + O(e^(p+2)) (p = SCHEME_ORDER), so RQ(2 eps) - RQ(eps) = (2^p - 1) C eps^p to leading order
 # (Richardson) and the truncation at eps is that difference over 2^p - 1, times RICHARDSON_SAFETY for the next
-# term. The FD HVP is not linear in v (its truncation is cubic in v), so the solver's Ritz value theta, a
+# term (forward: p = 1, and the next term is O(e^2), not O(e^3)). The FD HVP is not linear in v (its truncation is cubic in v), so the solver's Ritz value theta, a
 # combination of HVPs along many Lanczos vectors, is not RQ(eps) itself: their measured difference is added.
 # The round-off part is the one the Weyl bound also carries: one HVP's c / eps (c = eps_mach |grad L|, or the
 # calibration's measured coefficient), times the stencil's ROUNDING_GAIN, bounds |<u, E u>| for a unit u.
-SCHEME_ORDER = {"central": 2, "richardson": 4}
+SCHEME_ORDER = {"central": 2, "richardson": 4, "forward": 1}
 RICHARDSON_SAFETY = 2.0
-ROUNDING_GAIN = {"central": 1.0, "richardson": 18.0 / 12.0}  # sum |c_k| / divisor of the stencil (hessian_core.hvp)
+# sum |c_k| / divisor of the stencil (hessian_core.hvp.rounding_gain)
+ROUNDING_GAIN = {"central": 1.0, "richardson": 18.0 / 12.0, "forward": 2.0}
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     he.add_argument("--eps", default=None, metavar="E1,E2,...",
                     help="steps to try (default: 6 decades, 3 per decade, around the dtype's default step)")
     he.add_argument("--output", default=None, help="folder for the results (default: output_dir/hvp-error)")
+    he.add_argument("--schemes", default=None, metavar="S1,S2",
+                    help="difference schemes, one U curve each (default: hvp.scheme, then central and forward)")
     c = sub.add_parser("compare", help="statistics of runs (or a sweep's points) and their spectral distance")
     c.add_argument("run_dirs", nargs="+", help="run folders, or a sweep folder for all its finished points")
     c.add_argument("--output", default="compare", help="folder for compare.parquet and compare.png")
@@ -170,7 +172,8 @@ def _sweep(args) -> None:
 def _hvp_error(args) -> None:
     from .studies.hvp_error import hvp_error
 
-    hvp_error(load_config(args.config, args.overrides), eps_text=args.eps, out_dir=args.output)
+    hvp_error(load_config(args.config, args.overrides), eps_text=args.eps, out_dir=args.output,
+              schemes_text=args.schemes)
 
 
 def _compare(args) -> None:

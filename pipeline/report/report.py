@@ -154,6 +154,11 @@ def _hvp_error_section(folder: str, *, heading: str) -> str:
                  f"({s['min_over_auto']:.2f}x the auto eps)")
     if info.get("exact_unavailable"):
         text += f"; no exact reference: {info['exact_unavailable']}"
+    for scheme, other in list((info.get("schemes") or {}).items())[1:]:  # the first is the one above
+        o = other.get("summary", {})
+        text += f". {scheme}: auto eps {o.get('auto_eps', float('nan')):.3g} ({other.get('auto', {}).get('message', '')})"
+        if "min_eps" in o:
+            text += f", best error {o['min_rel_error']:.3g} at eps {o['min_eps']:.3g}"
     return "".join([f"<h2>{html.escape(heading)}</h2>", f"<p>{html.escape(text)}</p>",
                     _image(os.path.join(folder, "hvp_error.png"), "HVP error against eps"), _table(rows),
                     _config_and_versions(info)])

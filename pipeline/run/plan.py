@@ -9,6 +9,8 @@ Per rank, with S the largest local shard (FSDP2 pads dim 0 to a multiple of the 
 - parameter shard, gradient shard, the FD HVP's retained copy: S x the master dtype each;
 - the FD HVP's accumulator, S x float32, only for a bfloat16 master: otherwise the HVP's gradient passes
   accumulate into the gradient shard itself;
+- ``hvp.scheme: forward``: the gradient at theta it keeps for every HVP, S x the accumulator dtype (the float32
+  or float64 of the accumulator);
 - Lanczos vectors: the rows ``lanczos`` keeps (``window`` for reorth=window, all steps + 1 for full, 2 for
   none) x S x ``lanczos.vector_dtype``; with ``lanczos.vectors: host`` they are host memory, and the device
   holds the newest vector and the rows streamed through it (2 on a GPU, 1 on CPU: ``hessian_core.lanczos``);
@@ -52,6 +54,7 @@ MAX_SUGGESTED_WORKERS = 256
 # FD HVP calibration before the probes, in gradient passes: one gradient, the ladder's HVPs (2 per try,
 # usually one try), the mixed-precision round-off HVP, and the timed gradient.
 CALIBRATION_GRADIENTS = 1 + 2 * 2 + 1
+GRADIENT_PASSES = {"central": 2, "richardson": 4, "forward": 1}  # per HVP (forward: its gradient at theta is kept)
 
 
 def parse_size(text: str) -> int:
@@ -256,6 +259,8 @@ def memory_plan(config: RunConfig, shape: ModelShape, *, pretrained_file_bytes: 
     rows = [("parameter shard", s * master), ("gradient shard", s * master)]
     if accumulator != master:  # otherwise the HVP's passes accumulate into the gradient shard (hessian_core.hvp)
         rows.append(("FD HVP accumulator", s * accumulator))
+    if config.hvp.scheme == "forward":  # grad L(theta), kept for every HVP (FiniteDifferenceHVP._base_gradient)
+        rows.append(("FD HVP forward scheme: the kept gradient at theta", s * accumulator))
     placed = _placed_rows(config, s, master=master, vector=vector, kept=kept)
     rows += [(what, b) for what, b in placed if not what.endswith("(host)")]
     host_rows = [(what, b) for what, b in placed if what.endswith("(host)")]
@@ -566,7 +571,7 @@ def gauss_newton_products(config: RunConfig) -> int:
 def predicted_seconds(config: RunConfig, num_blocks: int, *, grad_seconds: float, measured_with: RunConfig) -> float:
     """Wall time from one gradient's time on an earlier run, scaled by the per-rank work (sequences x
     seq_len per rank); probes are spread over the groups, each probe's HVPs run on one group."""
-    passes = 2 if config.hvp.scheme == "central" else 4
+    passes = GRADIENT_PASSES[config.hvp.scheme]
 
     def work(c: RunConfig) -> float:
         return c.data.num_batches * c.data.batch_size / c.cluster.num_workers * c.data.seq_len

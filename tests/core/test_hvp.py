@@ -131,4 +131,4 @@ def test_operator_refuses_training_mode_and_bad_arguments():
     with pytest.raises(ValueError, match="eps must be positive"):
         FiniteDifferenceHVP(model, make_batches(), eps=0.0)
     with pytest.raises(ValueError, match="scheme"):
-        FiniteDifferenceHVP(model, make_batches(), eps=1e-3, scheme="forward")
+        FiniteDifferenceHVP(model, make_batches(), eps=1e-3, scheme="backward")

@@ -229,6 +229,24 @@ def test_hvp_error_is_u_shaped_with_its_minimum_near_the_auto_eps(studies):
     assert os.path.getsize(os.path.join(studies["hvp_error"], "hvp_error.png")) > 10_000
 
 
+def test_hvp_error_shows_the_forward_u_curve_beside_the_central_one(studies):
+    """By default (hvp.scheme central) the study runs forward too, on the same grid and probe: its columns sit
+    beside the central ones, its own rule predicts its error within 3x wherever the exact error is above float64
+    rounding, and its auto eps is within 3x of its own minimum."""
+    table = pq.read_table(os.path.join(studies["hvp_error"], "hvp_error.parquet")).to_pandas()
+    info = json.load(open(os.path.join(studies["hvp_error"], "hvp_error.json")))
+    assert info["scheme"] == "central" and list(info["schemes"]) == ["central", "forward"]
+    forward = info["schemes"]["forward"]
+    assert forward["auto"]["scheme"] == "forward" and "forward-difference rule" in forward["auto"]["message"]
+    err, predicted = table.forward_rel_error_exact.to_numpy(), table.forward_predicted_rel_error.to_numpy()
+    best = int(np.argmin(err))
+    assert 0 < best < len(err) - 1 and err[0] > 30 * err[best] and err[-1] > 30 * err[best]
+    assert np.all((err / predicted >= 1 / 3) & (err / predicted <= 3)), (err / predicted).round(2)
+    assert 1 / 3 <= forward["summary"]["min_over_auto"] <= 3
+    assert forward["auto_rel_error_exact"] <= 3 * err[best]
+    assert err[best] > 10 * table.rel_error_exact.min()  # O(eps): the forward optimum is worse than the central one
+
+
 def test_hvp_error_on_a_sharded_group_uses_the_stable_fd_reference(studies, tmp_path):
     config = write_config(str(tmp_path / "c.yaml"), model=studies["model"], data=studies["data"],
                           output_dir=str(tmp_path / "out"), cluster={"num_workers": 2})
@@ -246,6 +264,11 @@ def test_hvp_error_on_a_sharded_group_uses_the_stable_fd_reference(studies, tmp_
 def test_hvp_error_refuses_bad_eps(studies, eps, expected, capsys):
     assert main(["hvp-error", studies["hvp_config"], "--eps", eps]) == 2
     assert expected in capsys.readouterr().err
+
+
+def test_hvp_error_refuses_an_unknown_scheme(studies, capsys):
+    assert main(["hvp-error", studies["hvp_config"], "--schemes", "central,backward"]) == 2
+    assert "'backward' is not a scheme" in capsys.readouterr().err
 
 
 def test_a_block_study_without_slq_prints_and_draws_the_table(studies, tmp_path, capsys):
