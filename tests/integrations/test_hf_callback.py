@@ -1,0 +1,96 @@
+"""HessianSpectrumCallback in a real transformers.Trainer fine-tune (a tiny GPT-NeoX on CPU, 40 steps, every 10):
+the hessian/* scalars in TensorBoard's event files (read back with TensorBoard's own reader) and in the Parquet time
+series, training bitwise that of the same fine-tune without the callback, and the refusals."""
+
+from __future__ import annotations
+
+import glob
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+pytest.importorskip("tensorboard")
+pytestmark = pytest.mark.xdist_group("hf_callback")  # one worker builds the module's fine-tunes once
+
+from tests_integrations_helpers import finetune  # noqa: E402
+
+STEPS, EVERY = 40, 10
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from hessian_core.integrations import HessianSpectrumCallback
+
+    root = tmp_path_factory.mktemp("hf")
+    seen = []
+    with_cb = finetune(root / "with", steps=STEPS, callback=lambda: HessianSpectrumCallback(
+        every_steps=EVERY, eval_batches=2, probes=1, steps=6, eps=1e-3,
+        log_to=[lambda metrics, step: seen.append((step, metrics))]))
+    without = finetune(root / "without", steps=STEPS, callback=None)
+    return with_cb, without, seen
+
+
+def _event_scalars(folder) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, dict[int, float]] = {}
+    for path in glob.glob(str(folder / "**" / "events.out.tfevents.*"), recursive=True):
+        acc = EventAccumulator(path, size_guidance={"scalars": 0}, purge_orphaned_data=False)
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    return out
+
+
+def test_tensorboard_holds_the_hessian_scalars_at_every_tenth_step(runs):
+    with_cb, _, _ = runs
+    scalars = _event_scalars(with_cb.folder)
+    for key in ("lambda_max", "lambda_min", "trace", "outlier_count", "block_diagonal_error"):
+        assert sorted(scalars[f"train/hessian/{key}"]) == [10, 20, 30, 40], key  # HF's TB callback adds train/
+    assert all(v > 0 for v in scalars["train/hessian/lambda_max"].values())
+    assert all(0 < v < 2 for v in scalars["train/hessian/block_diagonal_error"].values())
+    assert sorted(scalars["train/loss"]) == list(range(1, STEPS + 1))  # the Trainer's own scalars beside them
+
+
+def test_parquet_series_and_sinks_hold_the_same_rows(runs):
+    with_cb, _, seen = runs
+    table = pq.read_table(with_cb.folder / "hessian_timeseries.parquet").to_pylist()
+    assert [r["step"] for r in table] == [10, 20, 30, 40]
+    assert [s for s, _ in seen] == [10, 20, 30, 40]
+    for row, (_, metrics) in zip(table, seen):
+        assert metrics["hessian/lambda_max"] == row["lambda_max"]
+        assert metrics["hessian/block_diagonal_error"] == row["whole_block_rel_error"]
+    logged = [e for e in with_cb.log_history if "hessian/lambda_max" in e]
+    assert [e["step"] for e in logged] == [10, 20, 30, 40]
+
+
+def test_training_is_bitwise_that_without_the_callback(runs):
+    with_cb, without, _ = runs
+    assert with_cb.losses == without.losses and len(with_cb.losses) == STEPS
+    assert with_cb.params.keys() == without.params.keys()
+    for name, p in with_cb.params.items():
+        assert torch.equal(p, without.params[name]), name
+
+
+def test_refusals(tmp_path):
+    from hessian_core.integrations import HessianSpectrumCallback
+    from hessian_core.integrations.monitor import analysed_module
+
+    with pytest.raises(ValueError, match="every_steps must be an integer >= 1, got 0"):
+        HessianSpectrumCallback(every_steps=0)
+    with pytest.raises(ValueError, match="track 'top'"):
+        HessianSpectrumCallback(track="top")
+    with pytest.raises(ValueError, match="log_to entry 'tensorbord:x'"):
+        HessianSpectrumCallback(log_to=["tensorbord:x"])
+    with pytest.raises(RuntimeError, match=r"callback.attach\(trainer\)"):
+        finetune(tmp_path, steps=1, callback=lambda: HessianSpectrumCallback(every_steps=1), attach=False)
+
+    class FakeFSDP1(torch.nn.Module):
+        pass
+
+    import torch.distributed.fsdp as fsdp
+    fake = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    fake.__class__ = type("FullyShardedDataParallel", (fsdp.FullyShardedDataParallel,), {})
+    with pytest.raises(ValueError, match="FSDP1 .* not supported: use FSDP2"):
+        analysed_module(fake)
