@@ -4,7 +4,8 @@ a callable, and ``open_sinks`` turns a list of them into one ``Sinks`` object wi
 
 - ``tensorboard:DIR``: event files in DIR (``torch.utils.tensorboard``; needs the ``tensorboard`` package);
 - ``mlflow:URI``: one MLflow run in a tracking store; a plain folder is taken as a local file store
-  (``file:///abs/folder``); the experiment is ``hessian-spectrum`` (needs ``mlflow-skinny`` or ``mlflow``);
+  (``file:///abs/folder``; MLflow 3 wants ``MLFLOW_ALLOW_FILE_STORE=true`` for it, which is set unless already
+  set); the experiment is ``hessian-spectrum`` (needs ``mlflow-skinny`` or ``mlflow``);
 - ``wandb`` or ``wandb:DIR``: one Weights & Biases run in offline mode (files under DIR, default ``.``; sync them
   later with ``wandb sync``), project ``hessian-spectrum`` (needs ``wandb``);
 - a callable ``fn(metrics: dict[str, float], step: int)``.
@@ -52,6 +53,9 @@ class _MLflow:
         from mlflow import MlflowClient
 
         uri = target if "://" in target or target.startswith("file:") else "file://" + os.path.abspath(target)
+        if uri.startswith("file:"):
+            # MLflow 3 refuses its file store unless told otherwise; naming a folder here is that request
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=uri)  # a client of its own: no global mlflow state is touched
         experiment = self.client.get_experiment_by_name(PROJECT)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(PROJECT)
