@@ -94,3 +94,34 @@ def test_refusals(tmp_path):
     fake.__class__ = type("FullyShardedDataParallel", (fsdp.FullyShardedDataParallel,), {})
     with pytest.raises(ValueError, match="FSDP1 .* not supported: use FSDP2"):
         analysed_module(fake)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_under_the_trainers_ddp(tmp_path):
+    """2 ranks (torchrun, gloo, 127.0.0.1): the Trainer wraps the model in DDP; the callback analyses the inner module
+    with every rank's eval batch gathered on every rank, logs at 10..40, and training is bitwise that without it.
+    The same worker asked for FSDP2 shows accelerate running DDP on CPU instead (see hf_dist_worker.py)."""
+    import os
+    import subprocess
+    import sys
+
+    from actors.worker import free_port
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo",
+           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    worker = os.path.join(root, "tests", "integrations", "hf_dist_worker.py")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), worker, str(tmp_path),
+                           "ddp"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = torch.load(tmp_path / "results.pt", weights_only=False)
+    with_cb, without = results["with"], results["without"]
+    assert with_cb["world"] == 2 and not with_cb["sharded"]
+    assert with_cb["losses"] == without["losses"] and len(with_cb["losses"]) == STEPS
+    for name, p in with_cb["params"].items():
+        assert torch.equal(p, without["params"][name]), name
+    logged = [e for e in with_cb["log_history"] if "hessian/lambda_max" in e]
+    assert [e["step"] for e in logged] == [10, 20, 30, 40] and all(e["hessian/lambda_max"] > 0 for e in logged)
+    assert [r["step"] for r in pq.read_table(tmp_path / "with" / "hessian_timeseries.parquet").to_pylist()] == [
+        10, 20, 30, 40]

@@ -34,22 +34,28 @@ class Finetune:
     losses: list[float]
     params: dict[str, torch.Tensor]
     log_history: list[dict]
+    sharded: bool = False  # the Trainer's model had FSDP2 (DTensor) parameters
 
 
-def finetune(folder, *, steps: int, callback=None, attach: bool = True, report_to=("tensorboard",)) -> Finetune:
+def finetune(folder, *, steps: int, callback=None, attach: bool = True, report_to=("tensorboard",),
+             extra_args: dict | None = None, full_params: bool = False) -> Finetune:
     """``steps`` optimizer steps (batch 4, dropout on, so the RNG matters) with ``callback()`` attached."""
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(output_dir=str(folder), max_steps=steps, per_device_train_batch_size=4,
                              per_device_eval_batch_size=4, learning_rate=5e-3, logging_steps=1,
                              report_to=list(report_to), use_cpu=True, save_strategy="no", eval_strategy="no",
-                             disable_tqdm=True, seed=0, dataloader_num_workers=0)
+                             disable_tqdm=True, seed=0, dataloader_num_workers=0, **(extra_args or {}))
     cb = callback() if callback is not None else None
     trainer = Trainer(model=tiny_model(), args=args, train_dataset=token_rows(64, seed=1),
                       eval_dataset=token_rows(8, seed=2), callbacks=[cb] if cb is not None and not attach else None)
     if cb is not None and attach:
         cb.attach(trainer)
     trainer.train()
+    from hessian_core import is_sharded
+
     history = trainer.state.log_history
-    return Finetune(folder=Path(folder), losses=[e["loss"] for e in history if "loss" in e],
-                    params={n: p.detach().clone() for n, p in trainer.model.named_parameters()}, log_history=history)
+    params = {n: (p.full_tensor() if full_params and hasattr(p, "full_tensor") else p).detach().clone()
+              for n, p in trainer.model.named_parameters()}  # FSDP2: the whole parameter on every rank
+    return Finetune(folder=Path(folder), losses=[e["loss"] for e in history if "loss" in e], params=params,
+                    log_history=history, sharded=is_sharded(trainer.model))
