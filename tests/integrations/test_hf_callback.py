@@ -97,10 +97,11 @@ def test_refusals(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_under_the_trainers_ddp(tmp_path):
-    """2 ranks (torchrun, gloo, 127.0.0.1): the Trainer wraps the model in DDP; the callback analyses the inner module
-    with every rank's eval batch gathered on every rank, logs at 10..40, and training is bitwise that without it.
-    The same worker asked for FSDP2 shows accelerate running DDP on CPU instead (see hf_dist_worker.py)."""
+def test_two_gloo_ranks_under_the_trainers_ddp_and_on_fsdp2(tmp_path):
+    """2 ranks (torchrun, gloo, 127.0.0.1). ddp: the Trainer wraps the model in DDP; the callback analyses the inner
+    module with every rank's eval batch gathered on every rank, logs at 10..40, and training is bitwise that without
+    it. (Asked for FSDP2, accelerate runs DDP on CPU: see hf_dist_worker.py.) fsdp2-direct: the callback on a
+    fully_shard model in a plain loop: sharded, logged at 10 and 20, training bitwise untouched."""
     import os
     import subprocess
     import sys
@@ -113,9 +114,9 @@ def test_two_gloo_ranks_under_the_trainers_ddp(tmp_path):
     worker = os.path.join(root, "tests", "integrations", "hf_dist_worker.py")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
                            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), worker, str(tmp_path),
-                           "ddp"], env=env, capture_output=True, text=True, timeout=600)
+                           "ddp+fsdp2-direct"], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    results = torch.load(tmp_path / "results.pt", weights_only=False)
+    results = torch.load(tmp_path / "ddp" / "results.pt", weights_only=False)
     with_cb, without = results["with"], results["without"]
     assert with_cb["world"] == 2 and not with_cb["sharded"]
     assert with_cb["losses"] == without["losses"] and len(with_cb["losses"]) == STEPS
@@ -123,5 +124,13 @@ def test_two_gloo_ranks_under_the_trainers_ddp(tmp_path):
         assert torch.equal(p, without["params"][name]), name
     logged = [e for e in with_cb["log_history"] if "hessian/lambda_max" in e]
     assert [e["step"] for e in logged] == [10, 20, 30, 40] and all(e["hessian/lambda_max"] > 0 for e in logged)
-    assert [r["step"] for r in pq.read_table(tmp_path / "with" / "hessian_timeseries.parquet").to_pylist()] == [
+    assert [r["step"] for r in pq.read_table(tmp_path / "ddp" / "with" / "hessian_timeseries.parquet").to_pylist()] == [
         10, 20, 30, 40]
+    fsdp2 = torch.load(tmp_path / "fsdp2-direct" / "results.pt", weights_only=False)
+    with_cb, without = fsdp2["with"], fsdp2["without"]
+    assert with_cb["sharded"] and torch.equal(with_cb["losses"], without["losses"])
+    for name, p in with_cb["params"].items():
+        assert torch.equal(p, without["params"][name]), name
+    assert len(with_cb["logged"]) == 2 and all(e["hessian/lambda_max"] > 0 for e in with_cb["logged"])
+    steps = pq.read_table(tmp_path / "fsdp2-direct" / "with" / "hessian_timeseries.parquet").column("step")
+    assert steps.to_pylist() == [10, 20]
