@@ -134,3 +134,21 @@ def test_two_gloo_ranks_under_the_trainers_ddp_and_on_fsdp2(tmp_path):
     assert len(with_cb["logged"]) == 2 and all(e["hessian/lambda_max"] > 0 for e in with_cb["logged"])
     steps = pq.read_table(tmp_path / "fsdp2-direct" / "with" / "hessian_timeseries.parquet").column("step")
     assert steps.to_pylist() == [10, 20]
+
+
+def test_track_lambda_max_warm_starts_from_the_previous_measurement(tmp_path):
+    from hessian_core.integrations import HessianSpectrumCallback
+
+    holder = {}
+
+    def make():
+        holder["cb"] = HessianSpectrumCallback(every_steps=5, eval_batches=1, track="lambda_max", eps=1e-3, tol=1e-3)
+        return holder["cb"]
+
+    run = finetune(tmp_path, steps=15, callback=make, report_to=())
+    rows = holder["cb"].rows
+    assert [r["step"] for r in rows] == [5, 10, 15] and [r["warm"] for r in rows] == [False, True, True]
+    assert all(r["converged"] and r["lambda_max"] > 0 for r in rows)
+    logged = [e for e in run.log_history if "hessian/lambda_max" in e]
+    assert [e["hessian/lambda_max"] for e in logged] == [r["lambda_max"] for r in rows]
+    assert {"hessian/lambda_max_residual", "hessian/hvps"} <= set(logged[0])
