@@ -86,12 +86,9 @@ def test_refusals(tmp_path):
     with pytest.raises(RuntimeError, match=r"callback.attach\(trainer\)"):
         finetune(tmp_path, steps=1, callback=lambda: HessianSpectrumCallback(every_steps=1), attach=False)
 
-    class FakeFSDP1(torch.nn.Module):
-        pass
-
     import torch.distributed.fsdp as fsdp
     fake = torch.nn.Sequential(torch.nn.Linear(2, 2))
-    fake.__class__ = type("FullyShardedDataParallel", (fsdp.FullyShardedDataParallel,), {})
+    fake.__class__ = type("FullyShardedDataParallel", (fsdp.FullyShardedDataParallel,), {})  # no process group needed
     with pytest.raises(ValueError, match="FSDP1 .* not supported: use FSDP2"):
         analysed_module(fake)
 
