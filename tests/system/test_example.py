@@ -65,3 +65,4 @@ def test_the_trainer_callback_example_writes_tensorboard_scalars_and_their_figur
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = pq.read_table(tmp_path / "run" / "hessian_timeseries.parquet")
     assert table.column("step").to_pylist() == [5, 10]
+    assert main(["plot", str(tmp_path / "run" / "hessian_timeseries.parquet")]) == 0  # the callback's series plots
