@@ -1,7 +1,8 @@
 """hessian_core: exact-Hessian HVPs as finite differences of gradient passes on plain or FSDP2-sharded models,
 Lanczos / stochastic Lanczos quadrature, spectra, top-k eigenpairs (thick-restart Lanczos) and what is measured
-with them, and block-diagonal analysis. Pure PyTorch; never imports Ray.
-Models are built and loaded for analysis by the sub-package ``hessian_core.models`` (imported on its own)."""
+with them, block-diagonal analysis, and a warm-started lambda_max tracker (``track_lambda_max``). Pure PyTorch; never imports Ray.
+Models are built and loaded for analysis by the sub-package ``hessian_core.models`` (imported on its own);
+the Trainer / Lightning callbacks and log sinks are in ``hessian_core.integrations`` (imported on its own)."""
 
 from .api import SpectrumResult, analyze, append_row, preserved_state
 from .approximations import (APPROXIMATIONS, approximation_metrics, block_residual_operator, lowrank_ranks,
@@ -28,6 +29,7 @@ from .quadrature import (Density, Extremes, RitzRule, SpectralMeasure, TraceEsti
                          ritz_rule, smoothed_density, trace_estimate, wasserstein1)
 from .statistics import SpectrumStatistics, spectral_distance, spectrum_statistics
 from .sharding import is_sharded, reshard, shard_model, transformer_blocks
+from .tracking import TrackerState, TrackResult, track_lambda_max
 from .vectors import ParamSpace, Vector, block_mask, probe_vector
 
 __all__ = [
@@ -53,5 +55,6 @@ __all__ = [
     "smoothed_density", "trace_estimate", "wasserstein1",
     "SpectrumStatistics", "spectral_distance", "spectrum_statistics",
     "is_sharded", "reshard", "shard_model", "transformer_blocks",
+    "TrackerState", "TrackResult", "track_lambda_max",
     "ParamSpace", "Vector", "block_mask", "probe_vector",
 ]

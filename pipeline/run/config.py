@@ -271,6 +271,11 @@ class RunConfig:
     eigen: EigenConfig = field(default_factory=EigenConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output_dir: str = key("runs/latest", "where results go")
+    log_to: list[str] = key([], "log sinks that receive a finished run's key figures (`hessian/lambda_max`, "
+                                "`lambda_min`, `trace`, `eps`, `hvp_count`, `seconds`, ...) at its end: "
+                                "`tensorboard:DIR`, `mlflow:URI_OR_DIR` (a folder: MLflow's local file store), "
+                                "`wandb` or `wandb:DIR` (offline); a sweep writes one step per point (a `model.path` "
+                                "sweep: the checkpoint's number)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -314,7 +319,7 @@ def results_part(config: dict) -> dict:
     empty: a run recorded before those keys existed is the same as one with them off."""
     part = {k: ({name: value for name, value in v.items() if name not in PLACEMENT_KEYS[k]}
                 if k in PLACEMENT_KEYS and isinstance(v, dict) else v)
-            for k, v in config.items() if k not in ("cluster", "output_dir")}
+            for k, v in config.items() if k not in ("cluster", "output_dir", "log_to")}
     approximations = (part.get("blocks") or {}).get("approximations") or []
     if not (part.get("eigen") or {}).get("k") and not any("lowrank" in str(a) for a in approximations):
         part.pop("eigen", None)
@@ -542,6 +547,7 @@ def validate(config: RunConfig, *, this_machine: bool = True) -> None:
                           "or eigen.k >= 1")
     _check_eigen(config.eigen)
     _check_approximations(config)
+    _check_log_to(config.log_to)
     if config.hvp.eps == "auto" and not config.hvp.assess:
         raise ConfigError("hvp.assess=false needs a fixed hvp.eps (eps: auto is chosen by the assessment)")
     if config.data.batch_size % config.cluster.num_workers:
@@ -566,6 +572,16 @@ def validate(config: RunConfig, *, this_machine: bool = True) -> None:
 
         if not torch.cuda.is_available() and config.cluster.address is None:
             raise ConfigError("cluster.use_gpu is true but this machine has no CUDA GPU; set cluster.use_gpu=false")
+
+
+def _check_log_to(log_to: list[str]) -> None:
+    from hessian_core.integrations.sinks import parse_sink
+
+    for entry in log_to:
+        try:
+            parse_sink(entry)
+        except ValueError as e:
+            raise ConfigError(f"log_to: {e}") from None
 
 
 def _check_eigen(eigen: EigenConfig) -> None:

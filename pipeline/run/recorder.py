@@ -291,6 +291,8 @@ class Recorder:
         self.info["status"] = "complete"
         self.info["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.save_info()
+        if self.config.log_to:
+            log_figures(self.config.log_to, [(0, self.info)])
 
     def failed(self, err: BaseException) -> None:
         self.info["status"] = "failed"
@@ -338,6 +340,30 @@ class Recorder:
 
             self.info["approximations"] = approximation_summary(self.folder.approximations_frame())
         draw_plots(self.out)
+
+
+def key_figures(info: dict) -> dict[str, float]:
+    """A finished run's key figures as ``hessian/*`` scalars (what ``log_to`` sinks receive): the spectrum's
+    summary, the eps, HVPs and seconds, the block-diagonal error and the top eigenvalue where they were measured."""
+    summary = info.get("summary") or {}
+    timing = info.get("timing") or {}
+    figures = {k: summary.get(k) for k in ("lambda_max", "lambda_min", "trace", "trace_stderr")}
+    figures.update(eps=info.get("eps"), hvp_count=timing.get("hvp_count"), seconds=timing.get("total_seconds"),
+                   block_diagonal_error=((info.get("blocks") or {}).get("overall") or {}).get("whole_rel_error_mean"),
+                   eigen_top=((info.get("eigen") or {}).get("eigenvalues") or [None])[0])
+    return {f"hessian/{k}": float(v) for k, v in figures.items() if isinstance(v, (int, float)) and v == v}
+
+
+def log_figures(log_to: list[str], runs: list[tuple[int, dict]]) -> None:
+    """Each (step, run.json dict)'s key figures to the ``log_to`` sinks at that step."""
+    from hessian_core.integrations.sinks import open_sinks
+
+    sinks = open_sinks(log_to)
+    try:
+        for step, info in runs:
+            sinks.log(key_figures(info), step)
+    finally:
+        sinks.close()
 
 
 def block_summary(df) -> dict:

@@ -102,8 +102,9 @@ def plan(config_path: str, overrides: list[str], grid: list[tuple[str, list[str]
         except ConfigError as e:
             raise ConfigError(f"sweep point {name}: {e}") from None
         # absolute, so that `run POINT/config.yaml` resumes the point from any working directory
+        # log_to: the sweep writes one step per point at its end, the points themselves none
         config = replace(config, cluster=replace(config.cluster, num_groups=1),
-                         output_dir=os.path.abspath(os.path.join(base.output_dir, name)))
+                         output_dir=os.path.abspath(os.path.join(base.output_dir, name)), log_to=[])
         same = configs.setdefault(_config_key(config), values)
         if same is not values:  # e.g. lanczos.steps=3,03: two spellings of one value would run twice
             raise ConfigError(f"--grid values {same} and {values} give the same config; list each value once")
@@ -212,7 +213,29 @@ def _sweep(config_path, overrides, grid, base, points, concurrency, point_locks,
         f"{min(concurrency, max(len(todo), 1))} at a time")
     if todo:
         _run_points(todo, concurrency, update, total=len(points), rows=rows)
-    return _finish_sweep([rows[p.name] for p in points], sweep_info, out_dir=out_dir, reference=reference)
+    result = [rows[p.name] for p in points]
+    if base.log_to:
+        _log_points(base.log_to, result, out_dir=out_dir)
+    return _finish_sweep(result, sweep_info, out_dir=out_dir, reference=reference)
+
+
+def _log_points(log_to: list[str], result: list[dict], *, out_dir: str) -> None:
+    """One step per finished point to the ``log_to`` sinks: the checkpoint's number when every point's name has a
+    distinct one (a ``model.path`` sweep over checkpoint-200, checkpoint-400, ...), else the point's index."""
+    import json
+
+    from ..run.recorder import log_figures
+    from .timeseries import steps_of_runs
+
+    done = [r["run"] for r in result if r["status"] == "complete"]
+    if not done:
+        return
+    steps, _ = steps_of_runs(done)
+    infos = []
+    for name in done:
+        with open(os.path.join(out_dir, name, "run.json")) as f:
+            infos.append(json.load(f))
+    log_figures(log_to, [(int(s), info) for s, info in zip(steps, infos)])
 
 
 def _sweep_record(config_path, overrides, grid, base, points, *, fresh: bool) -> dict:

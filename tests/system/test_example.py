@@ -52,3 +52,17 @@ def test_plot_refuses_a_table_without_steps(tmp_path, capsys):
     assert main(["plot", path]) == 2
     assert "neither a 'step' column" in capsys.readouterr().err
     assert main(["plot", str(tmp_path / "missing.parquet")]) == 2
+
+
+def test_the_trainer_callback_example_writes_tensorboard_scalars_and_their_figure(tmp_path):
+    pytest.importorskip("tensorboard")
+    png = tmp_path / "scalars.png"
+    cmd = [sys.executable, os.path.join(ROOT, "examples", "hf_trainer_callback.py"), "--out", str(tmp_path / "run"),
+           "--steps", "10", "--every", "5", "--probes", "1", "--lanczos-steps", "4", "--plot", str(png)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = pq.read_table(tmp_path / "run" / "hessian_timeseries.parquet")
+    assert table.column("step").to_pylist() == [5, 10]
+    assert main(["plot", str(tmp_path / "run" / "hessian_timeseries.parquet")]) == 0  # the callback's series plots

@@ -28,7 +28,8 @@ def studies(tmp_path_factory, shared_ray):
     out = {"tmp": tmp, "model": model, "data": data}
     out["sweep_config"] = write_config(str(tmp / "sweep.yaml"), model=model, data=data, output_dir=str(tmp / "sweep"),
                                        cluster={"num_groups": 2}, lanczos={"steps": 12, "probes": 2},
-                                       blocks={"enabled": True, "probes": 2})
+                                       blocks={"enabled": True, "probes": 2},
+                                       log_to=[f"tensorboard:{tmp / 'sweep_tb'}"])
     assert main(["sweep", out["sweep_config"], *GRID]) == 0
     out["sweep"] = str(tmp / "sweep")
     out["hvp_config"] = write_config(str(tmp / "hvp.yaml"), model=model, data=data, output_dir=str(tmp / "hvp"))
@@ -52,6 +53,22 @@ def test_sweep_runs_every_point_and_indexes_them(studies):
         assert os.path.exists(os.path.join(studies["sweep"], name, "config.yaml"))
     compared = pq.read_table(os.path.join(studies["sweep"], "compare.parquet")).to_pandas()
     assert len(compared) == 4 and compared.distance_to_reference[0] == 0.0
+
+
+def test_a_sweep_logs_one_step_per_point(studies):
+    """log_to: the sweep's key figures, one TensorBoard step per point (the names' numbers repeat, so the index)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(studies["tmp"] / "sweep_tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    got = {}
+    for e in acc.Scalars("hessian/lambda_max"):
+        got.setdefault(e.step, e.value)  # a resumed sweep logs again at the same steps
+    expected = [json.load(open(os.path.join(studies["sweep"], n, "run.json")))["summary"]["lambda_max"] for n in POINTS]
+    assert sorted(got) == [0, 1, 2, 3]
+    assert [got[k] for k in range(4)] == pytest.approx(expected, rel=1e-6)
+    assert {"hessian/eps", "hessian/block_diagonal_error", "hessian/hvp_count"} <= set(acc.Tags()["scalars"])
 
 
 def point_pids(sweep: str, name: str) -> list[tuple[int, ...]]:
