@@ -222,8 +222,6 @@ def _sweep(config_path, overrides, grid, base, points, concurrency, point_locks,
 def _log_points(log_to: list[str], result: list[dict], *, out_dir: str) -> None:
     """One step per finished point to the ``log_to`` sinks: the checkpoint's number when every point's name has a
     distinct one (a ``model.path`` sweep over checkpoint-200, checkpoint-400, ...), else the point's index."""
-    import json
-
     from ..run.recorder import log_figures
     from .timeseries import steps_of_runs
 
@@ -231,10 +229,7 @@ def _log_points(log_to: list[str], result: list[dict], *, out_dir: str) -> None:
     if not done:
         return
     steps, _ = steps_of_runs(done)
-    infos = []
-    for name in done:
-        with open(os.path.join(out_dir, name, "run.json")) as f:
-            infos.append(json.load(f))
+    infos = [RunFolder(os.path.join(out_dir, name)).info().to_dict() for name in done]
     log_figures(log_to, [(int(s), info) for s, info in zip(steps, infos)])
 
 
