@@ -166,7 +166,14 @@ def test_forward_hvp_on_two_fsdp2_ranks_keeps_its_gradient_and_matches_one_proce
     from forward_dist_worker import EPS, run_rank
 
     world, arch = 2, "llama"
-    mp.spawn(run_rank, args=(world, free_port(), arch, str(tmp_path)), nprocs=world, join=True)
+    try:
+        mp.spawn(run_rank, args=(world, free_port(), arch, str(tmp_path)), nprocs=world, join=True)
+    except mp.ProcessExitedException as e:
+        # gloo's exit race (hessian_core.vectors.all_reduce_sum): a rank that wrote its result and destroyed its
+        # process group can still abort at interpreter exit, once in a while on a loaded machine (seen once in
+        # a fresh-clone CI run). Every rank's result must be there and whole; anything else is a failure.
+        if e.signal_name != "SIGABRT" or not all((tmp_path / f"rank{r}.pt").exists() for r in range(world)):
+            raise
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     assert all(r["passes"] == 4 and r["same"] and r["restored"] for r in ranks), [
         (r["passes"], r["same"], r["restored"]) for r in ranks]
