@@ -193,6 +193,12 @@ def unfinished_tasks(prepared: Prepared, recorder: Recorder, *, eps: float, poli
     return tasks
 
 
+def solver_dtype(config) -> str:
+    """The vectors of the solver tasks (eigenpairs, low-rank pairs, trace): float64 for a float64 model, else
+    float32 (a tolerance below bfloat16's resolution could never be met)."""
+    return "float64" if config.model.dtype == "float64" else "float32"
+
+
 def trace_task(prepared: Prepared, *, eps: float, placement) -> TraceTask:
     """The trace task at ``eps`` (trace.*: Hutch++ or deflated): float64 vectors for a float64 model, else
     float32."""
@@ -201,7 +207,7 @@ def trace_task(prepared: Prepared, *, eps: float, placement) -> TraceTask:
     return TraceTask(estimator=trace.estimator, eigen_tol=config.eigen.tol,
                      seed=config.lanczos.seed + TRACE_SEED_OFFSET, eps=eps, scheme=config.hvp.scheme,
                      sketch=trace.sketch, max_hvps=trace.max_hvps, rtol=trace.rtol,
-                     vector_dtype="float64" if config.model.dtype == "float64" else "float32", placement=placement)
+                     vector_dtype=solver_dtype(config), placement=placement)
 
 
 def approximation_task(prepared: Prepared, probe_id: int, *, eps: float, placement) -> ApproximationTask:
@@ -212,7 +218,7 @@ def approximation_task(prepared: Prepared, probe_id: int, *, eps: float, placeme
                              scheme=config.hvp.scheme, approximations=tuple(config.blocks.approximations),
                              eigen_tol=config.eigen.tol, eigen_max_hvps=config.eigen.max_hvps,
                              eigen_seed=config.lanczos.seed + APPROXIMATION_EIGEN_SEED_OFFSET,
-                             vector_dtype="float64" if config.model.dtype == "float64" else "float32",
+                             vector_dtype=solver_dtype(config),
                              placement=placement)
 
 
@@ -357,7 +363,7 @@ def eigen_task(prepared: Prepared, recorder: Recorder, *, eps: float) -> EigenTa
     roundoff = (recorder.info.get("eps_calibration") or {}).get("roundoff")
     return EigenTask(k=eigen.k, which=eigen.which, tol=eigen.tol, max_hvps=eigen.max_hvps, basis=eigen.basis,
                      seed=config.lanczos.seed + EIGEN_SEED_OFFSET, eps=eps, scheme=config.hvp.scheme,
-                     vector_dtype="float64" if config.model.dtype == "float64" else "float32", roundoff=roundoff,
+                     vector_dtype=solver_dtype(config), roundoff=roundoff,
                      checkpoint_dir=recorder.folder.eigen_checkpoint_dir if config.checkpoint.every != 0 else None,
                      checkpoint_meta={"config": config.digest()},
                      vectors_dir=recorder.folder.eigenvectors_dir if eigen.save_vectors else None,

@@ -63,14 +63,8 @@ def _measure(run_dir: str) -> SpectralMeasure:
 def _ours(name: str, config: RunConfig, *, reference: SpectralMeasure, lambda_ref: float) -> dict:
     started = time.perf_counter()
     info = run(preflight(config, fresh=True))
-    wall = time.perf_counter() - started
-    s, trace = info["summary"], info.get("trace")
-    trace_value, trace_stderr = (trace["trace"], trace["stderr"]) if trace else (s["trace"], s["trace_stderr"])
-    measure = _measure(config.output_dir)
-    return _row(name, tool="hessian-spectrum", seconds=wall, hvps=info["timing"]["hvp_count"],
-                lambda_max=s["lambda_max"], lambda_ref=lambda_ref, trace=trace_value, trace_stderr=trace_stderr,
-                density_w1=relative_w1(measure, reference), eps=info["eps"],
-                probes=s["probes"], steps=int(sum(len(r.values) for r in RunFolder(config.output_dir).ritz_rules())))
+    return _ours_from(info, config, name=name, wall=time.perf_counter() - started, reference=reference,
+                      lambda_ref=lambda_ref)
 
 
 def _row(name: str, *, tool: str, seconds: float, hvps: int, lambda_max: float, lambda_ref: float, trace: float,
@@ -166,7 +160,8 @@ def targets_study(config: RunConfig, *, out_dir: str, peer: bool = True, forward
     run(preflight(reference_cfg, fresh=True))
     reference = _measure(reference_cfg.output_dir)
     lambda_ref = float(reference.values[-1])
-    rows = [_ours_from(info, defaults, wall=defaults_wall, reference=reference, lambda_ref=lambda_ref)]
+    rows = [_ours_from(info, defaults, name="defaults", wall=defaults_wall, reference=reference,
+                       lambda_ref=lambda_ref)]
     auto = {"lanczos": {"steps": "auto", "probes": "auto"},
             "trace": {"estimator": "deflated", "rtol": TARGETS.trace_rtol},
             "density": {"tol": TARGETS.density_w1}}
@@ -180,7 +175,9 @@ def targets_study(config: RunConfig, *, out_dir: str, peer: bool = True, forward
                           reference=reference, lambda_ref=lambda_ref))
     if peer:
         log("targets: hessian-eigenthings")
-        peer_row = _peer(preflight(defaults, fresh=True), eps=eps, reference=reference, lambda_ref=lambda_ref)
+        # its own folder: a fresh preflight clears its output_dir, which must not be the defaults' run
+        peer_cfg = dataclasses.replace(defaults, output_dir=os.path.join(out_dir, "peer-inputs"))
+        peer_row = _peer(preflight(peer_cfg, fresh=True), eps=eps, reference=reference, lambda_ref=lambda_ref)
         if peer_row is not None:
             rows.append(peer_row)
             for r in rows[:-1]:
@@ -192,12 +189,16 @@ def targets_study(config: RunConfig, *, out_dir: str, peer: bool = True, forward
             "rows": rows}
 
 
-def _ours_from(info: dict, config: RunConfig, *, wall: float, reference: SpectralMeasure, lambda_ref: float) -> dict:
-    s = info["summary"]
-    return _row("defaults", tool="hessian-spectrum", seconds=wall, hvps=info["timing"]["hvp_count"],
-                lambda_max=s["lambda_max"], lambda_ref=lambda_ref, trace=s["trace"], trace_stderr=s["trace_stderr"],
-                density_w1=relative_w1(_measure(config.output_dir), reference), eps=info["eps"], probes=s["probes"],
-                steps=int(sum(len(r.values) for r in RunFolder(config.output_dir).ritz_rules())))
+def _ours_from(info: dict, config: RunConfig, *, name: str, wall: float, reference: SpectralMeasure,
+               lambda_ref: float) -> dict:
+    """A finished run's row: its trace task's estimate where it has one, else the SLQ probes' own."""
+    s, trace = info["summary"], info.get("trace")
+    trace_value, trace_stderr = (trace["trace"], trace["stderr"]) if trace else (s["trace"], s["trace_stderr"])
+    rules = RunFolder(config.output_dir).ritz_rules()
+    return _row(name, tool="hessian-spectrum", seconds=wall, hvps=info["timing"]["hvp_count"],
+                lambda_max=s["lambda_max"], lambda_ref=lambda_ref, trace=trace_value, trace_stderr=trace_stderr,
+                density_w1=relative_w1(SpectralMeasure.from_rules(rules), reference), eps=info["eps"],
+                probes=s["probes"], steps=int(sum(len(r.values) for r in rules)))
 
 
 def format_targets(result: dict) -> str:
